@@ -1,0 +1,96 @@
+"""Single-request entry points: ``generate`` (any mode) and ``score`` (AR log-probabilities)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from models.model import TriModeModel
+from models.modes import DecodeParams, make_state
+from models.runner import run_step
+from models.segments import causal_segment
+
+SEQ_ID = 0
+
+
+@dataclass
+class Generation:
+    """Generated ids after the prompt (ending at the first EOS, at most max_new_tokens long)."""
+
+    tokens: list[int]
+    nfe: int
+    mode: str
+    finish_reason: str | None = None
+    accepted_lengths: list[int] = field(default_factory=list)
+
+    @property
+    def tpf(self) -> float:
+        """Tokens per forward, drafts included."""
+        return len(self.tokens) / self.nfe if self.nfe else 0.0
+
+
+def _pages_for(model: TriModeModel, tokens: int, page_size: int = 16) -> int:
+    return -(-tokens // page_size) + 1
+
+
+@torch.inference_mode()
+def generate(
+    model: TriModeModel,
+    prompt_ids: list[int] | torch.Tensor,
+    *,
+    mode: str = "ar",
+    max_new_tokens: int = 128,
+    block_length: int | None = None,
+    threshold: float | None = 0.9,
+    max_steps: int | None = None,
+    temperature: float = 0.0,
+    seed: int | None = None,
+) -> Generation:
+    """Decode one prompt in ``mode``; the same state machines the serving engine runs."""
+    prompt = prompt_ids.flatten().tolist() if isinstance(prompt_ids, torch.Tensor) else list(prompt_ids)
+    params = DecodeParams(
+        mode=mode,
+        max_new_tokens=max_new_tokens,
+        block_length=block_length,
+        threshold=threshold,
+        max_steps=max_steps,
+        temperature=temperature,
+        seed=seed,
+    )
+    state = make_state(prompt, params, model.config)
+    # room for the prompt, the output, and one speculative/diffusion block of overshoot
+    extent = len(prompt) + max_new_tokens + (state.block_length + 1) * (state.block_length + 1)
+    cache = model.new_cache(_pages_for(model, extent))
+    cache.add(SEQ_ID)
+    while not state.finished:
+        run_step(model, cache, [(SEQ_ID, state)])
+    return Generation(
+        tokens=state.tokens,
+        nfe=state.nfe,
+        mode=mode,
+        finish_reason=state.finish_reason,
+        accepted_lengths=state.accepted_lengths,
+    )
+
+
+@torch.inference_mode()
+def score(model: TriModeModel, token_ids: list[int] | torch.Tensor, chunk: int = 512) -> list[float]:
+    """AR log-probability of every token given the ones before it (``len - 1`` values)."""
+    ids = token_ids.flatten().tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)
+    if len(ids) < 2:
+        return []
+    from models.batch import pack
+
+    cache = model.new_cache(_pages_for(model, len(ids)))
+    cache.add(SEQ_ID)
+    out: list[float] = []
+    for start in range(0, len(ids) - 1, chunk):
+        piece = ids[start : min(start + chunk, len(ids) - 1)]
+        cache.reserve(SEQ_ID, start + len(piece))
+        logits = model(pack([(SEQ_ID, causal_segment(piece, start, write=True))], cache, model.device), cache)
+        cache.set_length(SEQ_ID, start + len(piece))
+        logprobs = torch.log_softmax(logits.double().cpu(), dim=-1)
+        targets = torch.tensor(ids[start + 1 : start + 1 + len(piece)])
+        out.extend(logprobs.gather(-1, targets[:, None]).squeeze(-1).tolist())
+    return out

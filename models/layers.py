@@ -1,0 +1,110 @@
+"""Building blocks of the Ministral-3 decoder: RMSNorm, YaRN RoPE, Llama-4 query scaling, SwiGLU.
+
+Numerics follow the reference implementation (RMSNorm in fp32, cos/sin from fp32 frequencies);
+matrix products pad short inputs so a row's result does not depend on how many rows share it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.segment_attention import pad_rows
+from models.config import RopeConfig
+
+
+def identity(x: torch.Tensor) -> torch.Tensor:
+    """The reduction of a row-parallel output on a single rank (tensor parallelism swaps it)."""
+    return x
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` with the same rounding for a row whether it comes alone or in a batch."""
+    n = x.shape[0]
+    return F.linear(pad_rows(x), weight)[:n]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def yarn_inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """Per-pair inverse frequencies: plain RoPE, or YaRN's blend of interpolation and extrapolation."""
+    # built on the CPU explicitly: models are constructed under a "meta" default device
+    pos_freqs = rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim)
+    extrapolation = 1.0 / pos_freqs
+    if rope.rope_type != "yarn":
+        return extrapolation
+    interpolation = 1.0 / (rope.factor * pos_freqs)
+    original = rope.original_max_position_embeddings
+
+    def correction_dim(rotations: float) -> float:
+        return (head_dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(rope.theta))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    extrapolation_weight = 1 - ramp
+    return interpolation * (1 - extrapolation_weight) + extrapolation * extrapolation_weight
+
+
+class Rotary(nn.Module):
+    """cos/sin for arbitrary (packed, non-contiguous) positions, plus the Llama-4 query scale."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int) -> None:
+        super().__init__()
+        self.inv_freq = yarn_inverse_frequencies(rope, head_dim)  # not a buffer: never in checkpoints
+        self.attention_factor = rope.yarn_attention_factor
+        self.beta = rope.llama_4_scaling_beta
+        self.original_max = rope.original_max_position_embeddings
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """positions [T] -> cos, sin [T, 1, D] and query scale [T, 1, 1], in ``dtype``."""
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos = (emb.cos() * self.attention_factor).to(dtype)[:, None, :]
+        sin = (emb.sin() * self.attention_factor).to(dtype)[:, None, :]
+        if self.beta is None or self.original_max is None:
+            scale = torch.ones_like(positions, dtype=dtype)
+        else:
+            scale = (1 + self.beta * torch.log(1 + torch.floor(positions.float() / self.original_max))).to(dtype)
+        return cos, sin, scale[:, None, None]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.reduce = identity
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(F.silu(linear(x, self.gate_proj.weight)) * linear(x, self.up_proj.weight), self.down_proj.weight)

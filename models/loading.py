@@ -1,0 +1,241 @@
+"""Checkpoint loading and saving in the official Hugging Face folder layout (no remote code).
+
+Weights are streamed tensor by tensor into an uninitialised model, so peak memory is the model
+plus one tensor. ``select`` lets a tensor-parallel rank read only its own slice of each tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from models.config import ModelConfig
+from models.model import LoraWeights, TriModeModel
+
+ADAPTER_DIR = "linear_spec_lora"
+PROGRESS_MIN_BYTES = 256 * 2**20  # show a progress bar for checkpoints larger than this
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+# (name, safe_open slice) -> tensor; default reads the whole tensor
+Selector = Callable[[str, object], torch.Tensor]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that does not hold a loadable tri-mode model."""
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, config: ModelConfig) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = (dtype or config.torch_dtype).replace("torch.", "")
+    if name not in _DTYPES:
+        raise CheckpointError(f"unsupported dtype {name!r}; use one of {sorted(set(_DTYPES))}")
+    return _DTYPES[name]
+
+
+def weight_files(folder: Path) -> dict[str, Path]:
+    """Map every tensor name to the safetensors file that holds it."""
+    single = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from exc
+        files = {name: folder / file for name, file in weight_map.items()}
+        for file in set(files.values()):
+            if not file.is_file():
+                raise CheckpointError(f"shard {file.name} listed in {index.name} is missing")
+        return files
+    if single.is_file():
+        with safe_open(single, framework="pt") as f:
+            return {name: single for name in f.keys()}
+    raise CheckpointError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
+
+
+def _check_folder(path: str | Path) -> Path:
+    folder = Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a folder")
+    return folder
+
+
+def load_model(
+    path: str | Path,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    select: Selector | None = None,
+    adapter: bool = True,
+    tokenizer: bool = True,
+    build: Callable[[ModelConfig], TriModeModel] | None = None,
+) -> TriModeModel:
+    """Load a checkpoint folder into a ready-to-run model (eval mode, on ``device``).
+
+    ``select`` and ``build`` are the tensor-parallel hooks: ``build`` makes a model whose linears
+    are already sharded, ``select`` reads each tensor's slice for this rank.
+    """
+    folder = _check_folder(path)
+    config = ModelConfig.from_file(folder)
+    torch_dtype = resolve_dtype(dtype, config)
+    with torch.device("meta"):
+        model = (build or TriModeModel)(config)
+    model.to_empty(device=device)
+    load_weights(model, folder, dtype=torch_dtype, select=select)
+    if adapter and (folder / ADAPTER_DIR).is_dir():
+        load_adapter(model, folder / ADAPTER_DIR, dtype=torch_dtype, select=select)
+    if tokenizer and any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        model.tokenizer = load_tokenizer(folder)
+    model.source = str(folder)
+    return model.eval()
+
+
+def load_weights(model: TriModeModel, folder: Path, *, dtype: torch.dtype, select: Selector | None = None) -> None:
+    files = weight_files(folder)
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(files))
+    unexpected = sorted(set(files) - set(params))
+    if missing:
+        raise CheckpointError(
+            f"checkpoint is missing tensors: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else "")
+        )
+    if unexpected:
+        raise CheckpointError(
+            f"checkpoint has unexpected tensors: {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else "")
+        )
+    total = sum(p.numel() * p.element_size() for p in params.values())
+    by_file: dict[Path, list[str]] = {}
+    for name, file in files.items():
+        by_file.setdefault(file, []).append(name)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=total < PROGRESS_MIN_BYTES)
+    with torch.no_grad():
+        for file, names in sorted(by_file.items()):
+            with safe_open(file, framework="pt") as f:
+                for name in names:
+                    param = params[name]
+                    tensor = select(name, f.get_slice(name)) if select else f.get_tensor(name)
+                    if tuple(tensor.shape) != tuple(param.shape):
+                        raise CheckpointError(
+                            f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, model {tuple(param.shape)}"
+                        )
+                    param.data = tensor.to(device=param.device, dtype=dtype)
+                    bar.update(param.numel() * param.element_size())
+    bar.close()
+
+
+_LORA_KEY = re.compile(r"layers\.(\d+)\.self_attn\.o_proj\.lora_([AB])(?:\.default)?\.weight$")
+
+
+def load_adapter(model: TriModeModel, folder: Path, *, dtype: torch.dtype, select: Selector | None = None) -> None:
+    """Attach a PEFT LoRA adapter on o_proj (the linear-spec drafter)."""
+    config_file = folder / "adapter_config.json"
+    weights_file = folder / "adapter_model.safetensors"
+    if not config_file.is_file() or not weights_file.is_file():
+        raise CheckpointError(f"adapter folder {folder} needs adapter_config.json and adapter_model.safetensors")
+    cfg = json.loads(config_file.read_text())
+    targets = cfg.get("target_modules") or []
+    if isinstance(targets, str):
+        targets = [targets]
+    if list(targets) != ["o_proj"]:
+        raise CheckpointError(f"draft adapter must target o_proj only, found target_modules={targets}")
+    rank = int(cfg["r"])
+    alpha = float(cfg.get("lora_alpha", rank))
+    scale = alpha / rank**0.5 if cfg.get("use_rslora") else alpha / rank
+    found: dict[int, dict[str, torch.Tensor]] = {}
+    with safe_open(weights_file, framework="pt") as f:
+        for name in f.keys():
+            match = _LORA_KEY.search(name)
+            if not match:
+                raise CheckpointError(f"unexpected tensor in adapter: {name}")
+            layer, which = int(match.group(1)), match.group(2)
+            # lora_B of a row-parallel o_proj is full; lora_A is split along its input like o_proj
+            tensor = select(f"adapter.{which}.{name}", f.get_slice(name)) if select else f.get_tensor(name)
+            found.setdefault(layer, {})[which] = tensor.to(device=model.device, dtype=dtype)
+    layers = model.encoder.layers
+    for index, layer in enumerate(layers):
+        pair = found.get(index, {})
+        if set(pair) != {"A", "B"}:
+            raise CheckpointError(f"adapter is missing lora_A/lora_B for layer {index}")
+        a, b = pair["A"], pair["B"]
+        o = layer.self_attn.o_proj.weight
+        if a.shape != (rank, o.shape[1]) or b.shape != (o.shape[0], rank):
+            raise CheckpointError(
+                f"adapter shape mismatch at layer {index}: "
+                f"A {tuple(a.shape)}, B {tuple(b.shape)} for o_proj {tuple(o.shape)}"
+            )
+        layer.self_attn.lora = LoraWeights(a=a, b=b, scale=scale)
+    extra = sorted(set(found) - set(range(len(layers))))
+    if extra:
+        raise CheckpointError(f"adapter has layers the model does not: {extra}")
+
+
+def load_tokenizer(folder: str | Path):
+    """The checkpoint's own tokenizer through transformers.AutoTokenizer (no remote code)."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    # AutoTokenizer reads config.json too and warns about the architecture it does not know
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    finally:
+        hf_logging.set_verbosity(previous)
+
+
+def save_model(
+    model: TriModeModel, path: str | Path, *, dtype: torch.dtype | None = None, max_shard_bytes: int | None = None
+) -> None:
+    """Write config.json, generation_config.json and model.safetensors (sharded past ``max_shard_bytes``)."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    tensors = {
+        name: (p.detach().to(dtype) if dtype else p.detach()).contiguous().cpu() for name, p in model.named_parameters()
+    }
+    save_dtype = next(iter(tensors.values())).dtype
+    raw = config.to_dict()
+    raw["torch_dtype"] = str(save_dtype).replace("torch.", "")
+    (folder / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    (folder / "generation_config.json").write_text(json.dumps({**generation, "do_sample": False}, indent=2) + "\n")
+    for stale in ("model.safetensors", "model.safetensors.index.json"):
+        (folder / stale).unlink(missing_ok=True)
+    if max_shard_bytes is None:
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,174 @@
+"""The tri-mode model: a Ministral-3 decoder with one untied ``diffusion_head``.
+
+One network, three attention patterns. ``forward`` runs a packed batch of segments over the paged
+KV cache (serving); ``forward_dense`` runs whole sequences with an explicit mask (training,
+scoring tests). Both use the same modules, so a checkpoint loads once and serves every mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from models.batch import PackedBatch
+from models.config import ModelConfig
+from models.kv_cache import PagedKVCache
+from models.layers import RMSNorm, Rotary, SwiGLU, apply_rotary, identity, linear
+
+
+@dataclass
+class LoraWeights:
+    """A low-rank update of o_proj, applied to draft tokens only: ``o += scale * B(A(x))``."""
+
+    a: torch.Tensor  # [r, in]
+    b: torch.Tensor  # [out, r]
+    scale: float
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        self.q_proj = nn.Linear(config.hidden_size, config.q_size, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.kv_size, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.kv_size, bias=False)
+        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
+        self.lora: LoraWeights | None = None
+        self.reduce = identity  # tensor parallelism replaces this with an all-reduce
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qscale: torch.Tensor):
+        """x [T, H] -> roped, scaled q [T, Hq, D] and roped k, plain v [T, Hkv, D]."""
+        t = x.shape[0]
+        q = linear(x, self.q_proj.weight).view(t, self.num_heads, self.head_dim)
+        k = linear(x, self.k_proj.weight).view(t, self.num_kv_heads, self.head_dim)
+        v = linear(x, self.v_proj.weight).view(t, self.num_kv_heads, self.head_dim)
+        return apply_rotary(q, cos, sin) * qscale, apply_rotary(k, cos, sin), v
+
+    def output(self, attn: torch.Tensor, adapter_rows: torch.Tensor | None) -> torch.Tensor:
+        out = linear(attn, self.o_proj.weight)
+        if self.lora is not None and adapter_rows is not None and adapter_rows.numel():
+            sel = attn[adapter_rows]
+            delta = linear(linear(sel, self.lora.a), self.lora.b) * self.lora.scale
+            out = out.index_add(0, adapter_rows, delta.to(out.dtype))
+        return self.reduce(out)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+
+class Encoder(nn.Module):
+    """Named like the checkpoint (``encoder.*``) so state-dict keys map one to one."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class TriModeModel(nn.Module):
+    """Weights of a tri-mode checkpoint plus the two forward paths."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.diffusion_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = Rotary(config.rope, config.head_dim)
+        self.tokenizer = None  # set by the loader when the folder has one
+        self.source: str | None = None
+        self.embed = self._embed_tokens  # vocab parallelism replaces this
+        self.head = self._head_logits
+
+    # ----- pieces shared by both paths ---------------------------------------------------------
+    def _embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.encoder.embed_tokens(tokens)
+
+    def _head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return linear(hidden, self.diffusion_head.weight).float()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.diffusion_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.diffusion_head.weight.device
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.encoder.layers[0].self_attn.lora is not None
+
+    def new_cache(self, num_pages: int, page_size: int = 16) -> PagedKVCache:
+        """A KV pool sized for this model (kv heads as held by this process)."""
+        attn = self.encoder.layers[0].self_attn
+        return PagedKVCache(
+            self.config.num_hidden_layers,
+            attn.num_kv_heads,
+            self.config.head_dim,
+            num_pages=num_pages,
+            page_size=page_size,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    # ----- serving path ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, batch: PackedBatch, cache: PagedKVCache) -> torch.Tensor:
+        """Run a packed step; write committed keys/values; return logits [R, vocab] (fp32)."""
+        x = self.embed(batch.tokens)
+        if batch.embed_rows is not None:
+            x = x.index_copy(0, batch.embed_rows, batch.embed_values.to(x.dtype))
+        cos, sin, qscale = self.rotary(batch.positions, x.dtype)
+        adapter_rows = batch.adapter_rows if batch.adapter_rows.numel() else None
+        for index, layer in enumerate(self.encoder.layers):
+            attn = layer.self_attn
+            q, k, v = attn.project(layer.input_layernorm(x), cos, sin, qscale)
+            if batch.write_rows.numel():
+                cache.k[index].index_copy_(0, batch.write_slots, k[batch.write_rows])
+                cache.v[index].index_copy_(0, batch.write_slots, v[batch.write_rows])
+            o = kernels.segment_attention(q, k, v, cache.k[index], cache.v[index], batch.attention, attn.scale)
+            x = x + attn.output(o.reshape(o.shape[0], -1), adapter_rows)
+            x = x + layer.mlp.reduce(layer.mlp(layer.post_attention_layernorm(x)))
+        hidden = self.encoder.norm(x[batch.logit_rows])
+        return self.head(hidden)
+
+    # ----- dense path (training) ---------------------------------------------------------------
+    def forward_dense(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        adapter: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids [B, N], positions [N], boolean mask [N, N] (query, key) -> logits [B, N, vocab].
+
+        Differentiable; attention through SDPA. ``adapter`` [N] flags draft-adapter tokens.
+        """
+        bsz, n = input_ids.shape
+        x = self.encoder.embed_tokens(input_ids).reshape(bsz * n, -1)
+        cos, sin, qscale = self.rotary(positions.repeat(bsz), x.dtype)
+        adapter_rows = None
+        if adapter is not None and bool(adapter.any()):
+            adapter_rows = (adapter.nonzero().flatten()[None, :] + n * torch.arange(bsz)[:, None]).flatten()
+        for layer in self.encoder.layers:
+            attn = layer.self_attn
+            q, k, v = attn.project(layer.input_layernorm(x), cos, sin, qscale)
+            q, k, v = (t.view(bsz, n, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale, enable_gqa=True)
+            x = x + attn.output(o.transpose(1, 2).reshape(bsz * n, -1), adapter_rows)
+            x = x + layer.mlp.reduce(layer.mlp(layer.post_attention_layernorm(x)))
+        return self.head(self.encoder.norm(x)).view(bsz, n, -1)

@@ -1,0 +1,25 @@
+"""Decoding modes as per-request state machines (ARCHITECTURE.md §2-3)."""
+
+from __future__ import annotations
+
+from models.config import ModelConfig
+from models.modes.ar import ARState
+from models.modes.base import MODES, DecodeParams, DecodeState
+from models.modes.diffusion import DiffusionState
+from models.modes.linear_spec import LinearSpecState
+from models.modes.quadratic_spec import QuadraticSpecState
+
+STATES: dict[str, type[DecodeState]] = {
+    "ar": ARState,
+    "diffusion": DiffusionState,
+    "linear_spec": LinearSpecState,
+    "quadratic_spec": QuadraticSpecState,
+}
+
+__all__ = ["MODES", "DecodeParams", "DecodeState", "make_state"]
+
+
+def make_state(prompt: list[int], params: DecodeParams, config: ModelConfig) -> DecodeState:
+    """The state machine of ``params.mode`` for one request."""
+    params.validate()
+    return STATES[params.mode](prompt, params, config)

@@ -1,0 +1,102 @@
+"""Segments: the unit of work one request contributes to one forward pass (ARCHITECTURE.md §3).
+
+A prefill chunk, an AR token, a diffusion denoise pass, a draft block, a verify block and a
+quadratic cycle are all segments. A step packs the segments of many requests into one forward;
+each request gets back the logits of its own segments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kernels.masks import MaskKind, quadratic_layout, segment_mask
+
+__all__ = ["MaskKind", "Segment", "quadratic_layout", "segment_mask"]
+
+
+@dataclass
+class Segment:
+    """A run of query tokens of one request.
+
+    ``positions`` continue the request's sequence; ``prefix_len`` cached tokens are visible to every
+    query. Tokens flagged in ``write`` have their keys/values stored in the cache at index
+    == position (only causal passes over committed tokens write, so the cache never holds a
+    key/value that a causal pass would not have produced). ``adapter`` switches the draft adapter on
+    for flagged tokens. ``logit_rows`` selects which rows need logits (None: all rows).
+    """
+
+    tokens: list[int]
+    positions: list[int]
+    kind: MaskKind
+    prefix_len: int
+    write: list[bool]
+    adapter: list[bool]
+    logit_rows: list[int] | None = None
+    sub_block: int = 0  # quadratic only: mask slots per verify token
+    input_embeds: torch.Tensor | None = field(default=None, repr=False)  # rows replacing embeddings (VLM)
+    embeds_rows: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.tokens)
+        if not (len(self.positions) == len(self.write) == len(self.adapter) == n) or n == 0:
+            raise ValueError("segment fields must be non-empty and of equal length")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def num_logit_rows(self) -> int:
+        return len(self) if self.logit_rows is None else len(self.logit_rows)
+
+
+def causal_segment(
+    tokens: list[int], start: int, *, write: bool, adapter: bool = False, logit_rows: list[int] | None = None
+) -> Segment:
+    n = len(tokens)
+    return Segment(
+        tokens=list(tokens),
+        positions=list(range(start, start + n)),
+        kind=MaskKind.CAUSAL,
+        prefix_len=start,
+        write=[write] * n,
+        adapter=[adapter] * n,
+        logit_rows=logit_rows,
+    )
+
+
+def bidirectional_segment(
+    tokens: list[int], start: int, *, adapter: bool, logit_rows: list[int] | None = None
+) -> Segment:
+    n = len(tokens)
+    return Segment(
+        tokens=list(tokens),
+        positions=list(range(start, start + n)),
+        kind=MaskKind.BIDIRECTIONAL,
+        prefix_len=start,
+        write=[False] * n,
+        adapter=[adapter] * n,
+        logit_rows=logit_rows,
+    )
+
+
+def quadratic_segment(verify_tokens: list[int], start: int, sub_block: int, mask_token_id: int) -> Segment:
+    offsets, is_verify = quadratic_layout(len(verify_tokens), sub_block)
+    tokens = []
+    j = 0
+    for flag in is_verify:
+        if flag:
+            tokens.append(verify_tokens[j])
+            j += 1
+        else:
+            tokens.append(mask_token_id)
+    return Segment(
+        tokens=tokens,
+        positions=[start + o for o in offsets],
+        kind=MaskKind.QUADRATIC,
+        prefix_len=start,
+        write=list(is_verify),
+        adapter=[not f for f in is_verify],
+        sub_block=sub_block,
+    )

@@ -1,0 +1,90 @@
+"""Shared fixtures: the official tiny checkpoint (from ../shared) and small random checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import models
+from models.config import ModelConfig
+from models.model import TriModeModel
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # two workers on two cores: avoid OpenMP oversubscription
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURE = Path(os.environ.get("TRISERVE_FIXTURE", REPO.parent / "shared" / "fixtures" / "tiny-trimode-code"))
+
+
+def fixture_or_skip() -> Path:
+    if not (FIXTURE / "config.json").is_file():
+        pytest.skip(f"official fixture not found at {FIXTURE} (set TRISERVE_FIXTURE to its folder)")
+    return FIXTURE
+
+
+@pytest.fixture(scope="session")
+def fixture_path() -> Path:
+    return fixture_or_skip()
+
+
+@pytest.fixture(scope="session")
+def fixture_model(fixture_path):
+    return models.load_model(fixture_path)
+
+
+@pytest.fixture(scope="session")
+def golden_records(fixture_path) -> list[dict]:
+    return [json.loads(line) for line in (fixture_path / "golden_public.jsonl").read_text().splitlines() if line]
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    raw = {
+        "model_type": "nemotron_labs_diffusion",
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "mask_token_id": 3,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "block_size": 8,
+        "max_position_embeddings": 512,
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 128,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 0.5,
+            "llama_4_scaling_beta": 0.1,
+        },
+        "torch_dtype": "float32",
+    }
+    raw.update(overrides)
+    return ModelConfig.from_dict(raw)
+
+
+def random_model(seed: int = 0, **overrides) -> TriModeModel:
+    """A random tiny model; weights scaled up so its distributions are far from uniform."""
+    torch.manual_seed(seed)
+    model = TriModeModel(tiny_config(**overrides))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, 0.3 if "embed" in name or "head" in name else 0.15)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_model() -> TriModeModel:
+    return random_model()
