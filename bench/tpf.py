@@ -1,0 +1,127 @@
+"""Tokens per forward, speed and agreement with AR for every decoding mode.
+
+    python bench/tpf.py --model PATH [--heldout] [--max-new-tokens 128] [--prompts N]
+
+Default prompts: the fixture's public prompts. ``--heldout`` cuts prompts from held-out standard
+library modules (names starting with t-z), and also prints the AR loss in bits per byte over
+those modules and the distinct-4-gram ratio of each mode's output (a repetitive model makes TPF
+look good while meaning nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sysconfig
+import time
+from pathlib import Path
+
+import models
+
+FIXTURE = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "tiny-trimode-code"
+CONFIGS = [
+    ("ar", {}),
+    ("diffusion", {"threshold": 0.9}),
+    ("diffusion", {"threshold": 0.7}),
+    ("diffusion", {"threshold": 0.5}),
+    ("linear_spec", {}),
+    ("quadratic_spec", {}),
+]
+
+
+def heldout_files() -> list[Path]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in stdlib.glob("[t-z]*.py") if not p.name.startswith("test"))
+
+
+def heldout_prompts(tokenizer, count: int, length: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    prompts = []
+    for path in rng.sample(heldout_files(), count):
+        ids = tokenizer.encode(path.read_text(errors="replace"), add_special_tokens=False)
+        start = rng.randrange(0, max(1, len(ids) - length))
+        prompts.append([tokenizer.bos_token_id] + ids[start : start + length])
+    return prompts
+
+
+def fixture_prompts() -> list[list[int]]:
+    seen: dict[int, list[int]] = {}
+    for line in (FIXTURE / "golden_public.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        seen.setdefault(record["prompt_id"], record["prompt_ids"])
+    return list(seen.values())
+
+
+def bits_per_byte(model, max_bytes: int) -> float:
+    """Summed AR negative log-likelihood over the UTF-8 bytes of held-out text (tokenizer-independent)."""
+    tok = model.tokenizer
+    nats, nbytes = 0.0, 0
+    for path in heldout_files():
+        text = path.read_text(errors="replace")
+        ids = [tok.bos_token_id] + tok.encode(text, add_special_tokens=False)
+        window = model.config.max_position_embeddings
+        for start in range(0, len(ids) - 1, window - 1):
+            piece = ids[start : start + window]
+            nats -= sum(models.score(model, piece))
+        nbytes += len(text.encode())
+        if nbytes >= max_bytes:
+            break
+    return nats / math.log(2) / nbytes
+
+
+def distinct4(tokens: list[int]) -> float:
+    grams = [tuple(tokens[i : i + 4]) for i in range(len(tokens) - 3)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(FIXTURE))
+    parser.add_argument("--heldout", action="store_true")
+    parser.add_argument("--prompts", type=int, default=8, help="held-out prompts")
+    parser.add_argument("--prompt-length", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--block-length", type=int, default=None)
+    parser.add_argument("--bpb-bytes", type=int, default=200_000, help="held-out bytes scored for bits/byte")
+    args = parser.parse_args()
+
+    model = models.load_model(args.model)
+    if args.heldout:
+        prompts = heldout_prompts(model.tokenizer, args.prompts, args.prompt_length)
+        print(f"held-out AR loss: {bits_per_byte(model, args.bpb_bytes):.3f} bits/byte")
+    else:
+        prompts = fixture_prompts()
+    print(f"model {args.model}: {len(prompts)} prompts, max_new_tokens {args.max_new_tokens}")
+    header = f"{'mode':<24}{'TPF':>7}{'tok/s':>9}{'agree w/ AR':>13}{'distinct-4':>12}"
+    print(header)
+    print("-" * len(header))
+    ar_outputs: list[list[int]] = []
+    for mode, extra in CONFIGS:
+        tokens = nfe = 0
+        elapsed = agree = compared = 0.0
+        d4 = []
+        for i, prompt in enumerate(prompts):
+            start = time.perf_counter()
+            out = models.generate(
+                model, prompt, mode=mode, max_new_tokens=args.max_new_tokens, block_length=args.block_length, **extra
+            )
+            elapsed += time.perf_counter() - start
+            tokens += len(out.tokens)
+            nfe += out.nfe
+            d4.append(distinct4(out.tokens))
+            if mode == "ar":
+                ar_outputs.append(out.tokens)
+            ref = ar_outputs[i]
+            n = min(len(ref), len(out.tokens))
+            agree += sum(a == b for a, b in zip(ref[:n], out.tokens[:n]))
+            compared += max(len(ref), len(out.tokens))
+        name = mode + (f" t={extra['threshold']}" if extra else "")
+        print(
+            f"{name:<24}{tokens / nfe:>7.2f}{tokens / elapsed:>9.1f}{agree / compared:>13.1%}{sum(d4) / len(d4):>12.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
