@@ -1,0 +1,1 @@
+"""Cluster-scale execution on Ray: distributed training (Ray Train) and tensor-parallel worker groups."""

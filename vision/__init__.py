@@ -1,0 +1,1 @@
+"""Vision-language support: image loading and preprocessing (Pillow), vision encoder, projector."""
