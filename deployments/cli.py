@@ -39,6 +39,42 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from cluster.train import TrainSettings, run
+
+    names = {f.name for f in fields(TrainSettings)} - {"extra"}
+    settings = TrainSettings(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    folder = run(settings)
+    print(f"model written to {folder}")
+    return 0
+
+
+def _add_train_parser(sub) -> None:
+    from dataclasses import MISSING, fields
+
+    from cluster.train import TrainSettings
+
+    train = sub.add_parser(
+        "train",
+        help="train a tri-mode model with the joint AR + diffusion objective on Ray Train",
+        description="Corpus default: this interpreter's standard library (test suites excluded, t-z held out).",
+    )
+    for f in fields(TrainSettings):
+        if f.name in ("extra",):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            train.add_argument(flag, action="store_true", default=None)
+        elif f.default is MISSING:
+            train.add_argument(flag, required=True)
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            train.add_argument(flag, type=kind, default=None, help=f"default: {f.default}")
+    train.set_defaults(func=_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="triserve", description="Serve tri-mode diffusion language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: from config.json)")
     gen.add_argument("--quiet-stats", action="store_true", help="print the statistics line to stderr")
     gen.set_defaults(func=_generate)
+
+    _add_train_parser(sub)
     return parser
 
 

@@ -20,6 +20,13 @@ REPO = Path(__file__).resolve().parent.parent
 FIXTURE = Path(os.environ.get("TRISERVE_FIXTURE", REPO.parent / "shared" / "fixtures" / "tiny-trimode-code"))
 
 
+def pytest_collection_modifyitems(items):
+    """Tests that start Ray share one xdist worker (one local Ray at a time on two cores)."""
+    for item in items:
+        if item.get_closest_marker("ray"):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 def fixture_or_skip() -> Path:
     if not (FIXTURE / "config.json").is_file():
         pytest.skip(f"official fixture not found at {FIXTURE} (set TRISERVE_FIXTURE to its folder)")
@@ -88,3 +95,16 @@ def random_model(seed: int = 0, **overrides) -> TriModeModel:
 @pytest.fixture
 def tiny_model() -> TriModeModel:
     return random_model()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the session, on loopback, without dashboard or token auth."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    from cluster.local import ensure_ray
+
+    ensure_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()

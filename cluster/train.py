@@ -1,0 +1,319 @@
+"""``triserve train``: the family's joint AR + diffusion recipe on Ray Train (TorchTrainer, DDP).
+
+The driver prepares data once (corpus, tokenizer, packed sequences) and hands file paths to the
+workers; each worker trains with DDP (gloo on CPU, NCCL on GPUs), rank 0 evaluates on held-out
+modules, checkpoints (resumable: model, optimizer, step, data order) and finally writes the model
+in the official Hugging Face folder layout that ``models.load_model`` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.config import ModelConfig
+from models.data import SPECIAL_TOKENS, corpus_files, default_corpus, pack_sequences, train_tokenizer
+from models.loading import load_model, load_tokenizer, save_model
+from models.model import TriModeModel
+from models.training import Noise, draw_noise, joint_loss
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+EVAL_MASK_RATIOS = (0.25, 0.5, 0.75)
+
+
+@dataclass
+class TrainSettings:
+    """Everything a run needs; saved beside the checkpoints so a resume uses the same settings."""
+
+    output: str
+    corpus: str | None = None
+    init_from: str | None = None
+    resume: bool = False
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    num_layers: int = 6
+    num_heads: int = 8
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    intermediate_size: int = 768
+    seq_len: int = 256
+    block_size: int = 32
+    batch_size: int = 16
+    steps: int = 1000
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    dlm_weight: float = 0.3
+    ar_weight: float = 1.0
+    eval_every: int = 200
+    eval_sequences: int = 32
+    checkpoint_every: int = 200
+    seed: int = 0
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    save_dtype: str = "bfloat16"
+    extra: dict = field(default_factory=dict)
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_dict(
+            {
+                "model_type": "nemotron_labs_diffusion",
+                "vocab_size": self.vocab_size,
+                "hidden_size": self.hidden_size,
+                "intermediate_size": self.intermediate_size,
+                "num_hidden_layers": self.num_layers,
+                "num_attention_heads": self.num_heads,
+                "num_key_value_heads": self.num_kv_heads,
+                "head_dim": self.head_dim,
+                "mask_token_id": SPECIAL_TOKENS.index("<mask>"),
+                "bos_token_id": SPECIAL_TOKENS.index("<s>"),
+                "eos_token_id": SPECIAL_TOKENS.index("</s>"),
+                "pad_token_id": SPECIAL_TOKENS.index("<pad>"),
+                "block_size": self.block_size,
+                "max_position_embeddings": self.seq_len,
+                "rms_norm_eps": 1e-5,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+                "torch_dtype": "float32",
+                "dlm_paradigm": "bidirectional",
+            }
+        )
+
+
+# ----- data (driver side) -------------------------------------------------------------------------
+def prepare_data(settings: TrainSettings) -> Path:
+    """Tokenizer + packed train/held-out sequences under ``output/data`` (reused when present)."""
+    out = Path(settings.output)
+    data_dir = out / "data"
+    tensors = data_dir / "sequences.pt"
+    if tensors.is_file():
+        return tensors
+    root = Path(settings.corpus) if settings.corpus else default_corpus()
+    train_files, heldout_files = corpus_files(root)
+    tok_dir = out / "tokenizer"
+    if settings.init_from:  # continue with the tokenizer the initial model was trained with
+        tok_dir.mkdir(parents=True, exist_ok=True)
+        for name in TOKENIZER_FILES:
+            if (Path(settings.init_from) / name).is_file():
+                shutil.copy(Path(settings.init_from) / name, tok_dir / name)
+        tokenizer = load_tokenizer(tok_dir)
+    else:
+        tokenizer = train_tokenizer(train_files, settings.vocab_size, tok_dir, settings.seq_len)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    train = pack_sequences(train_files, tokenizer, settings.seq_len)
+    heldout = pack_sequences(heldout_files, tokenizer, settings.seq_len) if heldout_files else train[:0]
+    torch.save({"train": train, "heldout": heldout}, tensors)
+    meta = {"corpus": str(root), "train_files": len(train_files), "heldout_files": len(heldout_files)}
+    meta.update(train_sequences=len(train), heldout_sequences=len(heldout), seq_len=settings.seq_len)
+    (data_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return tensors
+
+
+# ----- worker side ----------------------------------------------------------------------------
+class JointObjective(nn.Module):
+    """The model plus its loss in ``forward``, so DDP sees one forward per step."""
+
+    def __init__(self, model: TriModeModel, settings: TrainSettings) -> None:
+        super().__init__()
+        self.model = model
+        self.settings = settings
+
+    def forward(self, batch: torch.Tensor, masked: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        s = self.settings
+        return joint_loss(
+            self.model, batch, Noise(masked, p), block_size=s.block_size, dlm_weight=s.dlm_weight, ar_weight=s.ar_weight
+        ).loss
+
+
+def init_weights(model: TriModeModel, seed: int, std: float = 0.02) -> None:
+    """Normal(0, std) for matrices, ones for norms (the family's initializer)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def learning_rate(step: int, s: TrainSettings) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio * lr``."""
+    if step < s.warmup:
+        return s.lr * (step + 1) / s.warmup
+    progress = min(1.0, (step - s.warmup) / max(1, s.steps - s.warmup))
+    return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def evaluate(model: TriModeModel, heldout: torch.Tensor, s: TrainSettings) -> dict[str, float]:
+    """Held-out AR cross-entropy and diffusion cross-entropy at fixed mask ratios (nats/token)."""
+    if len(heldout) == 0:
+        return {}
+    model.eval()
+    batch = heldout[: s.eval_sequences].long()
+    gen = torch.Generator().manual_seed(1234)
+    metrics = {}
+    for ratio in EVAL_MASK_RATIOS:
+        masked = torch.rand(batch.shape, generator=gen) < ratio
+        p = torch.full((len(batch),), ratio)
+        parts = joint_loss(model, batch, Noise(masked, p), block_size=s.block_size)
+        metrics[f"eval_diffusion_ce@{ratio}"] = float(parts.diffusion_sum) * ratio / max(parts.masked_tokens, 1)
+        metrics["eval_ar_ce"] = float(parts.ar_sum) / parts.ar_tokens
+    model.train()
+    return metrics
+
+
+def _batches(rows: int, s: TrainSettings, rank: int, world: int, start_step: int):
+    """Endless shuffled passes over the rows (each rank its own stride); resumes at ``start_step``."""
+    per_rank = max(1, rows // world)
+    steps_per_epoch = max(1, per_rank // s.batch_size)
+    step = start_step
+    while True:
+        epoch, offset = divmod(step, steps_per_epoch)
+        perm = torch.randperm(rows, generator=torch.Generator().manual_seed(s.seed + epoch))[rank::world]
+        lo = offset * s.batch_size
+        yield epoch, perm[lo : lo + s.batch_size]
+        step += 1
+
+
+def train_loop(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    from tqdm import tqdm
+
+    s = TrainSettings(**config["settings"])
+    data = torch.load(config["data"])
+    train, heldout = data["train"], data["heldout"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(s.seed + rank)
+    if not s.use_gpu:
+        torch.set_num_threads(max(1, int(s.cpus_per_worker)))
+
+    model = TriModeModel(s.model_config())
+    init_weights(model, s.seed)
+    if s.init_from:
+        model.load_state_dict(load_model(s.init_from, dtype=torch.float32, tokenizer=False).state_dict())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.95), weight_decay=s.weight_decay)
+    start_step, history = 0, []
+    state = _resume_state(s, ray.train.get_checkpoint())
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step, history = state["step"], state["history"]
+    objective = ray.train.torch.prepare_model(JointObjective(model, s))
+    device = next(objective.parameters()).device
+    noise_gen = torch.Generator().manual_seed(s.seed * 1000 + rank + start_step)
+    batches = _batches(len(train), s, rank, world, start_step)
+    bar = tqdm(total=s.steps, initial=start_step, desc="train", disable=rank != 0, mininterval=5)
+    started = time.time() - (history[-1]["wall_s"] if history else 0.0)
+    model.train()
+    for step in range(start_step, s.steps):
+        epoch, rows = next(batches)
+        batch = train[rows].long().to(device)
+        noise = draw_noise(batch, noise_gen)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, s)
+        loss = objective(batch, noise.masked.to(device), noise.p.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(objective.parameters(), s.grad_clip)
+        optimizer.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        done = step + 1
+        metrics = {"step": done, "epoch": epoch, "loss": loss.item(), "lr": learning_rate(step, s)}
+        if rank == 0 and (done % s.eval_every == 0 or done == s.steps):
+            metrics.update(evaluate(model, heldout.to(device), s))
+            metrics["wall_s"] = time.time() - started
+            history.append(metrics)
+            with open(Path(s.output) / "history.jsonl", "a") as log:
+                log.write(json.dumps(metrics) + "\n")
+        if done % s.checkpoint_every == 0 or done == s.steps:
+            _checkpoint(model, optimizer, done, history, metrics, s, rank)
+    bar.close()
+    if rank == 0:
+        export(model, s)
+
+
+def _resume_state(s: TrainSettings, ray_checkpoint) -> dict | None:
+    """Ray's own checkpoint after a worker restart, else ``output/checkpoint`` when resuming."""
+    if ray_checkpoint is not None:
+        with ray_checkpoint.as_directory() as folder:
+            return torch.load(Path(folder) / "state.pt", weights_only=False)
+    local = Path(s.output) / "checkpoint" / "state.pt"
+    if s.resume and local.is_file():
+        return torch.load(local, weights_only=False)
+    return None
+
+
+def _checkpoint(model, optimizer, step, history, metrics, s: TrainSettings, rank: int) -> None:
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "history": history}
+    target = Path(s.output) / "checkpoint"
+    target.mkdir(parents=True, exist_ok=True)
+    torch.save(state, target / "state.tmp")
+    os.replace(target / "state.tmp", target / "state.pt")
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(target / "state.pt", Path(tmp) / "state.pt")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def export(model: TriModeModel, s: TrainSettings) -> Path:
+    """The trained model as an official Hugging Face folder: ``output/model``."""
+    from models.loading import resolve_dtype
+
+    folder = Path(s.output) / "model"
+    save_model(model, folder, dtype=resolve_dtype(s.save_dtype, model.config))
+    for name in TOKENIZER_FILES:
+        src = Path(s.output) / "tokenizer" / name
+        if src.is_file():
+            shutil.copy(src, folder / name)
+    return folder
+
+
+# ----- driver ---------------------------------------------------------------------------------
+def run(settings: TrainSettings) -> Path:
+    """Prepare data, train on Ray Train, return the exported model folder."""
+    from cluster.local import ensure_ray
+
+    ensure_ray()
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    out = Path(settings.output).resolve()
+    settings.output = str(out)
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "settings.json"
+    if settings.resume and saved.is_file():
+        previous = json.loads(saved.read_text())
+        previous.update(steps=settings.steps, resume=True)
+        settings = TrainSettings(**previous)
+    saved.write_text(json.dumps(asdict(settings), indent=2) + "\n")
+    data = prepare_data(settings)
+    resources = {"CPU": settings.cpus_per_worker}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"settings": asdict(settings), "data": str(data)},
+        scaling_config=ScalingConfig(
+            num_workers=settings.num_workers, use_gpu=settings.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(storage_path=str(out / "ray"), name="run"),
+    )
+    trainer.fit()
+    return out / "model"
