@@ -39,6 +39,35 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from cluster.local import ensure_ray
+    from deployments.config import load_config
+
+    config = load_config(args.config)
+    ensure_ray()
+    from ray import serve
+
+    from deployments.ingress import build_app
+
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app(config), name="triserve", route_prefix="/", blocking=False)
+    names = ", ".join(m.name for m in config.models)
+    print(f"triserve: serving {names} on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    print("triserve: shutting down", flush=True)
+    serve.shutdown()
+    import ray
+
+    ray.shutdown()
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
@@ -92,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: from config.json)")
     gen.add_argument("--quiet-stats", action="store_true", help="print the statistics line to stderr")
     gen.set_defaults(func=_generate)
+
+    srv = sub.add_parser("serve", help="run the OpenAI-compatible Ray Serve app (starts a local Ray if needed)")
+    srv.add_argument("--config", default=None, help="app YAML (default: deployments/configs/default.yaml)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1 keeps it local)")
+    srv.set_defaults(func=_serve)
 
     _add_train_parser(sub)
     return parser

@@ -65,6 +65,30 @@ class StepOutput:
 
 
 @dataclass
+class StepCost:
+    """Least-squares fit of step time = fixed + per_token * tokens over recent steps."""
+
+    window: deque = field(default_factory=lambda: deque(maxlen=128))
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.window.append((tokens, seconds))
+
+    def fit(self) -> tuple[float, float] | None:
+        if len(self.window) < 4:
+            return None
+        n = len(self.window)
+        sx = sum(t for t, _ in self.window)
+        sy = sum(s for _, s in self.window)
+        sxx = sum(t * t for t, _ in self.window)
+        sxy = sum(t * s for t, s in self.window)
+        var = n * sxx - sx * sx
+        if var <= 0:  # every step had the same size: attribute it all to the fixed cost
+            return sy / n, 0.0
+        per_token = max((n * sxy - sx * sy) / var, 0.0)
+        return max((sy - per_token * sx) / n, 0.0), per_token
+
+
+@dataclass
 class EngineStats:
     """Live numbers the router and the metrics read."""
 
@@ -75,6 +99,8 @@ class EngineStats:
     steps: int = 0
     step_time_ema: dict[str, float] = field(default_factory=dict)  # seconds per forward, per mode
     tpf_ema: dict[str, float] = field(default_factory=dict)  # tokens per forward, per mode
+    batch_tokens: int = 0  # query tokens in the last step
+    cost: StepCost = field(default_factory=StepCost)
 
     @property
     def pool_usage(self) -> float:
@@ -115,8 +141,17 @@ class Engine:
 
     def add_request(self, request_id: str, prompt: list[int], params: DecodeParams) -> None:
         """Queue a request; raises RequestRejected if it can never fit, ValueError on bad params."""
-        if request_id in self.running or any(r.request_id == request_id for r in self.waiting):
-            raise ValueError(f"duplicate request id {request_id}")
+        self.submit(self.prepare(request_id, prompt, params))
+
+    def submit(self, request: Request) -> None:
+        """Queue a prepared request (call from the thread that steps the engine)."""
+        if request.request_id in self.running or any(r.request_id == request.request_id for r in self.waiting):
+            raise ValueError(f"duplicate request id {request.request_id}")
+        self.waiting.append(request)
+        self._refresh_stats()
+
+    def prepare(self, request_id: str, prompt: list[int], params: DecodeParams) -> Request:
+        """Validate a request without touching the engine's queues (safe from any thread)."""
         params = DecodeParams(**{**params.__dict__, "prefill_chunk": params.prefill_chunk or self.prefill_chunk})
         state = make_state(prompt, params, self.model.config)
         tokens = self.worst_case_tokens(len(prompt), params)
@@ -132,8 +167,7 @@ class Engine:
                 f"request needs {tokens} tokens of KV cache; the pool holds {self.cache.capacity_tokens}"
             )
         stats = RequestStats(arrival=time.monotonic())
-        self.waiting.append(Request(request_id, state, pages, next(self._seq_ids), stats, params.mode))
-        self._refresh_stats()
+        return Request(request_id, state, pages, next(self._seq_ids), stats, params.mode)
 
     def cancel(self, request_id: str) -> bool:
         """Drop a request (client gone); its pages return to the pool at once."""
@@ -197,6 +231,8 @@ class Engine:
         )
         now = time.monotonic()
         elapsed = now - start
+        self.stats.batch_tokens = sum(len(seg) for _, segments in scheduled for seg in segments)
+        self.stats.cost.add(self.stats.batch_tokens, elapsed)
         outputs = []
         for (request, _), tokens in zip(scheduled, emitted):
             request.stats.forwards += 1

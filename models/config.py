@@ -219,6 +219,14 @@ class ModelConfig:
         (Path(folder) / "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @property
+    def num_parameters(self) -> int:
+        """Parameters of the text model (embedding, layers, norm, head)."""
+        h, i = self.hidden_size, self.intermediate_size
+        attention = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
+        layer = attention + 3 * h * i + 2 * h
+        return 2 * self.vocab_size * h + self.num_hidden_layers * layer + h
+
+    @property
     def q_size(self) -> int:
         return self.num_attention_heads * self.head_dim
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from models.batch import pack
 from models.model import TriModeModel
 from models.modes import DecodeParams, make_state
 from models.runner import run_step
@@ -77,14 +78,20 @@ def generate(
 @torch.inference_mode()
 def score(model: TriModeModel, token_ids: list[int] | torch.Tensor, chunk: int = 512) -> list[float]:
     """AR log-probability of every token given the ones before it (``len - 1`` values)."""
+    return [lp for lp, _ in score_with_top(model, token_ids, 0, chunk)]
+
+
+@torch.inference_mode()
+def score_with_top(
+    model: TriModeModel, token_ids: list[int] | torch.Tensor, top: int, chunk: int = 512
+) -> list[tuple[float, dict[int, float]]]:
+    """Per token after the first: its AR log-probability and the ``top`` most likely alternatives."""
     ids = token_ids.flatten().tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)
     if len(ids) < 2:
         return []
-    from models.batch import pack
-
     cache = model.new_cache(_pages_for(model, len(ids)))
     cache.add(SEQ_ID)
-    out: list[float] = []
+    out: list[tuple[float, dict[int, float]]] = []
     for start in range(0, len(ids) - 1, chunk):
         piece = ids[start : min(start + chunk, len(ids) - 1)]
         cache.reserve(SEQ_ID, start + len(piece))
@@ -92,5 +99,11 @@ def score(model: TriModeModel, token_ids: list[int] | torch.Tensor, chunk: int =
         cache.set_length(SEQ_ID, start + len(piece))
         logprobs = torch.log_softmax(logits.double().cpu(), dim=-1)
         targets = torch.tensor(ids[start + 1 : start + 1 + len(piece)])
-        out.extend(logprobs.gather(-1, targets[:, None]).squeeze(-1).tolist())
+        chosen = logprobs.gather(-1, targets[:, None]).squeeze(-1).tolist()
+        if top:
+            values, indices = logprobs.topk(top, dim=-1)
+            tops = [dict(zip(i.tolist(), v.tolist())) for i, v in zip(indices, values)]
+        else:
+            tops = [{} for _ in chosen]
+        out.extend(zip(chosen, tops))
     return out

@@ -103,7 +103,7 @@ def ray_local():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    from cluster.local import ensure_ray
+    from cluster.local import ensure_ray  # sets the loopback variable before Ray is imported
 
     ensure_ray(num_cpus=2)
     yield ray

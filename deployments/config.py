@@ -1,0 +1,97 @@
+"""The app configuration (YAML): models, tiers, autoscaling, API key."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deployments.router import TierTarget
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO / "deployments" / "configs" / "default.yaml"
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    path: str
+    size: float | None = None  # parameters; read from the checkpoint when absent
+    tensor_parallel_size: int = 1
+    dtype: str | None = None
+    num_pages: int = 1024
+    page_size: int = 16
+    max_running: int = 32
+    max_waiting: int = 128  # beyond this many queued requests the model answers 429
+    prefill_chunk: int = 256
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    autoscaling: dict[str, Any] = field(
+        default_factory=lambda: {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8}
+    )
+
+
+@dataclass
+class AppConfig:
+    models: list[ModelSpec]
+    tiers: dict[str, TierTarget]
+    api_key_env: str | None = "TRISERVE_API_KEY"
+    ingress_num_cpus: float = 0.25
+    ingress_replicas: int = 1
+
+    @property
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) or None if self.api_key_env else None
+
+    def model(self, name: str) -> ModelSpec | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+def _tier(raw: dict[str, Any] | None) -> TierTarget:
+    raw = raw or {}
+    ttft = raw.get("ttft_ms")
+    tpot = raw.get("tpot_ms")
+    return TierTarget(
+        ttft=math.inf if ttft is None else ttft / 1000.0,
+        tpot=math.inf if tpot is None else tpot / 1000.0,
+    )
+
+
+def parse_config(raw: dict[str, Any], base: Path | None = None) -> AppConfig:
+    """Build an AppConfig from a mapping; model paths are relative to ``base`` (the YAML's folder)."""
+    if not raw.get("models"):
+        raise ValueError("config needs at least one entry under 'models'")
+    models = []
+    for entry in raw["models"]:
+        entry = dict(entry)
+        unknown = set(entry) - set(ModelSpec.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown model fields: {', '.join(sorted(unknown))}")
+        path = Path(entry["path"])
+        if not path.is_absolute() and base is not None:
+            path = (base / path).resolve()
+        entry["path"] = str(path)
+        models.append(ModelSpec(**entry))
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise ValueError("model names must be unique")
+    tiers = {name: _tier(values) for name, values in (raw.get("tiers") or {}).items()}
+    for name in ("interactive", "standard", "batch"):
+        tiers.setdefault(name, TierTarget())
+    ingress = raw.get("ingress") or {}
+    return AppConfig(
+        models=models,
+        tiers=tiers,
+        api_key_env=raw.get("api_key_env", "TRISERVE_API_KEY"),
+        ingress_num_cpus=float(ingress.get("num_cpus", 0.25)),
+        ingress_replicas=int(ingress.get("num_replicas", 1)),
+    )
+
+
+def load_config(path: str | Path | None = None) -> AppConfig:
+    path = Path(path) if path else DEFAULT_CONFIG
+    return parse_config(yaml.safe_load(path.read_text()), base=path.parent)

@@ -1,0 +1,221 @@
+"""FastAPI routes of the OpenAI-compatible API over an ``OpenAIService`` found by ``resolve``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+
+from deployments.openai_api import OpenAIService, Prepared, sse
+from deployments.protocol import APIError, ChatRequest, CompletionRequest, new_id, now
+
+
+def _error_response(exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
+
+
+def _validation_error(exc: ValidationError | RequestValidationError) -> APIError:
+    first = exc.errors()[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    return APIError(400, f"{param or 'request'}: {first.get('msg', 'invalid value')}", param=param)
+
+
+async def _parse(service: OpenAIService, request: Request, model_cls):
+    service.check_auth(request.headers.get("authorization"))
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise APIError(400, "request body must be JSON") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object")
+    extra = body.pop("extra_body", None)
+    if isinstance(extra, dict):  # clients that post extra_body verbatim
+        body.update(extra)
+    try:
+        return service, model_cls.model_validate(body)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+
+
+def _headers(service: OpenAIService, prep: Prepared, out: dict[str, Any] | None = None) -> dict[str, str]:
+    info = service.info(prep, out)
+    headers = {"x-triserve-model": info["model"], "x-triserve-mode": info["mode"], "x-triserve-tier": info["tier"]}
+    if out is not None:
+        headers.update({"x-triserve-nfe": str(info["nfe"]), "x-triserve-tpf": str(info["tpf"])})
+    return headers
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def build_api(resolve: Callable[[], OpenAIService]) -> FastAPI:
+    """The app; ``resolve`` returns the service of the process that serves it (a Serve replica)."""
+    api = FastAPI(title="triserve", version="0.1.0")
+
+    @api.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError):
+        return _error_response(exc)
+
+    @api.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError):
+        return _error_response(_validation_error(exc))
+
+    @api.get("/v1/models")
+    async def list_models(request: Request):
+        service = resolve()
+        service.check_auth(request.headers.get("authorization"))
+        return service.list_models()
+
+    @api.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @api.post("/v1/completions")
+    async def completions(request: Request):
+        service, req = await _parse(resolve(), request, CompletionRequest)
+        if req.max_tokens == 0 and not req.echo:
+            raise APIError(400, "max_tokens must be at least 1 unless echo is set", param="max_tokens")
+        prep = await service.prepare(req, "completion")
+        rid, created = new_id("cmpl"), now()
+        model_name = prep.model.spec.name
+
+        def chunk(text: str, finish: str | None, logprobs=None) -> dict[str, Any]:
+            return {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": model_name,
+                "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+            }
+
+        if req.stream:
+
+            async def events():
+                last = None
+                prompt_text = prep.model.tokenizer.decode(prep.prompt, skip_special_tokens=True) if req.echo else ""
+                if prompt_text:
+                    yield sse(chunk(prompt_text, None))
+                async for delta, out in service.run(prep):
+                    last = out
+                    finish = out["finish_reason"] if out["finished"] else None
+                    if delta or finish:
+                        yield sse(chunk(delta, _finish(finish)))
+                if req.stream_options and req.stream_options.include_usage:
+                    usage = _usage(len(prep.prompt), len(last["all_tokens"]) if last else 0)
+                    yield sse(
+                        {
+                            "id": rid,
+                            "object": "text_completion",
+                            "created": created,
+                            "model": model_name,
+                            "choices": [],
+                            "usage": usage,
+                            "triserve": service.info(prep, last),
+                        }
+                    )
+                yield sse("[DONE]")
+
+            return StreamingResponse(events(), media_type="text/event-stream", headers=_headers(service, prep))
+
+        text, last, ids = await _collect(service, prep) if req.max_tokens != 0 else ("", None, [])
+        logprobs = None
+        if req.logprobs is not None:
+            first = 0 if req.echo else len(prep.prompt)
+            logprobs = await service.logprobs(prep.model, prep.prompt + ids, first, req.logprobs)
+        if req.echo:
+            text = prep.model.tokenizer.decode(prep.prompt, skip_special_tokens=True) + text
+        body = chunk(text, _finish(last["finish_reason"]) if last else "length", logprobs)
+        body["usage"] = _usage(len(prep.prompt), len(ids))
+        body["triserve"] = service.info(prep, last)
+        return JSONResponse(body, headers=_headers(service, prep, last))
+
+    @api.post("/v1/chat/completions")
+    async def chat(request: Request):
+        service, req = await _parse(resolve(), request, ChatRequest)
+        prep = await service.prepare(req, "chat")
+        rid, created = new_id("chatcmpl"), now()
+        model_name = prep.model.spec.name
+
+        def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+            return {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model_name,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            }
+
+        if req.stream:
+
+            async def events():
+                last = None
+                yield sse(chunk({"role": "assistant", "content": ""}, None))
+                async for delta, out in service.run(prep):
+                    last = out
+                    finish = out["finish_reason"] if out["finished"] else None
+                    if delta:
+                        yield sse(chunk({"content": delta}, None))
+                    if finish:
+                        yield sse(chunk({}, _finish(finish)))
+                if req.stream_options and req.stream_options.include_usage:
+                    usage = _usage(len(prep.prompt), len(last["all_tokens"]) if last else 0)
+                    yield sse(
+                        {
+                            "id": rid,
+                            "object": "chat.completion.chunk",
+                            "created": created,
+                            "model": model_name,
+                            "choices": [],
+                            "usage": usage,
+                            "triserve": service.info(prep, last),
+                        }
+                    )
+                yield sse("[DONE]")
+
+            return StreamingResponse(events(), media_type="text/event-stream", headers=_headers(service, prep))
+
+        text, last, ids = await _collect(service, prep)
+        body = {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model_name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": _finish(last["finish_reason"]) if last else "length",
+                }
+            ],
+            "usage": _usage(len(prep.prompt), len(ids)),
+            "triserve": service.info(prep, last),
+        }
+        return JSONResponse(body, headers=_headers(service, prep, last))
+
+    return api
+
+
+def _finish(reason: str | None) -> str | None:
+    return {"stop": "stop", "length": "length"}.get(reason, reason)
+
+
+async def _collect(service: OpenAIService, prep: Prepared) -> tuple[str, dict[str, Any] | None, list[int]]:
+    """Run a request to the end: (text, last step output, generated ids)."""
+    parts: list[str] = []
+    last = None
+    async for delta, out in service.run(prep):
+        parts.append(delta)
+        last = out
+    return "".join(parts), last, list(last["all_tokens"]) if last else []

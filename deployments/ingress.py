@@ -1,0 +1,102 @@
+"""The Serve app: an ``Ingress`` (FastAPI, OpenAI API, router) in front of one ``ModelServer``
+deployment per configured model."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from deployments.config import AppConfig, ModelSpec, load_config, parse_config
+from deployments.http import build_api
+from deployments.metrics import RouterMetrics
+from deployments.openai_api import OpenAIService, ServedModel
+from deployments.server import model_server_deployment
+from models.config import ModelConfig
+from models.loading import load_tokenizer
+
+
+def _replica_service() -> OpenAIService:
+    return serve.get_replica_context().servable_object.service
+
+
+api = build_api(_replica_service)
+
+
+class HandleBackend:
+    """Reaches a model's replicas through its deployment handle."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self.handle = handle
+
+    async def generate(self, request: dict[str, Any]):
+        stream = self.handle.options(stream=True).generate.remote(request)
+        try:
+            async for item in stream:
+                yield item
+        finally:
+            stream.cancel()  # client gone or stop string: the replica cancels the request
+
+    async def score(self, token_ids: list[int], top: int):
+        return await self.handle.score.remote(token_ids, top)
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.handle.stats.remote()
+
+
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, raw_config: dict[str, Any], handles: dict[str, DeploymentHandle]) -> None:
+        config = parse_config(raw_config)
+        router_metrics = RouterMetrics()
+        models = {}
+        for spec in config.models:
+            tokenizer = load_tokenizer(spec.path)
+            models[spec.name] = ServedModel(
+                spec, ModelConfig.from_file(spec.path), tokenizer, HandleBackend(handles[spec.name])
+            )
+
+        def record(tier, decision):
+            router_metrics.decisions.inc(tags={"tier": tier, "model": decision.model, "mode": decision.mode})
+
+        self.service = OpenAIService(config, models, on_decision=record)
+
+
+def build_app(config: AppConfig):
+    """The Serve application for a parsed config."""
+    handles = {spec.name: model_server_deployment(spec).bind(asdict(spec)) for spec in config.models}
+    raw = {
+        "models": [asdict(spec) for spec in config.models],
+        "tiers": {
+            name: {
+                "ttft_ms": t.ttft * 1000 if t.ttft != float("inf") else None,
+                "tpot_ms": t.tpot * 1000 if t.tpot != float("inf") else None,
+            }
+            for name, t in config.tiers.items()
+        },
+        "api_key_env": config.api_key_env,
+    }
+    options: dict[str, Any] = {"num_cpus": config.ingress_num_cpus}
+    key_env = config.api_key_env
+    if key_env and os.environ.get(key_env):  # the deployer's key reaches the ingress replicas
+        options["runtime_env"] = {"env_vars": {key_env: os.environ[key_env]}}
+    ingress = serve.deployment(
+        Ingress,
+        name="ingress",
+        num_replicas=config.ingress_replicas,
+        ray_actor_options=options,
+        max_ongoing_requests=1024,
+    )
+    return ingress.bind(raw, handles)
+
+
+def app_builder(args: dict[str, str]):
+    """For Ray's own CLI: ``serve run deployments.ingress:app_builder config=path/to/app.yaml``."""
+    return build_app(load_config(Path(args["config"]) if args.get("config") else None))
+
+
+__all__ = ["Ingress", "ModelSpec", "app_builder", "build_app"]

@@ -1,0 +1,346 @@
+"""The OpenAI-compatible HTTP surface, Ray-free: request handling over abstract model backends.
+
+``OpenAIService`` turns validated requests into engine requests (tokenising, routing, limits),
+and engine outputs into OpenAI responses or SSE streams (detokenising, stop strings, usage,
+logprobs). The Serve ingress (deployments/ingress.py) plugs in backends that call the model
+servers through deployment handles.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from deployments.config import AppConfig, ModelSpec
+from deployments.protocol import (
+    APIError,
+    ChatRequest,
+    CommonRequest,
+    new_id,
+    triserve_info,
+)
+from deployments.router import Candidate, Decision, ReplicaStats, choose
+from models.config import ModelConfig
+from models.modes import DecodeParams
+
+DEFAULT_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 512}  # OpenAI's completions default; chat: context-bound
+STATS_TTL_S = 0.5
+
+
+class Backend(Protocol):
+    """How the service reaches one model's replicas."""
+
+    def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...
+
+    async def score(self, token_ids: list[int], top: int) -> list[tuple[float, dict[int, float]]]: ...
+
+    async def stats(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class ServedModel:
+    spec: ModelSpec
+    config: ModelConfig
+    tokenizer: Any
+    backend: Backend
+
+    @property
+    def size(self) -> float:
+        return self.spec.size or self.config.num_parameters
+
+
+@dataclass
+class Prepared:
+    model: ServedModel
+    prompt: list[int]
+    params: DecodeParams
+    tier: str
+    stops: list[str]
+    decision: Decision | None
+
+
+class OpenAIService:
+    def __init__(self, config: AppConfig, models: dict[str, ServedModel], on_decision: Callable | None = None) -> None:
+        self.config = config
+        self.models = models
+        self.on_decision = on_decision
+        self._stats: dict[str, tuple[float, dict[str, Any]]] = {}
+
+    # ----- auth and listing ------------------------------------------------------------------
+    def check_auth(self, authorization: str | None) -> None:
+        key = self.config.api_key
+        if key is None:
+            return
+        if not authorization or not authorization.startswith("Bearer "):
+            raise APIError(
+                401,
+                "missing API key: send 'Authorization: Bearer <key>'",
+                type="authentication_error",
+                code="invalid_api_key",
+            )
+        if authorization[len("Bearer ") :].strip() != key:
+            raise APIError(401, "incorrect API key provided", type="authentication_error", code="invalid_api_key")
+
+    def list_models(self) -> dict[str, Any]:
+        data = [
+            {
+                "id": name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "triserve",
+                "max_model_len": m.config.max_position_embeddings,
+            }
+            for name, m in self.models.items()
+        ]
+        return {"object": "list", "data": data}
+
+    # ----- request preparation ------------------------------------------------------------------
+    async def _stats_of(self, name: str) -> dict[str, Any]:
+        cached = self._stats.get(name)
+        if cached and time.monotonic() - cached[0] < STATS_TTL_S:
+            return cached[1]
+        stats = await self.models[name].backend.stats()
+        self._stats[name] = (time.monotonic(), stats)
+        return stats
+
+    def _candidate(self, model: ServedModel, stats: dict[str, Any], block_length: int, modes) -> Candidate:
+        step = stats.get("step_time_ema") or {}
+        fixed = stats.get("fixed_step_s")
+        per_token = stats.get("per_token_s")
+        if fixed is None:  # no fit yet: assume the model's whole step is the weight read
+            fixed = min(step.values()) if step else 0.01 * model.size / 1e9 + 0.005
+            per_token = 0.0
+        replica = ReplicaStats(
+            fixed_step_s=fixed,
+            per_token_s=per_token or 0.0,
+            batch_tokens=stats.get("batch_tokens", 0),
+            waiting=stats.get("waiting", 0),
+            running=stats.get("running", 0),
+            tpf=stats.get("tpf_ema") or {},
+            prefill_chunk=model.spec.prefill_chunk,
+        )
+        return Candidate(model.spec.name, model.size, replica, block_length, modes)
+
+    async def _route(self, req: CommonRequest, prompt_len: int) -> tuple[ServedModel, str, Decision | None]:
+        mode = req.decoding.mode if req.decoding else "auto"
+        if req.model != "auto" and req.model not in self.models:
+            raise APIError(404, f"the model '{req.model}' does not exist", param="model", code="model_not_found")
+        if req.model != "auto" and mode != "auto":
+            return self.models[req.model], mode, None
+        names = list(self.models) if req.model == "auto" else [req.model]
+        modes = ("ar", "linear_spec", "quadratic_spec", "diffusion") if mode == "auto" else (mode,)
+        candidates = []
+        for name in names:
+            model = self.models[name]
+            block = (req.decoding.block_length if req.decoding else None) or model.config.block_size
+            candidates.append(self._candidate(model, await self._stats_of(name), block, modes))
+        decision = choose(self.config.tiers[req.tier], candidates, prompt_len)
+        if self.on_decision:
+            self.on_decision(req.tier, decision)
+        return self.models[decision.model], decision.mode, decision
+
+    def _encode_prompt(self, model: ServedModel, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return model.tokenizer.encode(prompt)
+        ids = list(prompt)
+        vocab = model.config.vocab_size
+        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in ids):
+            raise APIError(400, f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+        return ids
+
+    def _chat_prompt(self, model: ServedModel, req: ChatRequest) -> list[int]:
+        messages = []
+        for i, msg in enumerate(req.messages):
+            content = msg.content
+            if isinstance(content, list):
+                texts = []
+                for part in content:
+                    kind = part.get("type")
+                    if kind == "text":
+                        texts.append(str(part.get("text", "")))
+                    elif kind == "image_url":
+                        raise APIError(
+                            400, f"model '{model.spec.name}' does not accept images", param=f"messages[{i}].content"
+                        )
+                    else:
+                        raise APIError(400, f"unsupported content part type {kind!r}", param=f"messages[{i}].content")
+                content = "".join(texts)
+            messages.append({"role": msg.role, "content": content or ""})
+        tok = model.tokenizer
+        template = getattr(tok, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+        text = tok.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+        return tok.encode(text, add_special_tokens=False)
+
+    async def prepare(self, req: CommonRequest, kind: str) -> Prepared:
+        # the prompt is tokenised with the requested model's tokenizer (or the first one for 'auto')
+        first = self.models.get(req.model) or (next(iter(self.models.values())) if req.model == "auto" else None)
+        if first is None:
+            raise APIError(404, f"the model '{req.model}' does not exist", param="model", code="model_not_found")
+        prompt = self._chat_prompt(first, req) if kind == "chat" else self._encode_prompt(first, req.prompt)
+        model, mode, decision = await self._route(req, len(prompt))
+        context = model.config.max_position_embeddings
+        if len(prompt) >= context:
+            raise APIError(
+                413,
+                f"prompt is {len(prompt)} tokens; the model's context is {context}",
+                param="prompt" if kind == "completion" else "messages",
+                code="context_length_exceeded",
+            )
+        if kind == "chat":
+            try:
+                limit = req.output_limit
+            except ValueError as exc:
+                raise APIError(400, str(exc), param="max_tokens") from None
+        else:
+            limit = req.max_tokens
+        if limit is None:
+            limit = min(DEFAULT_MAX_TOKENS[kind], context - len(prompt))
+        if len(prompt) + limit > context:
+            raise APIError(
+                400,
+                f"prompt ({len(prompt)} tokens) plus max_tokens ({limit}) exceeds the model's "
+                f"context of {context} tokens",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        if req.top_p not in (None, 1.0):
+            raise APIError(400, "top_p other than 1 is not supported; use temperature", param="top_p")
+        dec = req.decoding
+        params = DecodeParams(
+            mode=mode,
+            max_new_tokens=max(limit, 1),  # 0 (echo-only scoring) never reaches the engine
+            block_length=dec.block_length if dec else None,
+            threshold=dec.threshold if dec and dec.threshold is not None else 0.9,
+            max_steps=dec.max_steps if dec else None,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            seed=req.seed,
+        )
+        try:
+            params.validate()
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="decoding") from None
+        block = params.block_length or model.config.block_size
+        worst = len(prompt) + limit + block + 1
+        if -(-worst // model.spec.page_size) > model.spec.num_pages:
+            raise APIError(
+                413,
+                f"request needs {worst} tokens of KV cache; the server holds "
+                f"{model.spec.num_pages * model.spec.page_size}",
+                code="context_length_exceeded",
+            )
+        stats = await self._stats_of(model.spec.name)
+        if stats.get("waiting", 0) >= model.spec.max_waiting:
+            raise APIError(
+                429,
+                f"model '{model.spec.name}' is overloaded; retry shortly",
+                type="rate_limit_error",
+                code="overloaded",
+                headers={"Retry-After": "1"},
+            )
+        return Prepared(model, prompt, params, req.tier, req.stop_list, decision)
+
+    # ----- running --------------------------------------------------------------------------------
+    async def run(self, prep: Prepared) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """Yield (text delta, step output) until the request ends (EOS, length or a stop string).
+
+        The step output carries ``all_tokens``: the ids generated so far.
+        """
+        request = {
+            "request_id": new_id("req"),
+            "prompt": prep.prompt,
+            "params": prep.params.__dict__,
+            "tier": prep.tier,
+        }
+        tok = prep.model.tokenizer
+        tokens: list[int] = []
+        sent = ""
+        stream = prep.model.backend.generate(request)
+        try:
+            async for out in stream:
+                tokens.extend(out["new_tokens"])
+                out = {**out, "all_tokens": tokens}
+                text = tok.decode(tokens, skip_special_tokens=True)
+                stop_at = _find_stop(text, prep.stops)
+                if stop_at is not None:
+                    out = {**out, "finished": True, "finish_reason": "stop", "stopped_by_string": True}
+                    yield text[len(sent) : stop_at], out
+                    return
+                if not out["finished"] and (text.endswith("\ufffd") or _holds_stop_prefix(text, prep.stops)):
+                    held = _safe_prefix(text, prep.stops)
+                else:
+                    held = text
+                delta, sent = held[len(sent) :], held
+                if delta or out["finished"]:
+                    yield delta, out
+                if out["finished"]:
+                    return
+        finally:
+            await _close(stream)
+
+    async def logprobs(self, model: ServedModel, ids: list[int], first: int, top: int) -> dict[str, Any]:
+        """OpenAI completions ``logprobs`` for ids[first:] (AR log-probabilities, as in vLLM)."""
+        scored = await model.backend.score(ids, top)
+        tok = model.tokenizer
+        tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+        offset = 0
+        for i in range(first, len(ids)):
+            piece = tok.decode([ids[i]])
+            tokens.append(piece)
+            offsets.append(offset)
+            offset += len(piece)
+            if i == 0:
+                token_logprobs.append(None)
+                top_logprobs.append(None)
+            else:
+                lp, alternatives = scored[i - 1]
+                token_logprobs.append(lp)
+                top_logprobs.append({tok.decode([t]): v for t, v in alternatives.items()} if top else None)
+        return {
+            "tokens": tokens,
+            "token_logprobs": token_logprobs,
+            "top_logprobs": top_logprobs,
+            "text_offset": offsets,
+        }
+
+    def info(self, prep: Prepared, out: dict[str, Any] | None) -> dict[str, Any]:
+        nfe = out["nfe"] if out else 0
+        tokens = out["tokens"] if out else 0
+        return triserve_info(prep.model.spec.name, prep.params.mode, prep.tier, nfe, tokens)
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _holds_stop_prefix(text: str, stops: list[str]) -> bool:
+    return any(text.endswith(s[:k]) for s in stops for k in range(1, len(s)))
+
+
+def _safe_prefix(text: str, stops: list[str]) -> str:
+    """Text that can be sent: without an incomplete UTF-8 tail or a possible start of a stop string."""
+    text = text.rstrip("\ufffd")
+    cut = len(text)
+    for s in stops:
+        for k in range(len(s) - 1, 0, -1):
+            if text.endswith(s[:k]):
+                cut = min(cut, len(text) - k)
+                break
+    return text[:cut]
+
+
+async def _close(stream) -> None:
+    closer: Callable[[], Awaitable[None]] | None = getattr(stream, "aclose", None)
+    if closer is not None:
+        await closer()
+
+
+def sse(payload: dict[str, Any] | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"

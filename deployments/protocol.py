@@ -1,0 +1,140 @@
+"""OpenAI request/response shapes, triserve's extensions, and OpenAI-style errors."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+TIERS = ("interactive", "standard", "batch")
+SERVICE_TIER_ALIASES = {"auto": "standard", "default": "standard", "flex": "batch", "priority": "interactive"}
+
+
+class APIError(Exception):
+    """An error answered as ``{"error": {message, type, param, code}}`` with an HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+        self.headers = headers or {}
+
+
+class Decoding(BaseModel):
+    """The ``decoding`` extension: a mode (or auto) and its knobs."""
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["auto", "ar", "diffusion", "linear_spec", "quadratic_spec"] = "auto"
+    block_length: int | None = Field(default=None, ge=2, le=128)
+    threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    max_steps: int | None = Field(default=None, ge=1)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class CommonRequest(BaseModel):
+    """Fields shared by completions and chat completions (unknown fields are ignored, as OpenAI's SDK
+    may send ones triserve does not use; ``extra_body`` contents arrive as top-level fields)."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    max_tokens: int | None = Field(default=None, ge=0)  # 0 only with echo (scoring a prompt)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1, le=1)
+    decoding: Decoding | None = None
+    service_tier: str | None = None
+    latency_tier: str | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value):
+        if isinstance(value, str):
+            value = [value]
+        if value is not None and (len(value) > 4 or any(not s for s in value)):
+            raise ValueError("stop must be at most 4 non-empty strings")
+        return value
+
+    @model_validator(mode="after")
+    def _tier(self):
+        for name in ("latency_tier", "service_tier"):
+            value = getattr(self, name)
+            if value is not None:
+                value = SERVICE_TIER_ALIASES.get(value, value)
+                if value not in TIERS:
+                    raise ValueError(f"{name} must be one of {', '.join(TIERS)}")
+                setattr(self, name, value)
+        return self
+
+    @property
+    def tier(self) -> str:
+        return self.latency_tier or self.service_tier or "standard"
+
+    @property
+    def stop_list(self) -> list[str]:
+        return list(self.stop or [])
+
+
+class CompletionRequest(CommonRequest):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value):
+        if isinstance(value, list) and value and isinstance(value[0], (str, list)):
+            if len(value) != 1:
+                raise ValueError("batched prompts are not supported: send one prompt per request")
+            value = value[0]
+        if isinstance(value, (str, list)) and len(value) == 0:
+            raise ValueError("prompt must not be empty")
+        return value
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(CommonRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    @property
+    def output_limit(self) -> int | None:
+        limit = self.max_completion_tokens or self.max_tokens
+        if limit == 0:
+            raise ValueError("max_tokens must be at least 1")
+        return limit
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def triserve_info(model: str, mode: str, tier: str, nfe: int, tokens: int) -> dict[str, Any]:
+    return {"model": model, "mode": mode, "tier": tier, "nfe": nfe, "tpf": round(tokens / nfe, 4) if nfe else 0.0}

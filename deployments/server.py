@@ -1,0 +1,97 @@
+"""``ModelServer``: one engine per replica, an asyncio loop stepping it, results streamed back."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+
+from deployments import metrics
+from deployments.async_engine import AsyncEngine
+from deployments.config import ModelSpec
+from deployments.engine import Engine
+from models.generate import score_with_top
+from models.modes import DecodeParams
+
+STUCK_AFTER_S = 120.0
+
+
+class ModelServer:
+    """A model replica. Its methods are called through deployment handles by the ingress."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        from models.loading import load_model
+
+        self.spec = ModelSpec(**spec)
+        self.model = load_model(self.spec.path, dtype=self.spec.dtype, tokenizer=False)
+        engine = Engine(
+            self.model,
+            num_pages=self.spec.num_pages,
+            page_size=self.spec.page_size,
+            max_running=self.spec.max_running,
+            prefill_chunk=self.spec.prefill_chunk,
+        )
+        self.engine = AsyncEngine(engine)
+        self.metrics = metrics.ModelMetrics(self.spec.name)
+
+    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Stream ``StepOutput``s (as dicts) of one request; closing the stream cancels it."""
+        params = DecodeParams(**request["params"])
+        start = time.monotonic()
+        last = start
+        tier = request.get("tier", "standard")
+        async for out in self.engine.generate(request["request_id"], request["prompt"], params):
+            now = time.monotonic()
+            if out.new_tokens:
+                if out.tokens == len(out.new_tokens):
+                    self.metrics.ttft.observe(now - start, tags={"mode": params.mode})
+                else:
+                    self.metrics.itl.observe((now - last) / len(out.new_tokens), tags={"mode": params.mode})
+                last = now
+            if out.finished:
+                self.metrics.finished(params.mode, tier, out, now - start)
+            self.metrics.engine(self.engine.engine.stats)
+            yield dataclasses.asdict(out)
+
+    async def score(self, token_ids: list[int], top: int) -> list[tuple[float, dict[int, float]]]:
+        return await self.engine.call(score_with_top, self.model, token_ids, top)
+
+    def stats(self) -> dict[str, Any]:
+        s = self.engine.engine.stats
+        fit = s.cost.fit()
+        return {
+            "running": s.running,
+            "waiting": s.waiting,
+            "pool_usage": s.pool_usage,
+            "batch_tokens": s.batch_tokens,
+            "step_time_ema": dict(s.step_time_ema),
+            "tpf_ema": dict(s.tpf_ema),
+            "fixed_step_s": fit[0] if fit else None,
+            "per_token_s": fit[1] if fit else None,
+            "used_pages": s.pool_used_pages,
+            "pages": s.pool_pages,
+        }
+
+    def check_health(self) -> None:
+        stuck = self.engine.stuck_for()
+        if stuck > STUCK_AFTER_S:
+            raise RuntimeError(f"engine loop made no progress for {stuck:.0f}s")
+
+
+def model_server_deployment(spec: ModelSpec):
+    """The Serve deployment of one configured model (fractional CPUs, autoscaling)."""
+    actor_options: dict[str, Any] = {"num_cpus": spec.num_cpus}
+    if spec.num_gpus:
+        actor_options["num_gpus"] = spec.num_gpus
+    return serve.deployment(
+        ModelServer,
+        name=f"model-{spec.name}",
+        ray_actor_options=actor_options,
+        autoscaling_config=dict(spec.autoscaling),
+        max_ongoing_requests=max(spec.max_running + spec.max_waiting, 16),
+        health_check_period_s=10,
+        health_check_timeout_s=30,
+    )

@@ -1,0 +1,281 @@
+"""The served app over real HTTP (Ray Serve on 127.0.0.1), driven with the official openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+
+import httpx
+import openai
+import pytest
+import yaml
+
+import models
+
+pytestmark = pytest.mark.ray
+
+API_KEY = "test-key-123"
+MODES = ["ar", "diffusion", "linear_spec", "quadratic_spec"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(ray_local, fixture_path, tmp_path_factory):
+    import os
+
+    from ray import serve
+
+    from deployments.config import load_config
+    from deployments.ingress import build_app
+
+    os.environ["TRISERVE_TEST_API_KEY"] = API_KEY  # read by the ingress replica (same machine, inherited)
+    folder = tmp_path_factory.mktemp("app")
+    config = {
+        "models": [
+            {
+                "name": "tiny",
+                "path": str(fixture_path),
+                "num_pages": 256,
+                "max_running": 16,
+                "num_cpus": 0.25,
+                "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16},
+            }
+        ],
+        "tiers": {"interactive": {"ttft_ms": 400, "tpot_ms": 40}, "standard": {"ttft_ms": 3000, "tpot_ms": 500}},
+        "api_key_env": "TRISERVE_TEST_API_KEY",
+        "ingress": {"num_cpus": 0.1},
+    }
+    (folder / "app.yaml").write_text(yaml.safe_dump(config))
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(load_config(folder / "app.yaml")), name="triserve", route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # the proxy answers 404 until the routes register
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    yield base
+    serve.delete("triserve")
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return openai.OpenAI(base_url=f"{app}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(fixture_model):
+    return fixture_model.tokenizer
+
+
+def test_models_listed(client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_completion_each_mode_matches_generate(client, fixture_model, tokenizer, mode):
+    prompt = "import os\nimport sys\n\ndef main():\n"
+    raw = client.completions.with_raw_response.create(
+        model="tiny",
+        prompt=prompt,
+        max_tokens=24,
+        temperature=0,
+        extra_body={"decoding": {"mode": mode, "block_length": 8}},
+    )
+    resp = raw.parse()
+    expected = models.generate(fixture_model, tokenizer.encode(prompt), mode=mode, max_new_tokens=24, block_length=8)
+    assert resp.choices[0].text == tokenizer.decode(expected.tokens, skip_special_tokens=True)
+    assert resp.usage.prompt_tokens == len(tokenizer.encode(prompt))
+    assert resp.usage.completion_tokens == len(expected.tokens)
+    info = resp.model_extra["triserve"]
+    assert info["mode"] == mode and info["model"] == "tiny" and info["nfe"] == expected.nfe
+    assert raw.headers["x-triserve-mode"] == mode
+
+
+def test_completion_token_ids_prompt_and_stop(client, tokenizer):
+    ids = tokenizer.encode("class A:\n    def f(self):\n")
+    resp = client.completions.create(model="tiny", prompt=ids, max_tokens=40, temperature=0, stop=["\n"])
+    assert "\n" not in resp.choices[0].text and resp.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_chat_stream_each_mode(client, mode):
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "def add(a, b):"}],
+        max_completion_tokens=16,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"decoding": {"mode": mode}},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"] or finishes == ["stop"]
+    usage = chunks[-1].usage
+    assert (
+        usage is not None
+        and usage.completion_tokens <= 16
+        and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    )
+    assert text
+
+
+def test_chat_non_stream_and_completion_stream(client):
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "system", "content": "code"}, {"role": "user", "content": "x = 1"}],
+        max_tokens=8,
+        temperature=0,
+    )
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 8
+    pieces = list(client.completions.create(model="tiny", prompt="for i in", max_tokens=8, temperature=0, stream=True))
+    assert "".join(p.choices[0].text for p in pieces if p.choices)
+
+
+@pytest.mark.parametrize("tier", ["interactive", "standard", "batch"])
+def test_each_tier_is_routed(client, tier):
+    resp = client.completions.create(
+        model="tiny", prompt="def f():", max_tokens=8, temperature=0, extra_body={"service_tier": tier}
+    )
+    info = resp.model_extra["triserve"]
+    assert info["tier"] == tier and info["mode"] in MODES
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=4, extra_body={"latency_tier": tier}
+    )
+    info = chat.model_extra["triserve"]
+    assert info["tier"] == tier and info["mode"] in MODES
+
+
+def test_sampling_with_seed_is_reproducible(client):
+    kwargs = dict(
+        model="tiny",
+        prompt="import",
+        max_tokens=12,
+        temperature=1.0,
+        seed=42,
+        extra_body={"decoding": {"mode": "linear_spec"}},
+    )
+    assert client.completions.create(**kwargs).choices[0].text == client.completions.create(**kwargs).choices[0].text
+
+
+def test_echo_logprobs_for_loglikelihood(client, fixture_model, tokenizer):
+    prompt = "def main():\n    return 0\n"
+    resp = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    lp = resp.choices[0].logprobs
+    ids = tokenizer.encode(prompt)
+    assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(ids)
+    expected = models.score(fixture_model, ids)
+    assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+    assert resp.choices[0].text == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"model": "tiny", "prompt": "x", "temperature": "hot"}, 400, "temperature"),
+        ({"model": "tiny", "prompt": "x", "decoding": {"mode": "telepathy"}}, 400, "decoding.mode"),
+        ({"model": "tiny", "prompt": "x", "decoding": {"block_length": 1}}, 400, "decoding.block_length"),
+        ({"model": "tiny", "prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
+        ({"model": "tiny", "prompt": [99999]}, 400, "prompt"),
+        ({"model": "tiny", "prompt": ""}, 400, "prompt"),
+        ({"model": "tiny", "prompt": "x", "service_tier": "turbo"}, 400, None),
+        ({"model": "nope", "prompt": "x"}, 404, "model"),
+        ({"model": "tiny", "prompt": "word " * 600}, 413, "prompt"),
+        ({"model": "tiny", "prompt": "x", "max_tokens": 5000}, 400, "max_tokens"),
+    ],
+)
+def test_bad_input_gets_openai_error(app, body, status, param):
+    r = httpx.post(f"{app}/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"] and ("param" in err and (param is None or err["param"] == param))
+
+
+def test_auth_required(app):
+    assert httpx.get(f"{app}/v1/models", timeout=30).status_code == 401
+    r = httpx.get(f"{app}/v1/models", headers={"Authorization": "Bearer wrong"}, timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    r = httpx.post(
+        f"{app}/v1/chat/completions",
+        content=b"{not json",
+        timeout=30,
+        headers={"Authorization": f"Bearer {API_KEY}", "content-type": "application/json"},
+    )
+    assert r.status_code == 400
+
+
+def test_server_keeps_serving_after_errors(client):
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="x", max_tokens=5, extra_body={"decoding": {"mode": "bogus"}})
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=3, temperature=0).choices[0].text is not None
+
+
+def test_sixteen_concurrent_streams_mixed_modes_equal_alone(app, fixture_model, tokenizer):
+    prompts = [f"def func_{i}(x):\n    " for i in range(16)]
+
+    async def one(aclient, i):
+        mode = MODES[i % 4]
+        stream = await aclient.completions.create(
+            model="tiny",
+            prompt=prompts[i],
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            extra_body={"decoding": {"mode": mode, "block_length": 8}},
+        )
+        return mode, "".join([c.choices[0].text async for c in stream if c.choices])
+
+    async def main():
+        aclient = openai.AsyncOpenAI(base_url=f"{app}/v1", api_key=API_KEY, max_retries=0, timeout=300)
+        return await asyncio.gather(*(one(aclient, i) for i in range(16)))
+
+    results = asyncio.run(main())
+    for i, (mode, text) in enumerate(results):
+        alone = models.generate(
+            fixture_model, tokenizer.encode(prompts[i]), mode=mode, max_new_tokens=12, block_length=8
+        )
+        assert text == tokenizer.decode(alone.tokens, skip_special_tokens=True), (i, mode)
+
+
+def test_disconnect_mid_stream_frees_pages(app):
+    from ray import serve
+
+    handle = serve.get_deployment_handle("model-tiny", app_name="triserve")
+    baseline = handle.stats.remote().result()["used_pages"]
+    body = {
+        "model": "tiny",
+        "prompt": "def f():",
+        "max_tokens": 400,
+        "temperature": 0,
+        "stream": True,
+        "decoding": {"mode": "ar"},
+    }
+    with httpx.stream(
+        "POST", f"{app}/v1/completions", json=body, timeout=60, headers={"Authorization": f"Bearer {API_KEY}"}
+    ) as r:
+        seen = 0
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                seen += 1
+                json.loads(line[6:])
+            if seen >= 3:
+                break
+        assert handle.stats.remote().result()["used_pages"] > baseline
+    deadline = time.time() + 30
+    while time.time() < deadline and handle.stats.remote().result()["used_pages"] != baseline:
+        time.sleep(0.2)
+    assert handle.stats.remote().result()["used_pages"] == baseline
