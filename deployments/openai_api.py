@@ -120,7 +120,6 @@ class OpenAIService:
         replica = ReplicaStats(
             fixed_step_s=fixed,
             per_token_s=per_token or 0.0,
-            batch_tokens=stats.get("batch_tokens", 0),
             waiting=stats.get("waiting", 0),
             running=stats.get("running", 0),
             tpf=stats.get("tpf_ema") or {},

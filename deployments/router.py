@@ -2,11 +2,13 @@
 
 A pure function over live replica statistics, so it can be unit-tested on synthetic numbers.
 The cost model: one engine step costs ``fixed + per_token * tokens_in_step`` seconds (weights are
-read once per step; every query token adds compute). A request in mode m adds ``q_m`` query
-tokens per forward and emits ``tpf_m`` tokens per forward, so its time per output token is
-``step(batch_tokens + q_m) / tpf_m``. At low load the fixed cost dominates and the mode with the
-highest TPF wins (self-speculation); at high concurrency the per-token cost dominates and a mode
-that adds L tokens per forward loses to AR.
+read once per step; every query token adds compute). A request in mode m puts ``q_m`` query
+tokens into each forward and emits ``tpf_m`` tokens per forward. The prediction assumes the batch
+the request joins runs in the mode being considered (the router makes the same choice for the
+requests around it), so with n requests in flight the time per output token is
+``(fixed + per_token * n * q_m) / tpf_m``. At low load the fixed cost dominates and the mode with
+the highest TPF wins (self-speculation); at high concurrency the per-token cost dominates and a
+mode that puts L or L(L+1) tokens into every forward loses to AR.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ class ReplicaStats:
 
     fixed_step_s: float  # cost of a step that carries no tokens (weight reads, launch overhead)
     per_token_s: float  # added cost per query token in a step
-    batch_tokens: float = 0.0  # query tokens per step of the requests already running
     waiting: int = 0  # requests queued for admission
     running: int = 0
     tpf: dict[str, float] = field(default_factory=dict)  # measured tokens per forward per mode
@@ -71,14 +72,14 @@ def predict(candidate: Candidate, mode: str, prompt_tokens: int) -> tuple[float,
     s = candidate.stats
     q = query_tokens(mode, candidate.block_length)
 
-    def step(extra: float) -> float:
-        return s.fixed_step_s + s.per_token_s * (s.batch_tokens + extra)
-
+    in_flight = s.running + 1
+    decode_step = s.fixed_step_s + s.per_token_s * in_flight * q
     tpf = s.tpf.get(mode) or DEFAULT_TPF[mode]
-    tpot = step(q) / tpf
+    tpot = decode_step / tpf
     chunks = max(1, math.ceil(prompt_tokens / s.prefill_chunk))
-    queue = s.waiting * step(q) * 2  # a queued request ahead of us needs a few steps to get admitted
-    ttft = queue + chunks * step(min(prompt_tokens, s.prefill_chunk)) + step(q)
+    prefill_step = decode_step + s.per_token_s * min(prompt_tokens, s.prefill_chunk)
+    queue = s.waiting * decode_step * 2  # each request queued ahead needs a few steps to be admitted
+    ttft = queue + chunks * prefill_step + decode_step
     return ttft, tpot
 
 

@@ -1,0 +1,87 @@
+"""Autoscaling: under sustained load a model deployment with max 2 replicas scales to 2."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from models.loading import save_model
+from tests.conftest import random_model
+
+pytestmark = pytest.mark.ray
+
+
+def test_scales_to_two_replicas_under_load(ray_local, fixture_path, tmp_path):
+    from ray import serve
+
+    from deployments.config import parse_config
+    from deployments.ingress import build_app
+
+    model = random_model(seed=4, eos_token_id=None, max_position_embeddings=4096)
+    save_model(model, tmp_path / "rand")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(fixture_path / name, tmp_path / "rand" / name)  # a cheap random model, a real tokenizer
+    config = parse_config(
+        {
+            "models": [
+                {
+                    "name": "rand",
+                    "path": str(tmp_path / "rand"),
+                    "num_cpus": 0.1,
+                    "num_pages": 256,
+                    "autoscaling": {
+                        "min_replicas": 1,
+                        "max_replicas": 2,
+                        "target_ongoing_requests": 1,
+                        "upscale_delay_s": 1,
+                        "downscale_delay_s": 600,
+                        "metrics_interval_s": 0.5,
+                        "look_back_period_s": 2,
+                    },
+                }
+            ],
+            "api_key_env": None,
+            "ingress": {"num_cpus": 0.05},
+        }
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(config), name="autoscale", route_prefix="/")
+    stop = threading.Event()
+
+    def load():
+        while not stop.is_set():
+            try:
+                httpx.post(
+                    f"http://127.0.0.1:{port}/v1/completions",
+                    timeout=120,
+                    json={"model": "rand", "prompt": [1, 5, 6], "max_tokens": 300, "temperature": 0},
+                )
+            except httpx.HTTPError:
+                time.sleep(0.1)
+
+    workers = [threading.Thread(target=load, daemon=True) for _ in range(4)]
+    for w in workers:
+        w.start()
+    try:
+        deadline = time.time() + 120
+        replicas = 0
+        while time.time() < deadline:
+            status = serve.status().applications["autoscale"].deployments["model-rand"]
+            replicas = status.replica_states.get("RUNNING", 0)
+            if replicas == 2:
+                break
+            time.sleep(1)
+        assert replicas == 2
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=150)
+        serve.delete("autoscale")
