@@ -11,8 +11,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-.PHONY: install test lint generate
+.PHONY: install serve test lint generate
 install: $(VENV)/.installed
+
+serve: $(VENV)/.installed
+	$(VENV)/bin/triserve serve
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --dist loadgroup
