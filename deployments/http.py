@@ -112,18 +112,7 @@ def build_api(resolve: Callable[[], OpenAIService]) -> FastAPI:
                     if delta or finish:
                         yield sse(chunk(delta, _finish(finish)))
                 if req.stream_options and req.stream_options.include_usage:
-                    usage = _usage(len(prep.prompt), len(last["all_tokens"]) if last else 0)
-                    yield sse(
-                        {
-                            "id": rid,
-                            "object": "text_completion",
-                            "created": created,
-                            "model": model_name,
-                            "choices": [],
-                            "usage": usage,
-                            "triserve": service.info(prep, last),
-                        }
-                    )
+                    yield sse(_usage_chunk(service, prep, last, rid, created, "text_completion"))
                 yield sse("[DONE]")
 
             return StreamingResponse(events(), media_type="text/event-stream", headers=_headers(service, prep))
@@ -169,18 +158,7 @@ def build_api(resolve: Callable[[], OpenAIService]) -> FastAPI:
                     if finish:
                         yield sse(chunk({}, _finish(finish)))
                 if req.stream_options and req.stream_options.include_usage:
-                    usage = _usage(len(prep.prompt), len(last["all_tokens"]) if last else 0)
-                    yield sse(
-                        {
-                            "id": rid,
-                            "object": "chat.completion.chunk",
-                            "created": created,
-                            "model": model_name,
-                            "choices": [],
-                            "usage": usage,
-                            "triserve": service.info(prep, last),
-                        }
-                    )
+                    yield sse(_usage_chunk(service, prep, last, rid, created, "chat.completion.chunk"))
                 yield sse("[DONE]")
 
             return StreamingResponse(events(), media_type="text/event-stream", headers=_headers(service, prep))
@@ -205,6 +183,21 @@ def build_api(resolve: Callable[[], OpenAIService]) -> FastAPI:
         return JSONResponse(body, headers=_headers(service, prep, last))
 
     return api
+
+
+def _usage_chunk(
+    service: OpenAIService, prep: Prepared, last: dict[str, Any] | None, rid: str, created: int, kind: str
+) -> dict[str, Any]:
+    """The last streamed chunk when ``stream_options.include_usage`` is set: no choices, the usage."""
+    return {
+        "id": rid,
+        "object": kind,
+        "created": created,
+        "model": prep.model.spec.name,
+        "choices": [],
+        "usage": _usage(len(prep.prompt), len(last["all_tokens"]) if last else 0),
+        "triserve": service.info(prep, last),
+    }
 
 
 def _finish(reason: str | None) -> str | None:

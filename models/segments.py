@@ -51,14 +51,21 @@ class Segment:
         return len(self) if self.logit_rows is None else len(self.logit_rows)
 
 
-def causal_segment(
-    tokens: list[int], start: int, *, write: bool, adapter: bool = False, logit_rows: list[int] | None = None
+def block_segment(
+    kind: MaskKind,
+    tokens: list[int],
+    start: int,
+    *,
+    write: bool = False,
+    adapter: bool = False,
+    logit_rows: list[int] | None = None,
 ) -> Segment:
+    """Contiguous tokens from position ``start`` right after the cached prefix of that length."""
     n = len(tokens)
     return Segment(
         tokens=list(tokens),
         positions=list(range(start, start + n)),
-        kind=MaskKind.CAUSAL,
+        kind=kind,
         prefix_len=start,
         write=[write] * n,
         adapter=[adapter] * n,
@@ -66,19 +73,14 @@ def causal_segment(
     )
 
 
-def bidirectional_segment(
-    tokens: list[int], start: int, *, adapter: bool, logit_rows: list[int] | None = None
-) -> Segment:
-    n = len(tokens)
-    return Segment(
-        tokens=list(tokens),
-        positions=list(range(start, start + n)),
-        kind=MaskKind.BIDIRECTIONAL,
-        prefix_len=start,
-        write=[False] * n,
-        adapter=[adapter] * n,
-        logit_rows=logit_rows,
-    )
+def causal_segment(tokens: list[int], start: int, **kwargs) -> Segment:
+    """Prefill, AR step, verify block, diffusion commit: causal, usually writing the cache."""
+    return block_segment(MaskKind.CAUSAL, tokens, start, **kwargs)
+
+
+def bidirectional_segment(tokens: list[int], start: int, **kwargs) -> Segment:
+    """Diffusion denoise pass or draft: bidirectional, never written to the cache."""
+    return block_segment(MaskKind.BIDIRECTIONAL, tokens, start, write=False, **kwargs)
 
 
 def quadratic_segment(verify_tokens: list[int], start: int, sub_block: int, mask_token_id: int) -> Segment:

@@ -28,7 +28,11 @@ def test_triserve_serve_default_config(tmp_path):
     env.pop("RAY_ADDRESS")
     proc = subprocess.Popen(
         [sys.executable, "-m", "deployments.cli", "serve", "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
         cwd=tmp_path,  # a separate Ray: its own session directory, stopped with the process
     )
     base = f"http://127.0.0.1:{port}"
@@ -44,16 +48,27 @@ def test_triserve_serve_default_config(tmp_path):
             time.sleep(1)
         # the README's curl call
         curl = subprocess.run(
-            ["curl", "-s", f"{base}/v1/completions", "-H", "Content-Type: application/json",
-             "-d", '{"model": "tiny", "prompt": "def fibonacci(n):", "max_tokens": 32, "temperature": 0}'],
-            capture_output=True, text=True, timeout=120,
+            [
+                "curl",
+                "-s",
+                f"{base}/v1/completions",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                '{"model": "tiny", "prompt": "def fibonacci(n):", "max_tokens": 32, "temperature": 0}',
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert '"text_completion"' in curl.stdout and '"triserve"' in curl.stdout, curl.stdout
         # the README's openai call
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
         chat = client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "Write a function that adds two numbers."}],
-            max_tokens=32, extra_body={"decoding": {"mode": "linear_spec"}},
+            model="tiny",
+            messages=[{"role": "user", "content": "Write a function that adds two numbers."}],
+            max_tokens=32,
+            extra_body={"decoding": {"mode": "linear_spec"}},
         )
         assert chat.choices[0].message.content is not None and chat.model_extra["triserve"]["mode"] == "linear_spec"
     finally:
