@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import socket
 import time
 
@@ -13,6 +14,8 @@ import pytest
 import yaml
 
 import models
+from models.loading import save_model
+from tests.conftest import random_model
 
 pytestmark = pytest.mark.ray
 
@@ -37,6 +40,10 @@ def app(ray_local, fixture_path, tmp_path_factory):
 
     os.environ["TRISERVE_TEST_API_KEY"] = API_KEY  # read by the ingress replica (same machine, inherited)
     folder = tmp_path_factory.mktemp("app")
+    busy = folder / "busy"  # a small random model that admits one request at a time and queues one
+    save_model(random_model(seed=12, eos_token_id=None, max_position_embeddings=2048), busy)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(fixture_path / name, busy / name)
     config = {
         "models": [
             {
@@ -46,7 +53,8 @@ def app(ray_local, fixture_path, tmp_path_factory):
                 "max_running": 16,
                 "num_cpus": 0.25,
                 "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16},
-            }
+            },
+            {"name": "busy", "path": str(busy), "max_running": 1, "max_waiting": 1, "num_cpus": 0.1},
         ],
         "tiers": {"interactive": {"ttft_ms": 400, "tpot_ms": 40}, "standard": {"ttft_ms": 3000, "tpot_ms": 500}},
         "api_key_env": "TRISERVE_TEST_API_KEY",
@@ -80,7 +88,32 @@ def tokenizer(fixture_model):
 
 
 def test_models_listed(client):
-    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert [m.id for m in client.models.list().data] == ["tiny", "busy"]
+
+
+def test_auto_model_routes_to_the_largest_that_meets_the_tier(client):
+    resp = client.completions.create(model="auto", prompt="x = ", max_tokens=4, extra_body={"service_tier": "batch"})
+    assert resp.model == "tiny" and resp.model_extra["triserve"]["model"] == "tiny"
+
+
+def test_overload_answers_429_with_retry_after(app):
+    body = {"model": "busy", "prompt": [1, 5, 9], "max_tokens": 600, "temperature": 0, "decoding": {"mode": "ar"}}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+
+    async def main():
+        async with httpx.AsyncClient(timeout=300) as http:
+
+            async def late(i):
+                await asyncio.sleep(0.8 * i)  # let the server see the queue build up
+                return await http.post(f"{app}/v1/completions", json=body, headers=headers)
+
+            return await asyncio.gather(*(late(i) for i in range(5)))
+
+    responses = asyncio.run(main())
+    codes = [r.status_code for r in responses]
+    assert 200 in codes and 429 in codes, codes
+    rejected = next(r for r in responses if r.status_code == 429)
+    assert rejected.headers["retry-after"] == "1" and rejected.json()["error"]["type"] == "rate_limit_error"
 
 
 @pytest.mark.parametrize("mode", MODES)
