@@ -29,7 +29,6 @@ class RequestStats:
     arrival: float
     first_token: float | None = None
     finished: float | None = None
-    forwards: int = 0
 
     @property
     def ttft(self) -> float | None:
@@ -235,7 +234,6 @@ class Engine:
         self.stats.cost.add(self.stats.batch_tokens, elapsed)
         outputs = []
         for (request, _), tokens in zip(scheduled, emitted):
-            request.stats.forwards += 1
             if tokens and request.stats.first_token is None:
                 request.stats.first_token = now
             self._update_mode_stats(request.mode, elapsed)

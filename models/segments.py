@@ -46,10 +46,6 @@ class Segment:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    @property
-    def num_logit_rows(self) -> int:
-        return len(self) if self.logit_rows is None else len(self.logit_rows)
-
 
 def block_segment(
     kind: MaskKind,

@@ -85,3 +85,13 @@ def test_scales_to_two_replicas_under_load(ray_local, fixture_path, tmp_path):
         for w in workers:
             w.join(timeout=150)
         serve.delete("autoscale")
+
+
+def test_ray_serve_cli_builder_accepts_the_default_config():
+    """`serve run deployments.ingress:app_builder config=FILE` builds the same application."""
+    from ray.serve import Application
+
+    from deployments.config import DEFAULT_CONFIG
+    from deployments.ingress import app_builder
+
+    assert isinstance(app_builder({"config": str(DEFAULT_CONFIG)}), Application)

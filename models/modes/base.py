@@ -77,7 +77,6 @@ class DecodeState(ABC):
         self.tokens: list[int] = []
         self.cached_len = 0
         self.nfe = 0
-        self.forwards = 0  # forwards actually run (prefill chunks included)
         self.accepted_lengths: list[int] = []  # tokens emitted per speculative cycle
         self.finished = False
         self.finish_reason: str | None = None
@@ -106,7 +105,6 @@ class DecodeState(ABC):
 
     def advance(self, logits: list[torch.Tensor]) -> list[int]:
         """Consume the logits of the planned segments (one tensor per segment); return new tokens."""
-        self.forwards += 1
         if self.prefilling:
             chunk = self.params.prefill_chunk or len(self.prompt)
             self.cached_len = min(self.cached_len + chunk, len(self.prompt))
