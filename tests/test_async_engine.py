@@ -1,0 +1,83 @@
+"""The asyncio driver: streaming, cancellation when the consumer leaves, and the stuck-loop check."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict
+
+import pytest
+
+import models
+from deployments.async_engine import AsyncEngine
+from deployments.config import ModelSpec
+from deployments.engine import Engine
+from models.loading import save_model
+from models.modes import DecodeParams
+from tests.conftest import random_model
+
+
+def test_concurrent_streams_match_generate():
+    model = random_model(seed=21)
+    driver = AsyncEngine(Engine(model, num_pages=64, page_size=8))
+    prompts = [[1, 4 + i, 9, 11] for i in range(6)]
+    modes = ["ar", "linear_spec", "quadratic_spec", "diffusion", "ar", "linear_spec"]
+
+    async def one(i):
+        tokens = []
+        params = DecodeParams(mode=modes[i], max_new_tokens=10, block_length=4)
+        async for out in driver.generate(f"r{i}", prompts[i], params):
+            tokens.extend(out.new_tokens)
+        return tokens
+
+    async def main():
+        return await asyncio.gather(*(one(i) for i in range(6)))
+
+    results = asyncio.run(main())
+    for i, tokens in enumerate(results):
+        assert tokens == models.generate(model, prompts[i], mode=modes[i], max_new_tokens=10, block_length=4).tokens
+
+
+def test_leaving_consumer_cancels_and_frees_pages():
+    model = random_model(seed=22, eos_token_id=None)
+    engine = Engine(model, num_pages=64, page_size=8)
+    driver = AsyncEngine(engine)
+
+    async def main():
+        stream = driver.generate("gone", [1, 5, 6], DecodeParams(mode="ar", max_new_tokens=300))
+        async for _ in stream:
+            if engine.cache.used_pages:
+                break
+        await stream.aclose()
+        for _ in range(100):
+            if not engine.has_work and engine.cache.used_pages == 0:
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+    assert asyncio.run(main())
+
+
+def test_bad_request_raises_before_queueing():
+    driver = AsyncEngine(Engine(random_model(seed=23), num_pages=4, page_size=8))
+
+    async def main():
+        async for _ in driver.generate("big", [1] * 20, DecodeParams(mode="ar", max_new_tokens=40)):
+            pass
+
+    with pytest.raises(ValueError, match="pool holds 32"):
+        asyncio.run(main())
+    assert not driver.engine.has_work
+
+
+def test_check_health_fails_when_the_loop_is_stuck(tmp_path):
+    from deployments.server import ModelServer
+
+    save_model(random_model(seed=24), tmp_path / "m")
+    server = ModelServer(asdict(ModelSpec(name="m", path=str(tmp_path / "m"), num_pages=16)))
+    server.check_health()  # idle: healthy
+    engine = server.engine.engine
+    engine.add_request("r", [1, 2, 3], DecodeParams(mode="ar", max_new_tokens=4))
+    server.engine.last_progress = time.monotonic() - 3600  # work queued, no step for an hour
+    with pytest.raises(RuntimeError, match="no progress"):
+        server.check_health()
