@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from models.model import TriModeModel
-from models.modes import DecodeParams, DecodeState, make_state
+from models.modes import DecodeParams, DecodeState, kv_tokens_needed, make_state
 from models.runner import run_step
 
 
@@ -133,11 +133,6 @@ class Engine:
         self.stats = EngineStats(pool_pages=num_pages)
 
     # ----- requests ------------------------------------------------------------------------------
-    def worst_case_tokens(self, prompt_len: int, params: DecodeParams) -> int:
-        block = params.block_length or self.model.config.block_size
-        overshoot = 1 if params.mode == "ar" else block + 1
-        return prompt_len + params.max_new_tokens + overshoot
-
     def add_request(self, request_id: str, prompt: list[int], params: DecodeParams) -> None:
         """Queue a request; raises RequestRejected if it can never fit, ValueError on bad params."""
         self.submit(self.prepare(request_id, prompt, params))
@@ -153,7 +148,7 @@ class Engine:
         """Validate a request without touching the engine's queues (safe from any thread)."""
         params = DecodeParams(**{**params.__dict__, "prefill_chunk": params.prefill_chunk or self.prefill_chunk})
         state = make_state(prompt, params, self.model.config)
-        tokens = self.worst_case_tokens(len(prompt), params)
+        tokens = kv_tokens_needed(len(prompt), params, self.model.config.block_size)
         limit = self.model.config.max_position_embeddings
         if len(prompt) + params.max_new_tokens > limit:
             raise RequestRejected(

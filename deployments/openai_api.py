@@ -24,7 +24,7 @@ from deployments.protocol import (
 )
 from deployments.router import Candidate, Decision, ReplicaStats, choose
 from models.config import ModelConfig
-from models.modes import DecodeParams
+from models.modes import DecodeParams, kv_tokens_needed
 
 DEFAULT_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -225,8 +225,7 @@ class OpenAIService:
             params.validate()
         except ValueError as exc:
             raise APIError(400, str(exc), param="decoding") from None
-        block = params.block_length or model.config.block_size
-        worst = len(prompt) + limit + block + 1
+        worst = kv_tokens_needed(len(prompt), params, model.config.block_size)
         if -(-worst // model.spec.page_size) > model.spec.num_pages:
             raise APIError(
                 413,

@@ -8,7 +8,7 @@ import torch
 
 from models.batch import pack
 from models.model import TriModeModel
-from models.modes import DecodeParams, make_state
+from models.modes import DecodeParams, kv_tokens_needed, make_state
 from models.runner import run_step
 from models.segments import causal_segment
 
@@ -31,7 +31,7 @@ class Generation:
         return len(self.tokens) / self.nfe if self.nfe else 0.0
 
 
-def _pages_for(model: TriModeModel, tokens: int, page_size: int = 16) -> int:
+def _pages_for(tokens: int, page_size: int = 16) -> int:
     return -(-tokens // page_size) + 1
 
 
@@ -60,9 +60,7 @@ def generate(
         seed=seed,
     )
     state = make_state(prompt, params, model.config)
-    # room for the prompt, the output, and one speculative/diffusion block of overshoot
-    extent = len(prompt) + max_new_tokens + (state.block_length + 1) * (state.block_length + 1)
-    cache = model.new_cache(_pages_for(model, extent))
+    cache = model.new_cache(_pages_for(kv_tokens_needed(len(prompt), params, model.config.block_size)))
     cache.add(SEQ_ID)
     while not state.finished:
         run_step(model, cache, [(SEQ_ID, state)])
@@ -89,7 +87,7 @@ def score_with_top(
     ids = token_ids.flatten().tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)
     if len(ids) < 2:
         return []
-    cache = model.new_cache(_pages_for(model, len(ids)))
+    cache = model.new_cache(_pages_for(len(ids)))
     cache.add(SEQ_ID)
     out: list[tuple[float, dict[int, float]]] = []
     for start in range(0, len(ids) - 1, chunk):

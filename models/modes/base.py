@@ -53,6 +53,14 @@ class DecodeParams:
             raise ValueError("prefill_chunk must be at least 1")
 
 
+def kv_tokens_needed(prompt_len: int, params: DecodeParams, block_size: int) -> int:
+    """Cache a request can occupy at worst: prompt, output, and one block written past the output
+    (a verify block, a quadratic cycle's verify tokens or a diffusion block's tail)."""
+    block = params.block_length or block_size
+    overshoot = 1 if params.mode == "ar" else block + 1
+    return prompt_len + params.max_new_tokens + overshoot
+
+
 class DecodeState(ABC):
     """One request's progress: emitted tokens, committed cache length, forward count."""
 
