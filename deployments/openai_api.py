@@ -24,12 +24,9 @@ from deployments.protocol import (
 )
 from deployments.router import Candidate, Decision, ReplicaStats, choose
 from models.config import ModelConfig
+from models.data import CHAT_TEMPLATE
 from models.modes import DecodeParams, kv_tokens_needed
 
-DEFAULT_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
 DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 512}  # OpenAI's completions default; chat: context-bound
 STATS_TTL_S = 0.5
 
@@ -173,7 +170,7 @@ class OpenAIService:
                 content = "".join(texts)
             messages.append({"role": msg.role, "content": content or ""})
         tok = model.tokenizer
-        template = getattr(tok, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+        template = getattr(tok, "chat_template", None) or CHAT_TEMPLATE  # checkpoints without one
         text = tok.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
         return tok.encode(text, add_special_tokens=False)
 

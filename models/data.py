@@ -13,6 +13,11 @@ from pathlib import Path
 import torch
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<mask>")  # ids 0, 1, 2, 3
+# a plain-text chat layout for models trained without one (role: content lines, then "assistant:")
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 TEST_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 HELDOUT_INITIALS = tuple("tuvwxyz")
 
@@ -73,6 +78,7 @@ def train_tokenizer(files: list[Path], vocab_size: int, out_dir: Path, model_max
         "model_max_length": model_max_length,
         "clean_up_tokenization_spaces": False,
         "add_bos_token": True,
+        "chat_template": CHAT_TEMPLATE,
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
