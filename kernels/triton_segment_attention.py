@@ -1,0 +1,251 @@
+"""Triton attention of packed segments over the paged KV cache (the reference is in kernels.segment_attention).
+
+One program handles a tile of query rows of one segment for one KV head, with every query head
+that shares the KV head packed in (row m of the tile is query token m // G, head m % G). For
+every mask kind, what a query row sees is a *prefix* of the tile's virtual key list: the cached
+prefix (read through the segment's slot indices), then segment rows in the order that
+``AttentionSegment.pieces`` gives them (for a quadratic sub-block j: verify tokens d_0..d_j, then
+j's own mask slots). So the mask is one number per row, the count of keys it sees. Keys are
+visited in fixed blocks of ``KEY_BLOCK`` from key 0 and merged with a running log-sum-exp; a
+block a row cannot see rescales by exactly 1 and adds exact zeros, so a row's result does not
+depend on the tile, the segment length or the batch. The reference normalises by the row's
+global maximum instead of a running one: the two agree to rounding (fp32 ~1e-6), not bitwise.
+
+Arithmetic is fp32 (inputs upcast on load, ``tl.dot`` in IEEE fp32); bf16 outputs are rounded to
+nearest even by hand, since the interpreter truncates. Not tuned for GPUs yet: bf16 operands could
+go to the tensor cores for Q.K (exact products, fp32 sums), and BLOCK_M is fixed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from kernels.masks import MaskKind
+from kernels.segment_attention import KEY_BLOCK, AttentionSegment
+
+BLOCK_M = 32  # (query token, head) rows per tile
+_KIND_CODE = {MaskKind.CAUSAL: 0, MaskKind.BIDIRECTIONAL: 1, MaskKind.QUADRATIC: 2}
+
+
+def _tiles(segments: list[AttentionSegment], group: int) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Per-tile metadata and the prefix slot tensors to concatenate (host work, no device sync).
+
+    A tile's row: segment's first packed row, tile's first segment row, rows, prefix length, offset of
+    the segment's slots, mask kind, segment length, sub_block, quadratic sub-block j, keys to visit.
+    """
+    per_tile = max(BLOCK_M // group, 1)
+    rows: list[list[int]] = []
+    slots: list[torch.Tensor] = []
+    slot0 = 0
+    for seg in segments:
+        prefix, kind = seg.prefix_len, _KIND_CODE[seg.kind]
+        if seg.kind is MaskKind.QUADRATIC:
+            span = seg.sub_block + 1
+            spans = [(j, j * span, span, prefix + j + 1 + seg.sub_block) for j in range(seg.q_len // span)]
+        else:
+            spans = [(0, 0, seg.q_len, prefix + seg.q_len)]
+        for j, first, count, keys in spans:
+            for row0 in range(first, first + count, per_tile):
+                n = min(per_tile, first + count - row0)
+                # causal: keys after the tile's last row are invisible to all of its rows
+                tile_keys = prefix + row0 + n if seg.kind is MaskKind.CAUSAL else keys
+                rows.append([seg.q_start, row0, n, prefix, slot0, kind, seg.q_len, seg.sub_block, j, tile_keys])
+        slots.append(seg.prefix_slots)
+        slot0 += prefix
+    return rows, slots
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def attention_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        k_cache_ptr,
+        v_cache_ptr,
+        out_ptr,
+        meta_ptr,
+        slots_ptr,
+        stride_qt,
+        stride_qh,
+        stride_kt,
+        stride_kh,
+        stride_vt,
+        stride_vh,
+        stride_kcs,
+        stride_kch,
+        stride_vcs,
+        stride_vch,
+        stride_ot,
+        stride_oh,
+        head_dim,
+        scale,
+        GROUP: tl.constexpr,
+        META: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        KEY_BLOCK: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        OUT_BF16: tl.constexpr,
+        USE_DOT: tl.constexpr,
+    ):
+        tile = tl.program_id(0).to(tl.int64)
+        kv_head = tl.program_id(1)
+        meta = meta_ptr + tile * META
+        seg_start = tl.load(meta + 0)
+        row0 = tl.load(meta + 1)
+        n_rows = tl.load(meta + 2)
+        prefix = tl.load(meta + 3)
+        slot0 = tl.load(meta + 4)
+        kind = tl.load(meta + 5)
+        q_len = tl.load(meta + 6)
+        sub_block = tl.load(meta + 7)
+        j = tl.load(meta + 8)
+        n_keys = tl.load(meta + 9)
+
+        m = tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, BLOCK_D)
+        dim_ok = dims < head_dim
+        t = row0 + m // GROUP  # query row within the segment
+        head = kv_head * GROUP + m % GROUP
+        row_ok = m < n_rows * GROUP
+        # visible keys per row, a prefix of the virtual key list (kind codes: see _KIND_CODE)
+        limit = tl.where(kind == 0, prefix + t + 1, prefix + q_len)
+        verify = (t % (sub_block + 1)) == 0
+        limit = tl.where(kind == 2, prefix + j + 1 + tl.where(verify, 0, sub_block), limit)
+        limit = tl.where(row_ok, limit, n_keys)  # padding rows see every key (finite sums); never stored
+
+        q_rows = (seg_start + t).to(tl.int64)
+        q = tl.load(
+            q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
+            mask=row_ok[:, None] & dim_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
+
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        keys = tl.arange(0, KEY_BLOCK)
+        for start in range(0, n_keys, KEY_BLOCK):
+            kk = start + keys
+            in_prefix = kk < prefix
+            in_seg = (kk >= prefix) & (kk < n_keys)
+            slot = tl.load(slots_ptr + slot0 + kk, mask=in_prefix, other=0).to(tl.int64)
+            own = kk - prefix  # quadratic: d_0..d_j, then sub-block j's mask slots
+            quadratic = tl.where(own <= j, own * (sub_block + 1), j * (sub_block + 1) + own - j)
+            seg_row = (seg_start + tl.where(kind == 2, quadratic, own)).to(tl.int64)
+            cache_mask = in_prefix[:, None] & dim_ok[None, :]
+            seg_mask = in_seg[:, None] & dim_ok[None, :]
+            k_blk = tl.load(
+                k_cache_ptr + slot[:, None] * stride_kcs + kv_head * stride_kch + dims[None, :],
+                mask=cache_mask,
+                other=0.0,
+            ).to(tl.float32) + tl.load(
+                k_ptr + seg_row[:, None] * stride_kt + kv_head * stride_kh + dims[None, :], mask=seg_mask, other=0.0
+            ).to(tl.float32)
+            v_blk = tl.load(
+                v_cache_ptr + slot[:, None] * stride_vcs + kv_head * stride_vch + dims[None, :],
+                mask=cache_mask,
+                other=0.0,
+            ).to(tl.float32) + tl.load(
+                v_ptr + seg_row[:, None] * stride_vt + kv_head * stride_vh + dims[None, :], mask=seg_mask, other=0.0
+            ).to(tl.float32)
+            if USE_DOT:
+                s = tl.dot(q, tl.trans(k_blk), input_precision="ieee") * scale
+            else:
+                s = tl.sum(q[:, None, :] * k_blk[None, :, :], axis=2) * scale
+            s = tl.where(kk[None, :] < limit[:, None], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if USE_DOT:
+                acc = acc * alpha[:, None] + tl.dot(p, v_blk, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v_blk[None, :, :], axis=1)
+            m_i = m_new
+        out = acc / l_i[:, None]
+
+        dst = out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
+        store_mask = row_ok[:, None] & dim_ok[None, :]
+        if OUT_BF16:  # out_ptr is the int16 view of a bf16 tensor
+            bits = out.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            tl.store(dst, bits.to(tl.uint16).to(tl.int16, bitcast=True), mask=store_mask)
+        else:
+            tl.store(dst, out.to(dst.dtype.element_ty), mask=store_mask)
+
+    return attention_kernel
+
+
+def segment_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    segments: list[AttentionSegment],
+    scale: float,
+    *,
+    use_dot: bool = True,
+) -> torch.Tensor:
+    """Same contract as ``segment_attention_reference``: q [T, Hq, D]; k, v [T, Hkv, D]; caches
+    [slots, Hkv, D] -> [T, Hq, D] in q's dtype. One launch; rows no segment covers are left unset.
+
+    ``use_dot=False`` forms the products by broadcast and sum instead of ``tl.dot``: much slower, but
+    under the interpreter, where ``tl.dot`` goes to BLAS and a row's rounding depends on its place in
+    the tile, it makes a row's result bitwise independent of the tile (the lossless property).
+    """
+    import triton
+
+    t_total, hq, d = q.shape
+    hkv = k.shape[1]
+    if hq % hkv:
+        raise ValueError(f"{hq} query heads do not share {hkv} KV heads evenly")
+    for name, x in (("q", q), ("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if x.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dimension")
+    out = torch.empty((t_total, hq, d), dtype=q.dtype, device=q.device)
+    rows, slots = _tiles(segments, hq // hkv)
+    if not rows:
+        return out
+    meta = torch.tensor(rows, dtype=torch.int32, device=q.device)
+    flat_slots = torch.cat([s.to(device=q.device, dtype=torch.int64) for s in slots])
+    bf16 = q.dtype == torch.bfloat16
+    _kernel()[(len(rows), hkv)](
+        q,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        out.view(torch.int16) if bf16 else out,
+        meta,
+        flat_slots if flat_slots.numel() else meta,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        out.stride(0),
+        out.stride(1),
+        d,
+        scale,
+        GROUP=hq // hkv,
+        META=len(rows[0]),
+        BLOCK_M=max(BLOCK_M, triton.next_power_of_2(hq // hkv)),
+        KEY_BLOCK=KEY_BLOCK,
+        BLOCK_D=max(triton.next_power_of_2(d), 16),
+        OUT_BF16=bf16,
+        USE_DOT=use_dot,
+    )
+    return out

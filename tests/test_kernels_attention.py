@@ -1,0 +1,95 @@
+"""Triton segment attention vs ``segment_attention_reference``, on CPU through the Triton interpreter.
+
+The kernel merges fixed key blocks with a running log-sum-exp, the reference normalises by each row's
+global maximum: fp32 agrees to ~1e-6, bf16 outputs to one rounding step.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from kernels.masks import MaskKind  # noqa: E402
+from kernels.segment_attention import AttentionSegment, segment_attention_reference  # noqa: E402
+from kernels.triton_segment_attention import segment_attention_triton  # noqa: E402
+
+SLOTS = 300
+# (kind, prefix length, segment length, sub_block): a prefill crossing a key block and several tiles, a
+# verify block over a prefix crossing a key block, a draft, quadratic cycles (3 verify tokens x 2 mask
+# slots, 2 x 4: a sub-block split over tiles when 8 heads share a KV head), an AR step
+LAYOUT = [
+    (MaskKind.CAUSAL, 0, 67, 0),
+    (MaskKind.CAUSAL, 70, 5, 0),
+    (MaskKind.BIDIRECTIONAL, 10, 7, 0),
+    (MaskKind.QUADRATIC, 66, 9, 2),
+    (MaskKind.QUADRATIC, 3, 10, 4),
+    (MaskKind.CAUSAL, 5, 1, 0),
+]
+
+
+def _case(hq: int, hkv: int, d: int, dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(n for _, _, n, _ in LAYOUT)
+    q, k, v = (torch.randn(total, h, d, generator=gen).to(dtype) for h in (hq, hkv, hkv))
+    k_cache, v_cache = (torch.randn(SLOTS, hkv, d, generator=gen).to(dtype) for _ in range(2))
+    segments, start = [], 0
+    for kind, prefix, n, sub_block in LAYOUT:
+        slots = torch.randperm(SLOTS, generator=gen)[:prefix]  # paged: the prefix is scattered
+        segments.append(AttentionSegment(start, n, slots, kind, sub_block))
+        start += n
+    return q, k, v, k_cache, v_cache, segments, d**-0.5
+
+
+@pytest.mark.parametrize(("hq", "hkv", "d"), [(6, 2, 16), (4, 4, 24), (8, 1, 16)])
+def test_fp32_matches_reference(hq: int, hkv: int, d: int) -> None:
+    args = _case(hq, hkv, d, torch.float32)
+    torch.testing.assert_close(
+        segment_attention_triton(*args), segment_attention_reference(*args), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_prefill_without_cache() -> None:
+    q, k, v, k_cache, v_cache, _, scale = _case(4, 2, 16, torch.float32, seed=4)
+    args = (
+        q[:40],
+        k[:40],
+        v[:40],
+        k_cache,
+        v_cache,
+        [AttentionSegment(0, 40, torch.arange(0), MaskKind.CAUSAL)],
+        scale,
+    )
+    torch.testing.assert_close(
+        segment_attention_triton(*args), segment_attention_reference(*args), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_bf16_matches_reference() -> None:
+    args = _case(4, 2, 16, torch.bfloat16, seed=1)
+    got = segment_attention_triton(*args)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, segment_attention_reference(*args), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize(("kind", "q_len", "sub_block"), [(MaskKind.CAUSAL, 5, 0), (MaskKind.QUADRATIC, 9, 2)])
+def test_verify_rows_equal_ar_steps(kind: MaskKind, q_len: int, sub_block: int) -> None:
+    """Self-speculation is lossless only if verify token d_j computes what the AR step at j computes:
+    here the AR steps see the same keys, d_0..d_{j-1} now read from the cache. Bitwise, so the products
+    avoid ``tl.dot`` (BLAS under the interpreter rounds a row by its place in the tile)."""
+    q, k, v, k_cache, v_cache, _, scale = _case(6, 2, 16, torch.float32, seed=2)
+    prefix = torch.randperm(SLOTS, generator=torch.Generator().manual_seed(3))
+    p = 61  # the verify tokens cross the first key block boundary
+    segment = AttentionSegment(0, q_len, prefix[:p], kind, sub_block)
+    out = segment_attention_triton(q[:q_len], k[:q_len], v[:q_len], k_cache, v_cache, [segment], scale, use_dot=False)
+    verify_rows = list(range(0, q_len, sub_block + 1))
+    k_cache[prefix[p : p + len(verify_rows)]] = k[verify_rows]  # where accepted tokens are written
+    v_cache[prefix[p : p + len(verify_rows)]] = v[verify_rows]
+    for j, row in enumerate(verify_rows):
+        step = AttentionSegment(0, 1, prefix[: p + j], MaskKind.CAUSAL)
+        one = slice(row, row + 1)
+        ar = segment_attention_triton(q[one], k[one], v[one], k_cache, v_cache, [step], scale, use_dot=False)
+        assert torch.equal(ar[0], out[row])
