@@ -175,12 +175,19 @@ class OpenAIService:
         return tok.encode(text, add_special_tokens=False)
 
     async def prepare(self, req: CommonRequest, kind: str) -> Prepared:
-        # the prompt is tokenised with the requested model's tokenizer (or the first one for 'auto')
+        # with model 'auto' the router sizes the prompt with the first model's tokenizer; the prompt
+        # is then encoded again for the chosen model when its tokenizer differs
         first = self.models.get(req.model) or (next(iter(self.models.values())) if req.model == "auto" else None)
         if first is None:
             raise APIError(404, f"the model '{req.model}' does not exist", param="model", code="model_not_found")
-        prompt = self._chat_prompt(first, req) if kind == "chat" else self._encode_prompt(first, req.prompt)
+
+        def encode(target: ServedModel) -> list[int]:
+            return self._chat_prompt(target, req) if kind == "chat" else self._encode_prompt(target, req.prompt)
+
+        prompt = encode(first)
         model, mode, decision = await self._route(req, len(prompt))
+        if model.tokenizer is not first.tokenizer:
+            prompt = encode(model)
         context = model.config.max_position_embeddings
         if len(prompt) >= context:
             raise APIError(
