@@ -11,6 +11,8 @@ import os
 import torch
 
 from kernels.masks import MaskKind, quadratic_layout, segment_mask
+from kernels.rmsnorm import rmsnorm_reference
+from kernels.rope import rope_reference
 from kernels.segment_attention import AttentionSegment, segment_attention_reference
 
 __all__ = [
@@ -18,6 +20,8 @@ __all__ = [
     "MaskKind",
     "backend",
     "quadratic_layout",
+    "rms_norm",
+    "rope",
     "segment_attention",
     "segment_mask",
 ]
@@ -33,6 +37,31 @@ def backend(device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "torch"
 
 
+def _triton_for(x: torch.Tensor) -> bool:
+    """Triton serves inference only: a tensor that needs gradients (training) takes the reference."""
+    return backend(x.device) == "triton" and not (torch.is_grad_enabled() and x.requires_grad)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32, one row at a time; see kernels.rmsnorm."""
+    if _triton_for(x):
+        from kernels.rmsnorm import rmsnorm_triton
+
+        return rmsnorm_triton(x, weight, eps)
+    return rmsnorm_reference(x, weight, eps)
+
+
+def rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half RoPE of queries (times the Llama-4 scale) and keys; see kernels.rope."""
+    if _triton_for(q):
+        from kernels.rope import rope_triton
+
+        return rope_triton(q, k, cos, sin, q_scale)
+    return rope_reference(q, k, cos, sin, q_scale)
+
+
 def segment_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -42,5 +71,10 @@ def segment_attention(
     segments: list[AttentionSegment],
     scale: float,
 ) -> torch.Tensor:
-    """Attention of packed segments; see kernels.segment_attention."""
+    """Attention of packed segments over the paged cache; see kernels.segment_attention."""
+    if _triton_for(q):
+        from kernels.triton_segment_attention import segment_attention_triton
+
+        # on CPU (interpreter) tl.dot goes to BLAS, whose rounding depends on a row's tile position
+        return segment_attention_triton(q, k, v, k_cache, v_cache, segments, scale, use_dot=q.is_cuda)
     return segment_attention_reference(q, k, v, k_cache, v_cache, segments, scale)

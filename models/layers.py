@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from kernels.segment_attention import pad_rows
 from models.config import RopeConfig
 
@@ -34,10 +35,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return kernels.rms_norm(x, self.weight, self.eps)
 
 
 def yarn_inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -87,15 +85,6 @@ class Rotary(nn.Module):
         else:
             scale = (1 + self.beta * torch.log(1 + torch.floor(positions.float() / self.original_max))).to(dtype)
         return cos, sin, scale[:, None, None]
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
 
 
 class SwiGLU(nn.Module):

@@ -17,7 +17,7 @@ import kernels
 from models.batch import PackedBatch
 from models.config import ModelConfig
 from models.kv_cache import PagedKVCache
-from models.layers import RMSNorm, Rotary, SwiGLU, apply_rotary, identity, linear
+from models.layers import RMSNorm, Rotary, SwiGLU, identity, linear
 
 
 @dataclass
@@ -49,7 +49,8 @@ class Attention(nn.Module):
         q = linear(x, self.q_proj.weight).view(t, self.num_heads, self.head_dim)
         k = linear(x, self.k_proj.weight).view(t, self.num_kv_heads, self.head_dim)
         v = linear(x, self.v_proj.weight).view(t, self.num_kv_heads, self.head_dim)
-        return apply_rotary(q, cos, sin) * qscale, apply_rotary(k, cos, sin), v
+        q, k = kernels.rope(q, k, cos, sin, qscale)
+        return q, k, v
 
     def output(self, attn: torch.Tensor, adapter_rows: torch.Tensor | None) -> torch.Tensor:
         out = linear(attn, self.o_proj.weight)
