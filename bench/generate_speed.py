@@ -10,9 +10,14 @@ whether the tokens agree.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# run as a script: the repository root goes first, not bench/ (whose kernels.py would shadow the package)
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
 import argparse
 import time
-from pathlib import Path
 
 import torch
 

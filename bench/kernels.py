@@ -9,8 +9,13 @@ the device (a large device copy, a large bf16 matmul). Without a GPU it says so 
 
 from __future__ import annotations
 
-import argparse
 import sys
+from pathlib import Path
+
+# run as a script: the repository root goes first, not bench/ (whose kernels.py would shadow the package)
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse
 from functools import partial
 
 import torch

@@ -10,6 +10,12 @@ TTFT and e2e p50/p99 per mode, and the throughput ratio batched / one-at-a-time.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# run as a script: the repository root goes first, not bench/ (whose kernels.py would shadow the package)
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
 import argparse
 import asyncio
 import json

@@ -10,13 +10,18 @@ look good while meaning nothing).
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# run as a script: the repository root goes first, not bench/ (whose kernels.py would shadow the package)
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
 import argparse
 import json
 import math
 import random
 import sysconfig
 import time
-from pathlib import Path
 
 import models
 
