@@ -22,7 +22,7 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.data import SPECIAL_TOKENS, corpus_files, default_corpus, pack_sequences, train_tokenizer
-from models.loading import load_model, load_tokenizer, save_model
+from models.loading import ar_checkpoint_name, load_model, load_tokenizer, load_weights, save_model
 from models.model import TriModeModel
 from models.training import Noise, draw_noise, joint_loss
 
@@ -147,6 +147,16 @@ def init_weights(model: TriModeModel, seed: int, std: float = 0.02) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
+def initialise_from(model: TriModeModel, folder: Path) -> None:
+    """Start from an existing checkpoint: a tri-mode one, or a plain AR one (the family's recipe
+    converts an AR model: its ``lm_head`` becomes the one ``diffusion_head``)."""
+    raw = json.loads((folder / "config.json").read_text())
+    if raw.get("model_type") == "nemotron_labs_diffusion":
+        model.load_state_dict(load_model(folder, dtype=torch.float32, tokenizer=False).state_dict())
+    else:
+        load_weights(model, folder, dtype=torch.float32, rename=ar_checkpoint_name)
+
+
 def learning_rate(step: int, s: TrainSettings) -> float:
     """Linear warm-up, then cosine decay to ``min_lr_ratio * lr``."""
     if step < s.warmup:
@@ -204,7 +214,7 @@ def train_loop(config: dict) -> None:
     model = TriModeModel(s.model_config())
     init_weights(model, s.seed)
     if s.init_from:
-        model.load_state_dict(load_model(s.init_from, dtype=torch.float32, tokenizer=False).state_dict())
+        initialise_from(model, Path(s.init_from))
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.95), weight_decay=s.weight_decay)
     start_step, history = 0, []
     state = _resume_state(s, ray.train.get_checkpoint())

@@ -88,7 +88,8 @@ def _add_train_parser(sub) -> None:
     train = sub.add_parser(
         "train",
         help="train a tri-mode model with the joint AR + diffusion objective on Ray Train",
-        description="Corpus default: this interpreter's standard library (test suites excluded, t-z held out).",
+        description="Corpus default: this interpreter's standard library (test suites excluded, t-z held out). "
+        "--init-from takes a tri-mode checkpoint or a plain AR one (Mistral/Ministral/Llama tensor names).",
     )
     for f in fields(TrainSettings):
         if f.name in ("extra",):

@@ -108,8 +108,27 @@ def load_model(
     return model.eval()
 
 
-def load_weights(model: TriModeModel, folder: Path, *, dtype: torch.dtype, select: Selector | None = None) -> None:
-    files = weight_files(folder)
+def ar_checkpoint_name(name: str) -> str:
+    """The tri-mode name of a tensor of a plain AR checkpoint (Mistral/Ministral/Llama layout)."""
+    if name.startswith("model."):
+        return "encoder." + name[len("model.") :]
+    if name.startswith("lm_head."):
+        return "diffusion_head." + name[len("lm_head.") :]
+    return name
+
+
+def load_weights(
+    model: TriModeModel,
+    folder: Path,
+    *,
+    dtype: torch.dtype,
+    select: Selector | None = None,
+    rename: Callable[[str], str] | None = None,
+) -> None:
+    """Stream a folder's tensors into ``model``; ``rename`` maps checkpoint names to the model's."""
+    stored = weight_files(folder)
+    original = {rename(name) if rename else name: name for name in stored}
+    files = {name: stored[original[name]] for name in original}
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(files))
     unexpected = sorted(set(files) - set(params))
@@ -131,7 +150,8 @@ def load_weights(model: TriModeModel, folder: Path, *, dtype: torch.dtype, selec
             with safe_open(file, framework="pt") as f:
                 for name in names:
                     param = params[name]
-                    tensor = select(name, f.get_slice(name)) if select else f.get_tensor(name)
+                    key = original[name]
+                    tensor = select(name, f.get_slice(key)) if select else f.get_tensor(key)
                     if tuple(tensor.shape) != tuple(param.shape):
                         raise CheckpointError(
                             f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, model {tuple(param.shape)}"

@@ -118,3 +118,25 @@ def test_train_on_ray_writes_loadable_model_and_resumes(tmp_path, ray_local):
     assert [h["step"] for h in history] == [1, 2, 3]  # continued at step 3, did not redo 1-2
     state = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=False)
     assert state["step"] == 3 and "eval_ar_ce" in history[-1]
+
+
+def test_initialise_from_an_ar_checkpoint(tmp_path):
+    """A Mistral-layout AR checkpoint (model.*, lm_head) initialises the tri-mode model."""
+    from safetensors.torch import save_file
+
+    from cluster.train import initialise_from
+    from models.model import TriModeModel
+
+    source = random_model(seed=31)
+    folder = tmp_path / "ar"
+    folder.mkdir()
+    tensors = {
+        name.replace("encoder.", "model.", 1).replace("diffusion_head", "lm_head"): p.detach().clone()
+        for name, p in source.named_parameters()
+    }
+    save_file(tensors, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    target = TriModeModel(source.config)
+    initialise_from(target, folder)
+    for (name, a), (_, b) in zip(source.named_parameters(), target.named_parameters()):
+        assert torch.equal(a, b), name
