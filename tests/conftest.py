@@ -108,3 +108,21 @@ def ray_local():
     ensure_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_local) -> int:
+    """Serve's HTTP proxy, started once per session on a free loopback port.
+
+    (Serve keeps the proxy of its first start: apps deployed later share this port.)
+    """
+    import socket
+
+    from ray import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import threading
 import time
 
@@ -16,7 +15,7 @@ from tests.conftest import random_model
 pytestmark = pytest.mark.ray
 
 
-def test_scales_to_two_replicas_under_load(ray_local, fixture_path, tmp_path):
+def test_scales_to_two_replicas_under_load(serve_port, fixture_path, tmp_path):
     from ray import serve
 
     from deployments.config import parse_config
@@ -49,18 +48,15 @@ def test_scales_to_two_replicas_under_load(ray_local, fixture_path, tmp_path):
             "ingress": {"num_cpus": 0.05},
         }
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(config), name="autoscale", route_prefix="/")
+    port = serve_port
+    serve.run(build_app(config), name="autoscale", route_prefix="/autoscale")
     stop = threading.Event()
 
     def load():
         while not stop.is_set():
             try:
                 httpx.post(
-                    f"http://127.0.0.1:{port}/v1/completions",
+                    f"http://127.0.0.1:{port}/autoscale/v1/completions",
                     timeout=120,
                     json={"model": "rand", "prompt": [1, 5, 6], "max_tokens": 300, "temperature": 0},
                 )

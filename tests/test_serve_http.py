@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import time
 
 import httpx
@@ -23,14 +22,8 @@ API_KEY = "test-key-123"
 MODES = ["ar", "diffusion", "linear_spec", "quadratic_spec"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def app(ray_local, fixture_path, tmp_path_factory):
+@pytest.fixture(scope="session")  # session: xdist may interleave this module's tests with others
+def app(serve_port, fixture_path, tmp_path_factory):
     import os
 
     from ray import serve
@@ -61,8 +54,7 @@ def app(ray_local, fixture_path, tmp_path_factory):
         "ingress": {"num_cpus": 0.1},
     }
     (folder / "app.yaml").write_text(yaml.safe_dump(config))
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = serve_port
     serve.run(build_app(load_config(folder / "app.yaml")), name="triserve", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -77,12 +69,12 @@ def app(ray_local, fixture_path, tmp_path_factory):
     serve.delete("triserve")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def client(app):
     return openai.OpenAI(base_url=f"{app}/v1", api_key=API_KEY, max_retries=0, timeout=120)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tokenizer(fixture_model):
     return fixture_model.tokenizer
 
