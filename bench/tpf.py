@@ -90,12 +90,14 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--block-length", type=int, default=None)
     parser.add_argument("--bpb-bytes", type=int, default=200_000, help="held-out bytes scored for bits/byte")
+    parser.add_argument("--modes", nargs="+", default=None, help="only these modes (ar always runs: the reference)")
     args = parser.parse_args()
 
     model = models.load_model(args.model)
     if args.heldout:
         prompts = heldout_prompts(model.tokenizer, args.prompts, args.prompt_length)
-        print(f"held-out AR loss: {bits_per_byte(model, args.bpb_bytes):.3f} bits/byte")
+        if args.bpb_bytes:
+            print(f"held-out AR loss: {bits_per_byte(model, args.bpb_bytes):.3f} bits/byte")
     else:
         prompts = fixture_prompts()
     print(f"model {args.model}: {len(prompts)} prompts, max_new_tokens {args.max_new_tokens}")
@@ -103,7 +105,8 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     ar_outputs: list[list[int]] = []
-    for mode, extra in CONFIGS:
+    configs = [(m, e) for m, e in CONFIGS if args.modes is None or m == "ar" or m in args.modes]
+    for mode, extra in configs:
         tokens = nfe = 0
         elapsed = agree = compared = 0.0
         d4 = []
