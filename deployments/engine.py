@@ -227,11 +227,12 @@ class Engine:
         elapsed = now - start
         self.stats.batch_tokens = sum(len(seg) for _, segments in scheduled for seg in segments)
         self.stats.cost.add(self.stats.batch_tokens, elapsed)
+        for mode in {request.mode for request, _ in scheduled}:  # once per mode, however many requests
+            self._update_mode_stats(mode, elapsed)
         outputs = []
         for (request, _), tokens in zip(scheduled, emitted):
             if tokens and request.stats.first_token is None:
                 request.stats.first_token = now
-            self._update_mode_stats(request.mode, elapsed)
             state = request.state
             if state.finished:
                 request.stats.finished = now
