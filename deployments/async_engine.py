@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from deployments.engine import Engine, StepOutput
 from models.modes import DecodeParams
+from models.segments import PromptEmbeds
 
 
 class AsyncEngine:
@@ -33,9 +34,11 @@ class AsyncEngine:
             self._wake = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run())
 
-    async def generate(self, request_id: str, prompt: list[int], params: DecodeParams) -> AsyncIterator[StepOutput]:
+    async def generate(
+        self, request_id: str, prompt: list[int], params: DecodeParams, embeds: PromptEmbeds | None = None
+    ) -> AsyncIterator[StepOutput]:
         """Yield the request's step outputs until it finishes; cancel it if the consumer goes away."""
-        request = self.engine.prepare(request_id, prompt, params)  # raises on bad input, before queueing
+        request = self.engine.prepare(request_id, prompt, params, embeds)  # raises on bad input, before queueing
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
         self._ops.append(lambda: self.engine.submit(request))

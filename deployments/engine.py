@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from models.model import TriModeModel
 from models.modes import DecodeParams, DecodeState, kv_tokens_needed, make_state
 from models.runner import run_step
+from models.segments import PromptEmbeds
 
 
 class RequestRejected(ValueError):
@@ -133,9 +134,11 @@ class Engine:
         self.stats = EngineStats(pool_pages=num_pages)
 
     # ----- requests ------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: list[int], params: DecodeParams) -> None:
+    def add_request(
+        self, request_id: str, prompt: list[int], params: DecodeParams, embeds: PromptEmbeds | None = None
+    ) -> None:
         """Queue a request; raises RequestRejected if it can never fit, ValueError on bad params."""
-        self.submit(self.prepare(request_id, prompt, params))
+        self.submit(self.prepare(request_id, prompt, params, embeds))
 
     def submit(self, request: Request) -> None:
         """Queue a prepared request (call from the thread that steps the engine)."""
@@ -144,10 +147,14 @@ class Engine:
         self.waiting.append(request)
         self._refresh_stats()
 
-    def prepare(self, request_id: str, prompt: list[int], params: DecodeParams) -> Request:
-        """Validate a request without touching the engine's queues (safe from any thread)."""
+    def prepare(
+        self, request_id: str, prompt: list[int], params: DecodeParams, embeds: PromptEmbeds | None = None
+    ) -> Request:
+        """Validate a request without touching the engine's queues (safe from any thread).
+
+        ``embeds``: a VLM request's image embeddings, which its prefill chunks carry."""
         params = DecodeParams(**{**params.__dict__, "prefill_chunk": params.prefill_chunk or self.prefill_chunk})
-        state = make_state(prompt, params, self.model.config)
+        state = make_state(prompt, params, self.model.config, embeds)
         tokens = kv_tokens_needed(len(prompt), params, self.model.config.block_size)
         limit = self.model.config.max_position_embeddings
         if len(prompt) + params.max_new_tokens > limit:

@@ -74,5 +74,5 @@ def pack(items: list[tuple[int, Segment]], cache: PagedKVCache, device: torch.de
         logit_rows=as_long(logit_rows),
         logit_counts=logit_counts,
         embed_rows=as_long(embed_rows) if embed_rows else None,
-        embed_values=torch.cat(embed_values) if embed_values else None,
+        embed_values=torch.cat(embed_values).to(device) if embed_values else None,
     )

@@ -10,7 +10,7 @@ from models.batch import pack
 from models.model import TriModeModel
 from models.modes import DecodeParams, kv_tokens_needed, make_state
 from models.runner import run_step
-from models.segments import causal_segment
+from models.segments import PromptEmbeds, causal_segment
 
 SEQ_ID = 0
 
@@ -47,8 +47,11 @@ def generate(
     max_steps: int | None = None,
     temperature: float = 0.0,
     seed: int | None = None,
+    embeds: PromptEmbeds | None = None,
 ) -> Generation:
-    """Decode one prompt in ``mode``; the same state machines the serving engine runs."""
+    """Decode one prompt in ``mode``; the same state machines the serving engine runs.
+
+    ``embeds`` replace the embeddings of some prompt tokens (a VLM's images, see models/vlm.py)."""
     prompt = prompt_ids.flatten().tolist() if isinstance(prompt_ids, torch.Tensor) else list(prompt_ids)
     params = DecodeParams(
         mode=mode,
@@ -59,7 +62,7 @@ def generate(
         temperature=temperature,
         seed=seed,
     )
-    state = make_state(prompt, params, model.config)
+    state = make_state(prompt, params, model.config, embeds)
     cache = model.new_cache(_pages_for(kv_tokens_needed(len(prompt), params, model.config.block_size)))
     cache.add(SEQ_ID)
     while not state.finished:

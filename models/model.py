@@ -154,13 +154,19 @@ class TriModeModel(nn.Module):
         positions: torch.Tensor,
         mask: torch.Tensor,
         adapter: torch.Tensor | None = None,
+        input_embeds: torch.Tensor | None = None,
+        embeds_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids [B, N], positions [N], boolean mask [N, N] (query, key) -> logits [B, N, vocab].
 
         Differentiable; attention through SDPA. ``adapter`` [N] flags draft-adapter tokens.
+        ``input_embeds`` [B, N, H] replace the token embeddings where ``embeds_mask`` [B, N] is set (images).
         """
         bsz, n = input_ids.shape
-        x = self.encoder.embed_tokens(input_ids).reshape(bsz * n, -1)
+        x = self.encoder.embed_tokens(input_ids)
+        if input_embeds is not None:
+            x = torch.where(embeds_mask[..., None], input_embeds.to(x.dtype), x)
+        x = x.reshape(bsz * n, -1)
         cos, sin, qscale = self.rotary(positions.repeat(bsz), x.dtype)
         adapter_rows = None
         if adapter is not None and bool(adapter.any()):

@@ -47,6 +47,22 @@ class Segment:
         return len(self.tokens)
 
 
+@dataclass
+class PromptEmbeds:
+    """Embeddings that replace some prompt tokens' (a VLM's image placeholders), by prompt index."""
+
+    rows: list[int]  # ascending prompt indices
+    values: torch.Tensor  # [len(rows), hidden]
+
+    def within(self, start: int, stop: int) -> tuple[list[int], torch.Tensor] | None:
+        """The rows in prompt[start:stop] (relative to ``start``) and their vectors, so a prefill chunk
+        that cuts through an image carries exactly its own part of the embeddings."""
+        picked = [i for i, r in enumerate(self.rows) if start <= r < stop]
+        if not picked:
+            return None
+        return [self.rows[i] - start for i in picked], self.values[picked[0] : picked[-1] + 1]
+
+
 def block_segment(
     kind: MaskKind,
     tokens: list[int],

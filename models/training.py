@@ -6,6 +6,10 @@ a noisy block sees itself bidirectionally and the clean blocks before it; the cl
 causal; clean never sees noisy. The noisy half gives diffusion logits (same position), the clean
 half AR logits (next token). Loss = w_dlm * sum_masked CE / p + w_ar * sum AR CE, divided by the
 number of masked plus AR tokens.
+
+Images (VLM): their embeddings replace the placeholder rows in both halves and those rows are never
+masked. In the clean half the image is the causal prefix the caption reads, as in serving's prefill;
+in the noisy half it is a clean, visible part of its block and of the blocks after it.
 """
 
 from __future__ import annotations
@@ -66,15 +70,20 @@ def joint_loss(
     block_size: int,
     dlm_weight: float = 0.3,
     ar_weight: float = 1.0,
+    input_embeds: torch.Tensor | None = None,
+    embeds_mask: torch.Tensor | None = None,
 ) -> LossParts:
-    """The objective on a batch of token ids [B, N]."""
+    """The objective on a batch of token ids [B, N]; optional image embeddings [B, N, H] on ``embeds_mask``."""
     bsz, n = batch.shape
     mask_id = model.config.mask_token_id
+    if embeds_mask is not None:
+        noise = Noise(noise.masked & ~embeds_mask, noise.p)
+        input_embeds, embeds_mask = input_embeds.repeat(1, 2, 1), embeds_mask.repeat(1, 2)
     noisy = torch.where(noise.masked, torch.full_like(batch, mask_id), batch)
     inputs = torch.cat([noisy, batch], dim=1)
     positions = torch.arange(n, device=batch.device).repeat(2)
     attn = training_mask(n, block_size, device=batch.device)
-    logits = model.forward_dense(inputs, positions, attn)
+    logits = model.forward_dense(inputs, positions, attn, input_embeds=input_embeds, embeds_mask=embeds_mask)
     diff_logits, ar_logits = logits[:, :n], logits[:, n:]
     ce_masked = F.cross_entropy(diff_logits[noise.masked], batch[noise.masked], reduction="none")
     p_per_token = noise.p[:, None].expand(bsz, n)[noise.masked]

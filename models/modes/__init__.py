@@ -8,6 +8,7 @@ from models.modes.base import MODES, DecodeParams, DecodeState, kv_tokens_needed
 from models.modes.diffusion import DiffusionState
 from models.modes.linear_spec import LinearSpecState
 from models.modes.quadratic_spec import QuadraticSpecState
+from models.segments import PromptEmbeds
 
 STATES: dict[str, type[DecodeState]] = {
     "ar": ARState,
@@ -19,7 +20,9 @@ STATES: dict[str, type[DecodeState]] = {
 __all__ = ["MODES", "DecodeParams", "DecodeState", "kv_tokens_needed", "make_state"]
 
 
-def make_state(prompt: list[int], params: DecodeParams, config: ModelConfig) -> DecodeState:
-    """The state machine of ``params.mode`` for one request."""
+def make_state(
+    prompt: list[int], params: DecodeParams, config: ModelConfig, embeds: PromptEmbeds | None = None
+) -> DecodeState:
+    """The state machine of ``params.mode`` for one request (``embeds``: image embeddings of a VLM prompt)."""
     params.validate()
-    return STATES[params.mode](prompt, params, config)
+    return STATES[params.mode](prompt, params, config, embeds)

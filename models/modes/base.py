@@ -16,7 +16,7 @@ import torch
 
 from models.config import ModelConfig
 from models.sampling import pick
-from models.segments import Segment, causal_segment
+from models.segments import PromptEmbeds, Segment, causal_segment
 
 MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
 
@@ -67,11 +67,14 @@ class DecodeState(ABC):
     mode: str = ""
     prefill_counts_as_forward = False  # the official accounting counts it for the spec modes only
 
-    def __init__(self, prompt: list[int], params: DecodeParams, config: ModelConfig) -> None:
+    def __init__(
+        self, prompt: list[int], params: DecodeParams, config: ModelConfig, embeds: PromptEmbeds | None = None
+    ) -> None:
         params.validate()
         if not prompt:
             raise ValueError("prompt must contain at least one token")
         self.prompt = list(prompt)
+        self.embeds = embeds  # image embeddings on prompt placeholders (VLM): part of the prefill only
         self.params = params
         self.config = config
         self.block_length = params.block_length or config.block_size
@@ -101,14 +104,16 @@ class DecodeState(ABC):
             chunk = self.params.prefill_chunk or len(self.prompt)
             stop = min(self.cached_len + chunk, len(self.prompt))
             last = stop == len(self.prompt)
-            return [
-                causal_segment(
-                    self.prompt[self.cached_len : stop],
-                    self.cached_len,
-                    write=True,
-                    logit_rows=[stop - self.cached_len - 1] if last else [],
-                )
-            ]
+            segment = causal_segment(
+                self.prompt[self.cached_len : stop],
+                self.cached_len,
+                write=True,
+                logit_rows=[stop - self.cached_len - 1] if last else [],
+            )
+            part = self.embeds.within(self.cached_len, stop) if self.embeds is not None else None
+            if part is not None:
+                segment.embeds_rows, segment.input_embeds = part
+            return [segment]
         return self.plan_decode()
 
     def advance(self, logits: list[torch.Tensor]) -> list[int]:
