@@ -10,20 +10,27 @@ import os
 
 import torch
 
+from kernels.kv_write import kv_write_reference
 from kernels.masks import MaskKind, quadratic_layout, segment_mask
 from kernels.rmsnorm import rmsnorm_reference
 from kernels.rope import rope_reference
+from kernels.row_stats import unmask_reference
 from kernels.segment_attention import AttentionSegment, segment_attention_reference
+from kernels.verify_accept import verify_accept_reference, verify_accept_sampled_reference
 
 __all__ = [
     "AttentionSegment",
     "MaskKind",
     "backend",
+    "kv_write",
     "quadratic_layout",
     "rms_norm",
     "rope",
     "segment_attention",
     "segment_mask",
+    "unmask",
+    "verify_accept",
+    "verify_accept_sampled",
 ]
 
 
@@ -78,3 +85,62 @@ def segment_attention(
         # on CPU (interpreter) tl.dot goes to BLAS, whose rounding depends on a row's tile position
         return segment_attention_triton(q, k, v, k_cache, v_cache, segments, scale, use_dot=q.is_cuda)
     return segment_attention_reference(q, k, v, k_cache, v_cache, segments, scale)
+
+
+def kv_write(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rows: torch.Tensor,
+    slots: torch.Tensor,
+) -> None:
+    """Store the committed rows' keys/values in their cache slots, in place; see kernels.kv_write."""
+    if _triton_for(k):
+        from kernels.kv_write import kv_write_triton
+
+        return kv_write_triton(k_cache, v_cache, k, v, rows, slots)
+    return kv_write_reference(k_cache, v_cache, k, v, rows, slots)
+
+
+def unmask(
+    blocks: torch.Tensor,
+    logits: torch.Tensor,
+    mask_id: int,
+    threshold: float | None,
+    min_count: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Greedy diffusion step on a batch of blocks, in place; returns the committed slots. See kernels.row_stats."""
+    if _triton_for(logits):
+        from kernels.row_stats import unmask_triton
+
+        return unmask_triton(blocks, logits, mask_id, threshold, min_count)
+    return unmask_reference(blocks, logits, mask_id, threshold, min_count)
+
+
+def verify_accept(
+    draft: torch.Tensor, ar: torch.Tensor, eos_id: int | None, draft_lengths: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy acceptance of verified blocks: (accepted, tokens, counts); see kernels.verify_accept."""
+    if _triton_for(ar):
+        from kernels.verify_accept import verify_accept_triton
+
+        return verify_accept_triton(draft, ar, eos_id, draft_lengths)
+    return verify_accept_reference(draft, ar, eos_id, draft_lengths)
+
+
+def verify_accept_sampled(
+    draft: torch.Tensor,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    accept_u: torch.Tensor,
+    sample_u: torch.Tensor,
+    eos_id: int | None,
+    draft_lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Speculative rejection sampling of verified blocks (temperature > 0); see kernels.verify_accept."""
+    if _triton_for(p):
+        from kernels.verify_accept import verify_accept_sampled_triton
+
+        return verify_accept_sampled_triton(draft, p, q, accept_u, sample_u, eos_id, draft_lengths)
+    return verify_accept_sampled_reference(draft, p, q, accept_u, sample_u, eos_id, draft_lengths)

@@ -138,9 +138,7 @@ class TriModeModel(nn.Module):
         for index, layer in enumerate(self.encoder.layers):
             attn = layer.self_attn
             q, k, v = attn.project(layer.input_layernorm(x), cos, sin, qscale)
-            if batch.write_rows.numel():
-                cache.k[index].index_copy_(0, batch.write_slots, k[batch.write_rows])
-                cache.v[index].index_copy_(0, batch.write_slots, v[batch.write_rows])
+            kernels.kv_write(cache.k[index], cache.v[index], k, v, batch.write_rows, batch.write_slots)
             o = kernels.segment_attention(q, k, v, cache.k[index], cache.v[index], batch.attention, attn.scale)
             x = x + attn.output(o.reshape(o.shape[0], -1), adapter_rows)
             x = x + layer.mlp.reduce(layer.mlp(layer.post_attention_layernorm(x)))
