@@ -39,7 +39,7 @@ def run_step(
         cache.reserve(seq_id, max(write_extent(segments), cache.length(seq_id)))
         items.extend((seq_id, seg) for seg in segments)
     batch = pack(items, cache, device=model.device)
-    logits = model(batch, cache).cpu()
+    logits = model(batch, cache)  # stays on the device: the modes reduce it there (kernels.unmask, verify_accept)
     pieces = list(torch.split(logits, batch.logit_counts))
     emitted: list[list[int]] = []
     for (seq_id, state), segments in zip(requests, plans):

@@ -1,12 +1,15 @@
 """Token choice: greedy, temperature sampling, Gumbel-max, and speculative acceptance.
 
 Every random draw goes through the request's own ``torch.Generator`` so that a seeded request
-gives the same tokens alone or inside any batch.
+gives the same tokens alone or inside any batch. That generator lives on the CPU: logits may sit
+on the model's device, and a draw moves only what it needs to the host.
 """
 
 from __future__ import annotations
 
 import torch
+
+import kernels
 
 
 def without_token(logits: torch.Tensor, token_id: int) -> torch.Tensor:
@@ -24,7 +27,7 @@ def pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | 
     """Rows of logits [..., V] -> token ids [...]: argmax at temperature 0, else a sample."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    probs = probabilities(logits, temperature)
+    probs = probabilities(logits, temperature).cpu()
     flat = probs.reshape(-1, probs.shape[-1])
     return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
 
@@ -34,7 +37,7 @@ def gumbel_pick(logits: torch.Tensor, temperature: float, generator: torch.Gener
     if temperature <= 0:
         return logits.argmax(dim=-1)
     u = torch.rand(logits.shape, dtype=torch.float64, generator=generator)
-    return (logits.double() - temperature * torch.log(-torch.log(u))).argmax(dim=-1)
+    return (logits.double().cpu() - temperature * torch.log(-torch.log(u))).argmax(dim=-1)
 
 
 def speculative_accept(
@@ -51,22 +54,18 @@ def speculative_accept(
     accepted draft prefix and the token that follows it. At temperature 0 a draft token is accepted
     iff it equals the AR argmax (lossless greedy). Above it, standard speculative rejection
     sampling: accept with probability min(1, p/q), otherwise sample from (p - q)+, so the emitted
-    tokens follow the AR distribution exactly.
+    tokens follow the AR distribution exactly. Both run through ``kernels.verify_accept*`` (Triton
+    on CUDA); the uniforms come from the request's generator, one per draft token and one draw.
     """
+    device = target_logits.device
+    draft_ids = torch.tensor([draft], dtype=torch.long, device=device).view(1, len(draft))
     if temperature <= 0:
-        ar = target_logits.argmax(dim=-1).tolist()
-        accepted = 0
-        while accepted < len(draft) and draft[accepted] == ar[accepted]:
-            accepted += 1
-        return accepted, ar[accepted]
-    p = probabilities(target_logits, temperature).cpu()
-    q = draft_probs.cpu() if draft else None
-    for i, token in enumerate(draft):
-        ratio = p[i, token] / q[i, token] if q[i, token] > 0 else torch.tensor(1.0, dtype=torch.float64)
-        if torch.rand((), dtype=torch.float64, generator=generator) < ratio:
-            continue
-        residual = (p[i] - q[i]).clamp(min=0)
-        total = residual.sum()
-        dist = residual / total if total > 0 else p[i]
-        return i, int(torch.multinomial(dist, 1, generator=generator))
-    return len(draft), int(torch.multinomial(p[len(draft)], 1, generator=generator))
+        accepted, tokens, _ = kernels.verify_accept(draft_ids, target_logits.argmax(dim=-1)[None], None)
+    else:
+        p = probabilities(target_logits, temperature)
+        q = draft_probs if draft else p.new_zeros((0, p.shape[-1]))
+        accept_u = torch.rand((1, len(draft)), dtype=torch.float64, generator=generator).to(device)
+        sample_u = torch.rand(1, dtype=torch.float64, generator=generator).to(device)
+        accepted, tokens, _ = kernels.verify_accept_sampled(draft_ids, p[None], q[None], accept_u, sample_u, None)
+    a = int(accepted[0])
+    return a, int(tokens[0, a])

@@ -14,6 +14,7 @@ import math
 
 import torch
 
+import kernels
 from models.modes.base import DecodeState
 from models.sampling import gumbel_pick, without_token
 from models.segments import Segment, bidirectional_segment, causal_segment
@@ -58,24 +59,38 @@ class DiffusionState(DecodeState):
 
     # ----- denoising -------------------------------------------------------------------------
     def _denoise(self, logits: torch.Tensor) -> None:
+        n_masked = self.block.count(self.mask_id)
+        if self.temperature <= 0:
+            blocks = torch.tensor([self.block], device=logits.device)
+            least = self._least_count(n_masked)
+            least_t = None if least is None else torch.tensor([least], device=logits.device)
+            kernels.unmask(blocks, logits[None], self.mask_id, self.params.threshold, least_t)
+            self.block = blocks[0].tolist()
+        else:
+            self._denoise_sampled(logits.cpu(), n_masked)
+        self.steps += 1
+        self._check_block_done()
+
+    def _least_count(self, n_masked: int) -> int | None:
+        """Slots this pass must commit whatever the threshold says: the step schedule without a
+        threshold, enough to finish within ``max_steps`` with one, else none (at least one always)."""
+        if self.params.threshold is None:
+            return self.schedule[self.steps] if self.steps < len(self.schedule) else n_masked
+        if self.params.max_steps is not None:
+            return math.ceil(n_masked / max(self.params.max_steps - self.steps, 1))
+        return None
+
+    def _denoise_sampled(self, logits: torch.Tensor, n_masked: int) -> None:
+        """The greedy rule of ``kernels.unmask`` over Gumbel-max candidates (as the reference samples)."""
         masked = torch.tensor([t == self.mask_id for t in self.block])
         candidates = gumbel_pick(without_token(logits, self.mask_id), self.temperature, self.generator)
         confidence = torch.softmax(logits.double(), dim=-1).gather(-1, candidates[:, None]).squeeze(-1)
         confidence = torch.where(masked, confidence, torch.full_like(confidence, float("-inf")))
-        n_masked = int(masked.sum())
         threshold = self.params.threshold
-        if threshold is None:
-            count = self.schedule[self.steps] if self.steps < len(self.schedule) else n_masked
-        else:
-            count = max(1, int((confidence >= threshold).sum()))
-            if self.params.max_steps is not None:  # finish the block within max_steps passes
-                count = max(count, math.ceil(n_masked / max(self.params.max_steps - self.steps, 1)))
-        count = min(max(count, 1), n_masked)
-        chosen = torch.topk(confidence, count).indices.tolist()
-        for i in chosen:
+        count = 0 if threshold is None else int((confidence >= threshold).sum())
+        count = min(max(count, self._least_count(n_masked) or 0, 1), n_masked)
+        for i in torch.topk(confidence, count).indices.tolist():
             self.block[i] = int(candidates[i])
-        self.steps += 1
-        self._check_block_done()
 
     def _check_block_done(self) -> None:
         """After a denoise pass (as the reference, an EOS seed still costs one pass)."""
