@@ -51,6 +51,7 @@ def main() -> int:
     import triton.testing
 
     from kernels import AttentionSegment, MaskKind
+    from kernels.kv_write import kv_write_triton
     from kernels.rmsnorm import rmsnorm_triton
     from kernels.rope import rope_triton
     from kernels.row_stats import row_stats_triton
@@ -79,6 +80,17 @@ def main() -> int:
             f"rope B={batch} x {BLOCK}",
             bench(partial(rope_triton, q, k, cos, sin)),
             2 * (q.nbytes + k.nbytes),
+            0,
+            bandwidth,
+            peak,
+        )
+        v = torch.randn_like(k)
+        k_cache, v_cache = torch.empty_like(k), torch.empty_like(v)  # one slot per written row
+        written = torch.arange(tokens, device="cuda")
+        row(
+            f"kv_write B={batch} x {BLOCK}",
+            bench(partial(kv_write_triton, k_cache, v_cache, k, v, written, written.flip(0))),
+            2 * (k.nbytes + v.nbytes),
             0,
             bandwidth,
             peak,
@@ -112,7 +124,6 @@ def main() -> int:
                 )
                 for i in range(batch)
             ]
-            v = torch.randn_like(k)
             kv_bytes = 2 * batch * context * KV_HEADS * HEAD_DIM * 2
             flops = 4 * batch * BLOCK * (context + BLOCK) * HEADS * HEAD_DIM
             row(
