@@ -1,0 +1,133 @@
+"""Tensor parallelism without Ray: real gloo process groups on 127.0.0.1 (one spawn per group size).
+
+Rank 0 drives ``generate`` through ``TensorParallelModel``; the other ranks ``follow``. Greedy
+tokens must equal TP=1 exactly in every mode; logits agree to fp32 tolerance (the all-reduce sums
+in a different order than one full matrix product).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import models
+from models.batch import pack
+from models.config import ModelConfig
+from models.loading import load_tokenizer, save_model
+from models.segments import bidirectional_segment, causal_segment
+from models.tensor_parallel import check_shardable, shard_range
+from tests.conftest import REPO, random_model
+from tests.test_loading import _write_adapter
+
+TINY = REPO / "models" / "bundled" / "tiny-code"
+MODES = ["ar", "diffusion", "linear_spec", "quadratic_spec"]
+PROMPT_IDS = [1, 7, 9, 13, 21, 30, 5]  # for the random model, which has no tokenizer
+PROMPT_TEXT = "def fibonacci(n):\n    if n < 2:"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def decode_all(model, prompt: list[int]) -> dict[str, object]:
+    """Greedy tokens of every mode, plus logits of a causal prefill and an adapter draft block."""
+    out: dict[str, object] = {
+        mode: models.generate(model, prompt, mode=mode, max_new_tokens=24, block_length=8).tokens for mode in MODES
+    }
+    cache = model.new_cache(4)
+    cache.add(0)
+    cache.reserve(0, len(prompt))
+    prefill = model(pack([(0, causal_segment(prompt, 0, write=True))], cache, model.device), cache)
+    cache.set_length(0, len(prompt))
+    block = [int(prefill[-1].argmax())] + [model.config.mask_token_id] * 7
+    draft = model(pack([(0, bidirectional_segment(block, len(prompt), adapter=True))], cache, model.device), cache)
+    out["logits"] = torch.cat([prefill, draft]).clone()
+    return out
+
+
+def prompt_for(path) -> list[int]:
+    has_tokenizer = (Path(path) / "tokenizer.json").is_file()
+    return load_tokenizer(path).encode(PROMPT_TEXT) if has_tokenizer else PROMPT_IDS
+
+
+def _rank_main(rank: int, world: int, port: int, prompts: dict[str, list[int]], out_file: str) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from models.tensor_parallel import TensorParallelModel, follow, init_rank, load_shard
+
+    init_rank(rank, world, "127.0.0.1", port, backend="gloo")
+    results = {}
+    for path, prompt in prompts.items():
+        shard = load_shard(path, dtype=torch.float32)
+        if rank == 0:
+            model = TensorParallelModel(shard)
+            results[path] = decode_all(model, prompt)
+            model.close()
+        else:
+            follow(shard)
+    if rank == 0:
+        torch.save(results, out_file)
+    dist.destroy_process_group()
+
+
+def run_group(world: int, paths: list[str], tmp_path) -> dict:
+    out = tmp_path / f"tp{world}.pt"
+    prompts = {str(path): prompt_for(path) for path in paths}
+    mp.spawn(_rank_main, args=(world, free_port(), prompts, str(out)), nprocs=world)
+    return torch.load(out)
+
+
+@pytest.fixture(scope="module")
+def adapter_model(tmp_path_factory):
+    """A random model whose heads allow TP=4, with a draft adapter and a vocabulary of 66 (uneven over 4)."""
+    folder = tmp_path_factory.mktemp("tp4")
+    model = random_model(seed=3, num_attention_heads=8, num_key_value_heads=4, vocab_size=66)
+    save_model(model, folder)
+    _write_adapter(folder, model)
+    return folder
+
+
+def assert_matches_tp1(path, got: dict) -> None:
+    reference = decode_all(models.load_model(path, dtype=torch.float32, tokenizer=False), prompt_for(path))
+    for mode in MODES:
+        assert got[mode] == reference[mode], f"{path} {mode}"
+    assert got["logits"].shape == reference["logits"].shape
+    torch.testing.assert_close(got["logits"], reference["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_tp2_matches_tp1_in_every_mode(fixture_path, adapter_model, tmp_path):
+    paths = [TINY, fixture_path, adapter_model]
+    results = run_group(2, paths, tmp_path)
+    for path in paths:
+        assert_matches_tp1(path, results[str(path)])
+
+
+def test_tp4_matches_tp1_in_every_mode(adapter_model, tmp_path):
+    assert models.load_model(adapter_model, tokenizer=False).has_adapter
+    results = run_group(4, [adapter_model], tmp_path)
+    assert_matches_tp1(adapter_model, results[str(adapter_model)])
+
+
+def test_heads_must_divide():
+    config = ModelConfig.from_file(TINY)  # 8 query heads, 2 kv heads
+    check_shardable(config, 2)
+    with pytest.raises(ValueError, match=r"num_key_value_heads \(2\) is not divisible by tensor_parallel_size \(4\)"):
+        check_shardable(config, 4)
+    with pytest.raises(ValueError, match=r"num_attention_heads \(8\) is not divisible .* \(3\)"):
+        check_shardable(config, 3)
+
+
+def test_uneven_vocabulary_split_covers_every_id():
+    ranges = [shard_range(131073, 4, r) for r in range(4)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == 131073
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert {stop - start for start, stop in ranges} == {32768, 32769}
