@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from deployments.router import TierTarget
+from vision.loading import ImageLimits
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "deployments" / "configs" / "default.yaml"
@@ -42,6 +43,7 @@ class AppConfig:
     api_key_env: str | None = "TRISERVE_API_KEY"
     ingress_num_cpus: float = 0.25
     ingress_replicas: int = 1
+    images: ImageLimits = field(default_factory=ImageLimits)  # limits on image inputs (VLMs)
 
     @property
     def api_key(self) -> str | None:
@@ -83,12 +85,17 @@ def parse_config(raw: dict[str, Any], base: Path | None = None) -> AppConfig:
     for name in ("interactive", "standard", "batch"):
         tiers.setdefault(name, TierTarget())
     ingress = raw.get("ingress") or {}
+    images = dict(raw.get("images") or {})
+    unknown = set(images) - set(ImageLimits.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown images fields: {', '.join(sorted(unknown))}")
     return AppConfig(
         models=models,
         tiers=tiers,
         api_key_env=raw.get("api_key_env", "TRISERVE_API_KEY"),
         ingress_num_cpus=float(ingress.get("num_cpus", 0.25)),
         ingress_replicas=int(ingress.get("num_replicas", 1)),
+        images=ImageLimits(**images),
     )
 
 

@@ -16,8 +16,8 @@ from deployments.http import build_api
 from deployments.metrics import RouterMetrics
 from deployments.openai_api import OpenAIService, ServedModel
 from deployments.server import model_server_deployment
-from models.config import ModelConfig
 from models.loading import load_tokenizer
+from models.vlm import read_config
 
 
 def _replica_service() -> OpenAIService:
@@ -56,9 +56,8 @@ class Ingress:
         models = {}
         for spec in config.models:
             tokenizer = load_tokenizer(spec.path)
-            models[spec.name] = ServedModel(
-                spec, ModelConfig.from_file(spec.path), tokenizer, HandleBackend(handles[spec.name])
-            )
+            text_config, vision = read_config(spec.path)
+            models[spec.name] = ServedModel(spec, text_config, tokenizer, HandleBackend(handles[spec.name]), vision)
 
         def record(tier, decision):
             router_metrics.decisions.inc(tags={"tier": tier, "model": decision.model, "mode": decision.mode})
@@ -79,6 +78,7 @@ def build_app(config: AppConfig):
             for name, t in config.tiers.items()
         },
         "api_key_env": config.api_key_env,
+        "images": asdict(config.images),
     }
     options: dict[str, Any] = {"num_cpus": config.ingress_num_cpus}
     key_env = config.api_key_env

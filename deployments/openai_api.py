@@ -8,11 +8,14 @@ servers through deployment handles.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import numpy as np
 
 from deployments.config import AppConfig, ModelSpec
 from deployments.protocol import (
@@ -26,6 +29,9 @@ from deployments.router import Candidate, Decision, ReplicaStats, choose
 from models.config import ModelConfig
 from models.data import CHAT_TEMPLATE
 from models.modes import DecodeParams, kv_tokens_needed
+from models.vlm import VLMConfig
+from vision.loading import ImageError, load_image
+from vision.preprocess import placeholder_text, preprocess
 
 DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 512}  # OpenAI's completions default; chat: context-bound
 STATS_TTL_S = 0.5
@@ -47,6 +53,7 @@ class ServedModel:
     config: ModelConfig
     tokenizer: Any
     backend: Backend
+    vision: VLMConfig | None = None  # set for a VLM: it takes image_url parts
 
     @property
     def size(self) -> float:
@@ -61,6 +68,7 @@ class Prepared:
     tier: str
     stops: list[str]
     decision: Decision | None
+    images: list[np.ndarray] = field(default_factory=list)  # preprocessed, in prompt order
 
 
 class OpenAIService:
@@ -124,13 +132,16 @@ class OpenAIService:
         )
         return Candidate(model.spec.name, model.size, replica, block_length, modes)
 
-    async def _route(self, req: CommonRequest, prompt_len: int) -> tuple[ServedModel, str, Decision | None]:
+    async def _route(
+        self, req: CommonRequest, prompt_len: int, images: bool = False
+    ) -> tuple[ServedModel, str, Decision | None]:
         mode = req.decoding.mode if req.decoding else "auto"
         if req.model != "auto" and req.model not in self.models:
             raise APIError(404, f"the model '{req.model}' does not exist", param="model", code="model_not_found")
         if req.model != "auto" and mode != "auto":
             return self.models[req.model], mode, None
         names = list(self.models) if req.model == "auto" else [req.model]
+        names = [n for n in names if self.models[n].vision or not images]  # images go to VLMs only
         modes = ("ar", "linear_spec", "quadratic_spec", "diffusion") if mode == "auto" else (mode,)
         candidates = []
         for name in names:
@@ -151,20 +162,22 @@ class OpenAIService:
             raise APIError(400, f"prompt token ids must be integers in [0, {vocab})", param="prompt")
         return ids
 
-    def _chat_prompt(self, model: ServedModel, req: ChatRequest) -> list[int]:
-        messages = []
+    def _chat_prompt(self, model: ServedModel, req: ChatRequest) -> tuple[list[int], list[np.ndarray]]:
+        """Prompt ids and the preprocessed images; each image sits in the text as its placeholder layout."""
+        messages, images, expected = [], [], 0
         for i, msg in enumerate(req.messages):
             content = msg.content
             if isinstance(content, list):
                 texts = []
-                for part in content:
+                for j, part in enumerate(content):
                     kind = part.get("type")
                     if kind == "text":
                         texts.append(str(part.get("text", "")))
                     elif kind == "image_url":
-                        raise APIError(
-                            400, f"model '{model.spec.name}' does not accept images", param=f"messages[{i}].content"
-                        )
+                        pixels, text = self._image(model, part, len(images), f"messages[{i}].content[{j}].image_url")
+                        images.append(pixels)
+                        texts.append(text)
+                        expected += text.count(model.tokenizer.convert_ids_to_tokens(model.vision.image_token_id))
                     else:
                         raise APIError(400, f"unsupported content part type {kind!r}", param=f"messages[{i}].content")
                 content = "".join(texts)
@@ -172,7 +185,27 @@ class OpenAIService:
         tok = model.tokenizer
         template = getattr(tok, "chat_template", None) or CHAT_TEMPLATE  # checkpoints without one
         text = tok.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
-        return tok.encode(text, add_special_tokens=False)
+        ids = tok.encode(text, add_special_tokens=False)
+        if model.vision is not None and ids.count(model.vision.image_token_id) != expected:
+            raise APIError(400, "message text must not contain image placeholder tokens", param="messages")
+        return ids, images
+
+    def _image(self, model: ServedModel, part: dict[str, Any], index: int, param: str) -> tuple[np.ndarray, str]:
+        """One image_url part -> (normalised pixels, its placeholder text); every bad input is a 400."""
+        if model.vision is None:
+            raise APIError(400, f"model '{model.spec.name}' does not accept images", param=param)
+        limits = self.config.images
+        if index >= limits.max_images:
+            raise APIError(400, f"at most {limits.max_images} images per request", param=param)
+        value = part.get("image_url")
+        url = value.get("url") if isinstance(value, dict) else value
+        try:
+            image = load_image(url, limits)
+        except ImageError as exc:
+            raise APIError(400, str(exc), param=param, code="invalid_image") from None
+        vision = model.vision
+        pixels, layout = preprocess(image, vision.vision, vision.spatial_merge_size)
+        return pixels, placeholder_text(layout, vision.image_tokens(model.tokenizer), model.tokenizer)
 
     async def prepare(self, req: CommonRequest, kind: str) -> Prepared:
         # with model 'auto' the router sizes the prompt with the first model's tokenizer; the prompt
@@ -181,13 +214,25 @@ class OpenAIService:
         if first is None:
             raise APIError(404, f"the model '{req.model}' does not exist", param="model", code="model_not_found")
 
-        def encode(target: ServedModel) -> list[int]:
-            return self._chat_prompt(target, req) if kind == "chat" else self._encode_prompt(target, req.prompt)
+        has_images = kind == "chat" and any(
+            isinstance(m.content, list) and any(p.get("type") == "image_url" for p in m.content) for m in req.messages
+        )
+        if has_images and req.model == "auto":
+            first = next((m for m in self.models.values() if m.vision), None)
+            if first is None:
+                raise APIError(400, "no served model accepts images", param="messages")
 
-        prompt = encode(first)
-        model, mode, decision = await self._route(req, len(prompt))
+        async def encode(target: ServedModel) -> tuple[list[int], list[np.ndarray]]:
+            if kind != "chat":
+                return self._encode_prompt(target, req.prompt), []
+            if has_images:  # decoding and resizing images (or fetching them) off the event loop
+                return await asyncio.to_thread(self._chat_prompt, target, req)
+            return self._chat_prompt(target, req)
+
+        prompt, images = await encode(first)
+        model, mode, decision = await self._route(req, len(prompt), has_images)
         if model.tokenizer is not first.tokenizer:
-            prompt = encode(model)
+            prompt, images = await encode(model)
         context = model.config.max_position_embeddings
         if len(prompt) >= context:
             raise APIError(
@@ -246,7 +291,7 @@ class OpenAIService:
                 code="overloaded",
                 headers={"Retry-After": "1"},
             )
-        return Prepared(model, prompt, params, req.tier, req.stop_list, decision)
+        return Prepared(model, prompt, params, req.tier, req.stop_list, decision, images)
 
     # ----- running --------------------------------------------------------------------------------
     async def run(self, prep: Prepared) -> AsyncIterator[tuple[str, dict[str, Any]]]:
@@ -260,6 +305,8 @@ class OpenAIService:
             "params": prep.params.__dict__,
             "tier": prep.tier,
         }
+        if prep.images:
+            request["images"] = prep.images
         tok = prep.model.tokenizer
         tokens: list[int] = []
         sent = ""

@@ -24,9 +24,15 @@ class ModelServer:
 
     def __init__(self, spec: dict[str, Any]) -> None:
         from models.loading import load_model
+        from models.vlm import load_vlm, read_config
 
         self.spec = ModelSpec(**spec)
-        self.model = load_model(self.spec.path, dtype=self.spec.dtype, tokenizer=False)
+        self.vlm = None  # a VLM's encoder and projector; its language_model is what the engine runs
+        if read_config(self.spec.path)[1] is not None:
+            self.vlm = load_vlm(self.spec.path, dtype=self.spec.dtype, tokenizer=False)
+            self.model = self.vlm.language_model
+        else:
+            self.model = load_model(self.spec.path, dtype=self.spec.dtype, tokenizer=False)
         engine = Engine(
             self.model,
             num_pages=self.spec.num_pages,
@@ -38,12 +44,20 @@ class ModelServer:
         self.metrics = metrics.ModelMetrics(self.spec.name)
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Stream ``StepOutput``s (as dicts) of one request; closing the stream cancels it."""
+        """Stream ``StepOutput``s (as dicts) of one request; closing the stream cancels it.
+
+        A request with ``images`` (preprocessed pixel arrays, in prompt order) has them encoded once,
+        on the engine thread, into the embeddings its prefill places on the image placeholders."""
         params = DecodeParams(**request["params"])
+        embeds = None
+        if request.get("images"):
+            if self.vlm is None:
+                raise ValueError(f"model '{self.spec.name}' does not accept images")
+            embeds = await self.engine.call(self.vlm.prompt_embeds, request["prompt"], request["images"])
         start = time.monotonic()
         last = start
         tier = request.get("tier", "standard")
-        async for out in self.engine.generate(request["request_id"], request["prompt"], params):
+        async for out in self.engine.generate(request["request_id"], request["prompt"], params, embeds):
             now = time.monotonic()
             if out.new_tokens:
                 if out.tokens == len(out.new_tokens):
