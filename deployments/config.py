@@ -15,6 +15,7 @@ from vision.loading import ImageLimits
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "deployments" / "configs" / "default.yaml"
+PLACEMENT_STRATEGIES = ("PACK", "STRICT_PACK")
 
 
 @dataclass
@@ -31,9 +32,31 @@ class ModelSpec:
     prefill_chunk: int = 256
     num_cpus: float = 0.5
     num_gpus: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per replica / rank
+    placement_strategy: str = "PACK"  # tensor parallel: PACK may span nodes, STRICT_PACK keeps one node
+    socket_ifname: str | None = None  # GLOO_/NCCL_SOCKET_IFNAME for the ranks (default: inherited)
     autoscaling: dict[str, Any] = field(
         default_factory=lambda: {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8}
     )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"model {self.name}: tensor_parallel_size must be a positive integer")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(
+                f"model {self.name}: placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
+                f"got {self.placement_strategy!r}"
+            )
+
+    @property
+    def bundle(self) -> dict[str, float]:
+        """One rank's resources: the replica itself (rank 0) and each placement-group bundle."""
+        gpus = {"GPU": self.num_gpus} if self.num_gpus else {}
+        return {"CPU": self.num_cpus, **gpus, **self.resources}
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.num_gpus else "cpu"
 
 
 @dataclass

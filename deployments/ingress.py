@@ -11,7 +11,7 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.config import AppConfig, ModelSpec, load_config, parse_config
+from deployments.config import REPO, AppConfig, ModelSpec, load_config, parse_config
 from deployments.http import build_api
 from deployments.metrics import RouterMetrics
 from deployments.openai_api import OpenAIService, ServedModel
@@ -94,9 +94,17 @@ def build_app(config: AppConfig):
     return ingress.bind(raw, handles)
 
 
-def app_builder(args: dict[str, str]):
-    """For Ray's own CLI: ``serve run deployments.ingress:app_builder config=path/to/app.yaml``."""
-    return build_app(load_config(Path(args["config"]) if args.get("config") else None))
+def app_builder(args: dict[str, Any]):
+    """For Ray's own CLI and Serve config files: ``config`` is an app YAML's path or the app config itself.
+
+    ``serve run deployments.ingress:app_builder config=path/to/app.yaml``, or in a Serve config
+    (``serve run``/``serve deploy``, KubeRay's ``serveConfigV2``) ``args: {config: {models: ...}}``,
+    whose relative model paths are taken from the repository root (the code's working_dir on a cluster).
+    """
+    config = args.get("config")
+    if isinstance(config, dict):
+        return build_app(parse_config(config, base=REPO))
+    return build_app(load_config(Path(config) if config else None))
 
 
 __all__ = ["Ingress", "ModelSpec", "app_builder", "build_app"]

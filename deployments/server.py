@@ -28,11 +28,15 @@ class ModelServer:
 
         self.spec = ModelSpec(**spec)
         self.vlm = None  # a VLM's encoder and projector; its language_model is what the engine runs
+        self.group = None  # tensor parallel: the other ranks (this replica is rank 0)
         if read_config(self.spec.path)[1] is not None:
             self.vlm = load_vlm(self.spec.path, dtype=self.spec.dtype, tokenizer=False)
             self.model = self.vlm.language_model
+        elif self.spec.tensor_parallel_size > 1:
+            self.group = self._start_group()
+            self.model = self.group.model
         else:
-            self.model = load_model(self.spec.path, dtype=self.spec.dtype, tokenizer=False)
+            self.model = load_model(self.spec.path, dtype=self.spec.dtype, device=self.spec.device, tokenizer=False)
         engine = Engine(
             self.model,
             num_pages=self.spec.num_pages,
@@ -42,6 +46,21 @@ class ModelServer:
         )
         self.engine = AsyncEngine(engine)
         self.metrics = metrics.ModelMetrics(self.spec.name)
+
+    def _start_group(self):
+        """Rank actors on this replica's placement-group bundles 1..TP-1; they die with the replica."""
+        from cluster.worker_group import WorkerGroup
+
+        replica = serve.get_replica_context().replica_id.unique_id
+        return WorkerGroup(
+            self.spec.path,
+            self.spec.tensor_parallel_size,
+            bundle=self.spec.bundle,
+            dtype=self.spec.dtype,
+            device=self.spec.device,
+            socket_ifname=self.spec.socket_ifname,
+            name=f"triserve-{self.spec.name}-{replica}",
+        )
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Stream ``StepOutput``s (as dicts) of one request; closing the stream cancels it.
@@ -93,6 +112,8 @@ class ModelServer:
         stuck = self.engine.stuck_for()
         if stuck > STUCK_AFTER_S:
             raise RuntimeError(f"engine loop made no progress for {stuck:.0f}s")
+        if self.group is not None:
+            self.group.check()  # a dead rank fails the replica; Serve rebuilds it with a new group
 
 
 def model_server_deployment(spec: ModelSpec):
@@ -100,10 +121,19 @@ def model_server_deployment(spec: ModelSpec):
     actor_options: dict[str, Any] = {"num_cpus": spec.num_cpus}
     if spec.num_gpus:
         actor_options["num_gpus"] = spec.num_gpus
+    if spec.resources:
+        actor_options["resources"] = dict(spec.resources)
+    placement: dict[str, Any] = {}
+    if spec.tensor_parallel_size > 1:  # bundle 0 holds the replica (rank 0), one more bundle per rank
+        placement = {
+            "placement_group_bundles": [spec.bundle] * spec.tensor_parallel_size,
+            "placement_group_strategy": spec.placement_strategy,
+        }
     return serve.deployment(
         ModelServer,
         name=f"model-{spec.name}",
         ray_actor_options=actor_options,
+        **placement,
         autoscaling_config=dict(spec.autoscaling),
         max_ongoing_requests=max(spec.max_running + spec.max_waiting, 16),
         health_check_period_s=10,
