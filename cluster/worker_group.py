@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import ray
 import torch.distributed as dist
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.local import ensure_ray
 from models.config import ModelConfig
 from models.tensor_parallel import (
     TensorParallelModel,
@@ -98,6 +101,7 @@ class WorkerGroup:
         device: str = "cpu",
         socket_ifname: str | None = None,
         name: str | None = None,
+        tokenizer: bool = False,
     ) -> None:
         check_shardable(ModelConfig.from_file(path), world)  # a clear error before any actor starts
         env = socket_env(socket_ifname)
@@ -121,7 +125,7 @@ class WorkerGroup:
         setups = [actor.setup.remote(world, address, port, path, dtype, device) for actor in self.actors]
         init_rank(0, world, address, port, backend=backend_for(device))
         control = control_group()
-        shard = load_shard(path, dtype=dtype, device=device)
+        shard = load_shard(path, dtype=dtype, device=device, tokenizer=tokenizer)
         ray.get(setups)
         self.following = [actor.follow.remote() for actor in self.actors]
         self.model = TensorParallelModel(shard, control)
@@ -146,3 +150,24 @@ class WorkerGroup:
         dist.destroy_process_group()
         for actor in self.actors:
             ray.kill(actor)
+
+
+@contextmanager
+def local_group(path: str, world: int, *, dtype: str | None = None, num_cpus: float = 0.25) -> Iterator[Any]:
+    """One request's group (``triserve generate --tensor-parallel-size N``): the model of rank 0.
+
+    Starts a local Ray on loopback (or joins ``RAY_ADDRESS``) with this process as rank 0 and
+    gloo over ``lo`` unless the environment names an interface; Ray is stopped again if started here.
+    """
+    check_shardable(ModelConfig.from_file(path), world)  # before starting anything
+    started = not ray.is_initialized()
+    ensure_ray()
+    local = ray.util.get_node_ip_address() == "127.0.0.1"
+    ifname = os.environ.get("GLOO_SOCKET_IFNAME") or ("lo" if local else None)
+    group = WorkerGroup(path, world, bundle={"CPU": num_cpus}, dtype=dtype, socket_ifname=ifname, tokenizer=True)
+    try:
+        yield group.model
+    finally:
+        group.shutdown()
+        if started:
+            ray.shutdown()

@@ -5,14 +5,34 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from models.modes import MODES
 
 
-def _generate(args: argparse.Namespace) -> int:
+@contextmanager
+def _loaded(args: argparse.Namespace) -> Iterator:
+    """The model to decode with: loaded here, or rank 0 of a local tensor-parallel group."""
     import models
 
-    model = models.load_model(args.model, dtype=args.dtype)
+    if args.tensor_parallel_size > 1:
+        from cluster.worker_group import local_group
+
+        with local_group(args.model, args.tensor_parallel_size, dtype=args.dtype) as model:
+            yield model
+    else:
+        yield models.load_model(args.model, dtype=args.dtype)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    with _loaded(args) as model:
+        return _generate_with(model, args)
+
+
+def _generate_with(model, args: argparse.Namespace) -> int:
+    import models
+
     if model.tokenizer is None:
         print(f"error: {args.model} has no tokenizer files", file=sys.stderr)
         return 2
@@ -120,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: from config.json)")
+    gen.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="split the model over N ranks: a local Ray group, gloo on CPU (heads must divide by N)",
+    )
     gen.add_argument("--quiet-stats", action="store_true", help="print the statistics line to stderr")
     gen.set_defaults(func=_generate)
 
