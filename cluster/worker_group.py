@@ -22,15 +22,16 @@ import torch.distributed as dist
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.local import ensure_ray
-from models.config import ModelConfig
 from models.tensor_parallel import (
     TensorParallelModel,
     check_shardable,
     control_group,
+    decoder,
     follow,
     init_rank,
     load_shard,
 )
+from models.vlm import read_config
 
 SOCKET_VARIABLES = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 START_TIMEOUT_S = 120.0  # rank actors must be placed (resources found) within this time
@@ -66,7 +67,7 @@ class RankActor:
     def setup(self, world: int, address: str, port: int, path: str, dtype: str | None, device: str) -> None:
         init_rank(self.rank, world, address, port, backend=backend_for(device))
         self.control = control_group()
-        self.shard = load_shard(path, dtype=dtype, device=device)
+        self.shard = decoder(load_shard(path, dtype=dtype, device=device))
 
     def follow(self) -> None:
         follow(self.shard, self.control)
@@ -103,7 +104,7 @@ class WorkerGroup:
         name: str | None = None,
         tokenizer: bool = False,
     ) -> None:
-        check_shardable(ModelConfig.from_file(path), world)  # a clear error before any actor starts
+        check_shardable(read_config(path)[0], world)  # a clear error before any actor starts
         env = socket_env(socket_ifname)
         os.environ.update(env)
         address = ray.util.get_node_ip_address()
@@ -128,7 +129,8 @@ class WorkerGroup:
         shard = load_shard(path, dtype=dtype, device=device, tokenizer=tokenizer)
         ray.get(setups)
         self.following = [actor.follow.remote() for actor in self.actors]
-        self.model = TensorParallelModel(shard, control)
+        self.model = TensorParallelModel(decoder(shard), control)
+        self.vlm = shard if shard is not self.model.shard else None  # a VLM's encoder runs on rank 0 only
 
     def check(self, timeout_s: float = 30.0) -> None:
         """Raise unless every rank is alive and still following rank 0 (the replica's health check)."""
@@ -159,7 +161,7 @@ def local_group(path: str, world: int, *, dtype: str | None = None, num_cpus: fl
     Starts a local Ray on loopback (or joins ``RAY_ADDRESS``) with this process as rank 0 and
     gloo over ``lo`` unless the environment names an interface; Ray is stopped again if started here.
     """
-    check_shardable(ModelConfig.from_file(path), world)  # before starting anything
+    check_shardable(read_config(path)[0], world)  # before starting anything
     started = not ray.is_initialized()
     ensure_ray()
     local = ray.util.get_node_ip_address() == "127.0.0.1"

@@ -29,12 +29,12 @@ class ModelServer:
         self.spec = ModelSpec(**spec)
         self.vlm = None  # a VLM's encoder and projector; its language_model is what the engine runs
         self.group = None  # tensor parallel: the other ranks (this replica is rank 0)
-        if read_config(self.spec.path)[1] is not None:
-            self.vlm = load_vlm(self.spec.path, dtype=self.spec.dtype, tokenizer=False)
-            self.model = self.vlm.language_model
-        elif self.spec.tensor_parallel_size > 1:
+        if self.spec.tensor_parallel_size > 1:
             self.group = self._start_group()
-            self.model = self.group.model
+            self.vlm, self.model = self.group.vlm, self.group.model
+        elif read_config(self.spec.path)[1] is not None:
+            self.vlm = load_vlm(self.spec.path, dtype=self.spec.dtype, device=self.spec.device, tokenizer=False)
+            self.model = self.vlm.language_model
         else:
             self.model = load_model(self.spec.path, dtype=self.spec.dtype, device=self.spec.device, tokenizer=False)
         engine = Engine(

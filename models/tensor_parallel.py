@@ -40,6 +40,7 @@ from models.kv_cache import PagedKVCache
 from models.layers import linear
 from models.loading import Selector, load_model
 from models.model import TriModeModel
+from models.vlm import VisionLanguageModel, load_vlm, read_config
 
 _COLUMN_PARALLEL = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight")
 _ROW_PARALLEL = ("o_proj.weight", "down_proj.weight")
@@ -72,11 +73,12 @@ def check_shardable(config: ModelConfig, world: int) -> None:
             )
 
 
-def slice_selector(config: ModelConfig, rank: int, world: int) -> Selector:
+def slice_selector(config: ModelConfig, rank: int, world: int, prefix: str = "") -> Selector:
     """``load_model``'s ``select``: read only this rank's slice of each checkpoint tensor.
 
     safetensors' ``get_slice`` copies just the requested rows/columns out of the mapped file, so
-    no rank ever materialises a whole tensor it does not own.
+    no rank ever materialises a whole tensor it does not own. Only names under ``prefix`` (the
+    decoder's, ``language_model.`` in a VLM) are sharded; anything else (a vision tower) is whole.
     """
     vocab_start, vocab_stop = shard_range(config.vocab_size, world, rank)
 
@@ -86,6 +88,10 @@ def slice_selector(config: ModelConfig, rank: int, world: int) -> Selector:
 
     def select(name: str, tensor_slice: Any) -> torch.Tensor:
         shape = tensor_slice.get_shape()
+        if not name.startswith(("adapter.", prefix)):
+            return tensor_slice[:]
+        if not name.startswith("adapter."):
+            name = name[len(prefix) :]
         if name.startswith("adapter.B."):  # the draft adapter's output side is replicated
             return tensor_slice[:]
         if name.startswith("adapter.A.") or name.endswith(_ROW_PARALLEL):
@@ -189,19 +195,29 @@ def control_group() -> dist.ProcessGroup | None:
 
 def load_shard(
     path: str, *, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu", tokenizer: bool = False
-) -> TriModeModel:
-    """Load this process's shard of a checkpoint (after :func:`init_rank`): only its own slices."""
+) -> TriModeModel | VisionLanguageModel:
+    """Load this process's shard of a checkpoint (after :func:`init_rank`): only its own slices.
+
+    A VLM's decoder is sharded; its vision encoder and projector (small next to the decoder) are
+    loaded whole, and only rank 0 runs them: image embeddings reach the other ranks in the batch.
+    """
     rank, world = dist.get_rank(), dist.get_world_size()
-    config = ModelConfig.from_file(path)
+    config, vision = read_config(path)
     check_shardable(config, world)
-    return load_model(
-        path,
-        dtype=dtype,
-        device=device,
-        select=slice_selector(config, rank, world),
-        build=lambda built_config: build_sharded(built_config, rank, world),
-        tokenizer=tokenizer,
-    )
+
+    def build(text_config: ModelConfig) -> TriModeModel:
+        return build_sharded(text_config, rank, world)
+
+    if vision is not None:
+        select = slice_selector(config, rank, world, prefix="language_model.")
+        return load_vlm(path, dtype=dtype, device=device, tokenizer=tokenizer, select=select, build_text=build)
+    select = slice_selector(config, rank, world)
+    return load_model(path, dtype=dtype, device=device, select=select, build=build, tokenizer=tokenizer)
+
+
+def decoder(shard: TriModeModel | VisionLanguageModel) -> TriModeModel:
+    """The part of a shard that the engine runs (a VLM's ``language_model``)."""
+    return shard.language_model if isinstance(shard, VisionLanguageModel) else shard
 
 
 class TensorParallelModel:

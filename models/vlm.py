@@ -14,6 +14,7 @@ nemotron_labs_diffusion_vlm``, ``text_config``, ``vision_config`` and the projec
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,15 @@ import torch
 from torch import nn
 
 from models.config import ConfigError, ModelConfig
-from models.loading import CheckpointError, _check_folder, load_tokenizer, load_weights, resolve_dtype, save_model
+from models.loading import (
+    CheckpointError,
+    Selector,
+    _check_folder,
+    load_tokenizer,
+    load_weights,
+    resolve_dtype,
+    save_model,
+)
 from models.model import TriModeModel
 from models.segments import PromptEmbeds
 from vision.config import VisionConfig
@@ -232,8 +241,13 @@ def load_vlm(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
     tokenizer: bool = True,
+    select: Selector | None = None,
+    build_text: Callable[[ModelConfig], TriModeModel] | None = None,
 ) -> VisionLanguageModel:
-    """Load a VLM checkpoint folder (eval mode). ``model.language_model`` is what the engine runs."""
+    """Load a VLM checkpoint folder (eval mode). ``model.language_model`` is what the engine runs.
+
+    ``select`` and ``build_text`` are the tensor-parallel hooks, as in ``load_model`` (``select``
+    sees the model's tensor names, ``language_model.*`` for the decoder)."""
     from models.loading import weight_files
 
     folder = _check_folder(path)
@@ -243,8 +257,11 @@ def load_vlm(
     torch_dtype = resolve_dtype(dtype, config.text)
     with torch.device("meta"):
         model = VisionLanguageModel(config)
+        if build_text is not None:
+            model.language_model = build_text(config.text)
     model.to_empty(device=device)
-    load_weights(model, folder, dtype=torch_dtype, rename=checkpoint_renamer(set(weight_files(folder))))
+    rename = checkpoint_renamer(set(weight_files(folder)))
+    load_weights(model, folder, dtype=torch_dtype, select=select, rename=rename)
     if tokenizer and (folder / "tokenizer.json").is_file():
         model.language_model.tokenizer = load_tokenizer(folder)
     model.language_model.source = str(folder)

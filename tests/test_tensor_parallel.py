@@ -20,9 +20,12 @@ from models.batch import pack
 from models.config import ModelConfig
 from models.loading import load_tokenizer, save_model
 from models.segments import bidirectional_segment, causal_segment
-from models.tensor_parallel import check_shardable, shard_range
+from models.tensor_parallel import check_shardable, decoder, shard_range
+from models.vlm import load_vlm, read_config, save_vlm
 from tests.conftest import REPO, random_model
 from tests.test_loading import _write_adapter
+from tests.test_vlm import picture, prompt_with, random_vlm
+from vision.preprocess import preprocess
 
 TINY = REPO / "models" / "bundled" / "tiny-code"
 MODES = ["ar", "diffusion", "linear_spec", "quadratic_spec"]
@@ -36,10 +39,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def decode_all(model, prompt: list[int]) -> dict[str, object]:
+def decode_all(model, prompt: list[int], embeds=None) -> dict[str, object]:
     """Greedy tokens of every mode, plus logits of a causal prefill and an adapter draft block."""
     out: dict[str, object] = {
-        mode: models.generate(model, prompt, mode=mode, max_new_tokens=24, block_length=8).tokens for mode in MODES
+        mode: models.generate(model, prompt, mode=mode, max_new_tokens=24, block_length=8, embeds=embeds).tokens
+        for mode in MODES
     }
     cache = model.new_cache(4)
     cache.add(0)
@@ -57,7 +61,12 @@ def prompt_for(path) -> list[int]:
     return load_tokenizer(path).encode(PROMPT_TEXT) if has_tokenizer else PROMPT_IDS
 
 
-def _rank_main(rank: int, world: int, port: int, prompts: dict[str, list[int]], out_file: str) -> None:
+def decode_case(shard, model, prompt: list[int], images: list | None) -> dict[str, object]:
+    """``decode_all`` on a loaded checkpoint; a VLM's images are encoded by its own vision tower."""
+    return decode_all(model, prompt, shard.prompt_embeds(prompt, images) if images else None)
+
+
+def _rank_main(rank: int, world: int, port: int, cases: dict[str, tuple], out_file: str) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
     import torch.distributed as dist
@@ -66,23 +75,28 @@ def _rank_main(rank: int, world: int, port: int, prompts: dict[str, list[int]], 
 
     init_rank(rank, world, "127.0.0.1", port, backend="gloo")
     results = {}
-    for path, prompt in prompts.items():
+    for path, (prompt, images) in cases.items():
         shard = load_shard(path, dtype=torch.float32)
         if rank == 0:
-            model = TensorParallelModel(shard)
-            results[path] = decode_all(model, prompt)
+            model = TensorParallelModel(decoder(shard))
+            results[path] = decode_case(shard, model, prompt, images)
             model.close()
         else:
-            follow(shard)
+            follow(decoder(shard))
     if rank == 0:
         torch.save(results, out_file)
     dist.destroy_process_group()
 
 
-def run_group(world: int, paths: list[str], tmp_path) -> dict:
+def text_case(path) -> tuple[list[int], None]:
+    return prompt_for(path), None
+
+
+def run_group(world: int, cases: dict, tmp_path) -> dict:
+    """Decode every (path -> (prompt, images)) case on one spawned gloo group of ``world`` ranks."""
     out = tmp_path / f"tp{world}.pt"
-    prompts = {str(path): prompt_for(path) for path in paths}
-    mp.spawn(_rank_main, args=(world, free_port(), prompts, str(out)), nprocs=world)
+    cases = {str(path): case for path, case in cases.items()}
+    mp.spawn(_rank_main, args=(world, free_port(), cases, str(out)), nprocs=world)
     return torch.load(out)
 
 
@@ -96,25 +110,41 @@ def adapter_model(tmp_path_factory):
     return folder
 
 
-def assert_matches_tp1(path, got: dict) -> None:
-    reference = decode_all(models.load_model(path, dtype=torch.float32, tokenizer=False), prompt_for(path))
+@pytest.fixture(scope="module")
+def vlm_case(tmp_path_factory):
+    """A random VLM checkpoint (decoder at TP=2, vision tower whole) and a prompt with one image."""
+    folder = tmp_path_factory.mktemp("vlm")
+    vlm = random_vlm(seed=2)
+    save_vlm(vlm, folder)
+    pixels, layout = preprocess(picture(60, 40), vlm.config.vision, vlm.config.spatial_merge_size)
+    return folder, (prompt_with(layout), [pixels])
+
+
+def assert_matches_tp1(path, case: tuple, got: dict) -> None:
+    if read_config(path)[1] is not None:
+        shard = load_vlm(path, dtype=torch.float32, tokenizer=False)
+    else:
+        shard = models.load_model(path, dtype=torch.float32, tokenizer=False)
+    reference = decode_case(shard, decoder(shard), *case)
     for mode in MODES:
         assert got[mode] == reference[mode], f"{path} {mode}"
     assert got["logits"].shape == reference["logits"].shape
     torch.testing.assert_close(got["logits"], reference["logits"], rtol=1e-4, atol=1e-4)
 
 
-def test_tp2_matches_tp1_in_every_mode(fixture_path, adapter_model, tmp_path):
-    paths = [TINY, fixture_path, adapter_model]
-    results = run_group(2, paths, tmp_path)
-    for path in paths:
-        assert_matches_tp1(path, results[str(path)])
+def test_tp2_matches_tp1_in_every_mode(fixture_path, adapter_model, vlm_case, tmp_path):
+    cases = {path: text_case(path) for path in (TINY, fixture_path, adapter_model)}
+    cases[vlm_case[0]] = vlm_case[1]
+    results = run_group(2, cases, tmp_path)
+    for path, case in cases.items():
+        assert_matches_tp1(path, case, results[str(path)])
 
 
 def test_tp4_matches_tp1_in_every_mode(adapter_model, tmp_path):
     assert models.load_model(adapter_model, tokenizer=False).has_adapter
-    results = run_group(4, [adapter_model], tmp_path)
-    assert_matches_tp1(adapter_model, results[str(adapter_model)])
+    case = text_case(adapter_model)
+    results = run_group(4, {adapter_model: case}, tmp_path)
+    assert_matches_tp1(adapter_model, case, results[str(adapter_model)])
 
 
 def test_heads_must_divide():
