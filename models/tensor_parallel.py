@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import threading
 import weakref
+from collections import deque
 from datetime import timedelta
 from typing import Any
 
@@ -236,7 +237,7 @@ class TensorParallelModel:
         self.world = dist.get_world_size()
         self._ids = itertools.count()
         self._cache_ids: weakref.WeakKeyDictionary[PagedKVCache, int] = weakref.WeakKeyDictionary()
-        self._dropped: list[int] = []
+        self._dropped: deque[int] = deque()  # appended by finalizers (any thread), drained by _send
         self._lock = threading.Lock()  # one command (and its forward) at a time
         self.closed = False
 
@@ -244,7 +245,7 @@ class TensorParallelModel:
         return getattr(self.shard, name)
 
     def _send(self, command: tuple) -> None:
-        dropped, self._dropped = self._dropped, []
+        dropped = [self._dropped.popleft() for _ in range(len(self._dropped))]
         dist.broadcast_object_list([(dropped, command)], src=0, group=self.control)
 
     def new_cache(self, num_pages: int, page_size: int = 16) -> PagedKVCache:
@@ -269,8 +270,11 @@ class TensorParallelModel:
                 self._send(("stop",))
 
 
-def follow(shard: TriModeModel, control: dist.ProcessGroup | None = None) -> None:
-    """What ranks other than 0 run: execute rank 0's commands until it stops the group."""
+def follow(shard: TriModeModel, control: dist.ProcessGroup | None = None) -> int:
+    """What ranks other than 0 run: execute rank 0's commands until it stops the group.
+
+    Returns how many KV caches were still allocated at the stop (0 once rank 0 dropped them all).
+    """
     caches: dict[int, PagedKVCache] = {}
     while True:
         message: list[Any] = [None]
@@ -280,7 +284,7 @@ def follow(shard: TriModeModel, control: dist.ProcessGroup | None = None) -> Non
             caches.pop(cache_id, None)
         op = command[0]
         if op == "stop":
-            break
+            return len(caches)
         if op == "new_cache":
             _, cache_id, num_pages, page_size = command
             caches[cache_id] = shard.new_cache(num_pages, page_size)

@@ -82,7 +82,7 @@ def _rank_main(rank: int, world: int, port: int, cases: dict[str, tuple], out_fi
             results[path] = decode_case(shard, model, prompt, images)
             model.close()
         else:
-            follow(decoder(shard))
+            assert follow(decoder(shard)) == 0  # every cache rank 0 let go of was freed here too
     if rank == 0:
         torch.save(results, out_file)
     dist.destroy_process_group()
