@@ -76,9 +76,6 @@ class RankActor:
     def ping(self) -> int:
         return self.rank
 
-    def node_id(self) -> str:
-        return ray.get_runtime_context().get_node_id()
-
 
 def backend_for(device: str) -> str:
     return "nccl" if device.startswith("cuda") else "gloo"
@@ -139,11 +136,6 @@ class WorkerGroup:
             ray.get(stopped)  # raises the rank's own error (or its death)
             raise RuntimeError("a tensor-parallel rank stopped following rank 0")
         ray.get([actor.ping.remote() for actor in self.actors], timeout=timeout_s)
-
-    def node_ids(self) -> list[str]:
-        """Node of every rank, rank 0 first (to see how a group spans a cluster)."""
-        own = ray.get_runtime_context().get_node_id()
-        return [own, *ray.get([actor.node_id.remote() for actor in self.actors])]
 
     def shutdown(self) -> None:
         """Stop the ranks and leave the process group (a replica's group also dies with it)."""
