@@ -22,7 +22,7 @@ MODES = ["ar", "diffusion", "linear_spec", "quadratic_spec"]
 PROMPT = "def fibonacci(n):\n    if n < 2:"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: xdist may interleave this module's tests with others
 def tp_app(serve_port):
     """The CPU Serve config's app, built by Ray's own builder call, under its own name and prefix."""
     from ray import serve
@@ -48,13 +48,13 @@ def tp_app(serve_port):
     serve.delete("triserve-tp")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def client(tp_app):
     key = os.environ.get("TRISERVE_API_KEY") or "unused"
     return openai.OpenAI(base_url=f"{tp_app}/v1", api_key=key, max_retries=0, timeout=120)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference():
     return models.load_model(TINY, dtype=torch.float32)
 
