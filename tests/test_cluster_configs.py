@@ -99,3 +99,12 @@ def test_rayservice_manifest():
     config = parse_config(embedded["applications"][0]["args"]["config"])
     strict = [m.tensor_parallel_size for m in config.models if m.placement_strategy == "STRICT_PACK"]
     assert max(shapes) >= max(strict + [1])
+
+
+def test_model_spec_rejects_bad_tensor_parallel_settings():
+    with pytest.raises(ValueError, match="placement_strategy must be one of PACK, STRICT_PACK, got 'SPREAD'"):
+        parse_config({"models": [{"name": "m", "path": "x", "placement_strategy": "SPREAD"}]})
+    with pytest.raises(ValueError, match="tensor_parallel_size must be a positive integer"):
+        parse_config({"models": [{"name": "m", "path": "x", "tensor_parallel_size": 0}]})
+    with pytest.raises(ValueError, match="unknown model fields: tp"):
+        parse_config({"models": [{"name": "m", "path": "x", "tp": 2}]})
