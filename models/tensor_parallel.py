@@ -169,16 +169,13 @@ def build_sharded(config: ModelConfig, rank: int, world: int) -> TriModeModel:
     return model
 
 
-def init_rank(
-    rank: int, world: int, address: str, port: int, *, backend: str | None = None, timeout_s: float = 300.0
-) -> str:
-    """Join the group whose rank 0 listens on ``address:port``; returns the backend used.
+def init_rank(rank: int, world: int, address: str, port: int, *, backend: str, timeout_s: float = 300.0) -> None:
+    """Join the group (``backend``: "nccl" on GPUs, "gloo" on CPU) whose rank 0 listens on ``address:port``.
 
-    NCCL when CUDA is visible, else gloo. Which network interface gloo/NCCL use comes from
-    ``GLOO_SOCKET_IFNAME``/``NCCL_SOCKET_IFNAME`` in the environment (the worker group sets them).
-    The timeout bounds how long a collective waits for a rank that died.
+    Which network interface gloo/NCCL use comes from ``GLOO_SOCKET_IFNAME``/``NCCL_SOCKET_IFNAME``
+    in the environment (the worker group sets them). The timeout bounds how long a collective
+    waits for a rank that died.
     """
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     dist.init_process_group(
         backend,
         init_method=f"tcp://{address}:{port}",
@@ -186,7 +183,6 @@ def init_rank(
         world_size=world,
         timeout=timedelta(seconds=timeout_s),
     )
-    return backend
 
 
 def control_group() -> dist.ProcessGroup | None:
