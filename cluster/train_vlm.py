@@ -139,6 +139,10 @@ def train(s: TrainSettings) -> Path:
     config = vlm_config(s, tokenizer)
     model = VisionLanguageModel(config)
     init_weights(model, s.seed)
+    with torch.no_grad():  # every RMSNorm starts at one, the encoder's ``ln_pre`` too (not named "norm")
+        model.vision_tower.ln_pre.weight.fill_(1.0)
+    if s.init_from:  # continue from an exported tiny VLM (its tokenizer is the same word list)
+        model.load_state_dict(load_vlm(s.init_from, dtype=torch.float32, tokenizer=False).state_dict())
     tokens = config.image_tokens()
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.95), weight_decay=s.weight_decay)
     rng = random.Random(s.seed)
@@ -185,9 +189,12 @@ def train(s: TrainSettings) -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", required=True)
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--init-from", default=None, help="an exported tiny VLM to continue from")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     settings = TrainSettings(
         output=args.output,
@@ -201,13 +208,15 @@ def main(argv: list[str] | None = None) -> None:
         block_size=4,
         batch_size=32,
         steps=args.steps,
-        lr=2e-3,
+        lr=args.lr,
+        seed=args.seed,
+        init_from=args.init_from,
         warmup=100,
         eval_every=args.eval_every,
         eval_sequences=50,
         cpus_per_worker=args.threads,
         save_dtype="bfloat16",
-        extra={"vision_hidden": 96, "vision_layers": 2, "vision_heads": 4, "image_size": 84, "picture_size": 84},
+        extra={"vision_hidden": 128, "vision_layers": 2, "vision_heads": 4, "image_size": 84, "picture_size": 84},
     )
     folder = train(settings)
     model = load_vlm(folder)  # the exported (bf16) weights, as served

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.ray
 
 def test_triserve_serve_default_config(tmp_path):
     config = load_config(DEFAULT_CONFIG)
-    assert [m.name for m in config.models] == ["tiny"]
+    assert [m.name for m in config.models] == ["tiny", "tiny-vlm"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

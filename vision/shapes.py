@@ -1,6 +1,6 @@
 """Synthetic pictures for the tiny VLM: one Pillow-drawn shape in one colour on a plain background.
 
-Shape, colour, size, position, rotation and background vary; the caption names shape and colour
+Shape, colour, size, position and background shade vary (shapes stand upright); the caption names shape and colour
 ("a red circle"). Used to train the bundled ``tiny-vlm`` and to test it on fresh pictures.
 """
 
@@ -47,11 +47,11 @@ def draw(rng: random.Random, size: int = 84) -> Picture:
     grey = rng.randint(225, 255)
     image = Image.new("RGB", (size, size), (grey, grey, grey))
     pen = ImageDraw.Draw(image)
-    r = rng.uniform(0.2, 0.38) * size
+    r = rng.uniform(0.24, 0.4) * size
     cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
     if shape == "circle":
         pen.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLOURS[colour])
     else:
-        turn = -math.pi / 2 + rng.uniform(-0.3, 0.3) if shape != "square" else math.pi / 4 + rng.uniform(-0.3, 0.3)
+        turn = math.pi / 4 if shape == "square" else -math.pi / 2  # upright: a square's sides level, a point up
         pen.polygon(_polygon(shape, cx, cy, r, turn), fill=COLOURS[colour])
     return Picture(image, shape, colour)
