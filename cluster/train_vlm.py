@@ -186,8 +186,8 @@ def train(s: TrainSettings) -> Path:
     return folder
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of this entry point and of ``triserve train-vlm``."""
     parser.add_argument("--output", required=True)
     parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--threads", type=int, default=1)
@@ -195,7 +195,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init-from", default=None, help="an exported tiny VLM to continue from")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Train, export to ``output/model``, and report the exported model's accuracy in every mode."""
     settings = TrainSettings(
         output=args.output,
         hidden_size=128,
@@ -224,7 +227,10 @@ def main(argv: list[str] | None = None) -> None:
     for mode in ("ar", "diffusion", "linear_spec", "quadratic_spec"):
         acc = accuracy(model, model.language_model.tokenizer, tokens, seed=99_999, n=50, mode=mode)
         print(json.dumps({"exported": str(folder), "mode": mode, "accuracy@50": acc}), flush=True)
+    return folder
 
 
 if __name__ == "__main__":
-    main()
+    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(cli)
+    run(cli.parse_args())

@@ -125,6 +125,24 @@ def _add_train_parser(sub) -> None:
     train.set_defaults(func=_train)
 
 
+def _train_vlm(args: argparse.Namespace) -> int:
+    from cluster.train_vlm import run
+
+    print(f"model written to {run(args)}")
+    return 0
+
+
+def _add_train_vlm_parser(sub) -> None:
+    from cluster.train_vlm import add_arguments
+
+    train_vlm = sub.add_parser(
+        "train-vlm",
+        help="train the tiny VLM on synthetic shapes with the joint AR + diffusion objective (one process)",
+    )
+    add_arguments(train_vlm)
+    train_vlm.set_defaults(func=_train_vlm)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="triserve", description="Serve tri-mode diffusion language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.set_defaults(func=_serve)
 
     _add_train_parser(sub)
+    _add_train_vlm_parser(sub)
     return parser
 
 

@@ -121,3 +121,14 @@ def test_remote_timeout():
             load_image(f"http://127.0.0.1:{silent.getsockname()[1]}/x.png", limits)
     finally:
         silent.close()
+
+
+def test_app_config_image_limits():
+    from deployments.config import parse_config
+
+    base = {"models": [{"name": "m", "path": "/models/m"}]}
+    assert parse_config(base).images == ImageLimits()  # remote URLs off by default
+    config = parse_config({**base, "images": {"allow_remote": True, "max_bytes": 1000, "remote_timeout_s": 1.5}})
+    assert config.images == ImageLimits(allow_remote=True, max_bytes=1000, remote_timeout_s=1.5)
+    with pytest.raises(ValueError, match="unknown images fields: max_size"):
+        parse_config({**base, "images": {"max_size": 3}})
