@@ -31,7 +31,7 @@ from models.data import CHAT_TEMPLATE
 from models.modes import DecodeParams, kv_tokens_needed
 from models.vlm import VLMConfig
 from vision.loading import ImageError, load_image
-from vision.preprocess import placeholder_text, preprocess
+from vision.preprocess import ImageLayout, placeholder_text, preprocess
 
 DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 512}  # OpenAI's completions default; chat: context-bound
 STATS_TTL_S = 0.5
@@ -155,11 +155,13 @@ class OpenAIService:
 
     def _encode_prompt(self, model: ServedModel, prompt) -> list[int]:
         if isinstance(prompt, str):
-            return model.tokenizer.encode(prompt)
-        ids = list(prompt)
-        vocab = model.config.vocab_size
-        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in ids):
-            raise APIError(400, f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+            ids = model.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            vocab = model.config.vocab_size
+            if any(not isinstance(t, int) or t < 0 or t >= vocab for t in ids):
+                raise APIError(400, f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+        _check_placeholders(model, ids, 0, "prompt")  # completions carry no images
         return ids
 
     def _chat_prompt(self, model: ServedModel, req: ChatRequest) -> tuple[list[int], list[np.ndarray]]:
@@ -174,10 +176,11 @@ class OpenAIService:
                     if kind == "text":
                         texts.append(str(part.get("text", "")))
                     elif kind == "image_url":
-                        pixels, text = self._image(model, part, len(images), f"messages[{i}].content[{j}].image_url")
+                        pixels, layout = self._image(model, part, len(images), f"messages[{i}].content[{j}].image_url")
                         images.append(pixels)
-                        texts.append(text)
-                        expected += text.count(model.tokenizer.convert_ids_to_tokens(model.vision.image_token_id))
+                        tokens = model.vision.image_tokens(model.tokenizer)
+                        texts.append(placeholder_text(layout, tokens, model.tokenizer))
+                        expected += layout.num_image_tokens
                     else:
                         raise APIError(400, f"unsupported content part type {kind!r}", param=f"messages[{i}].content")
                 content = "".join(texts)
@@ -186,12 +189,13 @@ class OpenAIService:
         template = getattr(tok, "chat_template", None) or CHAT_TEMPLATE  # checkpoints without one
         text = tok.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
         ids = tok.encode(text, add_special_tokens=False)
-        if model.vision is not None and ids.count(model.vision.image_token_id) != expected:
-            raise APIError(400, "message text must not contain image placeholder tokens", param="messages")
+        _check_placeholders(model, ids, expected, "messages")
         return ids, images
 
-    def _image(self, model: ServedModel, part: dict[str, Any], index: int, param: str) -> tuple[np.ndarray, str]:
-        """One image_url part -> (normalised pixels, its placeholder text); every bad input is a 400."""
+    def _image(
+        self, model: ServedModel, part: dict[str, Any], index: int, param: str
+    ) -> tuple[np.ndarray, ImageLayout]:
+        """One image_url part -> (normalised pixels, its placeholder layout); every bad input is a 400."""
         if model.vision is None:
             raise APIError(400, f"model '{model.spec.name}' does not accept images", param=param)
         limits = self.config.images
@@ -203,9 +207,7 @@ class OpenAIService:
             image = load_image(url, limits)
         except ImageError as exc:
             raise APIError(400, str(exc), param=param, code="invalid_image") from None
-        vision = model.vision
-        pixels, layout = preprocess(image, vision.vision, vision.spatial_merge_size)
-        return pixels, placeholder_text(layout, vision.image_tokens(model.tokenizer), model.tokenizer)
+        return preprocess(image, model.vision.vision, model.vision.spatial_merge_size)
 
     async def prepare(self, req: CommonRequest, kind: str) -> Prepared:
         # with model 'auto' the router sizes the prompt with the first model's tokenizer; the prompt
@@ -362,6 +364,13 @@ class OpenAIService:
         nfe = out["nfe"] if out else 0
         tokens = out["tokens"] if out else 0
         return triserve_info(prep.model.spec.name, prep.params.mode, prep.tier, nfe, tokens)
+
+
+def _check_placeholders(model: ServedModel, ids: list[int], expected: int, param: str) -> None:
+    """A VLM prompt holds image placeholders only where images were given: text that spells them
+    would leave placeholders without embeddings."""
+    if model.vision is not None and ids.count(model.vision.image_token_id) != expected:
+        raise APIError(400, "the text must not contain image placeholder tokens", param=param)
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:

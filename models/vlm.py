@@ -141,8 +141,9 @@ class VLMConfig:
                 found = tokenizer.convert_tokens_to_ids(name)
                 ids[key] = found if found != tokenizer.unk_token_id else None
             if ids[key] is None:
-                raise ConfigError(f"no id for {name}: set image_{key}_token_id in config.json"
-                                  " or add it to the tokenizer")
+                raise ConfigError(
+                    f"no id for {name}: set image_{key}_token_id in config.json or add it to the tokenizer"
+                )
         return ImageTokens(image=self.image_token_id, row_break=int(ids["break"]), end=int(ids["end"]))
 
 

@@ -34,9 +34,7 @@ class PatchMerger(nn.Module):
 class Projector(nn.Module):
     """Vision features -> text embeddings. Names as in the checkpoints (``multi_modal_projector.*``)."""
 
-    def __init__(
-        self, vision_hidden: int, text_hidden: int, *, merge: int, act: str, bias: bool, eps: float
-    ) -> None:
+    def __init__(self, vision_hidden: int, text_hidden: int, *, merge: int, act: str, bias: bool, eps: float) -> None:
         super().__init__()
         if act not in _ACT:
             raise ValueError(f"unsupported projector_hidden_act {act!r}; expected one of {', '.join(_ACT)}")
