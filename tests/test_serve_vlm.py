@@ -122,6 +122,8 @@ def test_auto_routes_images_to_the_vlm_and_text_only_model_rejects_them(client):
     url = png_url(draw(random.Random(3)).image)
     reply = client.chat.completions.create(model="auto", messages=ask(url), max_tokens=8, temperature=0)
     assert reply.model == "tiny-vlm"
+    stream = client.chat.completions.create(model="auto", messages=ask(url), max_tokens=8, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == reply.choices[0].message.content
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="tiny", messages=ask(url), max_tokens=8)
     assert "does not accept images" in info.value.body["message"]
