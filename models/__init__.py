@@ -5,6 +5,7 @@ from models.generate import Generation, generate, score
 from models.loading import CheckpointError, load_model, save_model
 from models.model import TriModeModel
 from models.modes import MODES, DecodeParams
+from models.vlm import VisionLanguageModel, VLMConfig, load_vlm, save_vlm
 
 __all__ = [
     "MODES",
@@ -14,8 +15,12 @@ __all__ = [
     "Generation",
     "ModelConfig",
     "TriModeModel",
+    "VLMConfig",
+    "VisionLanguageModel",
     "generate",
     "load_model",
+    "load_vlm",
     "save_model",
+    "save_vlm",
     "score",
 ]
