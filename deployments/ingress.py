@@ -57,6 +57,8 @@ class Ingress:
         for spec in config.models:
             tokenizer = load_tokenizer(spec.path)
             text_config, vision = read_config(spec.path)
+            if vision is not None:
+                vision.image_tokens(tokenizer)  # a VLM without placeholder ids fails here, at deploy time
             models[spec.name] = ServedModel(spec, text_config, tokenizer, HandleBackend(handles[spec.name]), vision)
 
         def record(tier, decision):
