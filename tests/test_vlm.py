@@ -219,3 +219,53 @@ def test_unknown_prefix_is_a_clear_error(tmp_path, vlm):
     save_file(renamed, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match="text model.*'decoder.text.'"):
         load_vlm(tmp_path)
+
+
+def test_encoder_and_projector_match_the_transformers_reference(vlm):
+    """Same weights, same numbers as transformers' Pixtral encoder and Mistral3 projector (installed
+    package, random config: nothing is downloaded). Pins the 2D RoPE layout and the merge order."""
+    from transformers import Mistral3Config, MistralConfig, PixtralVisionConfig, PixtralVisionModel
+    from transformers.models.mistral3.modeling_mistral3 import Mistral3MultiModalProjector
+
+    vc = vlm.config.vision
+    vision_config = PixtralVisionConfig(
+        hidden_size=vc.hidden_size,
+        intermediate_size=vc.intermediate_size,
+        num_hidden_layers=vc.num_hidden_layers,
+        num_attention_heads=vc.num_attention_heads,
+        head_dim=vc.head_dim,
+        patch_size=vc.patch_size,
+        image_size=vc.image_size,
+        hidden_act=vc.hidden_act,
+        rope_parameters={"rope_type": "default", "rope_theta": vc.rope_theta},
+    )
+    config = Mistral3Config(
+        vision_config=vision_config,
+        text_config=MistralConfig(hidden_size=vlm.config.text.hidden_size, rms_norm_eps=vlm.config.text.rms_norm_eps),
+        spatial_merge_size=2,
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=False,
+        vision_feature_layer=-1,
+    )
+    encoder, projector = PixtralVisionModel(vision_config).eval(), Mistral3MultiModalProjector(config).eval()
+    state = vlm.state_dict()
+    for module, prefix in ((encoder, "vision_tower."), (projector, "multi_modal_projector.")):
+        module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+    pixels = torch.randn(1, 3, 56, 84)
+    with torch.no_grad():
+        reference = encoder(pixels, image_sizes=torch.tensor([[56, 84]])).last_hidden_state
+        features = vlm.vision_tower(pixels)
+        torch.testing.assert_close(features, reference, atol=1e-5, rtol=1e-4)
+        expected = projector(reference[0], torch.tensor([[56, 84]]))
+        torch.testing.assert_close(vlm.image_embeddings(pixels)[0], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_placeholder_ids_fall_back_to_the_tokenizer():
+    from models.loading import load_tokenizer
+    from tests.conftest import REPO
+
+    raw = {k: v for k, v in vlm_raw().items() if k not in ("image_break_token_id", "image_end_token_id")}
+    config = VLMConfig.from_dict(raw)
+    assert config.image_tokens(load_tokenizer(REPO / "models" / "bundled" / "tiny-vlm")) == TOKENS
+    with pytest.raises(ConfigError, match=r"\[IMG_BREAK\]"):
+        config.image_tokens()
