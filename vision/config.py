@@ -49,7 +49,8 @@ class VisionConfig:
         if act not in ACTIVATIONS:
             raise ConfigError(f"unsupported vision_config.hidden_act {act!r}; expected one of {', '.join(ACTIVATIONS)}")
         rope = raw.get("rope_parameters") or {}
-        longest = (pre.get("size") or {}).get("longest_edge") if isinstance(pre.get("size"), dict) else None
+        size = pre.get("size")
+        longest = size.get("longest_edge") if isinstance(size, dict) else None  # preprocessor_config.json
         mean = tuple(float(v) for v in (raw.get("image_mean") or pre.get("image_mean") or CLIP_MEAN))
         std = tuple(float(v) for v in (raw.get("image_std") or pre.get("image_std") or CLIP_STD))
         channels = int(raw.get("num_channels", 3))
