@@ -32,6 +32,7 @@ from models.loading import (
     load_weights,
     resolve_dtype,
     save_model,
+    weight_files,
 )
 from models.model import TriModeModel
 from models.segments import PromptEmbeds
@@ -249,8 +250,6 @@ def load_vlm(
 
     ``select`` and ``build_text`` are the tensor-parallel hooks, as in ``load_model`` (``select``
     sees the model's tensor names, ``language_model.*`` for the decoder)."""
-    from models.loading import weight_files
-
     folder = _check_folder(path)
     _, config = read_config(folder)
     if config is None:
