@@ -142,6 +142,7 @@ def bad_inputs() -> dict[str, tuple[list[dict], str]]:
         "decompression bomb": (ask(png_url(bomb)), "pixels"),
         "remote URL disabled": (ask("http://127.0.0.1:9/picture.png"), "disabled"),
         "other scheme": (ask("file:///etc/passwd"), "data: URL"),
+        "no url": ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "non-empty string"),
         "too many images": (
             [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_url(good)}}] * 9}],
             "at most 8 images",
