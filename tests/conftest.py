@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -126,3 +128,23 @@ def serve_port(ray_local) -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port
     serve.shutdown()
+
+
+def run_app(app, name: str, route_prefix: str, port: int, timeout_s: float = 180.0) -> str:
+    """Deploy a Serve app under its own name and prefix; return its base URL once its routes answer.
+
+    (The proxy answers 404 until the routes register, so a 200 from /health is the signal.)
+    """
+    from ray import serve
+
+    serve.run(app, name=name, route_prefix=route_prefix)
+    base = f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}"
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                return base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"Serve app {name!r} did not answer at {base}/health within {timeout_s:.0f}s")

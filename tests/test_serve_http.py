@@ -14,7 +14,7 @@ import yaml
 
 import models
 from models.loading import save_model
-from tests.conftest import random_model
+from tests.conftest import random_model, run_app
 
 pytestmark = pytest.mark.ray
 
@@ -55,16 +55,7 @@ def app(serve_port, fixture_path, tmp_path_factory):
     }
     (folder / "app.yaml").write_text(yaml.safe_dump(config))
     port = serve_port
-    serve.run(build_app(load_config(folder / "app.yaml")), name="triserve", route_prefix="/")
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:  # the proxy answers 404 until the routes register
-        try:
-            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+    base = run_app(build_app(load_config(folder / "app.yaml")), "triserve", "/", port, timeout_s=120)
     yield base
     serve.delete("triserve")
 

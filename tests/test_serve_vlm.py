@@ -8,13 +8,13 @@ import base64
 import dataclasses
 import io
 import random
-import time
 
 import httpx
 import openai
 import pytest
 from PIL import Image
 
+from tests.conftest import run_app
 from vision.shapes import draw
 
 pytestmark = pytest.mark.ray
@@ -59,16 +59,7 @@ def vlm_base(serve_port):
         ingress_num_cpus=0.1,
         images=dataclasses.replace(config.images, max_bytes=MAX_BYTES),
     )
-    serve.run(build_app(config), name="triserve-vlm", route_prefix="/vlm")
-    base = f"http://127.0.0.1:{serve_port}/vlm"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+    base = run_app(build_app(config), "triserve-vlm", "/vlm", serve_port, timeout_s=120)
     yield base
     serve.delete("triserve-vlm")
 

@@ -4,16 +4,14 @@ gloo) deployed the way `serve run` builds it, answering over real HTTP with TP=1
 from __future__ import annotations
 
 import os
-import time
 
-import httpx
 import openai
 import pytest
 import torch
 import yaml
 
 import models
-from tests.conftest import REPO
+from tests.conftest import REPO, run_app
 
 pytestmark = pytest.mark.ray
 
@@ -34,16 +32,7 @@ def tp_app(serve_port):
     entry = schema.applications[0]
     assert entry.args["config"]["models"][0]["tensor_parallel_size"] == 2
     app = call_user_app_builder_with_args_if_necessary(import_attr(entry.import_path), entry.args)
-    serve.run(app, name="triserve-tp", route_prefix="/tp")
-    base = f"http://127.0.0.1:{serve_port}/tp"
-    deadline = time.time() + 180
-    while time.time() < deadline:  # the proxy answers 404 until the routes register
-        try:
-            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+    base = run_app(app, "triserve-tp", "/tp", serve_port, timeout_s=180)
     yield base
     serve.delete("triserve-tp")
 
