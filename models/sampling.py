@@ -58,7 +58,7 @@ def speculative_accept(
     on CUDA); the uniforms come from the request's generator, one per draft token and one draw.
     """
     device = target_logits.device
-    draft_ids = torch.tensor([draft], dtype=torch.long, device=device).view(1, len(draft))
+    draft_ids = torch.tensor([draft], dtype=torch.long, device=device)  # [1, n], n may be 0
     if temperature <= 0:
         accepted, tokens, _ = kernels.verify_accept(draft_ids, target_logits.argmax(dim=-1)[None], None)
     else:
