@@ -35,6 +35,7 @@ def main() -> int:
 
     from models.batch import pack
     from models.config import ModelConfig
+    from models.engine import KVCacheManager
     from models.model import TriModeModel
     from models.segments import bidirectional_segment, causal_segment, quadratic_segment
 
@@ -69,10 +70,11 @@ def main() -> int:
     dst = torch.empty_like(src)
     bandwidth = 2 * src.numel() / (triton.testing.do_bench(lambda: dst.copy_(src)) * 1e-3)
     ctx = args.context
-    cache = model.new_cache(num_pages=(ctx + 2048) // 16 + 1, page_size=16)
-    cache.add(0)
-    cache.reserve(0, ctx + 1100)
-    cache.set_length(0, ctx)
+    pages = (ctx + 2048) // 16 + 1
+    cache, kv = model.new_cache(num_pages=pages, page_size=16), KVCacheManager(pages, 16, device="cuda")
+    kv.add(0)
+    kv.reserve(0, ctx + 1100)
+    kv.set_length(0, ctx)
     L, Lq = args.block, args.quadratic_block
     cases = {
         "AR token": causal_segment([5], ctx, write=True),
@@ -86,7 +88,7 @@ def main() -> int:
         f"floor {floor_ms:.2f} ms per forward, context {ctx}"
     )
     for name, segment in cases.items():
-        batch = pack([(0, segment)], cache, device="cuda")
+        batch = pack([(0, segment)], kv, device="cuda")
         ms = triton.testing.do_bench(partial(model, batch, cache), warmup=5, rep=30)
         print(f"{name:<40}{ms:>9.2f} ms{floor_ms / ms:>9.1%} of the bandwidth floor")
     return 0

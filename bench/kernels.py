@@ -50,7 +50,7 @@ def main() -> int:
         return 0
     import triton.testing
 
-    from kernels import AttentionSegment, MaskKind
+    from kernels import AttentionMetadata, MaskKind
     from kernels.kv_write import kv_write_triton
     from kernels.rmsnorm import rmsnorm_triton
     from kernels.rope import rope_triton
@@ -118,12 +118,12 @@ def main() -> int:
             slots = batch * (context + BLOCK)
             k_cache = torch.randn(slots, KV_HEADS, HEAD_DIM, **bf16)
             v_cache = torch.randn_like(k_cache)
-            segments = [
-                AttentionSegment(
-                    i * BLOCK, BLOCK, torch.arange(i * context, (i + 1) * context, device="cuda"), MaskKind.CAUSAL
-                )
-                for i in range(batch)
-            ]
+            segments = AttentionMetadata.from_slots(
+                [
+                    (i * BLOCK, BLOCK, torch.arange(i * context, (i + 1) * context, device="cuda"), MaskKind.CAUSAL, 0)
+                    for i in range(batch)
+                ]
+            )
             kv_bytes = 2 * batch * context * KV_HEADS * HEAD_DIM * 2
             flops = 4 * batch * BLOCK * (context + BLOCK) * HEADS * HEAD_DIM
             row(

@@ -29,7 +29,10 @@ class ModelSpec:
     page_size: int = 16
     max_running: int = 32
     max_waiting: int = 128  # beyond this many queued requests the model answers 429
-    prefill_chunk: int = 256
+    max_step_tokens: int = 2048  # query tokens per engine step (decode steps are whole; prefills are chunked)
+    prefill_chunk: int = 256  # prompt tokens of one request per step at most
+    prefix_caching: bool = True
+    priority_ageing_s: float = 5.0  # a request waiting this long counts one tier more urgent
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per replica / rank

@@ -46,10 +46,23 @@ class ModelMetrics:
         self.running = m.Gauge("triserve_num_requests_running", "Requests in the running batch.", tag_keys=("model",))
         self.waiting = m.Gauge("triserve_num_requests_waiting", "Requests waiting for admission.", tag_keys=("model",))
         self.kv_usage = m.Gauge("triserve_kv_cache_usage_perc", "Fraction of KV pages in use.", tag_keys=("model",))
+        self.prefix_queries = m.Counter(
+            "triserve_prefix_cache_queries_total", "Tokens looked up in the prefix cache.", tag_keys=("model",)
+        )
+        self.prefix_hits = m.Counter(
+            "triserve_prefix_cache_hits_total",
+            "Tokens found in the prefix cache (prefill skipped).",
+            tag_keys=("model",),
+        )
+        self.preemptions = m.Counter(
+            "triserve_num_preemptions_total", "Requests preempted when the KV pool ran dry.", tag_keys=("model",)
+        )
         for metric in (self.ttft, self.itl, self.e2e, self.tpf, self.tokens, self.nfe, self.accepted):
             metric.set_default_tags({"model": model})
-        for metric in (self.running, self.waiting, self.kv_usage):
+        for metric in (self.running, self.waiting, self.kv_usage, self.prefix_queries, self.prefix_hits):
             metric.set_default_tags({"model": model})
+        self.preemptions.set_default_tags({"model": model})
+        self._counted = {"prefix_queries": 0, "prefix_hits": 0, "preemptions": 0}
 
     def finished(self, mode: str, tier: str, out, seconds: float) -> None:
         tags = {"mode": mode, "tier": tier}
@@ -58,13 +71,20 @@ class ModelMetrics:
         self.nfe.inc(out.nfe, tags=tags)
         if out.nfe:
             self.tpf.observe(out.tpf, tags=tags)
-        for length in out.accepted_lengths:
-            self.accepted.observe(length, tags={"mode": mode})
 
     def engine(self, stats) -> None:
         self.running.set(stats.running)
         self.waiting.set(stats.waiting)
         self.kv_usage.set(stats.pool_usage)
+        for name, counter in (
+            ("prefix_queries", self.prefix_queries),
+            ("prefix_hits", self.prefix_hits),
+            ("preemptions", self.preemptions),
+        ):
+            total = getattr(stats, name)
+            if total > self._counted[name]:
+                counter.inc(total - self._counted[name])
+                self._counted[name] = total
 
 
 class RouterMetrics:

@@ -28,6 +28,7 @@ from deployments.protocol import (
 from deployments.router import Candidate, Decision, ReplicaStats, choose
 from models.config import ModelConfig
 from models.data import CHAT_TEMPLATE
+from models.engine.detokenizer import IncrementalDetokenizer
 from models.modes import DecodeParams, kv_tokens_needed
 from models.vlm import VLMConfig
 from vision.loading import ImageError, load_image
@@ -299,7 +300,8 @@ class OpenAIService:
     async def run(self, prep: Prepared) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """Yield (text delta, step output) until the request ends (EOS, length or a stop string).
 
-        The step output carries ``all_tokens``: the ids generated so far.
+        The step output carries ``all_tokens``: the ids generated so far. Text is decoded and
+        searched for stop strings incrementally (work per output grows with its new tokens only).
         """
         request = {
             "request_id": new_id("req"),
@@ -309,25 +311,19 @@ class OpenAIService:
         }
         if prep.images:
             request["images"] = prep.images
-        tok = prep.model.tokenizer
-        tokens: list[int] = []
-        sent = ""
+        detokenizer = IncrementalDetokenizer(prep.model.tokenizer)
+        stops = StopStrings(prep.stops)
         stream = prep.model.backend.generate(request)
         try:
             async for out in stream:
-                tokens.extend(out["new_tokens"])
-                out = {**out, "all_tokens": tokens}
-                text = tok.decode(tokens, skip_special_tokens=True)
-                stop_at = _find_stop(text, prep.stops)
-                if stop_at is not None:
-                    out = {**out, "finished": True, "finish_reason": "stop", "stopped_by_string": True}
-                    yield text[len(sent) : stop_at], out
+                text = detokenizer.push(out["new_tokens"])
+                if out["finished"]:
+                    text += detokenizer.flush()
+                out = {**out, "all_tokens": detokenizer.tokens}
+                delta, stopped = stops.feed(text, final=out["finished"])
+                if stopped:
+                    yield delta, {**out, "finished": True, "finish_reason": "stop", "stopped_by_string": True}
                     return
-                if not out["finished"] and (text.endswith("\ufffd") or _holds_stop_prefix(text, prep.stops)):
-                    held = _safe_prefix(text, prep.stops)
-                else:
-                    held = text
-                delta, sent = held[len(sent) :], held
                 if delta or out["finished"]:
                     yield delta, out
                 if out["finished"]:
@@ -373,25 +369,36 @@ def _check_placeholders(model: ServedModel, ids: list[int], expected: int, param
         raise APIError(400, "the text must not contain image placeholder tokens", param=param)
 
 
-def _find_stop(text: str, stops: list[str]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
+class StopStrings:
+    """Cuts generated text at the first stop string, looking only at new text and the few characters
+    before it, and holds back a tail that could be the start of one until it is decided."""
 
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.context = max((len(s) for s in self.stops), default=1) - 1  # sent characters a stop may span
+        self.sent_tail = ""
+        self.held = ""
 
-def _holds_stop_prefix(text: str, stops: list[str]) -> bool:
-    return any(text.endswith(s[:k]) for s in stops for k in range(1, len(s)))
+    def feed(self, text: str, final: bool) -> tuple[str, bool]:
+        """New text in; (text to send now, whether a stop string ended the output) out."""
+        pending = self.held + text
+        if not self.stops:
+            return pending, False
+        window = self.sent_tail + pending
+        hits = [i for i in (window.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            return pending[: max(min(hits) - len(self.sent_tail), 0)], True
+        keep = 0 if final else self._possible_start(pending)
+        out, self.held = pending[: len(pending) - keep], pending[len(pending) - keep :]
+        self.sent_tail = (self.sent_tail + out)[-self.context :] if self.context else ""
+        return out, False
 
-
-def _safe_prefix(text: str, stops: list[str]) -> str:
-    """Text that can be sent: without an incomplete UTF-8 tail or a possible start of a stop string."""
-    text = text.rstrip("\ufffd")
-    cut = len(text)
-    for s in stops:
-        for k in range(len(s) - 1, 0, -1):
-            if text.endswith(s[:k]):
-                cut = min(cut, len(text) - k)
-                break
-    return text[:cut]
+    def _possible_start(self, text: str) -> int:
+        """Length of the longest end of ``text`` that is a proper beginning of a stop string."""
+        for k in range(min(self.context, len(text)), 0, -1):
+            if any(s.startswith(text[-k:]) for s in self.stops):
+                return k
+        return 0
 
 
 async def _close(stream) -> None:

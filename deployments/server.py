@@ -10,9 +10,8 @@ from typing import Any
 from ray import serve
 
 from deployments import metrics
-from deployments.async_engine import AsyncEngine
 from deployments.config import ModelSpec
-from deployments.engine import Engine
+from models.engine import AsyncEngine, Engine
 from models.generate import score_with_top
 from models.modes import DecodeParams
 
@@ -42,7 +41,10 @@ class ModelServer:
             num_pages=self.spec.num_pages,
             page_size=self.spec.page_size,
             max_running=self.spec.max_running,
+            max_step_tokens=self.spec.max_step_tokens,
             prefill_chunk=self.spec.prefill_chunk,
+            prefix_caching=self.spec.prefix_caching,
+            priority_ageing_s=self.spec.priority_ageing_s,
         )
         self.engine = AsyncEngine(engine)
         self.metrics = metrics.ModelMetrics(self.spec.name)
@@ -63,7 +65,8 @@ class ModelServer:
         )
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Stream ``StepOutput``s (as dicts) of one request; closing the stream cancels it.
+        """Stream ``StepOutput``s (as dicts) of one request; closing the stream cancels it. Outputs of
+        steps the stream did not collect in time arrive merged.
 
         A request with ``images`` (preprocessed pixel arrays, in prompt order) has them encoded once,
         on the engine thread, into the embeddings its prefill places on the image placeholders."""
@@ -76,7 +79,7 @@ class ModelServer:
         start = time.monotonic()
         last = start
         tier = request.get("tier", "standard")
-        async for out in self.engine.generate(request["request_id"], request["prompt"], params, embeds):
+        async for out in self.engine.generate(request["request_id"], request["prompt"], params, embeds, tier):
             now = time.monotonic()
             if out.new_tokens:
                 if out.tokens == len(out.new_tokens):
@@ -84,6 +87,8 @@ class ModelServer:
                 else:
                     self.metrics.itl.observe((now - last) / len(out.new_tokens), tags={"mode": params.mode})
                 last = now
+            for length in out.new_accepted:
+                self.metrics.accepted.observe(length, tags={"mode": params.mode})
             if out.finished:
                 self.metrics.finished(params.mode, tier, out, now - start)
             self.metrics.engine(self.engine.engine.stats)
@@ -106,6 +111,9 @@ class ModelServer:
             "per_token_s": fit[1] if fit else None,
             "used_pages": s.pool_used_pages,
             "pages": s.pool_pages,
+            "prefix_cache_queries": s.prefix_queries,
+            "prefix_cache_hits": s.prefix_hits,
+            "preemptions": s.preemptions,
         }
 
     def check_health(self) -> None:

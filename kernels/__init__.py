@@ -14,11 +14,12 @@ from kernels.kv_write import kv_write_reference
 from kernels.masks import MaskKind, quadratic_layout, segment_mask
 from kernels.rmsnorm import rmsnorm_reference
 from kernels.rope import rope_reference
-from kernels.row_stats import unmask_reference
-from kernels.segment_attention import AttentionSegment, segment_attention_reference
+from kernels.row_stats import unmask_commit_reference, unmask_reference
+from kernels.segment_attention import AttentionMetadata, AttentionSegment, segment_attention_reference
 from kernels.verify_accept import verify_accept_reference, verify_accept_sampled_reference
 
 __all__ = [
+    "AttentionMetadata",
     "AttentionSegment",
     "MaskKind",
     "backend",
@@ -29,6 +30,7 @@ __all__ = [
     "segment_attention",
     "segment_mask",
     "unmask",
+    "unmask_commit",
     "verify_accept",
     "verify_accept_sampled",
 ]
@@ -75,7 +77,7 @@ def segment_attention(
     v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    segments: list[AttentionSegment],
+    meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
     """Attention of packed segments over the paged cache; see kernels.segment_attention."""
@@ -83,8 +85,8 @@ def segment_attention(
         from kernels.triton_segment_attention import segment_attention_triton
 
         # on CPU (interpreter) tl.dot goes to BLAS, whose rounding depends on a row's tile position
-        return segment_attention_triton(q, k, v, k_cache, v_cache, segments, scale, use_dot=q.is_cuda)
-    return segment_attention_reference(q, k, v, k_cache, v_cache, segments, scale)
+        return segment_attention_triton(q, k, v, k_cache, v_cache, meta, scale, use_dot=q.is_cuda)
+    return segment_attention_reference(q, k, v, k_cache, v_cache, meta, scale)
 
 
 def kv_write(
@@ -107,7 +109,7 @@ def unmask(
     blocks: torch.Tensor,
     logits: torch.Tensor,
     mask_id: int,
-    threshold: float | None,
+    threshold: float | torch.Tensor | None,
     min_count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Greedy diffusion step on a batch of blocks, in place; returns the committed slots. See kernels.row_stats."""
@@ -116,6 +118,22 @@ def unmask(
 
         return unmask_triton(blocks, logits, mask_id, threshold, min_count)
     return unmask_reference(blocks, logits, mask_id, threshold, min_count)
+
+
+def unmask_commit(
+    blocks: torch.Tensor,
+    prob: torch.Tensor,
+    token: torch.Tensor,
+    mask_id: int,
+    threshold: float | torch.Tensor | None,
+    min_count: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The commit half of ``unmask`` for candidates chosen elsewhere (sampled ones), in place."""
+    if _triton_for(prob):
+        from kernels.row_stats import unmask_commit_triton
+
+        return unmask_commit_triton(blocks, prob, token, mask_id, threshold, min_count)
+    return unmask_commit_reference(blocks, prob, token, mask_id, threshold, min_count)
 
 
 def verify_accept(

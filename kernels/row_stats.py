@@ -5,7 +5,8 @@ the argmax of the logits with the mask token excluded and its probability under 
 the full row, then commits the most confident masked slot plus every masked slot whose
 probability reaches the threshold. Here both steps run on the device for a whole batch of
 blocks, with no host synchronisation: one program per row for the statistics, one per block for
-the commit.
+the commit. The commit also runs alone (``unmask_commit``) on candidates chosen elsewhere, as the
+sampled diffusion step does; each block may have its own threshold (requests differ).
 
 Ties: the lowest index wins, like ``torch.argmax`` (among equal logits for the token, among equal
 confidences for the slot). NaN logits are not supported (``tl.argmax`` treats them unlike torch).
@@ -34,34 +35,56 @@ def row_stats_reference(logits: torch.Tensor, exclude_id: int | None) -> tuple[t
     return prob.float(), token
 
 
-def unmask_reference(
+def block_thresholds(threshold: float | torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+    """Per-block thresholds [B] fp32 from one value or a tensor; None (no threshold) becomes +inf."""
+    if isinstance(threshold, torch.Tensor):
+        return threshold.to(device=device, dtype=torch.float32).expand(batch)
+    value = float("inf") if threshold is None else threshold
+    return torch.full((batch,), value, dtype=torch.float32, device=device)
+
+
+def unmask_commit_reference(
     blocks: torch.Tensor,
-    logits: torch.Tensor,
+    prob: torch.Tensor,
+    token: torch.Tensor,
     mask_id: int,
-    threshold: float | None,
+    threshold: float | torch.Tensor | None,
     min_count: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Commit, in place in ``blocks`` [B, L], the argmax token of the most confident masked slots.
+    """Commit, in place in ``blocks`` [B, L], the candidate ``token`` [B, L] of the most confident masked slots.
 
-    logits [B, L, V]. Per block, ``count = max(1, #masked slots with confidence >= threshold,
-    min_count)`` (threshold None: no slot qualifies; min_count [B] carries a step schedule), at
-    most the number of masked slots; the ``count`` most confident masked slots are committed.
-    Ragged blocks: pad them with any id other than ``mask_id``; padding is never committed.
-    Returns the committed slots as a bool [B, L].
+    ``prob`` [B, L] is each slot's confidence. Per block, ``count = max(1, #masked slots with
+    confidence >= threshold, min_count)`` (threshold: one value, or [B]; None or +inf: no slot
+    qualifies; min_count [B] carries a step schedule), at most the number of masked slots; the
+    ``count`` most confident masked slots are committed. Ragged blocks: pad them with any id other
+    than ``mask_id``; padding is never committed. Returns the committed slots as a bool [B, L].
     """
-    prob, token = row_stats_reference(logits, mask_id)
+    thresholds = block_thresholds(threshold, blocks.shape[0], blocks.device)
     masked = blocks == mask_id
     conf = torch.where(masked, prob, torch.full_like(prob, -1.0))
-    qualified = (masked & (prob >= threshold)).sum(dim=1) if threshold is not None else torch.zeros_like(blocks[:, 0])
-    count = qualified.clamp(min=1)
+    count = (masked & (prob >= thresholds[:, None])).sum(dim=1).clamp(min=1)
     if min_count is not None:
         count = torch.maximum(count, min_count.to(count.dtype))
     count = torch.minimum(count, masked.sum(dim=1))
     order = torch.sort(conf, dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(blocks.shape[1]).expand_as(order).contiguous())
+    ranks = torch.arange(blocks.shape[1], device=blocks.device).expand_as(order).contiguous()
+    rank = torch.empty_like(order).scatter_(1, order, ranks)
     committed = masked & (rank < count[:, None])
     blocks.copy_(torch.where(committed, token, blocks))
     return committed
+
+
+def unmask_reference(
+    blocks: torch.Tensor,
+    logits: torch.Tensor,
+    mask_id: int,
+    threshold: float | torch.Tensor | None,
+    min_count: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The greedy diffusion step: ``unmask_commit_reference`` of each slot's argmax (mask token
+    excluded) and its probability; logits [B, L, V]."""
+    prob, token = row_stats_reference(logits, mask_id)
+    return unmask_commit_reference(blocks, prob, token, mask_id, threshold, min_count)
 
 
 @functools.cache
@@ -99,11 +122,11 @@ def _kernels():
         prob_ptr,
         token_ptr,
         min_count_ptr,
+        threshold_ptr,
         committed_ptr,
         stride_block,
         length,
         mask_id,
-        threshold,
         HAS_MIN_COUNT: tl.constexpr,
         BLOCK_L: tl.constexpr,
     ):
@@ -114,6 +137,7 @@ def _kernels():
         masked = inside & (tokens == mask_id)
         prob = tl.load(prob_ptr + b * length + slots, mask=inside, other=0.0)
         conf = tl.where(masked, prob, -1.0)
+        threshold = tl.load(threshold_ptr + b)
         count = tl.maximum(tl.sum((masked & (prob >= threshold)).to(tl.int32), axis=0), 1)
         if HAS_MIN_COUNT:
             count = tl.maximum(count, tl.load(min_count_ptr + b).to(tl.int32))
@@ -155,36 +179,50 @@ def row_stats_triton(logits: torch.Tensor, exclude_id: int | None) -> tuple[torc
     return prob.view(logits.shape[:-1]), token.view(logits.shape[:-1])
 
 
-def unmask_triton(
+def unmask_commit_triton(
     blocks: torch.Tensor,
-    logits: torch.Tensor,
+    prob: torch.Tensor,
+    token: torch.Tensor,
     mask_id: int,
-    threshold: float | None,
+    threshold: float | torch.Tensor | None,
     min_count: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Same contract as :func:`unmask_reference`: two launches, no host synchronisation."""
+    """Same contract as :func:`unmask_commit_reference`: one launch, no host synchronisation."""
     import triton
 
     batch, length = blocks.shape
-    if logits.shape[:2] != (batch, length):
-        raise ValueError(f"logits {tuple(logits.shape)} do not match blocks {tuple(blocks.shape)}")
+    if prob.shape != (batch, length) or token.shape != (batch, length):
+        raise ValueError(f"candidates {tuple(prob.shape)} do not match blocks {tuple(blocks.shape)}")
     if blocks.stride(-1) != 1:
         raise ValueError("blocks must have a contiguous last dimension (they are updated in place)")
-    prob, token = row_stats_triton(logits, mask_id)
     committed = torch.empty((batch, length), dtype=torch.bool, device=blocks.device)
     if batch:
         _, commit_kernel = _kernels()
         commit_kernel[(batch,)](
             blocks,
-            prob,
-            token,
+            prob.contiguous(),
+            token.contiguous(),
             min_count if min_count is not None else blocks,
+            block_thresholds(threshold, batch, blocks.device).contiguous(),
             committed,
             blocks.stride(0),
             length,
             mask_id,
-            float("inf") if threshold is None else threshold,
             HAS_MIN_COUNT=min_count is not None,
             BLOCK_L=triton.next_power_of_2(length),
         )
     return committed
+
+
+def unmask_triton(
+    blocks: torch.Tensor,
+    logits: torch.Tensor,
+    mask_id: int,
+    threshold: float | torch.Tensor | None,
+    min_count: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Same contract as :func:`unmask_reference`: two launches, no host synchronisation."""
+    if logits.shape[:2] != tuple(blocks.shape):
+        raise ValueError(f"logits {tuple(logits.shape)} do not match blocks {tuple(blocks.shape)}")
+    prob, token = row_stats_triton(logits, mask_id)
+    return unmask_commit_triton(blocks, prob, token, mask_id, threshold, min_count)

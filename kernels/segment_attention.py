@@ -1,82 +1,175 @@
 """Attention of packed segments over the paged KV cache plus the segments' own keys/values.
 
 The PyTorch reference here is written to be *shape-invariant*: a query row's output depends only
-on the row and the keys it sees, not on how many other rows or keys share the call. That is the
-property that keeps self-speculation lossless (a verify row must equal the AR step that would have
-produced it). It is achieved the way the Triton kernel does it: keys are processed in fixed-size
-blocks that start at key 0 and summed block after block, blocks a row cannot see change
-nothing, and every matrix product runs on a multiple of ``ROW_MULTIPLE`` rows (CPU BLAS picks
-other micro-kernels for ragged row counts, which changes rounding; measured on MKL/AVX2).
+on the row and the keys it sees, not on how many other rows, segments or keys share the call. That
+is the property that keeps self-speculation lossless (a verify row must equal the AR step that
+would have produced it) and lets a request compute the same thing alone or in any batch. It is
+achieved the way the Triton kernel does it: keys are processed in fixed-size blocks that start at
+key 0 and summed block after block, blocks a row cannot see add exact zeros, and every matrix
+product runs on a multiple of ``ROW_MULTIPLE`` rows (CPU BLAS picks other micro-kernels for fewer
+rows, which changes rounding; measured on MKL/AVX2).
+
+What a step's attention needs is built once per step (:class:`AttentionMetadata`), not per layer:
+every segment becomes one or more *pieces* (a quadratic segment one per sub-block), each a set of
+query rows over a key list that is the segment's cached prefix followed by some of its own rows;
+what a query row sees is always a prefix of that key list, so visibility is one count per row.
+The reference groups pieces by padded row count and runs each group as one batched computation
+(no Python loop over segments); the Triton kernel reads the same description as tiles.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from kernels.masks import MaskKind, segment_mask
+from kernels.masks import MaskKind
 
 KEY_BLOCK = 64
 ROW_MULTIPLE = 4
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True)
 class AttentionSegment:
     """Where a segment's queries sit in the packed batch and what they see."""
 
     q_start: int
     q_len: int
-    prefix_slots: torch.Tensor  # [prefix_len] flat cache slots of the visible prefix, in order
+    prefix_len: int  # cached tokens visible to every query (their slots: AttentionMetadata.prefix_slots)
     kind: MaskKind
     sub_block: int = 0
-    _pieces: dict[int, list[AttentionPiece]] = field(default_factory=dict, repr=False)
 
-    @property
-    def prefix_len(self) -> int:
-        return int(self.prefix_slots.numel())
+    def pieces(self) -> list[tuple[list[int], list[int], list[int]]]:
+        """``(rows, key_rows, limits)`` per attention piece, all relative to the segment.
 
-    def pieces(self, group: int) -> list[AttentionPiece]:
-        """The attention calls of this segment, masks in GQA-packed row order (built once per step).
-
-        A quadratic segment is split per sub-block: sub-block j's queries only ever see the prefix,
-        d_0..d_j and their own mask slots, so each call stays small, and d_j sees its keys at the
-        same places as the AR step that would have produced it.
+        A piece's keys are the cached prefix, then the segment rows ``key_rows``; query ``rows[i]``
+        sees the first ``limits[i]`` of them. A quadratic segment is split per sub-block: sub-block
+        j's queries only ever see the prefix, d_0..d_j and their own mask slots, so each piece stays
+        small, and d_j sees its keys at the same places as the AR step that would have produced it.
         """
-        if group not in self._pieces:
-            self._pieces[group] = [piece.packed(group) for piece in self._plain_pieces()]
-        return self._pieces[group]
-
-    def _plain_pieces(self) -> list[AttentionPiece]:
-        device = self.prefix_slots.device
-        if self.kind is not MaskKind.QUADRATIC:
-            every = torch.arange(self.q_len, device=device)
-            mask = segment_mask(self.kind, self.q_len, self.prefix_len, self.sub_block, device=device)
-            return [AttentionPiece(every, every, mask)]
-        group_len = self.sub_block + 1
+        p, n = self.prefix_len, self.q_len
+        if self.kind is MaskKind.CAUSAL:
+            return [(list(range(n)), list(range(n)), list(range(p + 1, p + n + 1)))]
+        if self.kind is MaskKind.BIDIRECTIONAL:
+            return [(list(range(n)), list(range(n)), [p + n] * n)]
+        group = self.sub_block + 1
         out = []
-        for j in range(self.q_len // group_len):
-            rows = torch.arange(j * group_len, (j + 1) * group_len, device=device)
-            verify = torch.arange(0, (j + 1) * group_len, group_len, device=device)
-            key_rows = torch.cat([verify, rows[1:]])
-            mask = torch.ones(group_len, self.prefix_len + len(key_rows), dtype=torch.bool, device=device)
-            mask[0, self.prefix_len + j + 1 :] = False  # d_j sees the prefix and d_0..d_j only
-            out.append(AttentionPiece(rows, key_rows, mask))
+        for j in range(n // group):
+            rows = list(range(j * group, (j + 1) * group))
+            key_rows = list(range(0, (j + 1) * group, group)) + rows[1:]
+            out.append((rows, key_rows, [p + j + 1] + [p + j + 1 + self.sub_block] * self.sub_block))
         return out
 
 
+class AttentionMetadata:
+    """One step's attention description, shared by every layer.
+
+    ``prefix_slots`` [S, P] holds, in row s, the flat cache slots of segment s's prefix (entries past
+    its ``prefix_len`` are 0 and never read). Backends derive their own forms (the reference's
+    buckets, the Triton kernel's tiles) once and keep them here for the remaining layers.
+    """
+
+    def __init__(self, segments: list[AttentionSegment], prefix_slots: torch.Tensor) -> None:
+        self.segments = segments
+        self.prefix_slots = prefix_slots
+        self._derived: dict[Any, Any] = {}
+
+    @classmethod
+    def from_slots(cls, entries: list[tuple[int, int, torch.Tensor, MaskKind, int]]) -> AttentionMetadata:
+        """From ``(q_start, q_len, prefix slots, kind, sub_block)`` per segment (tests, benchmarks)."""
+        width = max((len(slots) for _, _, slots, _, _ in entries), default=0)
+        device = entries[0][2].device if entries else "cpu"
+        table = torch.zeros((len(entries), width), dtype=torch.long, device=device)
+        segments = []
+        for s, (q_start, q_len, slots, kind, sub_block) in enumerate(entries):
+            table[s, : len(slots)] = slots
+            segments.append(AttentionSegment(q_start, q_len, len(slots), kind, sub_block))
+        return cls(segments, table)
+
+    def derived(self, key: Any, build: Callable[[], Any]) -> Any:
+        """``build()`` once per step and key (e.g. per backend and GQA group), then the kept result."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
+
+    def __getstate__(self) -> dict[str, Any]:  # sent to tensor-parallel ranks: derived forms are rebuilt there
+        return {"segments": self.segments, "prefix_slots": self.prefix_slots, "_derived": {}}
+
+
 @dataclass
-class AttentionPiece:
-    """Query rows of a segment, the segment rows they use as keys (after the prefix), and visibility."""
+class _Bucket:
+    """Pieces with the same padded row count, computed together: P pieces, Qp rows, K keys each."""
 
-    rows: torch.Tensor
-    key_rows: torch.Tensor
-    mask: torch.Tensor  # [rows, prefix + key rows]; packed(): padded to blocks, GQA row order
+    q_index: torch.Tensor  # [P * Qp] packed query row of each (piece, row); padding repeats a real row
+    key_slots: torch.Tensor  # [P * K] cache slot of each (piece, key); 0 where the key is an own row or padding
+    own_dst: torch.Tensor  # positions in [P * K] that hold the segment's own rows ...
+    own_src: torch.Tensor  # ... and those rows in the packed batch
+    mask: torch.Tensor  # [P, 1, G * Qp, K] visibility, query rows in GQA order (head g, row q at g * Qp + q)
+    valid: torch.Tensor  # positions in [P * Qp] that are real rows ...
+    out_rows: torch.Tensor  # ... and the packed rows they are written to
+    pieces: int
+    rows: int
+    keys: int
 
-    def packed(self, group: int) -> AttentionPiece:
-        keys = -(-self.mask.shape[1] // KEY_BLOCK) * KEY_BLOCK
-        mask = torch.nn.functional.pad(self.mask, (0, keys - self.mask.shape[1]))
-        return AttentionPiece(self.rows, self.key_rows, pad_rows(mask).repeat(group, 1))
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _buckets(meta: AttentionMetadata, group: int) -> list[_Bucket]:
+    by_rows: dict[int, list[tuple[int, AttentionSegment, tuple[list[int], list[int], list[int]]]]] = defaultdict(list)
+    for s, seg in enumerate(meta.segments):
+        for piece in seg.pieces():
+            by_rows[_round_up(len(piece[0]), ROW_MULTIPLE)].append((s, seg, piece))
+    device = meta.prefix_slots.device
+    out = []
+    for qp, pieces in sorted(by_rows.items()):
+        keys = _round_up(max(seg.prefix_len + len(key_rows) for _, seg, (_, key_rows, _) in pieces), KEY_BLOCK)
+        q_index: list[int] = []
+        limits: list[int] = []
+        own_dst: list[int] = []
+        own_src: list[int] = []
+        valid: list[int] = []
+        out_rows: list[int] = []
+        for p, (_, seg, (rows, key_rows, row_limits)) in enumerate(pieces):
+            absolute = [seg.q_start + r for r in rows]
+            pad = qp - len(rows)
+            q_index += absolute + [absolute[0]] * pad
+            limits += row_limits + [0] * pad
+            valid += range(p * qp, p * qp + len(rows))
+            out_rows += absolute
+            base = p * keys + seg.prefix_len
+            own_dst += range(base, base + len(key_rows))
+            own_src += [seg.q_start + r for r in key_rows]
+        count = len(pieces)
+        seg_index = torch.tensor([s for s, _, _ in pieces], dtype=torch.long, device=device)
+        prefix = torch.tensor([seg.prefix_len for _, seg, _ in pieces], dtype=torch.long, device=device)
+        cols = torch.arange(keys, device=device)
+        table = meta.prefix_slots
+        if table.shape[1] < keys:
+            table = F.pad(table, (0, keys - table.shape[1]))
+        key_slots = table[seg_index, :keys].masked_fill(cols[None, :] >= prefix[:, None], 0)
+        as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+        limit = as_long(limits).view(count, 1, qp).expand(count, group, qp).reshape(count, 1, group * qp, 1)
+        out.append(
+            _Bucket(
+                q_index=as_long(q_index),
+                key_slots=key_slots.reshape(-1),
+                own_dst=as_long(own_dst),
+                own_src=as_long(own_src),
+                mask=cols.view(1, 1, 1, keys) < limit,
+                valid=as_long(valid),
+                out_rows=as_long(out_rows),
+                pieces=count,
+                rows=qp,
+                keys=keys,
+            )
+        )
+    return out
 
 
 def pad_rows(x: torch.Tensor) -> torch.Tensor:
@@ -91,26 +184,27 @@ def pad_rows(x: torch.Tensor) -> torch.Tensor:
 def _attend_blocked(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """q [Hkv, G*Q, D] (GQA heads of one KV head packed), k/v [Hkv, blocks*KEY_BLOCK, D],
-    mask [G*Q, blocks*KEY_BLOCK] -> [Hkv, G*Q, D].
+    """q [P, Hkv, M, D] (GQA heads of one KV head packed), k/v [P, Hkv, blocks*KEY_BLOCK, D],
+    mask broadcastable to [P, Hkv, M, keys] -> [P, Hkv, M, D].
 
     Scores come from one product (a row's dot products do not depend on the number of keys);
     the softmax sums and the probability-value products run per fixed-size key block and are
     added block after block, so blocks a row cannot see add exact zeros.
     """
-    hkv, gq, d = q.shape
-    blocks = k.shape[1] // KEY_BLOCK
-    s = (torch.matmul(q, k.transpose(1, 2)) * scale).masked_fill(~mask, float("-inf"))
+    pieces, hkv, m_rows, d = q.shape
+    blocks = k.shape[2] // KEY_BLOCK
+    s = (torch.matmul(q, k.transpose(-1, -2)) * scale).masked_fill(~mask, float("-inf"))
     m = s.amax(dim=-1, keepdim=True)
     m = m.masked_fill(torch.isinf(m), 0.0)  # fully masked (padding) rows
-    p = torch.exp(s - m).view(hkv, gq, blocks, KEY_BLOCK)
-    block_sums = p.sum(dim=-1)  # [Hkv, GQ, blocks]
-    p_blocks = p.permute(0, 2, 1, 3).reshape(hkv * blocks, gq, KEY_BLOCK)
-    partial = torch.matmul(p_blocks, v.reshape(hkv * blocks, KEY_BLOCK, d)).view(hkv, blocks, gq, d)
-    total, acc = block_sums[..., 0], partial[:, 0]
+    p = torch.exp(s - m).view(pieces, hkv, m_rows, blocks, KEY_BLOCK)
+    block_sums = p.sum(dim=-1)  # [P, Hkv, M, blocks]
+    p_blocks = p.permute(0, 1, 3, 2, 4).reshape(pieces * hkv * blocks, m_rows, KEY_BLOCK)
+    v_blocks = v.reshape(pieces * hkv * blocks, KEY_BLOCK, d)
+    partial = torch.matmul(p_blocks, v_blocks).view(pieces, hkv, blocks, m_rows, d)
+    total, acc = block_sums[..., 0], partial[:, :, 0]
     for i in range(1, blocks):
         total = total + block_sums[..., i]
-        acc = acc + partial[:, i]
+        acc = acc + partial[:, :, i]
     total = total.unsqueeze(-1)
     return acc / total.masked_fill(total == 0, 1.0)
 
@@ -121,28 +215,27 @@ def segment_attention_reference(
     v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    segments: list[AttentionSegment],
+    meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
     """q [T, Hq, D]; k, v [T, Hkv, D] of this step; caches [slots, Hkv, D] -> out [T, Hq, D] (q's dtype).
 
-    Computation is in fp32 whatever the storage dtype.
+    Computation is in fp32 whatever the storage dtype. Rows that no segment covers are left unset.
     """
     t_total, hq, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv
     out = torch.empty((t_total, hq, d), dtype=q.dtype, device=q.device)
-    for seg in segments:
-        prefix_k, prefix_v = k_cache[seg.prefix_slots], v_cache[seg.prefix_slots]
-        for piece in seg.pieces(group):
-            rows, key_rows = piece.rows + seg.q_start, piece.key_rows + seg.q_start
-            pad = piece.mask.shape[1] - seg.prefix_len - len(key_rows)  # masked padding: any slot will do
-            keys = torch.cat([prefix_k, k[key_rows], k_cache[:1].expand(pad, -1, -1)], dim=0).float()
-            vals = torch.cat([prefix_v, v[key_rows], v_cache[:1].expand(pad, -1, -1)], dim=0).float()
-            qs = pad_rows(q[rows].float())  # [Qp, Hq, D]
-            qp = qs.shape[0]
-            # [Qp, Hkv, G, D] -> [Hkv, G*Qp, D]: heads sharing a KV head become one tall matrix
-            packed = qs.view(qp, hkv, group, d).permute(1, 2, 0, 3).reshape(hkv, group * qp, d)
-            res = _attend_blocked(packed, keys.transpose(0, 1), vals.transpose(0, 1), piece.mask, scale)
-            out[rows] = res.view(hkv, group, qp, d).permute(2, 0, 1, 3).reshape(qp, hq, d)[: len(rows)].to(q.dtype)
+    for b in meta.derived(("reference", group), lambda: _buckets(meta, group)):
+        qs = q[b.q_index].float().view(b.pieces, b.rows, hkv, group, d)
+        qs = qs.permute(0, 2, 3, 1, 4).reshape(b.pieces, hkv, group * b.rows, d)
+        keys = k_cache[b.key_slots].float()
+        keys[b.own_dst] = k[b.own_src].float()
+        vals = v_cache[b.key_slots].float()
+        vals[b.own_dst] = v[b.own_src].float()
+        keys = keys.view(b.pieces, b.keys, hkv, d).transpose(1, 2)
+        vals = vals.view(b.pieces, b.keys, hkv, d).transpose(1, 2).contiguous()
+        res = _attend_blocked(qs, keys, vals, b.mask, scale)  # [P, Hkv, G*Qp, D]
+        res = res.view(b.pieces, hkv, group, b.rows, d).permute(0, 3, 1, 2, 4).reshape(-1, hq, d)
+        out[b.out_rows] = res[b.valid].to(q.dtype)
     return out

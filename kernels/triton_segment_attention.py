@@ -3,8 +3,8 @@
 One program handles a tile of query rows of one segment for one KV head, with every query head
 that shares the KV head packed in (row m of the tile is query token m // G, head m % G). For
 every mask kind, what a query row sees is a *prefix* of the tile's virtual key list: the cached
-prefix (read through the segment's slot indices), then segment rows in the order that
-``AttentionSegment.pieces`` gives them (for a quadratic sub-block j: verify tokens d_0..d_j, then
+prefix (read through the segment's row of ``AttentionMetadata.prefix_slots``), then segment
+rows in the order that ``AttentionSegment.pieces`` gives them (for a quadratic sub-block j: verify tokens d_0..d_j, then
 j's own mask slots). So the mask is one number per row, the count of keys it sees. Keys are
 visited in fixed blocks of ``KEY_BLOCK`` from key 0 and merged with a running log-sum-exp; a
 block a row cannot see rescales by exactly 1 and adds exact zeros, so a row's result does not
@@ -23,23 +23,22 @@ import functools
 import torch
 
 from kernels.masks import MaskKind
-from kernels.segment_attention import KEY_BLOCK, AttentionSegment
+from kernels.segment_attention import KEY_BLOCK, AttentionMetadata
 
 BLOCK_M = 32  # (query token, head) rows per tile
 _KIND_CODE = {MaskKind.CAUSAL: 0, MaskKind.BIDIRECTIONAL: 1, MaskKind.QUADRATIC: 2}
 
 
-def _tiles(segments: list[AttentionSegment], group: int) -> tuple[list[list[int]], list[torch.Tensor]]:
-    """Per-tile metadata and the prefix slot tensors to concatenate (host work, no device sync).
+def _tiles(meta: AttentionMetadata, group: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-tile metadata [tiles, META] and the flat prefix slots, built once per step (host work, one copy).
 
     A tile's row: segment's first packed row, tile's first segment row, rows, prefix length, offset of
     the segment's slots, mask kind, segment length, sub_block, quadratic sub-block j, keys to visit.
     """
     per_tile = max(BLOCK_M // group, 1)
+    width = meta.prefix_slots.shape[1]
     rows: list[list[int]] = []
-    slots: list[torch.Tensor] = []
-    slot0 = 0
-    for seg in segments:
+    for s, seg in enumerate(meta.segments):
         prefix, kind = seg.prefix_len, _KIND_CODE[seg.kind]
         if seg.kind is MaskKind.QUADRATIC:
             span = seg.sub_block + 1
@@ -51,10 +50,11 @@ def _tiles(segments: list[AttentionSegment], group: int) -> tuple[list[list[int]
                 n = min(per_tile, first + count - row0)
                 # causal: keys after the tile's last row are invisible to all of its rows
                 tile_keys = prefix + row0 + n if seg.kind is MaskKind.CAUSAL else keys
-                rows.append([seg.q_start, row0, n, prefix, slot0, kind, seg.q_len, seg.sub_block, j, tile_keys])
-        slots.append(seg.prefix_slots)
-        slot0 += prefix
-    return rows, slots
+                rows.append([seg.q_start, row0, n, prefix, s * width, kind, seg.q_len, seg.sub_block, j, tile_keys])
+    if not rows:
+        return None
+    device = meta.prefix_slots.device
+    return torch.tensor(rows, dtype=torch.int32, device=device), meta.prefix_slots.reshape(-1).contiguous()
 
 
 @functools.cache
@@ -189,7 +189,7 @@ def segment_attention_triton(
     v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    segments: list[AttentionSegment],
+    meta: AttentionMetadata,
     scale: float,
     *,
     use_dot: bool = True,
@@ -211,21 +211,20 @@ def segment_attention_triton(
         if x.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dimension")
     out = torch.empty((t_total, hq, d), dtype=q.dtype, device=q.device)
-    rows, slots = _tiles(segments, hq // hkv)
-    if not rows:
+    tiles = meta.derived(("triton", hq // hkv), lambda: _tiles(meta, hq // hkv))
+    if tiles is None:
         return out
-    meta = torch.tensor(rows, dtype=torch.int32, device=q.device)
-    flat_slots = torch.cat([s.to(device=q.device, dtype=torch.int64) for s in slots])
+    tile_meta, flat_slots = tiles
     bf16 = q.dtype == torch.bfloat16
-    _kernel()[(len(rows), hkv)](
+    _kernel()[(tile_meta.shape[0], hkv)](
         q,
         k,
         v,
         k_cache,
         v_cache,
         out.view(torch.int16) if bf16 else out,
-        meta,
-        flat_slots if flat_slots.numel() else meta,
+        tile_meta,
+        flat_slots if flat_slots.numel() else tile_meta,
         q.stride(0),
         q.stride(1),
         k.stride(0),
@@ -241,7 +240,7 @@ def segment_attention_triton(
         d,
         scale,
         GROUP=hq // hkv,
-        META=len(rows[0]),
+        META=tile_meta.shape[1],
         BLOCK_M=max(BLOCK_M, triton.next_power_of_2(hq // hkv)),
         KEY_BLOCK=KEY_BLOCK,
         BLOCK_D=max(triton.next_power_of_2(d), 16),

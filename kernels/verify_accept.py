@@ -26,42 +26,56 @@ import functools
 import torch
 
 
-def _emit(draft: list[int], accepted: int, token: int, eos_id: int | None, width: int) -> tuple[list[int], int]:
-    """The tokens a block emits, cut after the first EOS, padded with -1 to ``width``."""
-    out = [*draft[:accepted], token]
-    if eos_id is not None and eos_id in out:
-        out = out[: out.index(eos_id) + 1]
-    return out + [-1] * (width - len(out)), len(out)
+def _emit(draft: torch.Tensor, accepted: torch.Tensor, token: torch.Tensor, eos_id: int | None, width: int):
+    """The tokens each block emits (``draft[:a] + [token]``, cut after the first EOS), padded with -1
+    to ``width``, and their counts."""
+    batch = draft.shape[0]
+    pos = torch.arange(width, device=draft.device)
+    padded = torch.cat([draft, draft.new_zeros((batch, width - draft.shape[1]))], dim=1)
+    out = torch.where(pos < accepted[:, None], padded, torch.full_like(padded, -1))
+    out = out.scatter(1, accepted[:, None], token[:, None])
+    counts = accepted + 1
+    if eos_id is not None:
+        is_eos = (out == eos_id) & (pos < counts[:, None])
+        counts = torch.where(is_eos.any(dim=1), is_eos.long().argmax(dim=1) + 1, counts)
+        out = torch.where(pos < counts[:, None], out, torch.full_like(out, -1))
+    return accepted, out, counts
 
 
-def _lengths(draft: torch.Tensor, draft_lengths: torch.Tensor | None) -> list[int]:
+def _lengths(draft: torch.Tensor, draft_lengths: torch.Tensor | None) -> torch.Tensor:
     if draft_lengths is None:
-        return [draft.shape[1]] * draft.shape[0]
-    return draft_lengths.tolist()
+        return torch.full((draft.shape[0],), draft.shape[1], dtype=torch.long, device=draft.device)
+    return draft_lengths.to(device=draft.device, dtype=torch.long)
+
+
+def _first_or(flags: torch.Tensor, default: torch.Tensor) -> torch.Tensor:
+    """Index of the first true flag per row, ``default`` where a row has none."""
+    if not flags.shape[1]:
+        return default.clone()
+    return torch.where(flags.any(dim=1), flags.long().argmax(dim=1), default)
 
 
 def verify_accept_reference(
     draft: torch.Tensor, ar: torch.Tensor, eos_id: int | None, draft_lengths: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Greedy acceptance. draft [B, L-1], ar [B, L] (AR argmax per position) -> accepted, tokens, counts."""
-    width = ar.shape[1]
-    accepted, tokens, counts = [], [], []
-    for d, a_row, n in zip(draft.tolist(), ar.tolist(), _lengths(draft, draft_lengths)):
-        a = 0
-        while a < n and d[a] == a_row[a]:
-            a += 1
-        out, count = _emit(d, a, a_row[a], eos_id, width)
-        accepted.append(a)
-        tokens.append(out)
-        counts.append(count)
-    return torch.tensor(accepted), torch.tensor(tokens).view(-1, width), torch.tensor(counts)
+    """Greedy acceptance. draft [B, L-1], ar [B, L] (AR argmax per position) -> accepted, tokens, counts.
+
+    Vectorised over the batch (no host round trip): the accepted length is the first mismatch."""
+    lengths = _lengths(draft, draft_lengths)
+    n = draft.shape[1]
+    inside = torch.arange(n, device=draft.device) < lengths[:, None]
+    accepted = _first_or(inside & (draft != ar[:, :n]), lengths)
+    return _emit(draft, accepted, ar.gather(1, accepted[:, None]).squeeze(1), eos_id, ar.shape[1])
 
 
-def _draw(weights: torch.Tensor, r: float) -> int:
-    """Inverse-CDF draw; the last positive weight when rounding puts the target past the total."""
-    running = torch.cumsum(weights, dim=0)
-    hit = torch.nonzero(running > r * running[-1]).flatten()
-    return int(hit[0]) if hit.numel() else int(torch.nonzero(weights > 0).flatten()[-1])
+def inverse_cdf(weights: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """One draw per row of ``weights`` [B, V] (any non-negative scale) with uniforms ``r`` [B]: the first
+    token whose running sum exceeds ``r * sum``, or the last positive weight when rounding puts the
+    target past the total. Sums in float64."""
+    running = torch.cumsum(weights.double(), dim=1)
+    hit = running > r.double()[:, None] * running[:, -1:]
+    last_positive = weights.shape[1] - 1 - (weights > 0).flip(1).long().argmax(dim=1)
+    return _first_or(hit, last_positive)
 
 
 def verify_accept_sampled_reference(
@@ -74,25 +88,26 @@ def verify_accept_sampled_reference(
     draft_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rejection sampling. draft [B, L-1], p [B, L, V] target, q [B, L-1, V] draft probabilities,
-    accept_u [B, L-1], sample_u [B] uniforms in [0, 1) -> accepted, tokens, counts."""
-    width = p.shape[1]
+    accept_u [B, L-1], sample_u [B] uniforms in [0, 1) -> accepted, tokens, counts. Vectorised, float64."""
     p, q = p.double(), q.double()
-    accepted, tokens, counts = [], [], []
-    for b, n in enumerate(_lengths(draft, draft_lengths)):
-        d = draft[b].tolist()
-        a, weights = n, p[b, n]
-        for i in range(n):
-            q_i, p_i = q[b, i, d[i]], p[b, i, d[i]]
-            if q_i <= 0 or accept_u[b, i] < p_i / q_i:
-                continue
-            residual = (p[b, i] - q[b, i]).clamp(min=0)
-            a, weights = i, residual if residual.sum() > 0 else p[b, i]
-            break
-        out, count = _emit(d, a, _draw(weights, float(sample_u[b])), eos_id, width)
-        accepted.append(a)
-        tokens.append(out)
-        counts.append(count)
-    return torch.tensor(accepted), torch.tensor(tokens).view(-1, width), torch.tensor(counts)
+    lengths = _lengths(draft, draft_lengths)
+    n = draft.shape[1]
+    rows = torch.arange(draft.shape[0], device=draft.device)
+    if n:
+        ids = draft.clamp(min=0)[..., None]  # drafts past a block's length may hold any value
+        p_d = p[:, :n].gather(2, ids).squeeze(2)
+        q_d = q.gather(2, ids).squeeze(2)
+        keep = (q_d <= 0) | (accept_u.double() < p_d / q_d.clamp(min=torch.finfo(torch.float64).tiny))
+        inside = torch.arange(n, device=draft.device) < lengths[:, None]
+        accepted = _first_or(inside & ~keep, lengths)
+        rejected = accepted < lengths
+        residual = (p[rows, accepted] - q[rows, accepted.clamp(max=n - 1)]).clamp(min=0)
+        use_residual = rejected & (residual.sum(dim=1) > 0)
+        weights = torch.where(use_residual[:, None], residual, p[rows, accepted])
+    else:
+        accepted = lengths.new_zeros(draft.shape[0])
+        weights = p[:, 0]
+    return _emit(draft, accepted, inverse_cdf(weights, sample_u), eos_id, p.shape[1])
 
 
 @functools.cache

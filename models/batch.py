@@ -1,28 +1,39 @@
-"""Packing the segments of one engine step into the flat tensors of a single forward pass."""
+"""Packing the segments of one engine step into the flat tensors of a single forward pass.
+
+Everything a step's forward needs is built here once: token ids and positions, the cache slots of
+the rows whose keys/values are committed, and the attention metadata every layer shares. The
+host sends one list of integers to the device; slots are then looked up in the KV manager's
+block table on the device, so no per-request slot list is rebuilt or copied.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from kernels import AttentionSegment
-from models.kv_cache import PagedKVCache
+from kernels import AttentionMetadata, AttentionSegment
 from models.segments import Segment
+
+if TYPE_CHECKING:
+    from models.engine.kv_manager import KVCacheManager
 
 
 @dataclass
-class PackedBatch:
-    """All query tokens of a step, flattened, plus where their keys/values and logits go."""
+class StepBatch:
+    """All query tokens of a step, flattened, plus where their keys/values and outputs go."""
 
     tokens: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
-    attention: list[AttentionSegment]
+    attention: AttentionMetadata
     write_rows: torch.Tensor  # [W] rows whose keys/values are stored ...
     write_slots: torch.Tensor  # [W] ... in these cache slots
     adapter_rows: torch.Tensor  # [A] rows that get the draft adapter
-    logit_rows: torch.Tensor  # [R] rows whose logits are returned, segment after segment
+    logit_rows: torch.Tensor  # [R] rows whose logits the forward returns, segment after segment
     logit_counts: list[int]  # rows of logits per segment
+    deferred_rows: torch.Tensor | None = None  # rows whose logits may be asked for after the forward
+    deferred_counts: list[int] | None = None  # deferred rows per segment
     embed_rows: torch.Tensor | None = None  # rows whose embeddings are replaced (images) ...
     embed_values: torch.Tensor | None = None  # ... by these vectors
 
@@ -31,48 +42,63 @@ class PackedBatch:
         return int(self.tokens.numel())
 
 
-def pack(items: list[tuple[int, Segment]], cache: PagedKVCache, device: torch.device | str = "cpu") -> PackedBatch:
-    """Pack ``(sequence id, segment)`` pairs. Cache pages for written positions must be reserved."""
+def pack(items: list[tuple[int, Segment]], kv: KVCacheManager, device: torch.device | str = "cpu") -> StepBatch:
+    """Pack ``(sequence id, segment)`` pairs. Pages for written positions must be reserved."""
     tokens: list[int] = []
     positions: list[int] = []
-    attention: list[AttentionSegment] = []
+    token_rows: list[int] = []  # block-table row of each token's sequence
     write_rows: list[int] = []
-    write_slots: list[torch.Tensor] = []
     adapter_rows: list[int] = []
     logit_rows: list[int] = []
     logit_counts: list[int] = []
+    deferred_rows: list[int] = []
+    deferred_counts: list[int] = []
+    segment_rows: list[int] = []
+    segments: list[AttentionSegment] = []
     embed_rows: list[int] = []
     embed_values: list[torch.Tensor] = []
     for seq_id, seg in items:
-        start = len(tokens)
-        tokens.extend(seg.tokens)
-        positions.extend(seg.positions)
-        prefix_slots = cache.slots(seq_id, range(seg.prefix_len))
-        attention.append(AttentionSegment(start, len(seg), prefix_slots, seg.kind, seg.sub_block))
-        written = [i for i, w in enumerate(seg.write) if w]
-        if written:
-            write_rows.extend(start + i for i in written)
-            write_slots.append(cache.slots(seq_id, [seg.positions[i] for i in written]))
-        adapter_rows.extend(start + i for i, a in enumerate(seg.adapter) if a)
-        rows = range(len(seg)) if seg.logit_rows is None else seg.logit_rows
-        logit_rows.extend(start + r for r in rows)
+        start, n, row = len(tokens), len(seg), kv.row(seq_id)
+        tokens += seg.tokens
+        positions += seg.positions
+        token_rows += [row] * n
+        write_rows += [start + i for i, w in enumerate(seg.write) if w]
+        adapter_rows += [start + i for i, a in enumerate(seg.adapter) if a]
+        rows = range(n) if seg.logit_rows is None else seg.logit_rows
+        logit_rows += [start + r for r in rows]
         logit_counts.append(len(rows))
+        deferred_rows += [start + r for r in seg.deferred_rows or ()]
+        deferred_counts.append(len(seg.deferred_rows or ()))
+        segment_rows.append(row)
+        segments.append(AttentionSegment(start, n, seg.prefix_len, seg.kind, seg.sub_block))
         if seg.input_embeds is not None:
-            embed_rows.extend(start + r for r in seg.embeds_rows)
+            embed_rows += [start + r for r in seg.embeds_rows]
             embed_values.append(seg.input_embeds)
-
-    def as_long(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=device)
-
-    return PackedBatch(
-        tokens=as_long(tokens),
-        positions=as_long(positions),
-        attention=attention,
-        write_rows=as_long(write_rows),
-        write_slots=torch.cat(write_slots).to(device) if write_slots else as_long([]),
-        adapter_rows=as_long(adapter_rows),
-        logit_rows=as_long(logit_rows),
+    sizes = [len(tokens), len(positions), len(token_rows), len(write_rows), len(adapter_rows)]
+    prefix_lens = [seg.prefix_len for seg in segments]
+    sizes += [len(logit_rows), len(deferred_rows), len(segment_rows), len(prefix_lens), len(embed_rows)]
+    flat = tokens + positions + token_rows + write_rows + adapter_rows + logit_rows + deferred_rows
+    flat += segment_rows + prefix_lens + embed_rows
+    parts = torch.tensor(flat, dtype=torch.long).to(device).split(sizes)
+    tok, pos, tok_row, write, adapter, logit, deferred, seg_row, prefix_len, embed = parts
+    table = kv.block_table
+    page_size = kv.page_size
+    written = pos[write]
+    write_slots = table[tok_row[write], written // page_size] * page_size + written % page_size
+    cols = torch.arange(max(prefix_lens, default=0), device=device)
+    prefix_slots = table[seg_row[:, None], cols[None, :] // page_size] * page_size + cols % page_size
+    prefix_slots = prefix_slots.masked_fill(cols >= prefix_len[:, None], 0)
+    return StepBatch(
+        tokens=tok,
+        positions=pos,
+        attention=AttentionMetadata(segments, prefix_slots),
+        write_rows=write,
+        write_slots=write_slots,
+        adapter_rows=adapter,
+        logit_rows=logit,
         logit_counts=logit_counts,
-        embed_rows=as_long(embed_rows) if embed_rows else None,
+        deferred_rows=deferred if deferred_rows else None,
+        deferred_counts=deferred_counts if deferred_rows else None,
+        embed_rows=embed if embed_rows else None,
         embed_values=torch.cat(embed_values).to(device) if embed_values else None,
     )

@@ -1,4 +1,8 @@
-"""Single-request entry points: ``generate`` (any mode) and ``score`` (AR log-probabilities)."""
+"""Single-request entry points: ``generate`` (any mode) and ``score`` (AR log-probabilities).
+
+``generate`` runs the serving engine with one request, so a request computes exactly the same
+thing here as beside others on a server.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,9 @@ from dataclasses import dataclass, field
 import torch
 
 from models.batch import pack
+from models.engine import Engine, KVCacheManager
 from models.model import TriModeModel
-from models.modes import DecodeParams, kv_tokens_needed, make_state
-from models.runner import run_step
+from models.modes import DecodeParams, kv_tokens_needed
 from models.segments import PromptEmbeds, causal_segment
 
 SEQ_ID = 0
@@ -62,11 +66,17 @@ def generate(
         temperature=temperature,
         seed=seed,
     )
-    state = make_state(prompt, params, model.config, embeds)
-    cache = model.new_cache(_pages_for(kv_tokens_needed(len(prompt), params, model.config.block_size)))
-    cache.add(SEQ_ID)
-    while not state.finished:
-        run_step(model, cache, [(SEQ_ID, state)])
+    engine = Engine(
+        model,
+        num_pages=_pages_for(kv_tokens_needed(len(prompt), params, model.config.block_size)),
+        max_running=1,
+        max_step_tokens=max(len(prompt), 1),
+        prefill_chunk=max(len(prompt), 1),  # the whole prompt in one forward
+        prefix_caching=False,
+    )
+    state = engine.add_request("generate", prompt, params, embeds).state
+    while engine.has_work:
+        engine.step()
     return Generation(
         tokens=state.tokens,
         nfe=state.nfe,
@@ -90,14 +100,16 @@ def score_with_top(
     ids = token_ids.flatten().tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)
     if len(ids) < 2:
         return []
-    cache = model.new_cache(_pages_for(len(ids)))
-    cache.add(SEQ_ID)
+    pages = _pages_for(len(ids))
+    cache = model.new_cache(pages)
+    kv = KVCacheManager(pages, cache.page_size, max_seqs=1, device=model.device, prefix_caching=False)
+    kv.add(SEQ_ID)
     out: list[tuple[float, dict[int, float]]] = []
     for start in range(0, len(ids) - 1, chunk):
         piece = ids[start : min(start + chunk, len(ids) - 1)]
-        cache.reserve(SEQ_ID, start + len(piece))
-        logits = model(pack([(SEQ_ID, causal_segment(piece, start, write=True))], cache, model.device), cache)
-        cache.set_length(SEQ_ID, start + len(piece))
+        kv.reserve(SEQ_ID, start + len(piece))
+        logits = model(pack([(SEQ_ID, causal_segment(piece, start, write=True))], kv, model.device), cache)
+        kv.set_length(SEQ_ID, start + len(piece))
         logprobs = torch.log_softmax(logits.double().cpu(), dim=-1)
         targets = torch.tensor(ids[start + 1 : start + 1 + len(piece)])
         chosen = logprobs.gather(-1, targets[:, None]).squeeze(-1).tolist()

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from models.batch import PackedBatch
+from models.batch import StepBatch
 from models.config import ModelConfig
 from models.kv_cache import PagedKVCache
 from models.layers import RMSNorm, Rotary, SwiGLU, identity, linear
@@ -93,6 +93,7 @@ class TriModeModel(nn.Module):
         self.source: str | None = None
         self.embed = self._embed_tokens  # vocab parallelism replaces this
         self.head = self._head_logits
+        self.deferred: torch.Tensor | None = None  # final hidden states of the last forward's deferred rows
 
     # ----- pieces shared by both paths ---------------------------------------------------------
     def _embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -128,8 +129,10 @@ class TriModeModel(nn.Module):
 
     # ----- serving path ------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, batch: PackedBatch, cache: PagedKVCache) -> torch.Tensor:
-        """Run a packed step; write committed keys/values; return logits [R, vocab] (fp32)."""
+    def forward(self, batch: StepBatch, cache: PagedKVCache) -> torch.Tensor:
+        """Run a packed step; write committed keys/values; return logits [R, vocab] (fp32).
+
+        The final hidden states of ``batch.deferred_rows`` are kept for :meth:`deferred_logits`."""
         x = self.embed(batch.tokens)
         if batch.embed_rows is not None:
             x = x.index_copy(0, batch.embed_rows, batch.embed_values.to(x.dtype))
@@ -142,8 +145,15 @@ class TriModeModel(nn.Module):
             o = kernels.segment_attention(q, k, v, cache.k[index], cache.v[index], batch.attention, attn.scale)
             x = x + attn.output(o.reshape(o.shape[0], -1), adapter_rows)
             x = x + layer.mlp.reduce(layer.mlp(layer.post_attention_layernorm(x)))
+        self.deferred = None if batch.deferred_rows is None else self.encoder.norm(x[batch.deferred_rows])
         hidden = self.encoder.norm(x[batch.logit_rows])
         return self.head(hidden)
+
+    @torch.inference_mode()
+    def deferred_logits(self, index: torch.Tensor) -> torch.Tensor:
+        """Logits [len(index), vocab] of the last forward's deferred rows picked by ``index`` (positions
+        in ``batch.deferred_rows``): the head runs only on rows a step turned out to read."""
+        return self.head(self.deferred[index])
 
     # ----- dense path (training) ---------------------------------------------------------------
     def forward_dense(

@@ -7,6 +7,7 @@ each request gets back the logits of its own segments.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +25,9 @@ class Segment:
     query. Tokens flagged in ``write`` have their keys/values stored in the cache at index
     == position (only causal passes over committed tokens write, so the cache never holds a
     key/value that a causal pass would not have produced). ``adapter`` switches the draft adapter on
-    for flagged tokens. ``logit_rows`` selects which rows need logits (None: all rows).
+    for flagged tokens. ``logit_rows`` selects which rows need logits (None: all rows);
+    ``deferred_rows`` are rows whose logits the step may ask for only once it has read the others
+    (a quadratic cycle's drafts: which sub-block is read depends on how much of the draft is accepted).
     """
 
     tokens: list[int]
@@ -34,6 +37,7 @@ class Segment:
     write: list[bool]
     adapter: list[bool]
     logit_rows: list[int] | None = None
+    deferred_rows: list[int] | None = None
     sub_block: int = 0  # quadratic only: mask slots per verify token
     input_embeds: torch.Tensor | None = field(default=None, repr=False)  # rows replacing embeddings (VLM)
     embeds_rows: list[int] | None = None
@@ -61,6 +65,17 @@ class PromptEmbeds:
         if not picked:
             return None
         return [self.rows[i] - start for i in picked], self.values[picked[0] : picked[-1] + 1]
+
+    def digest(self, start: int, stop: int) -> bytes:
+        """What the keys/values of prompt[start:stop] depend on besides token ids (for prefix caching):
+        a digest of the embeddings placed there and where, or b"" when none is."""
+        part = self.within(start, stop)
+        if part is None:
+            return b""
+        rows, values = part
+        h = hashlib.sha256(repr(rows).encode())
+        h.update(values.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        return h.digest()
 
 
 def block_segment(
@@ -96,6 +111,9 @@ def bidirectional_segment(tokens: list[int], start: int, **kwargs) -> Segment:
 
 
 def quadratic_segment(verify_tokens: list[int], start: int, sub_block: int, mask_token_id: int) -> Segment:
+    """A quadratic cycle. Logits: the verify tokens' rows at once; the mask slots 2..L of every
+    sub-block (where the next draft is read) deferred; slot 1 of each sits where the bonus token goes
+    and is never read."""
     offsets, is_verify = quadratic_layout(len(verify_tokens), sub_block)
     tokens = []
     j = 0
@@ -112,5 +130,7 @@ def quadratic_segment(verify_tokens: list[int], start: int, sub_block: int, mask
         prefix_len=start,
         write=list(is_verify),
         adapter=[not f for f in is_verify],
+        logit_rows=[j * (sub_block + 1) for j in range(len(verify_tokens))],
+        deferred_rows=[j * (sub_block + 1) + i for j in range(len(verify_tokens)) for i in range(2, sub_block + 1)],
         sub_block=sub_block,
     )

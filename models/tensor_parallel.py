@@ -14,9 +14,11 @@ Sharding follows the Megatron layout, so each decoder layer costs two all-reduce
   update joins o_proj's partial sum before the same all-reduce.
 
 Execution: rank 0 owns everything that decides (scheduler, page tables, modes). Each forward it
-broadcasts one small command (the ``PackedBatch`` and a cache id) to every other rank, which runs
+broadcasts one small command (the ``StepBatch`` and a cache id) to every other rank, which runs
 the same forward on its own KV shard in :func:`follow`; the collectives inside the forward line
-up because all ranks run the same layers in the same order. :class:`TensorParallelModel` is rank
+up because all ranks run the same layers in the same order. When a step reads deferred rows (a
+quadratic cycle's drafts, chosen after its verification), a second command names them, and every
+rank runs the vocab-parallel head on just those rows. :class:`TensorParallelModel` is rank
 0's face of the group and looks like a ``TriModeModel`` to ``run_step``, the engine and
 ``generate``, so none of them knows about tensor parallelism.
 """
@@ -35,7 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from models.batch import PackedBatch
+from models.batch import StepBatch
 from models.config import ModelConfig
 from models.kv_cache import PagedKVCache
 from models.layers import linear
@@ -253,10 +255,15 @@ class TensorParallelModel:
         weakref.finalize(cache, self._dropped.append, cache_id)
         return cache
 
-    def __call__(self, batch: PackedBatch, cache: PagedKVCache) -> torch.Tensor:
+    def __call__(self, batch: StepBatch, cache: PagedKVCache) -> torch.Tensor:
         with self._lock:
             self._send(("forward", self._cache_ids[cache], batch))
             return self.shard(batch, cache)
+
+    def deferred_logits(self, index: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            self._send(("deferred_logits", index.cpu()))
+            return self.shard.deferred_logits(index)
 
     def close(self) -> None:
         """Release the other ranks from :func:`follow` (the process group stays up for its owner)."""
@@ -287,5 +294,7 @@ def follow(shard: TriModeModel, control: dist.ProcessGroup | None = None) -> int
         elif op == "forward":
             _, cache_id, batch = command
             shard(batch, caches[cache_id])
+        elif op == "deferred_logits":
+            shard.deferred_logits(command[1].to(shard.device))
         else:
             raise ValueError(f"unknown tensor-parallel command {op!r}")

@@ -9,9 +9,8 @@ from dataclasses import asdict
 import pytest
 
 import models
-from deployments.async_engine import AsyncEngine
 from deployments.config import ModelSpec
-from deployments.engine import Engine
+from models.engine import AsyncEngine, Engine
 from models.loading import save_model
 from models.modes import DecodeParams
 from tests.conftest import random_model
@@ -46,11 +45,11 @@ def test_leaving_consumer_cancels_and_frees_pages():
     async def main():
         stream = driver.generate("gone", [1, 5, 6], DecodeParams(mode="ar", max_new_tokens=300))
         async for _ in stream:
-            if engine.cache.used_pages:
+            if engine.kv.used_pages:
                 break
         await stream.aclose()
         for _ in range(100):
-            if not engine.has_work and engine.cache.used_pages == 0:
+            if not engine.has_work and engine.kv.used_pages == 0:
                 return True
             await asyncio.sleep(0.02)
         return False

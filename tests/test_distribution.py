@@ -77,14 +77,16 @@ def test_first_two_tokens_follow_ar_distribution(small_vocab_model, exact, mode)
 
 def test_biased_acceptance_would_be_caught(small_vocab_model, exact, monkeypatch):
     """Accepting every draft token (no rejection step) must fail the same check."""
-    import models.sampling as sampling
+    from kernels.verify_accept import inverse_cdf
 
-    def accept_all(draft, target_logits, draft_probs, temperature, generator):
-        bonus = int(
-            torch.multinomial(sampling.probabilities(target_logits[len(draft)], temperature), 1, generator=generator)
+    def accept_all(draft, p, q, accept_u, sample_u, eos_id, draft_lengths):
+        accepted = draft_lengths.clone()
+        bonus = inverse_cdf(p[torch.arange(len(accepted)), accepted], sample_u)
+        tokens = torch.cat([draft, draft.new_full((len(draft), 1), -1)], dim=1).scatter(
+            1, accepted[:, None], bonus[:, None]
         )
-        return len(draft), bonus
+        return accepted, tokens, accepted + 1
 
-    monkeypatch.setattr("models.modes.linear_spec.speculative_accept", accept_all)
+    monkeypatch.setattr("kernels.verify_accept_sampled", accept_all)
     _, c2 = sample_counts(small_vocab_model, "linear_spec")
     assert chi_square_p_value(c2, exact[1]) < 1e-3

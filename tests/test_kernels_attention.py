@@ -14,7 +14,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from kernels.masks import MaskKind  # noqa: E402
-from kernels.segment_attention import AttentionSegment, segment_attention_reference  # noqa: E402
+from kernels.segment_attention import AttentionMetadata, segment_attention_reference  # noqa: E402
 from kernels.triton_segment_attention import segment_attention_triton  # noqa: E402
 
 SLOTS = 300
@@ -36,12 +36,12 @@ def _case(hq: int, hkv: int, d: int, dtype: torch.dtype, seed: int = 0):
     total = sum(n for _, _, n, _ in LAYOUT)
     q, k, v = (torch.randn(total, h, d, generator=gen).to(dtype) for h in (hq, hkv, hkv))
     k_cache, v_cache = (torch.randn(SLOTS, hkv, d, generator=gen).to(dtype) for _ in range(2))
-    segments, start = [], 0
+    entries, start = [], 0
     for kind, prefix, n, sub_block in LAYOUT:
         slots = torch.randperm(SLOTS, generator=gen)[:prefix]  # paged: the prefix is scattered
-        segments.append(AttentionSegment(start, n, slots, kind, sub_block))
+        entries.append((start, n, slots, kind, sub_block))
         start += n
-    return q, k, v, k_cache, v_cache, segments, d**-0.5
+    return q, k, v, k_cache, v_cache, AttentionMetadata.from_slots(entries), d**-0.5
 
 
 @pytest.mark.parametrize(("hq", "hkv", "d"), [(6, 2, 16), (4, 4, 24), (8, 1, 16)])
@@ -60,7 +60,7 @@ def test_prefill_without_cache() -> None:
         v[:40],
         k_cache,
         v_cache,
-        [AttentionSegment(0, 40, torch.arange(0), MaskKind.CAUSAL)],
+        AttentionMetadata.from_slots([(0, 40, torch.arange(0), MaskKind.CAUSAL, 0)]),
         scale,
     )
     torch.testing.assert_close(
@@ -83,13 +83,13 @@ def test_verify_rows_equal_ar_steps(kind: MaskKind, q_len: int, sub_block: int) 
     q, k, v, k_cache, v_cache, _, scale = _case(6, 2, 16, torch.float32, seed=2)
     prefix = torch.randperm(SLOTS, generator=torch.Generator().manual_seed(3))
     p = 61  # the verify tokens cross the first key block boundary
-    segment = AttentionSegment(0, q_len, prefix[:p], kind, sub_block)
-    out = segment_attention_triton(q[:q_len], k[:q_len], v[:q_len], k_cache, v_cache, [segment], scale, use_dot=False)
+    segment = AttentionMetadata.from_slots([(0, q_len, prefix[:p], kind, sub_block)])
+    out = segment_attention_triton(q[:q_len], k[:q_len], v[:q_len], k_cache, v_cache, segment, scale, use_dot=False)
     verify_rows = list(range(0, q_len, sub_block + 1))
     k_cache[prefix[p : p + len(verify_rows)]] = k[verify_rows]  # where accepted tokens are written
     v_cache[prefix[p : p + len(verify_rows)]] = v[verify_rows]
     for j, row in enumerate(verify_rows):
-        step = AttentionSegment(0, 1, prefix[: p + j], MaskKind.CAUSAL)
+        step = AttentionMetadata.from_slots([(0, 1, prefix[: p + j], MaskKind.CAUSAL, 0)])
         one = slice(row, row + 1)
-        ar = segment_attention_triton(q[one], k[one], v[one], k_cache, v_cache, [step], scale, use_dot=False)
+        ar = segment_attention_triton(q[one], k[one], v[one], k_cache, v_cache, step, scale, use_dot=False)
         assert torch.equal(ar[0], out[row])

@@ -10,6 +10,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from kernels.kv_write import kv_write_reference, kv_write_triton  # noqa: E402
+from models.engine import KVCacheManager  # noqa: E402
 from models.kv_cache import PagedKVCache  # noqa: E402
 
 
@@ -21,11 +22,12 @@ def _case(dtype: torch.dtype, rows: int, kv_heads: int, head_dim: int, written: 
     k = torch.randn(rows, kv_heads, head_dim, generator=gen).to(dtype)
     v = torch.randn(rows, kv_heads, head_dim, generator=gen).to(dtype)
     # a ragged step: two sequences with pages scattered over the pool
-    cache.add(0)
-    cache.add(1)
-    cache.reserve(0, 7)
-    cache.reserve(1, 9)
-    slots = torch.cat([cache.slots(0, [3, 4, 5, 6]), cache.slots(1, range(9))])[: len(written)]
+    kv = KVCacheManager(8, 4)
+    kv.add(0)
+    kv.add(1)
+    kv.reserve(0, 7)
+    kv.reserve(1, 9)
+    slots = torch.cat([kv.slots(0, [3, 4, 5, 6]), kv.slots(1, range(9))])[: len(written)]
     return cache, k, v, torch.tensor(written), slots
 
 

@@ -1,12 +1,13 @@
-"""Packed segments: masks, and one forward over many requests equals each request alone."""
+"""Packed segments: masks, and one forward over many requests equals each request alone, bit for bit."""
 
 from __future__ import annotations
 
 import torch
 
 from models.batch import pack
+from models.engine import KVCacheManager
+from models.engine.sampler import Item, Sampler
 from models.modes import DecodeParams, make_state
-from models.runner import write_extent
 from models.segments import MaskKind, quadratic_layout, segment_mask
 from tests.conftest import random_model
 
@@ -38,13 +39,20 @@ def test_quadratic_mask_structure():
         assert own[row].tolist() == [True, False, False, False, True, True, True, True]
 
 
-def _step_logits(model, cache, items):
-    for seq_id, segments in items:
-        cache.reserve(seq_id, max(write_extent(segments), cache.length(seq_id)))
-    flat = [(seq_id, seg) for seq_id, segments in items for seg in segments]
-    batch = pack(flat, cache)
+def _step(model, cache, kv, items):
+    """One forward over ``(seq_id, state, plan)``: each request's logits and its sampler result."""
+    for seq_id, _, plan in items:
+        kv.reserve(seq_id, max(plan.write_extent, kv.length(seq_id)))
+    batch = pack([(seq_id, seg) for seq_id, _, plan in items for seg in plan.segments], kv)
     logits = model(batch, cache)
-    return list(torch.split(logits, batch.logit_counts))
+    pieces = torch.split(logits, batch.logit_counts)
+    works, row, deferred = [], 0, 0
+    for (_, state, plan), piece, count in zip(items, pieces, batch.deferred_counts or [0] * len(items)):
+        works.append(Item(state, plan.work, row, deferred))
+        row, deferred = row + len(piece), deferred + count
+    live = [w for w in works if w.work is not None]
+    results = iter(Sampler(model, model.config.mask_token_id).run(logits, live))
+    return list(pieces), [next(results) if w.work is not None else [] for w in works]
 
 
 def test_packed_forward_equals_each_request_alone():
@@ -54,26 +62,25 @@ def test_packed_forward_equals_each_request_alone():
     params = [DecodeParams(mode=m, max_new_tokens=20, block_length=4 + 2 * (i % 2)) for i, m in enumerate(modes)]
     together = [make_state(p, prm, model.config) for p, prm in zip(prompts, params)]
     alone = [make_state(p, prm, model.config) for p, prm in zip(prompts, params)]
-    shared = model.new_cache(num_pages=128, page_size=8)
-    own = [model.new_cache(num_pages=32, page_size=8) for _ in modes]
-    for i, cache in enumerate(own):
-        cache.add(i)
+    shared_cache = model.new_cache(num_pages=128, page_size=8)
+    shared = KVCacheManager(128, 8, prefix_caching=False)
+    own = [(model.new_cache(num_pages=32, page_size=8), KVCacheManager(32, 8, max_seqs=1)) for _ in modes]
+    for i, (_, kv) in enumerate(own):
+        kv.add(i)
         shared.add(i)
     steps = 0
     while not all(s.finished for s in together):
         live = [i for i, s in enumerate(together) if not s.finished]
-        plans = {i: together[i].plan() for i in live}
-        packed = _step_logits(model, shared, [(i, plans[i]) for i in live])
-        pieces = iter(packed)
-        for i in live:
-            mine = [next(pieces) for _ in plans[i]]
-            single = _step_logits(model, own[i], [(i, alone[i].plan())])
-            for a, b in zip(mine, single):
-                assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
-            together[i].advance(mine)
-            alone[i].advance(single)
+        plans = {i: together[i].plan(10**6) for i in live}
+        packed, results = _step(model, shared_cache, shared, [(i, together[i], plans[i]) for i in live])
+        for i, mine, result in zip(live, packed, results):
+            plan = alone[i].plan(10**6)
+            (single,), (single_result,) = _step(model, *own[i], [(i, alone[i], plan)])
+            assert torch.equal(mine, single), (i, modes[i])
+            together[i].advance(plans[i], result)
+            alone[i].advance(plan, single_result)
             shared.set_length(i, together[i].cached_len)
-            own[i].set_length(i, alone[i].cached_len)
+            own[i][1].set_length(i, alone[i].cached_len)
             assert together[i].tokens == alone[i].tokens
         steps += 1
     assert steps > 5

@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 import models
 from models.batch import pack
 from models.config import ModelConfig
+from models.engine import KVCacheManager
 from models.loading import load_tokenizer, save_model
 from models.segments import bidirectional_segment, causal_segment
 from models.tensor_parallel import check_shardable, decoder, shard_range
@@ -45,13 +46,13 @@ def decode_all(model, prompt: list[int], embeds=None) -> dict[str, object]:
         mode: models.generate(model, prompt, mode=mode, max_new_tokens=24, block_length=8, embeds=embeds).tokens
         for mode in MODES
     }
-    cache = model.new_cache(4)
-    cache.add(0)
-    cache.reserve(0, len(prompt))
-    prefill = model(pack([(0, causal_segment(prompt, 0, write=True))], cache, model.device), cache)
-    cache.set_length(0, len(prompt))
+    cache, kv = model.new_cache(4), KVCacheManager(4, 16)
+    kv.add(0)
+    kv.reserve(0, len(prompt))
+    prefill = model(pack([(0, causal_segment(prompt, 0, write=True))], kv, model.device), cache)
+    kv.set_length(0, len(prompt))
     block = [int(prefill[-1].argmax())] + [model.config.mask_token_id] * 7
-    draft = model(pack([(0, bidirectional_segment(block, len(prompt), adapter=True))], cache, model.device), cache)
+    draft = model(pack([(0, bidirectional_segment(block, len(prompt), adapter=True))], kv, model.device), cache)
     out["logits"] = torch.cat([prefill, draft]).clone()
     return out
 

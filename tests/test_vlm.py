@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import models
 from models.config import ConfigError
+from models.engine import Engine, KVCacheManager
 from models.loading import CheckpointError
 from models.segments import PromptEmbeds
 from models.vlm import VisionLanguageModel, VLMConfig, load_vlm, read_config, save_vlm
@@ -132,13 +133,13 @@ def test_image_changes_logits_and_placement(vlm):
     prompt = prompt_with(layout)
 
     def last_logits(embeds):
-        cache = text.new_cache(8)
-        cache.add(0)
-        cache.reserve(0, len(prompt))
+        cache, kv = text.new_cache(8), KVCacheManager(8, 16)
+        kv.add(0)
+        kv.reserve(0, len(prompt))
         seg = models.segments.causal_segment(prompt, 0, write=True)
         if embeds is not None:
             seg.embeds_rows, seg.input_embeds = embeds.within(0, len(prompt))
-        return text(models.batch.pack([(0, seg)], cache), cache)[-1]
+        return text(models.batch.pack([(0, seg)], kv), cache)[-1]
 
     a = last_logits(vlm.prompt_embeds(prompt, [pixels_a]))
     b = last_logits(vlm.prompt_embeds(prompt, [pixels_b]))
@@ -162,8 +163,6 @@ def test_all_modes_with_images_spec_lossless_and_chunked_prefill(vlm):
             assert spec.tokens == ar.tokens, (mode, block)
     diffusion = models.generate(text, prompt, mode="diffusion", max_new_tokens=24, embeds=embeds)
     assert len(diffusion.tokens) > 0
-    from deployments.engine import Engine
-
     for chunk in (3, 7, len(prompt)):
         engine = Engine(text, num_pages=16, prefill_chunk=chunk)
         engine.add_request("r", prompt, models.DecodeParams(mode="ar", max_new_tokens=24), embeds)
@@ -171,6 +170,31 @@ def test_all_modes_with_images_spec_lossless_and_chunked_prefill(vlm):
         while engine.has_work:
             tokens += [t for out in engine.step() for t in out.new_tokens]
         assert tokens == ar.tokens, chunk
+
+
+def test_prefix_cache_tells_images_apart(vlm):
+    """Equal prompt ids with different pictures share only the pages before the image."""
+    text = vlm.language_model
+    pixels_a, layout = preprocess(picture(84, 56, seed=1), vlm.config.vision, 2)
+    pixels_b, _ = preprocess(picture(84, 56, seed=2), vlm.config.vision, 2)
+    prompt = prompt_with(layout, before=(1, *[9] * 20), after=(10,) * 20)
+    engine = Engine(text, num_pages=32, page_size=8)
+
+    def run(name: str, pixels) -> list[int]:
+        embeds = vlm.prompt_embeds(prompt, [pixels])
+        engine.add_request(name, prompt, models.DecodeParams(mode="ar", max_new_tokens=6), embeds)
+        tokens = []
+        while engine.has_work:
+            tokens += [t for out in engine.step() for t in out.new_tokens]
+        assert tokens == models.generate(text, prompt, max_new_tokens=6, embeds=embeds).tokens
+        return tokens
+
+    run("a", pixels_a)
+    before_image = prompt.index(vlm.config.image_token_id) // 8 * 8
+    run("b", pixels_b)
+    assert engine.stats.prefix_hits == before_image
+    run("c", pixels_a)
+    assert engine.stats.prefix_hits == before_image + (len(prompt) - 1) // 8 * 8
 
 
 def test_prompt_embeds_within_slices():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from models.config import ModelConfig
 from models.modes.ar import ARState
-from models.modes.base import MODES, DecodeParams, DecodeState, kv_tokens_needed
+from models.modes.base import MODES, DecodeParams, DecodeState, Draft, Plan, Unmask, Verify, Work, kv_tokens_needed
 from models.modes.diffusion import DiffusionState
 from models.modes.linear_spec import LinearSpecState
 from models.modes.quadratic_spec import QuadraticSpecState
@@ -17,7 +17,18 @@ STATES: dict[str, type[DecodeState]] = {
     "quadratic_spec": QuadraticSpecState,
 }
 
-__all__ = ["MODES", "DecodeParams", "DecodeState", "kv_tokens_needed", "make_state"]
+__all__ = [
+    "MODES",
+    "DecodeParams",
+    "DecodeState",
+    "Draft",
+    "Plan",
+    "Unmask",
+    "Verify",
+    "Work",
+    "kv_tokens_needed",
+    "make_state",
+]
 
 
 def make_state(

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-
-from models.modes.base import DecodeState
-from models.segments import Segment, causal_segment
+from models.modes.base import DecodeState, Plan, Verify
+from models.segments import causal_segment
 
 
 class ARState(DecodeState):
@@ -13,14 +11,14 @@ class ARState(DecodeState):
 
     mode = "ar"
 
-    def after_prefill(self, last_logits: torch.Tensor) -> list[int]:
+    def after_prefill(self, token: int) -> list[int]:
         self.nfe += 1
-        return self.emit([self.choose(last_logits)])
+        return self.emit([token])
 
-    def plan_decode(self) -> list[Segment]:
-        return [causal_segment([self.tokens[-1]], self.cached_len, write=True)]
+    def plan_decode(self) -> Plan:
+        return Plan([causal_segment([self.tokens[-1]], self.cached_len, write=True)], Verify())
 
-    def advance_decode(self, logits: list[torch.Tensor]) -> list[int]:
+    def advance_decode(self, plan: Plan, result: list[int]) -> list[int]:
         self.cached_len += 1
         self.nfe += 1
-        return self.emit([self.choose(logits[0][0])])
+        return self.emit([result[1]])

@@ -1,21 +1,28 @@
 """The per-request decoding state machine shared by every mode.
 
-``plan()`` returns the segments the request contributes to the next forward; ``advance(logits)``
-consumes their logits, emits tokens, and moves ``cached_len`` (the committed KV length: the
-runner rolls the cache back to it). The prompt prefill (optionally in chunks) is common to all
-modes; each mode implements what follows.
+``plan(budget)`` returns what the request contributes to the next step: its segments and the
+*work* to do on their logits (an AR choice, a speculative verification, a draft, an unmask step).
+It does not change the state, so a scheduler may plan a request and then leave it out. The engine
+runs the step's forward and then all requests' work in one batched call on the device
+(``models.engine.sampler``), copies the results to the host once, and hands each request its
+integers in ``advance(plan, result)``, which emits tokens and moves ``cached_len`` (the committed
+KV length: the engine rolls the cache back to it).
+
+Prefill is common to all modes and is what a request does whenever its cache holds less than
+``ready_len``: at the start (the prompt, in chunks the scheduler sizes), and after a preemption
+dropped its cache (the prompt and every committed output token are recomputed, with no logits:
+decoding then resumes exactly where it stopped).
 """
 
 from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from models.config import ModelConfig
-from models.sampling import pick
 from models.segments import PromptEmbeds, Segment, causal_segment
 
 MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
@@ -32,7 +39,6 @@ class DecodeParams:
     max_steps: int | None = None
     temperature: float = 0.0
     seed: int | None = None
-    prefill_chunk: int | None = None  # tokens of prompt per step (None: whole prompt at once)
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -49,8 +55,6 @@ class DecodeParams:
             raise ValueError("max_steps must be at least 1")
         if self.temperature < 0:
             raise ValueError("temperature must be non-negative")
-        if self.prefill_chunk is not None and self.prefill_chunk < 1:
-            raise ValueError("prefill_chunk must be at least 1")
 
 
 def kv_tokens_needed(prompt_len: int, params: DecodeParams, block_size: int) -> int:
@@ -59,6 +63,62 @@ def kv_tokens_needed(prompt_len: int, params: DecodeParams, block_size: int) -> 
     block = params.block_length or block_size
     overshoot = 1 if params.mode == "ar" else block + 1
     return prompt_len + params.max_new_tokens + overshoot
+
+
+# ----- work on a step's logits (rows are relative to the request's own logit rows) ------------------
+@dataclass
+class Verify:
+    """Speculative acceptance of ``draft`` against the AR predictions in logit rows 0..len(draft)
+    (greedy: the longest agreeing prefix; sampled: rejection sampling with the draft's ``q``).
+    Result ``[accepted, token]``: the token after the accepted prefix. An empty draft is a plain
+    AR choice from row 0."""
+
+    draft: list[int] = field(default_factory=list)
+    q: torch.Tensor | None = None  # [len(draft), V] draft probabilities (sampled drafts)
+
+
+@dataclass
+class Draft:
+    """Draft tokens from diffusion logits (never the mask token): rows 0..count-1, or, after a
+    ``verify`` of the same step, the deferred rows of the sub-block the acceptance selects (quadratic:
+    sub-block ``accepted``, its ``count`` rows). Result ``[*tokens]`` (after the verify's two).
+    Sampled drafts leave their probabilities in ``q_out`` for the next verify."""
+
+    count: int
+    verify: Verify | None = None
+    q_out: torch.Tensor | None = None
+
+
+@dataclass
+class Unmask:
+    """One diffusion denoise pass over ``block`` (logit rows 0..L-1): commit the most confident masked
+    slot and every one at or above ``threshold``, at least ``least`` of them. Result: the new block."""
+
+    block: list[int]
+    threshold: float | None
+    least: int | None
+
+
+Work = Verify | Draft | Unmask
+
+
+@dataclass
+class Plan:
+    """A request's part of one step: its segments and the work on their logits (None: nothing to read)."""
+
+    segments: list[Segment]
+    work: Work | None
+    prefill_stop: int | None = None  # a prefill chunk: the cache length it reaches
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s) for s in self.segments)
+
+    @property
+    def write_extent(self) -> int:
+        """Cache length the segments write up to (pages must be reserved before the forward)."""
+        ends = [p + 1 for seg in self.segments for p, w in zip(seg.positions, seg.write) if w]
+        return max(ends, default=0)
 
 
 class DecodeState(ABC):
@@ -87,6 +147,8 @@ class DecodeState(ABC):
             self.generator = torch.Generator().manual_seed(seed)
         self.tokens: list[int] = []
         self.cached_len = 0
+        self.ready_len = len(self.prompt)  # cache length needed before the next decode step
+        self.started = False  # the prompt's logits have been read
         self.nfe = 0
         self.accepted_lengths: list[int] = []  # tokens emitted per speculative cycle
         self.finished = False
@@ -95,53 +157,61 @@ class DecodeState(ABC):
     # ----- protocol --------------------------------------------------------------------------
     @property
     def prefilling(self) -> bool:
-        return self.cached_len < len(self.prompt)
+        return self.cached_len < self.ready_len
 
-    def plan(self) -> list[Segment]:
+    def token_at(self, start: int, stop: int) -> list[int]:
+        """Ids at positions ``start..stop-1`` of the sequence (prompt, then emitted tokens)."""
+        p = len(self.prompt)
+        if stop <= p:
+            return self.prompt[start:stop]
+        return self.prompt[start:] + self.tokens[max(start - p, 0) : stop - p]
+
+    def plan(self, budget: int) -> Plan | None:
+        """The request's part of the next step (None once finished); a prefill chunk takes at most
+        ``budget`` tokens (at least one), decode steps are whole."""
         if self.finished:
-            return []
+            return None
         if self.prefilling:
-            chunk = self.params.prefill_chunk or len(self.prompt)
-            stop = min(self.cached_len + chunk, len(self.prompt))
-            last = stop == len(self.prompt)
+            start = self.cached_len
+            stop = min(self.ready_len, start + max(budget, 1))
+            last = stop == self.ready_len and not self.started
             segment = causal_segment(
-                self.prompt[self.cached_len : stop],
-                self.cached_len,
-                write=True,
-                logit_rows=[stop - self.cached_len - 1] if last else [],
+                self.token_at(start, stop), start, write=True, logit_rows=[stop - start - 1] if last else []
             )
-            part = self.embeds.within(self.cached_len, stop) if self.embeds is not None else None
+            part = self.embeds.within(start, stop) if self.embeds is not None else None
             if part is not None:
                 segment.embeds_rows, segment.input_embeds = part
-            return [segment]
+            return Plan([segment], Verify() if last else None, prefill_stop=stop)
         return self.plan_decode()
 
-    def advance(self, logits: list[torch.Tensor]) -> list[int]:
-        """Consume the logits of the planned segments (one tensor per segment); return new tokens."""
-        if self.prefilling:
-            chunk = self.params.prefill_chunk or len(self.prompt)
-            self.cached_len = min(self.cached_len + chunk, len(self.prompt))
-            if self.prefilling:
+    def advance(self, plan: Plan, result: list[int]) -> list[int]:
+        """Consume the results of a planned step's work; return the newly emitted tokens."""
+        if plan.prefill_stop is not None:
+            self.cached_len = plan.prefill_stop
+            if self.prefilling or self.started:
                 return []
+            self.started = True
             self.nfe += int(self.prefill_counts_as_forward)
-            return self.after_prefill(logits[0][-1])
-        return self.advance_decode(logits)
+            return self.after_prefill(result[1])
+        return self.advance_decode(plan, result)
+
+    def preempt(self) -> None:
+        """The request's cache was dropped: recompute it before decoding resumes."""
+        self.ready_len = max(self.ready_len, self.cached_len)
+        self.cached_len = 0
 
     # ----- mode hooks ----------------------------------------------------------------------------
     @abstractmethod
-    def after_prefill(self, last_logits: torch.Tensor) -> list[int]: ...
+    def after_prefill(self, token: int) -> list[int]:
+        """``token``: the AR choice after the prompt."""
 
     @abstractmethod
-    def plan_decode(self) -> list[Segment]: ...
+    def plan_decode(self) -> Plan: ...
 
     @abstractmethod
-    def advance_decode(self, logits: list[torch.Tensor]) -> list[int]: ...
+    def advance_decode(self, plan: Plan, result: list[int]) -> list[int]: ...
 
     # ----- helpers -----------------------------------------------------------------------------
-    def choose(self, logits: torch.Tensor) -> int:
-        """The AR choice for one row: argmax, or a sample at temperature > 0."""
-        return int(pick(logits, self.temperature, self.generator))
-
     @property
     def remaining(self) -> int:
         return self.params.max_new_tokens - len(self.tokens)

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from models.modes.base import DecodeState
-from models.sampling import pick, probabilities, speculative_accept, without_token
-from models.segments import Segment, bidirectional_segment, causal_segment
+from models.modes.base import DecodeState, Draft, Plan, Verify
+from models.segments import bidirectional_segment, causal_segment
 
 
 class LinearSpecState(DecodeState):
@@ -25,36 +24,28 @@ class LinearSpecState(DecodeState):
         self.draft: list[int] | None = None  # None: the next pass is a draft
         self.draft_probs: torch.Tensor | None = None
 
-    def after_prefill(self, last_logits: torch.Tensor) -> list[int]:
-        self.next_token = self.choose(last_logits)
-        return self.emit([self.next_token])
+    def after_prefill(self, token: int) -> list[int]:
+        self.next_token = token
+        return self.emit([token])
 
-    def plan_decode(self) -> list[Segment]:
+    def plan_decode(self) -> Plan:
         length = self.block_length
         if self.draft is None:
             block = [self.next_token] + [self.mask_id] * (length - 1)
-            return [bidirectional_segment(block, self.cached_len, adapter=True, logit_rows=list(range(1, length)))]
-        return [causal_segment([self.next_token, *self.draft], self.cached_len, write=True)]
+            segment = bidirectional_segment(block, self.cached_len, adapter=True, logit_rows=list(range(1, length)))
+            return Plan([segment], Draft(length - 1))
+        segment = causal_segment([self.next_token, *self.draft], self.cached_len, write=True)
+        return Plan([segment], Verify(self.draft, self.draft_probs))
 
-    def advance_decode(self, logits: list[torch.Tensor]) -> list[int]:
+    def advance_decode(self, plan: Plan, result: list[int]) -> list[int]:
         self.nfe += 1
         if self.draft is None:
-            self.draft, self.draft_probs = draft_tokens(logits[0], self.mask_id, self.temperature, self.generator)
+            self.draft, self.draft_probs = result, plan.work.q_out
             return []
-        accepted, bonus = speculative_accept(self.draft, logits[0], self.draft_probs, self.temperature, self.generator)
+        accepted, bonus = result
         emitted = self.emit([*self.draft[:accepted], bonus])
         self.accepted_lengths.append(accepted + 1)
         self.cached_len += accepted + 1  # next_token and the accepted drafts are now committed
         self.next_token = bonus
-        self.draft = None
+        self.draft = self.draft_probs = None
         return emitted
-
-
-def draft_tokens(
-    logits: torch.Tensor, mask_id: int, temperature: float, generator: torch.Generator | None
-) -> tuple[list[int], torch.Tensor | None]:
-    """Draft tokens from diffusion logits (never the mask token) and, when sampling, their q."""
-    allowed = without_token(logits, mask_id)
-    tokens = pick(allowed, temperature, generator)
-    probs = probabilities(allowed, temperature) if temperature > 0 else None
-    return tokens.tolist(), probs

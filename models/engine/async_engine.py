@@ -2,7 +2,9 @@
 
 Every mutation of the engine (submit, cancel, step) happens on the stepping thread, so the event
 loop never blocks on a forward pass and the engine needs no locks. Ray-free: the model-server
-deployment wraps it, tests drive it directly.
+deployment wraps it, tests drive it directly. A consumer slower than the engine gets the outputs
+of the steps it missed merged into one (deltas concatenated), so a busy server sends fewer,
+larger messages rather than falling behind.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from deployments.engine import Engine, StepOutput
+from models.engine.engine import Engine, StepOutput
 from models.modes import DecodeParams
 from models.segments import PromptEmbeds
 
@@ -35,10 +37,15 @@ class AsyncEngine:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def generate(
-        self, request_id: str, prompt: list[int], params: DecodeParams, embeds: PromptEmbeds | None = None
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: DecodeParams,
+        embeds: PromptEmbeds | None = None,
+        tier: str = "standard",
     ) -> AsyncIterator[StepOutput]:
         """Yield the request's step outputs until it finishes; cancel it if the consumer goes away."""
-        request = self.engine.prepare(request_id, prompt, params, embeds)  # raises on bad input, before queueing
+        request = self.engine.prepare(request_id, prompt, params, embeds, tier)  # raises on bad input, before queueing
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
         self._ops.append(lambda: self.engine.submit(request))
@@ -48,6 +55,9 @@ class AsyncEngine:
         try:
             while not finished:
                 item = await queue.get()
+                while not isinstance(item, BaseException) and not queue.empty():
+                    later = queue.get_nowait()
+                    item = later if isinstance(later, BaseException) else item.merge(later)
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished

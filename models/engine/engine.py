@@ -1,0 +1,283 @@
+"""Continuous-batching engine around one model (Ray-free; the model-server replicas drive it).
+
+Requests join and leave between steps. Each step the scheduler picks requests and what each
+contributes (any mix of prefill chunks, AR tokens, diffusion passes, drafts, verifies and
+quadratic cycles), the runner runs them as one packed forward plus one batched post-processing
+pass, and every request advances with its results. KV pages are allocated as requests grow;
+when the pool runs dry a request is preempted and later resumes with exactly the tokens it would
+have produced. Full pages of committed tokens are shared between requests with the same prefix.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from models.engine.kv_manager import KVCacheManager
+from models.engine.runner import ModelRunner
+from models.engine.scheduler import TIER_PRIORITY, Request, RequestStats, Scheduler
+from models.modes import DecodeParams, kv_tokens_needed, make_state
+from models.segments import PromptEmbeds
+
+MAX_BLOCK_LENGTH = 1024  # DecodeParams' bound: a request writes at most one block past its output
+
+
+class RequestRejected(ValueError):
+    """A request that this engine can never serve (too long for the KV pool or the context)."""
+
+
+@dataclass
+class StepOutput:
+    """What one or more steps produced for one request: deltas, plus its running statistics."""
+
+    request_id: str
+    new_tokens: list[int]
+    finished: bool
+    finish_reason: str | None
+    nfe: int
+    tokens: int  # emitted so far
+    ttft: float | None
+    new_accepted: list[int]  # tokens emitted per speculative cycle, for the cycles of these steps
+
+    @property
+    def tpf(self) -> float:
+        return self.tokens / self.nfe if self.nfe else 0.0
+
+    def merge(self, later: StepOutput) -> StepOutput:
+        """This output followed by a later one of the same request, as one."""
+        return StepOutput(
+            self.request_id,
+            self.new_tokens + later.new_tokens,
+            later.finished,
+            later.finish_reason,
+            later.nfe,
+            later.tokens,
+            later.ttft if later.ttft is not None else self.ttft,
+            self.new_accepted + later.new_accepted,
+        )
+
+
+@dataclass
+class StepCost:
+    """Least-squares fit of step time = fixed + per_token * tokens over recent steps."""
+
+    window: deque = field(default_factory=lambda: deque(maxlen=128))
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.window.append((tokens, seconds))
+
+    def fit(self) -> tuple[float, float] | None:
+        if len(self.window) < 4:
+            return None
+        n = len(self.window)
+        sx = sum(t for t, _ in self.window)
+        sy = sum(s for _, s in self.window)
+        sxx = sum(t * t for t, _ in self.window)
+        sxy = sum(t * s for t, s in self.window)
+        var = n * sxx - sx * sx
+        if var <= 0:  # every step had the same size: attribute it all to the fixed cost
+            return sy / n, 0.0
+        per_token = max((n * sxy - sx * sy) / var, 0.0)
+        return max((sy - per_token * sx) / n, 0.0), per_token
+
+
+@dataclass
+class EngineStats:
+    """Live numbers the router and the metrics read."""
+
+    running: int = 0
+    waiting: int = 0
+    pool_used_pages: int = 0
+    pool_pages: int = 0
+    steps: int = 0
+    step_time_ema: dict[str, float] = field(default_factory=dict)  # seconds per forward, per mode
+    tpf_ema: dict[str, float] = field(default_factory=dict)  # tokens per forward, per mode
+    batch_tokens: int = 0  # query tokens in the last step
+    prefix_queries: int = 0  # tokens looked up in the prefix cache ...
+    prefix_hits: int = 0  # ... and found there
+    preemptions: int = 0
+    cost: StepCost = field(default_factory=StepCost)
+
+    @property
+    def pool_usage(self) -> float:
+        return self.pool_used_pages / self.pool_pages if self.pool_pages else 0.0
+
+
+class Engine:
+    """Schedules requests onto one model and one paged KV pool."""
+
+    def __init__(
+        self,
+        model,
+        *,
+        num_pages: int = 512,
+        page_size: int = 16,
+        max_running: int = 64,
+        max_step_tokens: int = 2048,
+        prefill_chunk: int = 512,
+        prefix_caching: bool = True,
+        priority_ageing_s: float = 5.0,
+        ema: float = 0.2,
+    ) -> None:
+        self.model = model
+        self.cache = model.new_cache(num_pages, page_size)
+        longest = model.config.max_position_embeddings + MAX_BLOCK_LENGTH + 1
+        self.kv = KVCacheManager(
+            num_pages,
+            page_size,
+            max_seqs=max_running,
+            max_pages_per_seq=min(num_pages, -(-longest // page_size)),
+            device=model.device,
+            prefix_caching=prefix_caching,
+        )
+        self.scheduler = Scheduler(
+            self.kv,
+            max_running=max_running,
+            max_step_tokens=max_step_tokens,
+            prefill_chunk=prefill_chunk,
+            ageing_s=priority_ageing_s,
+        )
+        self.runner = ModelRunner(model, self.cache, self.kv)
+        self.ema = ema
+        self._seq_ids = itertools.count()
+        self._ids: set[str] = set()
+        self.stats = EngineStats(pool_pages=num_pages)
+
+    # ----- requests ------------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: DecodeParams,
+        embeds: PromptEmbeds | None = None,
+        tier: str = "standard",
+    ) -> Request:
+        """Queue a request; raises RequestRejected if it can never fit, ValueError on bad params."""
+        request = self.prepare(request_id, prompt, params, embeds, tier)
+        self.submit(request)
+        return request
+
+    def prepare(
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: DecodeParams,
+        embeds: PromptEmbeds | None = None,
+        tier: str = "standard",
+    ) -> Request:
+        """Validate a request without touching the engine's queues (safe from any thread).
+
+        ``embeds``: a VLM request's image embeddings, which its prefill chunks carry. ``tier`` orders
+        admission (interactive, standard, batch)."""
+        if tier not in TIER_PRIORITY:
+            raise ValueError(f"unknown tier {tier!r}; expected one of {', '.join(TIER_PRIORITY)}")
+        state = make_state(prompt, params, self.model.config, embeds)
+        limit = self.model.config.max_position_embeddings
+        if len(prompt) + params.max_new_tokens > limit:
+            raise RequestRejected(
+                f"prompt ({len(prompt)} tokens) plus max_tokens ({params.max_new_tokens}) exceeds the model's "
+                f"context of {limit} tokens"
+            )
+        tokens = kv_tokens_needed(len(prompt), params, self.model.config.block_size)
+        if self.kv.pages_for(tokens) > self.kv.num_pages:
+            raise RequestRejected(
+                f"request needs {tokens} tokens of KV cache; the pool holds {self.kv.capacity_tokens}"
+            )
+        stats = RequestStats(arrival=time.monotonic())
+        return Request(request_id, state, next(self._seq_ids), stats, TIER_PRIORITY[tier])
+
+    def submit(self, request: Request) -> None:
+        """Queue a prepared request (call from the thread that steps the engine)."""
+        if request.request_id in self._ids:
+            raise ValueError(f"duplicate request id {request.request_id}")
+        self._ids.add(request.request_id)
+        self.scheduler.add(request)
+        self._refresh_stats()
+
+    def cancel(self, request_id: str) -> bool:
+        """Drop a request (client gone); its pages return to the pool at once."""
+        request = self.scheduler.remove(request_id)
+        if request is None:
+            return False
+        self._ids.discard(request_id)
+        self._refresh_stats()
+        return True
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    @property
+    def running(self) -> dict[str, Request]:
+        return {r.request_id: r for r in self.scheduler.running}
+
+    @property
+    def waiting(self) -> list[Request]:
+        return list(self.scheduler.waiting)
+
+    # ----- stepping ------------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        """Run one step; report the requests that emitted tokens or finished."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            self._refresh_stats()
+            return []
+        start = time.monotonic()
+        results = self.runner.execute([(r.seq_id, plan, r.state) for r, plan in scheduled])
+        now = time.monotonic()
+        elapsed = now - start
+        self.stats.batch_tokens = sum(plan.num_tokens for _, plan in scheduled)
+        self.stats.cost.add(self.stats.batch_tokens, elapsed)
+        for mode in {request.mode for request, _ in scheduled}:  # once per mode, however many requests
+            self._update_mode_stats(mode, elapsed)
+        outputs = []
+        for (request, plan), result in zip(scheduled, results):
+            state = request.state
+            cycles = len(state.accepted_lengths)
+            tokens = state.advance(plan, result)
+            self.kv.set_length(request.seq_id, state.cached_len)
+            self.scheduler.commit(request)
+            if tokens and request.stats.first_token is None:
+                request.stats.first_token = now
+            if state.finished:
+                request.stats.finished = now
+                self.scheduler.remove(request.request_id)
+                self._ids.discard(request.request_id)
+                self._update_tpf(request)
+            if tokens or state.finished:
+                outputs.append(
+                    StepOutput(
+                        request.request_id,
+                        tokens,
+                        state.finished,
+                        state.finish_reason,
+                        state.nfe,
+                        len(state.tokens),
+                        request.stats.ttft,
+                        state.accepted_lengths[cycles:],
+                    )
+                )
+        self.stats.steps += 1
+        self._refresh_stats()
+        return outputs
+
+    # ----- statistics ------------------------------------------------------------------------
+    def _update_mode_stats(self, mode: str, seconds: float) -> None:
+        old = self.stats.step_time_ema.get(mode)
+        self.stats.step_time_ema[mode] = seconds if old is None else (1 - self.ema) * old + self.ema * seconds
+
+    def _update_tpf(self, request: Request) -> None:
+        tpf = request.state.tpf
+        if tpf:
+            old = self.stats.tpf_ema.get(request.mode)
+            self.stats.tpf_ema[request.mode] = tpf if old is None else (1 - self.ema) * old + self.ema * tpf
+
+    def _refresh_stats(self) -> None:
+        self.stats.running = len(self.scheduler.running)
+        self.stats.waiting = len(self.scheduler.waiting)
+        self.stats.pool_used_pages = self.kv.used_pages
+        self.stats.prefix_queries = self.scheduler.stats.prefix_queries
+        self.stats.prefix_hits = self.scheduler.stats.prefix_hits
+        self.stats.preemptions = self.scheduler.stats.preemptions

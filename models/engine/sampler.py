@@ -1,0 +1,249 @@
+"""Batched post-processing: every request's work on a step's logits at once, one copy to the host.
+
+After the forward, the requests of a step ask for AR choices, speculative verifications, drafts
+and diffusion unmask passes (``models.modes.base``: ``Verify``, ``Draft``, ``Unmask``). Here each
+kind runs once for all requests that want it, on the model's device, through the kernels'
+dispatch (``kernels.verify_accept*``, ``kernels.unmask*``: Triton on CUDA, vectorised torch
+elsewhere); a quadratic cycle's draft rows, which depend on its acceptance, are picked on the
+device and only they get logits. The integers every request needs then reach the host in a
+single copy.
+
+Temperature > 0: probabilities are fp32 softmaxes on the device. Each request draws its uniform
+numbers from its own CPU generator, a fixed number per kind of work (so a seeded request gives the
+same tokens alone or beside any neighbours), and they travel to the device with the step. A draw
+from a distribution is an inverse-CDF draw with one uniform (``kernels.verify_accept.inverse_cdf``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+import kernels
+from kernels.verify_accept import inverse_cdf
+from models.modes import DecodeState, Draft, Unmask, Verify, Work
+
+
+@dataclass
+class Item:
+    """One request's work in a step: rows are offsets into the step's logits and deferred rows."""
+
+    state: DecodeState
+    work: Work
+    row: int
+    deferred: int = 0
+
+
+def _uniforms(item: Item) -> torch.Tensor | None:
+    """The item's uniform draws for this step, in a fixed order: accept tests and the draw of a
+    verify, then one per draft or unmask slot."""
+    state, work = item.state, item.work
+    if state.temperature <= 0:
+        return None
+    verify = work if isinstance(work, Verify) else getattr(work, "verify", None)
+    count = len(verify.draft) + 1 if verify is not None else 0
+    if isinstance(work, Draft):
+        count += work.count
+    elif isinstance(work, Unmask):
+        count += len(work.block)
+    return torch.rand(count, dtype=torch.float64, generator=state.generator)
+
+
+def _to_device(device: torch.device, *arrays: list) -> list[torch.Tensor]:
+    """Integer lists (flat, or lists of equal-length rows) as int64 tensors on ``device``, in one copy."""
+    flat: list[int] = []
+    shapes = []
+    for array in arrays:
+        if array and isinstance(array[0], list):
+            shapes.append((len(array), len(array[0])))
+            for row in array:
+                flat += row
+        else:
+            shapes.append((len(array),))
+            flat += array
+    sizes = [math.prod(shape) for shape in shapes]
+    parts = torch.tensor(flat, dtype=torch.long).to(device).split(sizes)
+    return [part.view(shape) for part, shape in zip(parts, shapes)]
+
+
+def _split_by_temperature(items: list[Item]) -> tuple[list[Item], list[Item]]:
+    return [i for i in items if i.state.temperature <= 0], [i for i in items if i.state.temperature > 0]
+
+
+class Sampler:
+    def __init__(self, model, mask_id: int) -> None:
+        self.model = model  # for deferred logits (quadratic drafts)
+        self.mask_id = mask_id
+
+    def run(self, logits: torch.Tensor, items: list[Item]) -> list[list[int]]:
+        """Each item's result integers (see the work classes), with one device-to-host copy."""
+        device = logits.device
+        uniforms = {id(item): _uniforms(item) for item in items}
+        pieces: list[torch.Tensor] = []  # device int64 results, [B, width] each
+        where: dict[int, tuple[int, int]] = {}  # item -> (piece, row in piece)
+
+        def collect(group: list[Item], result: torch.Tensor) -> None:
+            for b, item in enumerate(group):
+                where[id(item)] = (len(pieces), b)
+            pieces.append(result)
+
+        verifying = [i for i in items if isinstance(i.work, Verify) or isinstance(i.work, Draft) and i.work.verify]
+        for group in _split_by_temperature(verifying):
+            if not group:
+                continue
+            accepted, token = self._verify(logits, group, uniforms)
+            head = torch.stack([accepted, token], dim=1)
+            followed = [i for i in group if isinstance(i.work, Draft)]
+            if followed:
+                positions = [b for b, i in enumerate(group) if isinstance(i.work, Draft)]
+                index = torch.tensor(positions, device=device)
+                drafts = self._draft(logits, followed, uniforms, accepted[index])
+                width = drafts.shape[1]
+                tail = torch.full((len(group), width), -1, dtype=torch.long, device=device)
+                tail[index] = drafts
+                head = torch.cat([head, tail], dim=1)
+            collect(group, head)
+        drafting = [i for i in items if isinstance(i.work, Draft) and not i.work.verify]
+        for group in _split_by_temperature(drafting):
+            if group:
+                collect(group, self._draft(logits, group, uniforms, None))
+        unmasking = [i for i in items if isinstance(i.work, Unmask)]
+        for group in _split_by_temperature(unmasking):
+            if group:
+                collect(group, self._unmask(logits, group, uniforms))
+        if not pieces:
+            return [[] for _ in items]
+        offsets, start = [], 0
+        for piece in pieces:
+            offsets.append(start)
+            start += piece.numel()
+        flat = torch.cat([p.reshape(-1) for p in pieces]).tolist()  # the one copy to the host
+        out = []
+        for item in items:
+            piece, b = where[id(item)]
+            width = pieces[piece].shape[1]
+            values = flat[offsets[piece] + b * width : offsets[piece] + (b + 1) * width]
+            out.append(values[: _result_width(item.work)])
+        return out
+
+    # ----- the three kinds of work --------------------------------------------------------------------
+    def _verify(
+        self, logits: torch.Tensor, group: list[Item], uniforms: dict[int, torch.Tensor | None]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(accepted [B], token [B]) on the device."""
+        device = logits.device
+        verifies = [_verify_of(i.work) for i in group]
+        lengths = [len(v.draft) for v in verifies]
+        width = max(lengths) + 1
+        rows = [[i.row + min(j, n) for j in range(width)] for i, n in zip(group, lengths)]
+        drafts = [v.draft + [-1] * (width - 1 - len(v.draft)) for v in verifies]
+        rows_t, draft_t, lengths_t = _to_device(device, rows, drafts, lengths)
+        if group[0].state.temperature <= 0:
+            ar = logits[rows_t.reshape(-1)].argmax(dim=-1).view(len(group), width)
+            accepted, tokens, _ = kernels.verify_accept(draft_t, ar, None, lengths_t)
+        else:
+            p = self._probs(logits[rows_t.reshape(-1)], group, width).view(len(group), width, -1)
+            q = p.new_zeros((len(group), width - 1, p.shape[-1]))
+            accept_u = torch.zeros((len(group), width - 1), dtype=torch.float64)
+            sample_u = torch.zeros(len(group), dtype=torch.float64)
+            for b, (item, verify) in enumerate(zip(group, verifies)):
+                n = len(verify.draft)
+                if n:
+                    q[b, :n] = verify.q
+                u = uniforms[id(item)]
+                accept_u[b, :n], sample_u[b] = u[:n], u[n]
+            accepted, tokens, _ = kernels.verify_accept_sampled(
+                draft_t, p, q, accept_u.to(device), sample_u.to(device), None, lengths_t
+            )
+        return accepted, tokens.gather(1, accepted[:, None]).squeeze(1)
+
+    def _draft(
+        self,
+        logits: torch.Tensor,
+        group: list[Item],
+        uniforms: dict[int, torch.Tensor | None],
+        accepted: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Draft tokens [B, max count] (never the mask token); sampled drafts set ``work.q_out``.
+
+        With ``accepted`` (quadratic), request b's rows are its deferred rows of sub-block
+        ``accepted[b]``: picked on the device, and only they go through the output head."""
+        device = logits.device
+        counts = [i.work.count for i in group]
+        width = max(counts)
+        starts = [i.row if accepted is None else i.deferred for i in group]
+        cols = [[min(j, max(n - 1, 0)) for j in range(width)] for n in counts]  # padding repeats a real row
+        start_t, cols_t, count_t = _to_device(device, starts, cols, counts)
+        if accepted is None:
+            rows = logits[(start_t[:, None] + cols_t).reshape(-1)]
+        else:
+            start_t = start_t + accepted * count_t
+            rows = self.model.deferred_logits((start_t[:, None] + cols_t).reshape(-1))
+        allowed = rows.clone()
+        allowed[:, self.mask_id] = float("-inf")
+        if group[0].state.temperature <= 0:
+            return allowed.argmax(dim=-1).view(len(group), width)
+        q = self._probs(allowed, group, width)
+        u = torch.zeros((len(group), width), dtype=torch.float64)
+        for b, item in enumerate(group):
+            draws = uniforms[id(item)][-item.work.count :] if item.work.count else u.new_zeros(0)
+            u[b, : item.work.count] = draws
+        tokens = inverse_cdf(q, u.to(device).view(-1)).view(len(group), width)
+        q = q.view(len(group), width, -1)
+        for b, item in enumerate(group):
+            item.work.q_out = q[b, : item.work.count]
+        return tokens
+
+    def _unmask(
+        self, logits: torch.Tensor, group: list[Item], uniforms: dict[int, torch.Tensor | None]
+    ) -> torch.Tensor:
+        """The new blocks [B, max L] (padding -1, never a mask id)."""
+        device = logits.device
+        lengths = [len(i.work.block) for i in group]
+        width = max(lengths)
+        rows = [[i.row + min(j, n - 1) for j in range(width)] for i, n in zip(group, lengths)]
+        blocks = [i.work.block + [-1] * (width - n) for i, n in zip(group, lengths)]
+        rows_t, blocks_t, least_t = _to_device(device, rows, blocks, [i.work.least or 0 for i in group])
+        thresholds = torch.tensor(
+            [float("inf") if i.work.threshold is None else i.work.threshold for i in group], dtype=torch.float32
+        ).to(device)
+        block_logits = logits[rows_t.reshape(-1)]
+        if group[0].state.temperature <= 0:
+            kernels.unmask(blocks_t, block_logits.view(len(group), width, -1), self.mask_id, thresholds, least_t)
+            return blocks_t
+        allowed = block_logits.clone()
+        allowed[:, self.mask_id] = float("-inf")
+        u = torch.zeros((len(group), width), dtype=torch.float64)
+        for b, (item, n) in enumerate(zip(group, lengths)):
+            u[b, :n] = uniforms[id(item)]
+        candidates = inverse_cdf(self._probs(allowed, group, width), u.to(device).view(-1))
+        confidence = torch.softmax(block_logits, dim=-1).gather(1, candidates[:, None]).squeeze(1)
+        kernels.unmask_commit(
+            blocks_t,
+            confidence.view(len(group), width),
+            candidates.view(len(group), width),
+            self.mask_id,
+            thresholds,
+            least_t,
+        )
+        return blocks_t
+
+    @staticmethod
+    def _probs(rows: torch.Tensor, group: list[Item], per_item: int) -> torch.Tensor:
+        """fp32 softmax of rows [B * per_item, V] at each item's temperature."""
+        temperature = torch.tensor([i.state.temperature for i in group], dtype=torch.float32, device=rows.device)
+        return torch.softmax(rows.float() / temperature.repeat_interleave(per_item)[:, None], dim=-1)
+
+
+def _verify_of(work: Work) -> Verify:
+    return work if isinstance(work, Verify) else work.verify
+
+
+def _result_width(work: Work) -> int:
+    if isinstance(work, Verify):
+        return 2
+    if isinstance(work, Draft):
+        return work.count + (2 if work.verify else 0)
+    return len(work.block)
