@@ -1,11 +1,16 @@
-"""Load against a running triserve app on 127.0.0.1: throughput, TTFT and e2e latency per mode.
+"""Load over HTTP against the Serve app on 127.0.0.1: throughput by concurrency, and prefix-cache TTFT.
 
-    triserve serve &                      # or any app serving the model
-    python bench/serve_load.py [--url http://127.0.0.1:8000] [--model tiny] [--requests 32]
+    python bench/serve_load.py [--config deployments/configs/default.yaml] [--concurrency 1 4 16 64]
+    python bench/serve_load.py --url http://127.0.0.1:8000   # an app already running (table 1 only)
 
-For each concurrency (1, 4, 16) it sends a fixed number of streamed requests with a mix of
-modes, then the same requests one at a time (the no-batching baseline), and prints tokens/s,
-TTFT and e2e p50/p99 per mode, and the throughput ratio batched / one-at-a-time.
+Without ``--url`` it starts the app from the config on a free loopback port, with one more copy of
+the first model that has prefix caching off, and stops it at the end. Measured as ratios in this
+one run (rounds interleaved, medians), greedy, streamed:
+
+1. tokens/s with C clients at once (C = 1, 4, 16, 64; max(16, C) requests) for AR, each other mode
+   and a round-robin mix; the ratio to one client; every request's text must be identical at every C.
+2. time to first token of requests that share a long prefix, sent one after another, with prefix
+   caching on and off (same text either way).
 """
 
 from __future__ import annotations
@@ -20,102 +25,181 @@ import argparse
 import asyncio
 import json
 import os
+import socket
+import statistics
 import time
+from dataclasses import replace
 
 import httpx
 
-MODES = ("ar", "linear_spec", "quadratic_spec", "diffusion")
-PROMPTS = [
-    "import os\nimport sys\n\n\ndef main(argv):\n",
-    "class Cache:\n    def __init__(self, size):\n",
-    'def parse(text):\n    """Parse a config file."""\n',
-    "for path in sorted(paths):\n    with open(path) as f:\n",
-]
+from bench.engine_throughput import MODES, PROMPTS
+
+REPO = Path(__file__).resolve().parent.parent
+NO_CACHE = "-no-prefix-cache"
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
-async def one(client: httpx.AsyncClient, url: str, model: str, i: int, max_tokens: int, key: str | None) -> dict:
-    mode = MODES[i % len(MODES)]
-    body = {
-        "model": model,
-        "prompt": PROMPTS[i % len(PROMPTS)],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "decoding": {"mode": mode, "block_length": 8},
-    }
+async def one(client: httpx.AsyncClient, url: str, body: dict, key: str | None) -> dict:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     start = time.perf_counter()
-    first = None
-    tokens = 0
+    first, tokens, parts = None, 0, []
     async with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as resp:
         resp.raise_for_status()
         async for line in resp.aiter_lines():
             if not line.startswith("data: {"):
                 continue
             chunk = json.loads(line[6:])
-            if chunk["choices"] and chunk["choices"][0]["text"] and first is None:
-                first = time.perf_counter() - start
+            if chunk["choices"] and chunk["choices"][0]["text"]:
+                first = first or time.perf_counter() - start
+                parts.append(chunk["choices"][0]["text"])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-    return {"mode": mode, "ttft": first or 0.0, "e2e": time.perf_counter() - start, "tokens": tokens}
+    return {"ttft": first or 0.0, "e2e": time.perf_counter() - start, "tokens": tokens, "text": "".join(parts)}
 
 
-async def run(url: str, model: str, requests: int, concurrency: int, max_tokens: int, key: str | None):
+def request_body(model: str, workload: str, i: int, max_tokens: int, block: int) -> tuple[tuple, dict]:
+    """(identity of the request's content, body): request i of a workload."""
+    mode = MODES[i % len(MODES)] if workload == "mix" else workload
+    prompt = PROMPTS[i % len(PROMPTS)]
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "decoding": {"mode": mode, "block_length": block},
+    }
+    return (mode, prompt), body
+
+
+async def load(url: str, bodies: list[dict], concurrency: int, key: str | None) -> tuple[list[dict], float]:
     limit = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=600) as client:
 
-        async def bounded(i):
+        async def bounded(body):
             async with limit:
-                return await one(client, url, model, i, max_tokens, key)
+                return await one(client, url, body, key)
 
         start = time.perf_counter()
-        results = await asyncio.gather(*(bounded(i) for i in range(requests)))
+        results = await asyncio.gather(*(bounded(b) for b in bodies))
         return results, time.perf_counter() - start
 
 
-def report(label: str, results: list[dict], seconds: float) -> float:
-    throughput = sum(r["tokens"] for r in results) / seconds
-    print(f"\n{label}: {len(results)} requests in {seconds:.1f}s, {throughput:.1f} tokens/s")
-    print(f"{'mode':<16}{'n':>4}{'ttft p50':>10}{'ttft p99':>10}{'e2e p50':>10}{'e2e p99':>10}")
-    for mode in MODES:
-        rows = [r for r in results if r["mode"] == mode]
-        if rows:
-            ttft = [r["ttft"] for r in rows]
-            e2e = [r["e2e"] for r in rows]
-            print(
-                f"{mode:<16}{len(rows):>4}{percentile(ttft, 0.5):>10.3f}{percentile(ttft, 0.99):>10.3f}"
-                f"{percentile(e2e, 0.5):>10.3f}{percentile(e2e, 0.99):>10.3f}"
-            )
-    return throughput
+def throughput_table(url: str, model: str, args, key: str | None) -> None:
+    levels = args.concurrency
+    print(
+        f"\n## tokens/s by concurrency over HTTP (max(16, C) requests, {args.max_tokens} tokens, block {args.block})\n"
+    )
+    header = "| workload | " + " | ".join(f"C={c} tok/s" for c in levels) + " | "
+    header += " | ".join(f"C={c} ratio" for c in levels if c != 1) + " | identical text |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for workload in (*MODES, "mix"):
+        rates: dict[int, list[float]] = {c: [] for c in levels}
+        texts: dict[tuple, str] = {}
+        for _ in range(args.rounds):
+            for c in levels:
+                keyed = [request_body(model, workload, i, args.max_tokens, args.block) for i in range(max(16, c))]
+                results, seconds = asyncio.run(load(url, [b for _, b in keyed], c, key))
+                rates[c].append(sum(r["tokens"] for r in results) / seconds)
+                for (ident, _), r in zip(keyed, results):
+                    if texts.setdefault(ident, r["text"]) != r["text"]:
+                        raise SystemExit(f"{workload}: text of {ident} differs at concurrency {c}")
+        rate = {c: statistics.median(rates[c]) for c in levels}
+        cells = [f"{rate[c]:.1f}" for c in levels] + [f"{rate[c] / rate[levels[0]]:.2f}x" for c in levels if c != 1]
+        print(f"| {workload} | " + " | ".join(cells) + " | yes |", flush=True)
+
+
+def prefix_table(url: str, model: str, args, key: str | None) -> None:
+    shared = (REPO / "models" / "engine" / "scheduler.py").read_text()[: args.prefix_chars]
+    print(f"\n## TTFT over HTTP with a shared {args.prefix_chars}-character prefix (one request at a time)\n")
+    ttft: dict[str, list[float]] = {model: [], model + NO_CACHE: []}
+    texts: dict[int, str] = {}
+    for i in range(args.prefix_requests):
+        for name in ttft:  # interleaved: caching on, off, on, off, ...
+            body = {
+                "model": name,
+                "prompt": shared + f"\n# variant {i}\ndef f{i}(x):\n",
+                "max_tokens": 8,
+                "temperature": 0,
+                "stream": True,
+                "decoding": {"mode": "ar"},
+            }
+            (result,), _ = asyncio.run(load(url, [body], 1, key))
+            if texts.setdefault(i, result["text"]) != result["text"]:
+                raise SystemExit("prefix caching changed the text")
+            if i:  # the first request fills the cache
+                ttft[name].append(result["ttft"])
+    on, off = (statistics.median(ttft[name]) for name in ttft)
+    print("| prefix caching | TTFT p50 (ms) | identical text |")
+    print("|---|---|---|")
+    print(f"| on | {on * 1e3:.1f} | yes |")
+    print(f"| off | {off * 1e3:.1f} | yes |")
+    print(f"\nTTFT ratio off / on: {off / on:.2f}x")
+
+
+def start_app(config_path: str | None) -> tuple[str, str]:
+    """Deploy the app (plus a no-prefix-cache copy of its first model) on a free loopback port."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from cluster.local import ensure_ray  # sets the loopback variable before Ray is imported
+    from deployments.config import load_config
+
+    config = load_config(config_path)
+    first = config.models[0]
+    autoscaling = {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8}
+    twin = replace(first, name=first.name + NO_CACHE, prefix_caching=False, autoscaling=autoscaling)
+    config.models.append(twin)
+    ensure_ray()
+    from ray import serve
+
+    from deployments.ingress import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(config), name="serve-load", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return url, first.name
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit("the app did not come up")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default="http://127.0.0.1:8000")
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--url", default=None, help="an app already running on 127.0.0.1 (default: start one)")
+    parser.add_argument("--config", default=None, help="app YAML to start (default: the default app)")
+    parser.add_argument("--model", default=None, help="model name (default: the config's first)")
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--block", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--prefix-chars", type=int, default=600)
+    parser.add_argument("--prefix-requests", type=int, default=7)
     args = parser.parse_args()
-    if not args.url.startswith(("http://127.0.0.1", "http://localhost")):
-        raise SystemExit("serve_load only targets a server on this machine (127.0.0.1)")
     key = os.environ.get("TRISERVE_API_KEY")
-    baseline, seconds = asyncio.run(run(args.url, args.model, args.requests, 1, args.max_tokens, key))
-    base = report("one at a time (no batching)", baseline, seconds)
-    for c in args.concurrency:
-        if c == 1:
-            continue
-        results, seconds = asyncio.run(run(args.url, args.model, args.requests, c, args.max_tokens, key))
-        tput = report(f"concurrency {c}", results, seconds)
-        print(f"throughput ratio vs one at a time: {tput / base:.2f}x")
+    if args.url:
+        if not args.url.startswith(("http://127.0.0.1", "http://localhost")):
+            raise SystemExit("serve_load only targets a server on this machine (127.0.0.1)")
+        url, model = args.url, args.model or "tiny"
+    else:
+        url, model = start_app(args.config)
+        model = args.model or model
+    for c in (1, 4):  # warm-up
+        asyncio.run(load(url, [request_body(model, "mix", i, 8, args.block)[1] for i in range(4)], c, key))
+    print(f"app at {url}, model {model}")
+    throughput_table(url, model, args, key)
+    if not args.url:
+        prefix_table(url, model, args, key)
+        from ray import serve
+
+        serve.shutdown()
 
 
 if __name__ == "__main__":

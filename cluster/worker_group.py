@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import ray
+import torch
 import torch.distributed as dist
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -60,8 +61,9 @@ def actor_resources(bundle: dict[str, float]) -> dict[str, Any]:
 class RankActor:
     """One rank > 0: joins the process group, loads its own shard, then follows rank 0."""
 
-    def __init__(self, rank: int, env: dict[str, str]) -> None:
+    def __init__(self, rank: int, env: dict[str, str], threads: int) -> None:
         os.environ.update(env)  # before the process group exists: gloo/NCCL read them at init
+        torch.set_num_threads(threads)  # the bundle's CPUs: more threads would fight the other processes
         self.rank = rank
 
     def setup(self, world: int, address: str, port: int, path: str, dtype: str | None, device: str) -> None:
@@ -113,7 +115,8 @@ class WorkerGroup:
             options = {**actor_resources(bundle), "scheduling_strategy": strategy}
             if name:
                 options["name"] = f"{name}-rank{rank}"
-            self.actors.append(RankActor.options(**options).remote(rank, env))
+            threads = max(1, int(bundle.get("CPU", 1)))
+            self.actors.append(RankActor.options(**options).remote(rank, env, threads))
         try:
             ray.get([actor.ping.remote() for actor in self.actors], timeout=START_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError as exc:

@@ -34,6 +34,7 @@ class ModelSpec:
     prefix_caching: bool = True
     priority_ageing_s: float = 5.0  # a request waiting this long counts one tier more urgent
     num_cpus: float = 0.5
+    threads: int | None = None  # torch CPU threads per replica / rank (default: its whole CPUs, at least 1)
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per replica / rank
     placement_strategy: str = "PACK"  # tensor parallel: PACK may span nodes, STRICT_PACK keeps one node
@@ -56,6 +57,10 @@ class ModelSpec:
         """One rank's resources: the replica itself (rank 0) and each placement-group bundle."""
         gpus = {"GPU": self.num_gpus} if self.num_gpus else {}
         return {"CPU": self.num_cpus, **gpus, **self.resources}
+
+    @property
+    def cpu_threads(self) -> int:
+        return self.threads or max(1, int(self.num_cpus))
 
     @property
     def device(self) -> str:

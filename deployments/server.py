@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import torch
 from ray import serve
 
 from deployments import metrics
@@ -16,6 +17,7 @@ from models.generate import score_with_top
 from models.modes import DecodeParams
 
 STUCK_AFTER_S = 120.0
+GAUGE_PERIOD_S = 0.5
 
 
 class ModelServer:
@@ -26,6 +28,8 @@ class ModelServer:
         from models.vlm import load_vlm, read_config
 
         self.spec = ModelSpec(**spec)
+        # compute on the CPUs the replica reserved: more threads than that fight the other processes
+        torch.set_num_threads(self.spec.cpu_threads)
         self.vlm = None  # a VLM's encoder and projector; its language_model is what the engine runs
         self.group = None  # tensor parallel: the other ranks (this replica is rank 0)
         if self.spec.tensor_parallel_size > 1:
@@ -48,6 +52,7 @@ class ModelServer:
         )
         self.engine = AsyncEngine(engine)
         self.metrics = metrics.ModelMetrics(self.spec.name)
+        self._gauges_at = 0.0
 
     def _start_group(self):
         """Rank actors on this replica's placement-group bundles 1..TP-1; they die with the replica."""
@@ -91,7 +96,9 @@ class ModelServer:
                 self.metrics.accepted.observe(length, tags={"mode": params.mode})
             if out.finished:
                 self.metrics.finished(params.mode, tier, out, now - start)
-            self.metrics.engine(self.engine.engine.stats)
+            if now - self._gauges_at > GAUGE_PERIOD_S:  # engine gauges: not on every output of every request
+                self._gauges_at = now
+                self.metrics.engine(self.engine.engine.stats)
             yield dataclasses.asdict(out)
 
     async def score(self, token_ids: list[int], top: int) -> list[tuple[float, dict[int, float]]]:

@@ -7,7 +7,8 @@ would have produced it) and lets a request compute the same thing alone or in an
 achieved the way the Triton kernel does it: keys are processed in fixed-size blocks that start at
 key 0 and summed block after block, blocks a row cannot see add exact zeros, and every matrix
 product runs on a multiple of ``ROW_MULTIPLE`` rows (CPU BLAS picks other micro-kernels for fewer
-rows, which changes rounding; measured on MKL/AVX2).
+rows, which changes rounding; measured on MKL/AVX2): query rows are padded until the rows of all
+query heads sharing a KV head, packed into one matrix, are a multiple of it.
 
 What a step's attention needs is built once per step (:class:`AttentionMetadata`), not per layer:
 every segment becomes one or more *pieces* (a quadratic segment one per sub-block), each a set of
@@ -19,6 +20,7 @@ The reference groups pieces by padded row count and runs each group as one batch
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -108,7 +110,7 @@ class _Bucket:
     key_slots: torch.Tensor  # [P * K] cache slot of each (piece, key); 0 where the key is an own row or padding
     own_dst: torch.Tensor  # positions in [P * K] that hold the segment's own rows ...
     own_src: torch.Tensor  # ... and those rows in the packed batch
-    mask: torch.Tensor  # [P, 1, G * Qp, K] visibility, query rows in GQA order (head g, row q at g * Qp + q)
+    bias: torch.Tensor  # [P, 1, G * Qp, K] 0 where a key is visible, -inf elsewhere; GQA row order (g * Qp + q)
     valid: torch.Tensor  # positions in [P * Qp] that are real rows ...
     out_rows: torch.Tensor  # ... and the packed rows they are written to
     pieces: int
@@ -121,10 +123,12 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def _buckets(meta: AttentionMetadata, group: int) -> list[_Bucket]:
+    # the products run on group * rows rows (GQA heads packed): that count is kept a multiple of ROW_MULTIPLE
+    row_step = ROW_MULTIPLE // math.gcd(group, ROW_MULTIPLE)
     by_rows: dict[int, list[tuple[int, AttentionSegment, tuple[list[int], list[int], list[int]]]]] = defaultdict(list)
     for s, seg in enumerate(meta.segments):
         for piece in seg.pieces():
-            by_rows[_round_up(len(piece[0]), ROW_MULTIPLE)].append((s, seg, piece))
+            by_rows[_round_up(len(piece[0]), row_step)].append((s, seg, piece))
     device = meta.prefix_slots.device
     out = []
     for qp, pieces in sorted(by_rows.items()):
@@ -161,7 +165,7 @@ def _buckets(meta: AttentionMetadata, group: int) -> list[_Bucket]:
                 key_slots=key_slots.reshape(-1),
                 own_dst=as_long(own_dst),
                 own_src=as_long(own_src),
-                mask=cols.view(1, 1, 1, keys) < limit,
+                bias=torch.zeros((), device=device).masked_fill(cols.view(1, 1, 1, keys) >= limit, float("-inf")),
                 valid=as_long(valid),
                 out_rows=as_long(out_rows),
                 pieces=count,
@@ -182,10 +186,10 @@ def pad_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _attend_blocked(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """q [P, Hkv, M, D] (GQA heads of one KV head packed), k/v [P, Hkv, blocks*KEY_BLOCK, D],
-    mask broadcastable to [P, Hkv, M, keys] -> [P, Hkv, M, D].
+    bias (0 or -inf) broadcastable to [P, Hkv, M, keys] -> [P, Hkv, M, D].
 
     Scores come from one product (a row's dot products do not depend on the number of keys);
     the softmax sums and the probability-value products run per fixed-size key block and are
@@ -193,10 +197,9 @@ def _attend_blocked(
     """
     pieces, hkv, m_rows, d = q.shape
     blocks = k.shape[2] // KEY_BLOCK
-    s = (torch.matmul(q, k.transpose(-1, -2)) * scale).masked_fill(~mask, float("-inf"))
-    m = s.amax(dim=-1, keepdim=True)
-    m = m.masked_fill(torch.isinf(m), 0.0)  # fully masked (padding) rows
-    p = torch.exp(s - m).view(pieces, hkv, m_rows, blocks, KEY_BLOCK)
+    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).add_(bias)
+    m = s.amax(dim=-1, keepdim=True).clamp_(min=torch.finfo(s.dtype).min)  # fully masked (padding) rows
+    p = s.sub_(m).exp_().view(pieces, hkv, m_rows, blocks, KEY_BLOCK)
     block_sums = p.sum(dim=-1)  # [P, Hkv, M, blocks]
     p_blocks = p.permute(0, 1, 3, 2, 4).reshape(pieces * hkv * blocks, m_rows, KEY_BLOCK)
     v_blocks = v.reshape(pieces * hkv * blocks, KEY_BLOCK, d)
@@ -205,8 +208,8 @@ def _attend_blocked(
     for i in range(1, blocks):
         total = total + block_sums[..., i]
         acc = acc + partial[:, :, i]
-    total = total.unsqueeze(-1)
-    return acc / total.masked_fill(total == 0, 1.0)
+    # a row that sees a key sums to at least 1 (its maximum contributes exp(0)); padding rows sum to 0
+    return acc / total.unsqueeze(-1).clamp_(min=1.0)
 
 
 def segment_attention_reference(
@@ -235,7 +238,7 @@ def segment_attention_reference(
         vals[b.own_dst] = v[b.own_src].float()
         keys = keys.view(b.pieces, b.keys, hkv, d).transpose(1, 2)
         vals = vals.view(b.pieces, b.keys, hkv, d).transpose(1, 2).contiguous()
-        res = _attend_blocked(qs, keys, vals, b.mask, scale)  # [P, Hkv, G*Qp, D]
+        res = _attend_blocked(qs, keys, vals, b.bias, scale)  # [P, Hkv, G*Qp, D]
         res = res.view(b.pieces, hkv, group, b.rows, d).permute(0, 3, 1, 2, 4).reshape(-1, hq, d)
         out[b.out_rows] = res[b.valid].to(q.dtype)
     return out

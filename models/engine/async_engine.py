@@ -1,19 +1,23 @@
-"""An asyncio driver for the engine: one stepping thread, per-request output queues.
+"""An asyncio front for the engine: the engine steps on its own thread, requests stream through queues.
 
-Every mutation of the engine (submit, cancel, step) happens on the stepping thread, so the event
-loop never blocks on a forward pass and the engine needs no locks. Ray-free: the model-server
-deployment wraps it, tests drive it directly. A consumer slower than the engine gets the outputs
-of the steps it missed merged into one (deltas concatenated), so a busy server sends fewer,
-larger messages rather than falling behind.
+The stepping thread runs steps back to back while there is work and sleeps otherwise; every
+mutation of the engine (submit, cancel, step, a scoring pass) happens on it, so the engine needs
+no locks. The event loop only moves results: it never schedules a step, so a loop busy with many
+streams does not leave the model idle between steps. Each step's outputs reach their requests'
+queues in one thread-safe call. A consumer slower than the engine gets the outputs of the steps it
+missed merged into one (deltas concatenated), so a busy server sends fewer, larger messages rather
+than falling behind. Ray-free: the model-server deployment wraps it, tests drive it directly.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
+from typing import Any
 
 from models.engine.engine import Engine, StepOutput
 from models.modes import DecodeParams
@@ -23,18 +27,24 @@ from models.segments import PromptEmbeds
 class AsyncEngine:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._queues: dict[str, asyncio.Queue] = {}
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ops: deque[Callable[[], None]] = deque()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
         self.last_progress = time.monotonic()
         self.error: BaseException | None = None
 
-    def _ensure_loop(self) -> None:
-        if self._task is None or self._task.done():
-            self._wake = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._run())
+    def _ensure_thread(self) -> None:
+        with self._start_lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+                self._thread.start()
+
+    def _submit_op(self, op: Callable[[], None]) -> None:
+        self._ops.append(op)
+        self._ensure_thread()
+        self._wake.set()
 
     async def generate(
         self,
@@ -47,10 +57,15 @@ class AsyncEngine:
         """Yield the request's step outputs until it finishes; cancel it if the consumer goes away."""
         request = self.engine.prepare(request_id, prompt, params, embeds, tier)  # raises on bad input, before queueing
         queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = queue
-        self._ops.append(lambda: self.engine.submit(request))
-        self._ensure_loop()
-        self._wake.set()
+        self._queues[request_id] = (asyncio.get_running_loop(), queue)
+
+        def submit() -> None:
+            try:
+                self.engine.submit(request)
+            except ValueError as exc:  # a duplicate id: that request fails, not the others
+                self._deliver([exc], [request_id])
+
+        self._submit_op(submit)
         finished = False
         try:
             while not finished:
@@ -65,45 +80,68 @@ class AsyncEngine:
         finally:
             self._queues.pop(request_id, None)
             if not finished:
-                self._ops.append(lambda: self.engine.cancel(request_id))
-                self._wake.set()
+                self._submit_op(lambda: self.engine.cancel(request_id))
 
-    def _apply_ops_and_step(self) -> list[StepOutput]:
-        while self._ops:
-            self._ops.popleft()()
-        return self.engine.step() if self.engine.has_work else []
+    async def call(self, fn: Callable, *args) -> Any:
+        """Run ``fn`` on the stepping thread (e.g. a scoring pass that must not race a step)."""
+        future: Future = Future()
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+        def op() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:  # handed to the caller
+                    future.set_exception(exc)
+
+        self._submit_op(op)
+        return await asyncio.wrap_future(future)
+
+    # ----- the stepping thread ---------------------------------------------------------------------
+    def _loop(self) -> None:
         while True:
             if not self._ops and not self.engine.has_work:
+                self._wake.wait()
                 self._wake.clear()
-                await self._wake.wait()
                 self.last_progress = time.monotonic()  # idle time is not being stuck
+                continue
             try:
-                outputs = await loop.run_in_executor(self._executor, self._apply_ops_and_step)
+                while self._ops:
+                    self._ops.popleft()()
+                outputs = self.engine.step() if self.engine.has_work else []
             except Exception as exc:  # a failed step fails its requests, not the server
                 self.error = exc
-                for queue in self._queues.values():
-                    queue.put_nowait(exc)
-                self._reset_after_error()
+                self._fail_all(exc)
                 continue
             self.last_progress = time.monotonic()
-            for out in outputs:
-                queue = self._queues.get(out.request_id)
-                if queue is not None:
-                    queue.put_nowait(out)
+            self._deliver(outputs)
 
-    def _reset_after_error(self) -> None:
+    def _deliver(self, items: list[StepOutput | BaseException], request_ids: list[str] | None = None) -> None:
+        """Hand items to their requests' queues: one thread-safe call per event loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        ids = request_ids or [item.request_id for item in items]
+        for request_id, item in zip(ids, items):
+            entry = self._queues.get(request_id)
+            if entry is not None:
+                by_loop.setdefault(entry[0], []).append((entry[1], item))
+        for loop, pairs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, pairs)
+            except RuntimeError:  # that loop is closed: its consumers are gone
+                pass
+
+    def _fail_all(self, exc: BaseException) -> None:
+        ids = list(self._queues)
+        self._deliver([exc] * len(ids), ids)
         for request_id in list(self.engine.running) + [r.request_id for r in self.engine.waiting]:
             self.engine.cancel(request_id)
-
-    async def call(self, fn: Callable, *args):
-        """Run ``fn`` on the stepping thread (e.g. a scoring pass that must not race a step)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def stuck_for(self) -> float:
         """Seconds the loop has had work without finishing a step (0 when idle)."""
         if not self.engine.has_work and not self._ops:
             return 0.0
         return time.monotonic() - self.last_progress
+
+
+def _put_all(pairs: list[tuple[asyncio.Queue, Any]]) -> None:
+    for queue, item in pairs:
+        queue.put_nowait(item)
