@@ -74,7 +74,7 @@ def throughput_table(model, args, engine_args: dict) -> None:
     header += " | ".join(f"C={c} ratio" for c in levels if c != 1) + " | identical |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
-    for name in (*MODES, "mix"):
+    for name in args.workloads:
         requests = workload(model.tokenizer, name, args.requests, args.max_tokens, args.block)
         seconds: dict[int, list[float]] = {c: [] for c in levels}
         outputs: dict[int, list[list[int]]] = {}
@@ -146,6 +146,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--block", type=int, default=8)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--workloads", nargs="+", default=[*MODES, "mix"], choices=[*MODES, "mix"])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--prefix-tokens", type=int, default=200)
     parser.add_argument("--prefix-requests", type=int, default=6)

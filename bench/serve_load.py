@@ -94,7 +94,7 @@ def throughput_table(url: str, model: str, args, key: str | None) -> None:
     header += " | ".join(f"C={c} ratio" for c in levels if c != 1) + " | identical text |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
-    for workload in (*MODES, "mix"):
+    for workload in args.workloads:
         rates: dict[int, list[float]] = {c: [] for c in levels}
         texts: dict[tuple, str] = {}
         for _ in range(args.rounds):
@@ -179,6 +179,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--block", type=int, default=8)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--workloads", nargs="+", default=[*MODES, "mix"], choices=[*MODES, "mix"])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--prefix-chars", type=int, default=600)
     parser.add_argument("--prefix-requests", type=int, default=7)

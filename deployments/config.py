@@ -32,6 +32,7 @@ class ModelSpec:
     max_step_tokens: int = 2048  # query tokens per engine step (decode steps are whole; prefills are chunked)
     prefill_chunk: int = 256  # prompt tokens of one request per step at most
     prefix_caching: bool = True
+    stream_interval_s: float = 0.1  # while requests share the engine, a stream sends at most this often
     priority_ageing_s: float = 5.0  # a request waiting this long counts one tier more urgent
     num_cpus: float = 0.5
     threads: int | None = None  # torch CPU threads per replica / rank (default: its whole CPUs, at least 1)

@@ -50,7 +50,7 @@ class ModelServer:
             prefix_caching=self.spec.prefix_caching,
             priority_ageing_s=self.spec.priority_ageing_s,
         )
-        self.engine = AsyncEngine(engine)
+        self.engine = AsyncEngine(engine, stream_interval_s=self.spec.stream_interval_s)
         self.metrics = metrics.ModelMetrics(self.spec.name)
         self._gauges_at = 0.0
 
@@ -118,6 +118,7 @@ class ModelServer:
             "per_token_s": fit[1] if fit else None,
             "used_pages": s.pool_used_pages,
             "pages": s.pool_pages,
+            "max_step_tokens": self.spec.max_step_tokens,
             "prefix_cache_queries": s.prefix_queries,
             "prefix_cache_hits": s.prefix_hits,
             "preemptions": s.preemptions,

@@ -80,3 +80,24 @@ def test_check_health_fails_when_the_loop_is_stuck(tmp_path):
     server.engine.last_progress = time.monotonic() - 3600  # work queued, no step for an hour
     with pytest.raises(RuntimeError, match="no progress"):
         server.check_health()
+
+
+def test_busy_streams_send_fewer_larger_messages_a_lone_one_every_step():
+    model = random_model(seed=25, eos_token_id=None)
+    driver = AsyncEngine(Engine(model, num_pages=64, page_size=8), stream_interval_s=0.2)
+
+    async def one(i):
+        messages, tokens = 0, []
+        async for out in driver.generate(f"r{i}", [1, 4 + i, 9], DecodeParams(mode="ar", max_new_tokens=30)):
+            messages += 1
+            tokens += out.new_tokens
+        return messages, tokens
+
+    async def together():
+        return await asyncio.gather(*(one(i) for i in range(3)))
+
+    for i, (messages, tokens) in enumerate(asyncio.run(together())):
+        assert tokens == models.generate(model, [1, 4 + i, 9], max_new_tokens=30).tokens
+        assert messages < 15  # outputs of several steps merged into each message
+    messages, tokens = asyncio.run(one(7))
+    assert messages == 30 and tokens == models.generate(model, [1, 11, 9], max_new_tokens=30).tokens

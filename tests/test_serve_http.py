@@ -44,6 +44,7 @@ def app(serve_port, fixture_path, tmp_path_factory):
                 "path": str(fixture_path),
                 "num_pages": 256,
                 "max_running": 16,
+                "max_step_tokens": 512,
                 "num_cpus": 0.25,
                 "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16},
             },
@@ -265,6 +266,24 @@ def test_sixteen_concurrent_streams_mixed_modes_equal_alone(app, fixture_model, 
             fixture_model, tokenizer.encode(prompts[i]), mode=mode, max_new_tokens=12, block_length=8
         )
         assert text == tokenizer.decode(alone.tokens, skip_special_tokens=True), (i, mode)
+
+
+def test_shared_prefix_is_served_from_the_prefix_cache(app, client, fixture_model, tokenizer):
+    from ray import serve
+
+    handle = serve.get_deployment_handle("model-tiny", app_name="triserve")
+    before = handle.stats.remote().result()
+    assert before["max_step_tokens"] == 512  # the app config's step budget reaches the engine
+    shared = "".join(f"def helper_{i}(value):\n    return value * {i}\n\n" for i in range(6))
+    prompts = [shared + f"def main_{i}():\n    " for i in range(2)]
+    texts = [
+        client.completions.create(model="tiny", prompt=p, max_tokens=6, temperature=0).choices[0].text for p in prompts
+    ]
+    after = handle.stats.remote().result()
+    assert after["prefix_cache_hits"] - before["prefix_cache_hits"] >= 3 * 16  # the second prompt's shared pages
+    for prompt, text in zip(prompts, texts):
+        alone = models.generate(fixture_model, tokenizer.encode(prompt), max_new_tokens=6)
+        assert text == tokenizer.decode(alone.tokens, skip_special_tokens=True)
 
 
 def test_disconnect_mid_stream_frees_pages(app):

@@ -25,8 +25,9 @@ from models.segments import PromptEmbeds
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, stream_interval_s: float = 0.0) -> None:
         self.engine = engine
+        self.stream_interval_s = stream_interval_s
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ops: deque[Callable[[], None]] = deque()
         self._wake = threading.Event()
@@ -67,9 +68,14 @@ class AsyncEngine:
 
         self._submit_op(submit)
         finished = False
+        sent_at: float | None = None
         try:
             while not finished:
                 item = await queue.get()
+                if sent_at is not None and not isinstance(item, BaseException) and not item.finished:
+                    wait = sent_at + self._interval() - time.monotonic()
+                    if wait > 0:  # busy server: let this stream's next outputs join the message
+                        await asyncio.sleep(wait)
                 while not isinstance(item, BaseException) and not queue.empty():
                     later = queue.get_nowait()
                     item = later if isinstance(later, BaseException) else item.merge(later)
@@ -77,10 +83,16 @@ class AsyncEngine:
                     raise item
                 finished = item.finished
                 yield item
+                sent_at = time.monotonic()
         finally:
             self._queues.pop(request_id, None)
             if not finished:
                 self._submit_op(lambda: self.engine.cancel(request_id))
+
+    def _interval(self) -> float:
+        """Least time between two messages of one stream: ``stream_interval_s`` while other requests
+        share the engine (messages cost CPU the batch needs), none for a lone request."""
+        return self.stream_interval_s if self.engine.stats.running > 1 else 0.0
 
     async def call(self, fn: Callable, *args) -> Any:
         """Run ``fn`` on the stepping thread (e.g. a scoring pass that must not race a step)."""
