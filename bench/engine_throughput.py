@@ -9,8 +9,8 @@ Three tables, each measured as ratios within this one run (rounds interleaved, m
    identical at every C (they must be).
 2. time to first token for requests that share a long prefix, sent one after another, with prefix
    caching on and off (same tokens either way).
-3. KV pages in use with 64 requests running at once, against what reserving each request's worst
-   case at admission (the previous engine's policy) would have held.
+3. KV pages in use (peak and mean over the steps) with 64 requests running at once, against what
+   reserving each request's worst case at admission (the previous engine's policy) would have held.
 """
 
 from __future__ import annotations
@@ -50,12 +50,13 @@ def workload(tokenizer, name: str, count: int, max_tokens: int, block: int) -> l
     return out
 
 
-def run(engine_args: dict, model, requests, concurrency: int) -> tuple[float, list[list[int]], int]:
-    """(seconds, tokens per request, most KV pages in use) with at most ``concurrency`` in the engine."""
+def run(engine_args: dict, model, requests, concurrency: int) -> tuple[float, list[list[int]], list[int]]:
+    """(seconds, tokens per request, KV pages in use after each step) with at most ``concurrency``
+    requests in the engine."""
     engine = Engine(model, **engine_args)
     pending = list(enumerate(requests))
     tokens: dict[int, list[int]] = {i: [] for i in range(len(requests))}
-    peak = 0
+    pages = []
     start = time.perf_counter()
     while pending or engine.has_work:
         while pending and len(engine.scheduler.running) + len(engine.scheduler.waiting) < concurrency:
@@ -63,8 +64,8 @@ def run(engine_args: dict, model, requests, concurrency: int) -> tuple[float, li
             engine.add_request(str(i), prompt, params)
         for out in engine.step():
             tokens[int(out.request_id)] += out.new_tokens
-        peak = max(peak, engine.kv.used_pages)
-    return time.perf_counter() - start, [tokens[i] for i in range(len(requests))], peak
+        pages.append(engine.kv.used_pages)
+    return time.perf_counter() - start, [tokens[i] for i in range(len(requests))], pages
 
 
 def throughput_table(model, args, engine_args: dict) -> None:
@@ -93,7 +94,8 @@ def throughput_table(model, args, engine_args: dict) -> None:
 
 def prefix_table(model, args, engine_args: dict) -> None:
     tok = model.tokenizer
-    shared = tok.encode(Path(REPO / "models" / "engine" / "scheduler.py").read_text())[: args.prefix_tokens]
+    text = (REPO / "models" / "engine" / "scheduler.py").read_text()
+    shared = tok.encode(text[: 8 * args.prefix_tokens])[: args.prefix_tokens]
     suffixes = [tok.encode(f"\n# variant {i}\ndef f{i}(x):\n") for i in range(args.prefix_requests)]
     print(f"\n## TTFT with a shared {len(shared)}-token prefix ({args.prefix_requests} requests, one after another)\n")
     ttft: dict[bool, list[float]] = {True: [], False: []}
@@ -126,15 +128,15 @@ def prefix_table(model, args, engine_args: dict) -> None:
 
 
 def memory_table(model, args, engine_args: dict) -> None:
-    requests = workload(model.tokenizer, "mix", 64, args.max_tokens, args.block)
-    _, _, peak = run(engine_args, model, requests, 64)
+    print("\n## KV pages with 64 requests at once\n")
+    print("| workload | on demand: peak in use | on demand: mean in use | worst case reserved at admission |")
+    print("|---|---|---|---|")
     page = engine_args["page_size"]
-    worst = sum(-(-kv_tokens_needed(len(p), prm, model.config.block_size) // page) for p, prm in requests)
-    print("\n## KV pages with 64 requests at once (mix)\n")
-    print("| policy | pages |")
-    print("|---|---|")
-    print(f"| on demand (peak in use) | {peak} |")
-    print(f"| worst case reserved at admission | {worst} |")
+    for name in args.workloads:
+        requests = workload(model.tokenizer, name, 64, args.max_tokens, args.block)
+        _, _, pages = run(engine_args, model, requests, 64)
+        worst = sum(-(-kv_tokens_needed(len(p), prm, model.config.block_size) // page) for p, prm in requests)
+        print(f"| {name} | {max(pages)} | {statistics.mean(pages):.0f} | {worst} |")
     print(f"\npool: {engine_args['num_pages']} pages of {page} tokens")
 
 
@@ -151,14 +153,15 @@ def main() -> None:
     parser.add_argument("--prefix-tokens", type=int, default=200)
     parser.add_argument("--prefix-requests", type=int, default=6)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tables", nargs="+", default=["throughput", "prefix", "memory"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = models.load_model(args.model, dtype=args.dtype)
     engine_args = {"num_pages": 1024, "page_size": 16, "max_running": 64, "max_step_tokens": 2048}
     print(f"model {args.model} ({args.dtype}), torch threads {args.threads}")
-    throughput_table(model, args, engine_args)
-    prefix_table(model, args, engine_args)
-    memory_table(model, args, engine_args)
+    tables = {"throughput": throughput_table, "prefix": prefix_table, "memory": memory_table}
+    for name in args.tables:
+        tables[name](model, args, engine_args)
 
 
 if __name__ == "__main__":

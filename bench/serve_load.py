@@ -3,8 +3,11 @@
     python bench/serve_load.py [--config deployments/configs/default.yaml] [--concurrency 1 4 16 64]
     python bench/serve_load.py --url http://127.0.0.1:8000   # an app already running (table 1 only)
 
-Without ``--url`` it starts the app from the config on a free loopback port, with one more copy of
-the first model that has prefix caching off, and stops it at the end. Measured as ratios in this
+Without ``--url`` it starts the app from the config (``triserve serve`` in its own process) on a free
+loopback port, with one more copy of the first model that has prefix caching off, and stops it at
+the end. The measured model runs on
+``--replicas`` replicas (default 1), autoscaling pinned: the ratios measure batching, and a
+scale-up left over from a C = 64 round would otherwise split the later rounds' batches. Measured as ratios in this
 one run (rounds interleaved, medians), greedy, streamed:
 
 1. tokens/s with C clients at once (C = 1, 4, 16, 64; max(16, C) requests) for AR, each other mode
@@ -25,12 +28,15 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import socket
 import statistics
+import subprocess
+import tempfile
 import time
-from dataclasses import replace
 
 import httpx
+import yaml
 
 from bench.engine_throughput import MODES, PROMPTS
 
@@ -138,37 +144,40 @@ def prefix_table(url: str, model: str, args, key: str | None) -> None:
     print(f"\nTTFT ratio off / on: {off / on:.2f}x")
 
 
-def start_app(config_path: str | None) -> tuple[str, str]:
-    """Deploy the app (plus a no-prefix-cache copy of its first model) on a free loopback port."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from cluster.local import ensure_ray  # sets the loopback variable before Ray is imported
-    from deployments.config import load_config
+def start_app(config_path: str | None, replicas: int, folder: Path) -> tuple[str, str, subprocess.Popen]:
+    """``triserve serve`` in its own process (the load comes from this one, as a client's would) on
+    a free loopback port: the config's first model on ``replicas`` replicas, plus a no-prefix-cache
+    copy of it. Its output goes to ``folder``/serve.log."""
+    from deployments.config import DEFAULT_CONFIG
 
-    config = load_config(config_path)
-    first = config.models[0]
-    autoscaling = {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8}
-    twin = replace(first, name=first.name + NO_CACHE, prefix_caching=False, autoscaling=autoscaling)
-    config.models.append(twin)
-    ensure_ray()
-    from ray import serve
-
-    from deployments.ingress import build_app
-
+    source = Path(config_path) if config_path else DEFAULT_CONFIG
+    raw = yaml.safe_load(source.read_text())
+    for entry in raw["models"]:
+        entry["path"] = str((source.parent / entry["path"]).resolve())
+    first = raw["models"][0]
+    first["autoscaling"] = {**first.get("autoscaling", {}), "min_replicas": replicas, "max_replicas": replicas}
+    raw["models"].insert(1, {**first, "name": first["name"] + NO_CACHE, "prefix_caching": False})
+    config = folder / "app.yaml"
+    config.write_text(yaml.safe_dump(raw))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(config), name="serve-load", route_prefix="/")
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    command = [sys.executable, "-m", "deployments.cli", "serve", "--config", str(config), "--port", str(port)]
+    server = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=(folder / "serve.log").open("w"), stderr=subprocess.STDOUT
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
-    while time.time() < deadline:
+    while time.time() < deadline and server.poll() is None:
         try:
             if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return url, first.name
+                return url, first["name"], server
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise SystemExit("the app did not come up")
+    server.kill()
+    raise SystemExit(f"the app did not come up; see {folder / 'serve.log'}")
 
 
 def main() -> None:
@@ -176,6 +185,7 @@ def main() -> None:
     parser.add_argument("--url", default=None, help="an app already running on 127.0.0.1 (default: start one)")
     parser.add_argument("--config", default=None, help="app YAML to start (default: the default app)")
     parser.add_argument("--model", default=None, help="model name (default: the config's first)")
+    parser.add_argument("--replicas", type=int, default=1, help="replicas of the measured model (pinned)")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--block", type=int, default=8)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
@@ -188,19 +198,27 @@ def main() -> None:
     if args.url:
         if not args.url.startswith(("http://127.0.0.1", "http://localhost")):
             raise SystemExit("serve_load only targets a server on this machine (127.0.0.1)")
-        url, model = args.url, args.model or "tiny"
-    else:
-        url, model = start_app(args.config)
-        model = args.model or model
+        measure(args.url, args.model or "tiny", args, key, prefix=False)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        url, model, server = start_app(args.config, args.replicas, Path(folder))
+        try:
+            measure(url, args.model or model, args, key, prefix=True)
+        finally:
+            server.send_signal(signal.SIGINT)  # triserve serve shuts Serve and Ray down on SIGINT
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def measure(url: str, model: str, args, key: str | None, prefix: bool) -> None:
     for c in (1, 4):  # warm-up
         asyncio.run(load(url, [request_body(model, "mix", i, 8, args.block)[1] for i in range(4)], c, key))
     print(f"app at {url}, model {model}")
     throughput_table(url, model, args, key)
-    if not args.url:
+    if prefix:
         prefix_table(url, model, args, key)
-        from ray import serve
-
-        serve.shutdown()
 
 
 if __name__ == "__main__":
