@@ -1,10 +1,16 @@
-"""A full 8B-shaped forward per mode with random weights, against the bandwidth floor.
+"""The cost of one forward per mode and block length: what the router trades against TPF.
 
-    python bench/forward.py [--context 4096] [--block 32] [--layers 34]
+    python bench/forward.py [--device cpu|cuda] [--model PATH] [--blocks 4 8 16 32] [--context N]
 
-Cases: AR token, draft block, verify block, quadratic cycle (batch 1). The floor is the weight
-bytes read once per forward divided by the measured copy bandwidth. Without a GPU it says so and
-exits 0.
+Cases, batch size 1, after ``--context`` cached tokens: an AR token; per block length L a draft
+block (bidirectional, L rows), a verify block (causal, L rows) and a quadratic cycle (L(L+1)
+rows). Each is reported in ms and relative to the AR token: on a compute-bound CPU a block costs
+many AR steps, on a bandwidth-bound GPU about one, which is why block length is chosen per device.
+
+CPU (default without a GPU): the bundled ``tiny-code`` model unless ``--model`` names another,
+computed in fp32, ``--threads`` threads, medians of ``--reps`` runs. GPU: an 8B-shaped model with
+random weights (``--layers``) in bf16, timed with ``triton.testing.do_bench``, plus the bandwidth
+floor (weight bytes read once divided by the measured copy bandwidth).
 """
 
 from __future__ import annotations
@@ -16,28 +22,18 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse
+import statistics
+import time
 from functools import partial
 
 import torch
 
+BUNDLED = Path(__file__).resolve().parent.parent / "models" / "bundled" / "tiny-code"
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--context", type=int, default=4096)
-    parser.add_argument("--block", type=int, default=32)
-    parser.add_argument("--quadratic-block", type=int, default=8)
-    parser.add_argument("--layers", type=int, default=34)
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("bench/forward.py needs a CUDA GPU (none found); nothing to measure.")
-        return 0
-    import triton.testing
 
-    from models.batch import pack
+def eight_b_shaped(layers: int):
     from models.config import ModelConfig
-    from models.engine import KVCacheManager
     from models.model import TriModeModel
-    from models.segments import bidirectional_segment, causal_segment, quadratic_segment
 
     config = ModelConfig.from_dict(
         {
@@ -45,7 +41,7 @@ def main() -> int:
             "vocab_size": 131072,
             "hidden_size": 4096,
             "intermediate_size": 14336,
-            "num_hidden_layers": args.layers,
+            "num_hidden_layers": layers,
             "num_attention_heads": 32,
             "num_key_value_heads": 8,
             "head_dim": 128,
@@ -64,33 +60,87 @@ def main() -> int:
         }
     )
     with torch.device("cuda"):
-        model = TriModeModel(config).to(torch.bfloat16).eval()
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    src = torch.empty(2**28, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    bandwidth = 2 * src.numel() / (triton.testing.do_bench(lambda: dst.copy_(src)) * 1e-3)
-    ctx = args.context
-    pages = (ctx + 2048) // 16 + 1
-    cache, kv = model.new_cache(num_pages=pages, page_size=16), KVCacheManager(pages, 16, device="cuda")
+        return TriModeModel(config).to(torch.bfloat16).eval()
+
+
+def cpu_time_ms(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", default=None, help="checkpoint folder (CPU default: the bundled tiny-code)")
+    parser.add_argument("--blocks", nargs="+", type=int, default=[4, 8, 16, 32])
+    parser.add_argument("--context", type=int, default=None, help="cached tokens (default 96 on CPU, 4096 on GPU)")
+    parser.add_argument("--layers", type=int, default=34, help="GPU: layers of the 8B-shaped model")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads")
+    parser.add_argument("--reps", type=int, default=20, help="CPU: timed runs per case")
+    args = parser.parse_args()
+
+    import models
+    from models.batch import pack
+    from models.engine import KVCacheManager
+    from models.segments import bidirectional_segment, causal_segment, quadratic_segment
+
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            print("--device cuda needs a CUDA GPU (none found); nothing to measure.")
+            return 0
+        import triton.testing
+
+        model = models.load_model(args.model, device="cuda") if args.model else eight_b_shaped(args.layers)
+        context = args.context or 4096
+        timer = partial(triton.testing.do_bench, warmup=5, rep=30)
+    else:
+        torch.set_num_threads(args.threads)
+        model = models.load_model(args.model or BUNDLED, dtype=torch.float32)
+        context = args.context or 96
+        timer = partial(cpu_time_ms, reps=args.reps)
+    longest = context + max(b * (b + 1) for b in args.blocks) + 1
+    if longest > model.config.max_position_embeddings + 1100:
+        print(f"context {context} plus the largest cycle exceeds what the model's cache is sized for")
+        return 2
+    pages = longest // 16 + 2
+    cache = model.new_cache(num_pages=pages, page_size=16)
+    kv = KVCacheManager(pages, 16, device=args.device)
     kv.add(0)
-    kv.reserve(0, ctx + 1100)
-    kv.set_length(0, ctx)
-    L, Lq = args.block, args.quadratic_block
-    cases = {
-        "AR token": causal_segment([5], ctx, write=True),
-        f"draft block ({L})": bidirectional_segment([5] * L, ctx, adapter=True),
-        f"verify block ({L})": causal_segment([5] * L, ctx, write=True),
-        f"quadratic cycle (L={Lq}, {Lq * (Lq + 1)} tokens)": quadratic_segment([5] * Lq, ctx, Lq, 100),
-    }
-    floor_ms = weight_bytes / bandwidth * 1e3
-    print(
-        f"{torch.cuda.get_device_name()}: {weight_bytes / 1e9:.1f} GB of weights, copy {bandwidth / 1e12:.2f} TB/s, "
-        f"floor {floor_ms:.2f} ms per forward, context {ctx}"
-    )
-    for name, segment in cases.items():
-        batch = pack([(0, segment)], kv, device="cuda")
-        ms = triton.testing.do_bench(partial(model, batch, cache), warmup=5, rep=30)
-        print(f"{name:<40}{ms:>9.2f} ms{floor_ms / ms:>9.1%} of the bandwidth floor")
+    kv.reserve(0, longest)
+    kv.set_length(0, context)
+    mask = model.config.mask_token_id
+    cases = [("AR token", 1, causal_segment([5], context, write=True))]
+    for block in args.blocks:
+        cases += [
+            (f"draft block ({block})", block, bidirectional_segment([mask] * block, context)),
+            (f"verify block ({block})", block, causal_segment([5] * block, context, write=True)),
+            (f"quadratic cycle ({block})", block, quadratic_segment([5] * block, context, block, mask)),
+        ]
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    header = f"{args.device}, {weight_bytes / 1e6:.1f} MB of weights, context {context}"
+    if args.device == "cuda":
+        src = torch.empty(2**28, dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        bandwidth = 2 * src.numel() / (timer(lambda: dst.copy_(src)) * 1e-3)
+        floor_ms = weight_bytes / bandwidth * 1e3
+        header += f", copy {bandwidth / 1e12:.2f} TB/s, floor {floor_ms:.2f} ms per forward"
+        header += f" ({torch.cuda.get_device_name()})"
+    else:
+        header += f", {args.threads} thread(s)"
+    print(header)
+    print("| case | query rows | ms per forward | x AR token |")
+    print("|---|---|---|---|")
+    ar_ms = None
+    for name, _, segment in cases:
+        batch = pack([(0, segment)], kv, device=args.device)
+        ms = timer(partial(model, batch, cache))
+        ar_ms = ar_ms or ms
+        print(f"| {name} | {len(segment)} | {ms:.2f} | {ms / ar_ms:.2f} |")
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,11 +14,12 @@ from ray import serve
 from deployments import metrics
 from deployments.config import ModelSpec
 from models.engine import AsyncEngine, Engine
-from models.generate import score_with_top
+from models.generate import score_with_top, warm_up
 from models.modes import DecodeParams
 
 STUCK_AFTER_S = 120.0
 GAUGE_PERIOD_S = 0.5
+logger = logging.getLogger("ray.serve")
 
 
 class ModelServer:
@@ -40,6 +42,9 @@ class ModelServer:
             self.model = self.vlm.language_model
         else:
             self.model = load_model(self.spec.path, dtype=self.spec.dtype, device=self.spec.device, tokenizer=False)
+        if self.group is None:  # tensor-parallel ranks prepare on their first step
+            seconds = warm_up(self.model)
+            logger.info("%s: warmed up in %.2f s (%s)", self.spec.name, seconds, self.model.dtype)
         engine = Engine(
             self.model,
             num_pages=self.spec.num_pages,

@@ -12,6 +12,7 @@ import torch
 
 from kernels.kv_write import kv_write_reference
 from kernels.masks import MaskKind, quadratic_layout, segment_mask
+from kernels.matmul import matmul_reference
 from kernels.rmsnorm import rmsnorm_reference
 from kernels.rope import rope_reference
 from kernels.row_stats import unmask_commit_reference, unmask_reference
@@ -24,6 +25,7 @@ __all__ = [
     "MaskKind",
     "backend",
     "kv_write",
+    "linear",
     "quadratic_layout",
     "rms_norm",
     "rope",
@@ -49,6 +51,18 @@ def backend(device: torch.device) -> str:
 def _triton_for(x: torch.Tensor) -> bool:
     """Triton serves inference only: a tensor that needs gradients (training) takes the reference."""
     return backend(x.device) == "triton" and not (torch.is_grad_enabled() and x.requires_grad)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Batch-invariant ``x @ weight.T`` (a row rounds the same in any batch); see kernels.matmul.
+
+    CUDA only for Triton: the interpreter's dot goes to BLAS, whose rounding depends on the tile's
+    shape, so on a CPU the reference (invariant by construction) serves even when Triton is forced."""
+    if x.is_cuda and _triton_for(x):
+        from kernels.matmul import matmul_triton
+
+        return matmul_triton(x, weight)
+    return matmul_reference(x, weight)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

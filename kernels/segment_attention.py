@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from kernels.masks import MaskKind
+from kernels.matmul import ROW_MULTIPLE
 
 KEY_BLOCK = 64
-ROW_MULTIPLE = 4
 
 
 @dataclass(frozen=True)
@@ -174,15 +174,6 @@ def _buckets(meta: AttentionMetadata, group: int) -> list[_Bucket]:
             )
         )
     return out
-
-
-def pad_rows(x: torch.Tensor) -> torch.Tensor:
-    """Pad the first dimension with zeros up to a multiple of ``ROW_MULTIPLE``."""
-    extra = -x.shape[0] % ROW_MULTIPLE
-    if not extra:
-        return x
-    pad = x.new_zeros((extra, *x.shape[1:]))
-    return torch.cat([x, pad], dim=0)
 
 
 def _attend_blocked(

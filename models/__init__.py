@@ -1,7 +1,7 @@
 """The Nemotron-Labs-Diffusion model family in plain PyTorch (no Ray, no remote code)."""
 
 from models.config import ConfigError, ModelConfig
-from models.generate import Generation, generate, score
+from models.generate import Generation, generate, score, warm_up
 from models.loading import CheckpointError, load_model, save_model
 from models.model import TriModeModel
 from models.modes import MODES, DecodeParams
@@ -23,4 +23,5 @@ __all__ = [
     "save_model",
     "save_vlm",
     "score",
+    "warm_up",
 ]

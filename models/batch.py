@@ -32,6 +32,7 @@ class StepBatch:
     adapter_rows: torch.Tensor  # [A] rows that get the draft adapter
     logit_rows: torch.Tensor  # [R] rows whose logits the forward returns, segment after segment
     logit_counts: list[int]  # rows of logits per segment
+    position_limit: int  # one past the largest position (sizes the RoPE table without a device sync)
     deferred_rows: torch.Tensor | None = None  # rows whose logits may be asked for after the forward
     deferred_counts: list[int] | None = None  # deferred rows per segment
     embed_rows: torch.Tensor | None = None  # rows whose embeddings are replaced (images) ...
@@ -97,6 +98,7 @@ def pack(items: list[tuple[int, Segment]], kv: KVCacheManager, device: torch.dev
         adapter_rows=adapter,
         logit_rows=logit,
         logit_counts=logit_counts,
+        position_limit=max(positions, default=0) + 1,
         deferred_rows=deferred if deferred_rows else None,
         deferred_counts=deferred_counts if deferred_rows else None,
         embed_rows=embed if embed_rows else None,

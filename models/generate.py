@@ -6,6 +6,7 @@ thing here as beside others on a server.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -84,6 +85,14 @@ def generate(
         finish_reason=state.finish_reason,
         accepted_lengths=state.accepted_lengths,
     )
+
+
+def warm_up(model: TriModeModel) -> float:
+    """One short decode, so that what the first forward prepares (packed and fused weights, the RoPE
+    table) is ready before the first request; returns the seconds it took."""
+    start = time.perf_counter()
+    generate(model, [model.config.bos_token_id or 1], mode="ar", max_new_tokens=1)
+    return time.perf_counter() - start
 
 
 @torch.inference_mode()

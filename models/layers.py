@@ -1,7 +1,7 @@
 """Building blocks of the Ministral-3 decoder: RMSNorm, YaRN RoPE, Llama-4 query scaling, SwiGLU.
 
 Numerics follow the reference implementation (RMSNorm in fp32, cos/sin from fp32 frequencies);
-matrix products pad short inputs so a row's result does not depend on how many rows share it.
+matrix products (``models.matmul``) give a row the same result however many rows share it.
 """
 
 from __future__ import annotations
@@ -13,19 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from kernels.segment_attention import pad_rows
 from models.config import RopeConfig
+from models.matmul import linear
 
 
 def identity(x: torch.Tensor) -> torch.Tensor:
     """The reduction of a row-parallel output on a single rank (tensor parallelism swaps it)."""
     return x
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` with the same rounding for a row whether it comes alone or in a batch."""
-    n = x.shape[0]
-    return F.linear(pad_rows(x), weight)[:n]
 
 
 class RMSNorm(nn.Module):
@@ -71,6 +65,7 @@ class Rotary(nn.Module):
         self.attention_factor = rope.yarn_attention_factor
         self.beta = rope.llama_4_scaling_beta
         self.original_max = rope.original_max_position_embeddings
+        self._table: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """positions [T] -> cos, sin [T, 1, D] and query scale [T, 1, 1], in ``dtype``."""
@@ -86,6 +81,22 @@ class Rotary(nn.Module):
             scale = (1 + self.beta * torch.log(1 + torch.floor(positions.float() / self.original_max))).to(dtype)
         return cos, sin, scale[:, None, None]
 
+    def lookup(
+        self, positions: torch.Tensor, dtype: torch.dtype, upto: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``forward(positions, dtype)`` read from a table of every position below ``upto`` (or more).
+
+        The table is ``forward`` of consecutive positions, so each row is bit-identical to computing
+        it directly; it grows to the next power of two when a step reaches past it, which keeps it
+        small for long-context models that serve short requests."""
+        table = self._table
+        if table is None or table[0].shape[0] < upto or table[0].dtype != dtype or table[0].device != positions.device:
+            size = max(upto, table[0].shape[0] if table is not None else 0, 64)
+            size = 1 << (size - 1).bit_length()
+            table = self._table = self(torch.arange(size, device=positions.device), dtype)
+        cos, sin, scale = table
+        return cos[positions], sin[positions], scale[positions]
+
 
 class SwiGLU(nn.Module):
     def __init__(self, hidden: int, intermediate: int) -> None:
@@ -96,4 +107,5 @@ class SwiGLU(nn.Module):
         self.reduce = identity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(F.silu(linear(x, self.gate_proj.weight)) * linear(x, self.up_proj.weight), self.down_proj.weight)
+        gate, up = linear(x, self.gate_proj.weight, self.up_proj.weight).split(self.up_proj.out_features, dim=-1)
+        return linear(F.silu(gate) * up, self.down_proj.weight)

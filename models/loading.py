@@ -40,13 +40,26 @@ class CheckpointError(ValueError):
     """A checkpoint folder that does not hold a loadable tri-mode model."""
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, config: ModelConfig) -> torch.dtype:
+def cpu_has_fast_half() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX-512 BF16 or AMX); without it a bf16 forward
+    converts every operand and costs about twice an fp32 one."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_dtype(
+    dtype: str | torch.dtype | None, config: ModelConfig, device: str | torch.device = "cpu"
+) -> torch.dtype:
+    """The compute dtype: ``dtype`` if given, else the checkpoint's, except that half-precision
+    checkpoints compute in fp32 on CPUs without bf16 instructions."""
     if isinstance(dtype, torch.dtype):
         return dtype
     name = (dtype or config.torch_dtype).replace("torch.", "")
     if name not in _DTYPES:
         raise CheckpointError(f"unsupported dtype {name!r}; use one of {sorted(set(_DTYPES))}")
-    return _DTYPES[name]
+    chosen = _DTYPES[name]
+    if dtype is None and chosen != torch.float32 and torch.device(device).type == "cpu" and not cpu_has_fast_half():
+        return torch.float32
+    return chosen
 
 
 def weight_files(folder: Path) -> dict[str, Path]:
@@ -95,7 +108,7 @@ def load_model(
     """
     folder = _check_folder(path)
     config = ModelConfig.from_file(folder)
-    torch_dtype = resolve_dtype(dtype, config)
+    torch_dtype = resolve_dtype(dtype, config, device)
     with torch.device("meta"):
         model = (build or TriModeModel)(config)
     model.to_empty(device=device)

@@ -46,9 +46,12 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qscale: torch.Tensor):
         """x [T, H] -> roped, scaled q [T, Hq, D] and roped k, plain v [T, Hkv, D]."""
         t = x.shape[0]
-        q = linear(x, self.q_proj.weight).view(t, self.num_heads, self.head_dim)
-        k = linear(x, self.k_proj.weight).view(t, self.num_kv_heads, self.head_dim)
-        v = linear(x, self.v_proj.weight).view(t, self.num_kv_heads, self.head_dim)
+        qkv = linear(x, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = kernels.rope(q, k, cos, sin, qscale)
         return q, k, v
 
@@ -136,7 +139,7 @@ class TriModeModel(nn.Module):
         x = self.embed(batch.tokens)
         if batch.embed_rows is not None:
             x = x.index_copy(0, batch.embed_rows, batch.embed_values.to(x.dtype))
-        cos, sin, qscale = self.rotary(batch.positions, x.dtype)
+        cos, sin, qscale = self.rotary.lookup(batch.positions, x.dtype, batch.position_limit)
         adapter_rows = batch.adapter_rows if batch.adapter_rows.numel() else None
         for index, layer in enumerate(self.encoder.layers):
             attn = layer.self_attn

@@ -254,7 +254,7 @@ def load_vlm(
     _, config = read_config(folder)
     if config is None:
         raise CheckpointError(f"{folder} is not a {VLM_MODEL_TYPE} checkpoint")
-    torch_dtype = resolve_dtype(dtype, config.text)
+    torch_dtype = resolve_dtype(dtype, config.text, device)
     with torch.device("meta"):
         model = VisionLanguageModel(config)
         if build_text is not None:

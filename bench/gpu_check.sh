@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# GPU checks in one command, under 8 minutes on one GPU: the CUDA-only tests, then the kernel and
+# forward benchmarks. Tables and logs go to $OUT (the device tool's folder) or bench/gpu_out.
+#
+#   bash bench/gpu_check.sh            # on a machine whose python3 has torch with CUDA and triton
+#
+# The golden-parity tests need the fixture checkpoint: ../shared/fixtures/tiny-trimode-code, or
+# TRISERVE_FIXTURE=PATH where it was copied (it is skipped, and said so, where it is missing).
+#
+# Each part has its own time limit, so one that hangs cannot take the others' time.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DEST=${OUT:-bench/gpu_out}
+PY=${PYTHON:-python3}
+mkdir -p "$DEST"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "no CUDA GPU visible to $PY; nothing to check"
+    exit 0
+fi
+$PY -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" | tee "$DEST/device.txt"
+status=0
+run() {  # name, seconds, command...
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s)"
+    timeout "$limit" "$@" 2>&1 | tee "$DEST/$name.txt"
+    local rc=${PIPESTATUS[0]}
+    echo "== $name: exit $rc"
+    [ "$rc" -eq 0 ] || status=1
+}
+# no xdist, no plugins the image lacks; the Triton kernel tests that force the interpreter run on CPU CI
+run gpu_tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels_matmul.py -k "gpu"
+run kernels 120 $PY bench/kernels.py
+run forward_8b 120 $PY bench/forward.py --device cuda --context 4096 --blocks 4 8 16 32 --layers 34
+run forward_tiny 60 $PY bench/forward.py --device cuda --model models/bundled/tiny-code --context 96
+exit $status

@@ -1,0 +1,129 @@
+"""Batch-invariant ``x @ weight.T``: a row's result does not depend on how many rows share the call.
+
+Self-speculation is lossless by construction only if a verify row rounds exactly like the AR step
+it stands for, and a request computes the same alone as beside others only if no row's result
+depends on its neighbours. Vendor GEMMs promise neither: cuBLAS and MKL choose kernels, tile
+shapes and split-K by the problem's shape.
+
+- Reference (CPU): ``F.linear`` on rows padded to a multiple of 4. MKL takes other micro-kernels
+  below 4 rows and, with two threads, splits row counts that are not a multiple of 4 unevenly;
+  from 4 rows on, in multiples of 4, a row's result is the same (measured on this project's
+  AVX2 machines; ``tests/test_kernels_matmul.py`` checks it).
+- Triton (CUDA): one fixed tiling for every shape (``BLOCK_M`` x ``BLOCK_N`` output tiles, the
+  reduction in ``BLOCK_K`` steps from k = 0 upward, accumulated in fp32, no split-K), so each output
+  element is the same sequence of operations whatever the row count or the row's place in a tile.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+ROW_MULTIPLE = 4
+BLOCK_M, BLOCK_N, BLOCK_K = 32, 64, 64
+_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def pad_rows(x: torch.Tensor) -> torch.Tensor:
+    """Pad the first dimension with zeros up to a multiple of ``ROW_MULTIPLE``."""
+    extra = -x.shape[0] % ROW_MULTIPLE
+    if not extra:
+        return x
+    return torch.cat([x, x.new_zeros((extra, *x.shape[1:]))], dim=0)
+
+
+def matmul_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, K], weight [N, K] -> [M, N] in x's dtype; rows padded so MKL rounds every row alike."""
+    n = x.shape[0]
+    return F.linear(pad_rows(x), weight)[:n]
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def matmul_kernel(
+        x_ptr,
+        w_ptr,
+        out_ptr,
+        m,
+        n,
+        k,
+        stride_xm,
+        stride_wn,
+        stride_om,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        OUT_BF16: tl.constexpr,
+        IEEE: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0).to(tl.int64)
+        pid_n = tl.program_id(1).to(tl.int64)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, k, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            a_mask = (rows[:, None] < m) & (ks[None, :] < k)
+            b_mask = (cols[None, :] < n) & (ks[:, None] < k)
+            a = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=a_mask, other=0.0)
+            b = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None], mask=b_mask, other=0.0)
+            if UPCAST:  # the interpreter's dot mistakes bf16 operands' bits
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if IEEE:  # fp32 operands: full-precision products, not TF32
+                acc += tl.dot(a, b, input_precision="ieee", out_dtype=tl.float32)
+            else:
+                acc += tl.dot(a, b, out_dtype=tl.float32)
+        mask = (rows[:, None] < m) & (cols[None, :] < n)
+        out = out_ptr + rows[:, None] * stride_om + cols[None, :]
+        if OUT_BF16:  # out_ptr is the int16 view of a bf16 tensor: round to nearest even by hand
+            bits = acc.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            tl.store(out, bits.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+        else:
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    return matmul_kernel
+
+
+def matmul_triton(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Same contract as :func:`matmul_reference`, with the fixed tiling described above."""
+    if x.dtype not in _SUPPORTED or weight.dtype != x.dtype:
+        raise TypeError(f"matmul_triton needs x and weight of one dtype in {_SUPPORTED}, got {x.dtype}, {weight.dtype}")
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"shapes {tuple(x.shape)} and {tuple(weight.shape)} do not multiply as x @ weight.T")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    m, k = x.shape
+    n = weight.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m and n:
+        grid = (-(-m // BLOCK_M), -(-n // BLOCK_N))
+        bf16 = x.dtype == torch.bfloat16
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        _kernel()[grid](
+            x,
+            weight,
+            out.view(torch.int16) if bf16 else out,
+            m,
+            n,
+            k,
+            x.stride(0),
+            weight.stride(0),
+            out.stride(0),
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            bf16,
+            x.dtype == torch.float32 or interpreted,
+            interpreted,
+        )
+    return out

@@ -1,0 +1,119 @@
+"""The lean forward: packed, fused products keep every row's result independent of the batch, stay
+current when weights change, and the model still matches the official outputs with them off."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models
+from models import matmul
+from models.config import RopeConfig
+from models.layers import Rotary
+from tests.conftest import random_model
+from tests.test_lossless import SPEC_MODES, _heldout_prompts
+
+
+def _weights(*shapes: tuple[int, int], seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(shape, generator=gen) / shape[1] ** 0.5) for shape in shapes]
+
+
+@pytest.mark.parametrize("shapes", [[(768, 256)], [(256, 256), (64, 256), (64, 256)], [(96, 40)]])
+def test_a_row_is_the_same_alone_and_in_any_batch(shapes):
+    weights = _weights(*shapes)
+    x = torch.randn(70, shapes[0][1], generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        full = matmul.linear(x, *weights)
+        for rows in list(range(1, 20)) + [31, 33, 64]:
+            for start in (0, 3):
+                part = matmul.linear(x[start : start + rows], *weights)
+                assert torch.equal(part, full[start : start + rows]), (rows, start)
+    torch.testing.assert_close(full, torch.cat([x @ w.T for w in weights], dim=-1), rtol=1e-5, atol=1e-5)
+
+
+def test_prepared_weights_follow_parameter_changes():
+    (weight,) = _weights((32, 16))
+    x = torch.randn(5, 16)
+    with torch.inference_mode():
+        before = matmul.linear(x, weight)
+        weight.mul_(2)  # an in-place update (an optimizer step)
+        torch.testing.assert_close(matmul.linear(x, weight), 2 * before)
+        weight.data = torch.zeros(32, 16)  # a rebinding (a reload)
+        assert torch.equal(matmul.linear(x, weight), torch.zeros(5, 32))
+
+
+def test_training_takes_the_differentiable_path():
+    a, b = _weights((8, 6), (4, 6))
+    x = torch.randn(3, 6, requires_grad=True)
+    out = matmul.linear(x, a, b)
+    out.sum().backward()
+    assert a.grad is not None and b.grad is not None and x.grad is not None
+    torch.testing.assert_close(out, torch.cat([F.linear(x, a), F.linear(x, b)], dim=-1))
+
+
+def test_rope_table_rows_equal_direct_computation():
+    rope = RopeConfig.from_dict(
+        {
+            "rope_type": "yarn",
+            "rope_theta": 1e6,
+            "factor": 16.0,
+            "original_max_position_embeddings": 64,
+            "llama_4_scaling_beta": 0.1,
+        },
+        None,
+    )
+    rotary = Rotary(rope, 32)
+    positions = torch.tensor([0, 5, 63, 64, 200, 7, 7])
+    direct = rotary(positions, torch.float32)
+    looked_up = rotary.lookup(positions, torch.float32, upto=201)
+    assert rotary._table[0].shape[0] == 256  # grown to a power of two past the request
+    for a, b in zip(direct, looked_up):
+        assert torch.equal(a, b)
+    far = torch.tensor([1000])
+    assert all(torch.equal(a, b) for a, b in zip(rotary(far, torch.float32), rotary.lookup(far, torch.float32, 1001)))
+
+
+@pytest.fixture
+def fast_path_off(monkeypatch):
+    monkeypatch.setattr(matmul, "FAST_PATH", False)
+
+
+def test_golden_parity_with_the_fast_path_off(fast_path_off, fixture_model, golden_records):
+    """One record per mode and threshold (test_parity runs all of them with the fast path on)."""
+    seen = set()
+    for record in golden_records:
+        params = record["params"]
+        key = (record["mode"], params.get("threshold"))
+        if key in seen:
+            continue
+        seen.add(key)
+        kwargs = {"mode": record["mode"], "max_new_tokens": params["max_new_tokens"]}
+        if record["mode"] in ("diffusion", "linear_spec"):
+            kwargs["block_length"] = params["block_length"]
+        if record["mode"] == "diffusion":
+            kwargs["threshold"] = params["threshold"]
+        out = models.generate(fixture_model, record["prompt_ids"], **kwargs)
+        assert out.tokens == record["output_ids"][: params["max_new_tokens"]], key
+        assert out.nfe == record["nfe"], key
+    assert len(seen) >= 4
+
+
+@pytest.mark.parametrize("block_length", [4, 32])
+def test_lossless_with_the_fast_path_off(fast_path_off, fixture_model, block_length):
+    for prompt in _heldout_prompts(fixture_model.tokenizer, 2, random.Random(block_length)):
+        ar = models.generate(fixture_model, prompt, mode="ar", max_new_tokens=24)
+        for mode in SPEC_MODES:
+            spec = models.generate(fixture_model, prompt, mode=mode, max_new_tokens=24, block_length=block_length)
+            assert spec.tokens == ar.tokens, (mode, block_length)
+
+
+def test_batched_rows_equal_single_rows_with_the_fast_path_off(fast_path_off):
+    model = random_model(seed=3)
+    prompt = [1, 9, 17, 33, 5]
+    ar = models.generate(model, prompt, mode="ar", max_new_tokens=12)
+    for mode in SPEC_MODES:
+        assert models.generate(model, prompt, mode=mode, max_new_tokens=12, block_length=4).tokens == ar.tokens

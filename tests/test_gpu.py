@@ -1,0 +1,58 @@
+"""On a CUDA GPU (skipped elsewhere): the Triton path reproduces the official outputs, stays lossless,
+and computes a request the same alone as in a batch. ``bench/gpu_check.sh`` runs this file."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import models
+from models.engine import Engine
+from models.modes import DecodeParams
+from tests.test_lossless import SPEC_MODES, _heldout_prompts
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def gpu_model(fixture_path):
+    return models.load_model(fixture_path, device="cuda", dtype=torch.float32)
+
+
+def test_golden_records_on_gpu(gpu_model, golden_records):
+    for record in golden_records[::5]:
+        params = record["params"]
+        kwargs = {"mode": record["mode"], "max_new_tokens": params["max_new_tokens"]}
+        if record["mode"] in ("diffusion", "linear_spec"):
+            kwargs["block_length"] = params["block_length"]
+        if record["mode"] == "diffusion":
+            kwargs["threshold"] = params["threshold"]
+        out = models.generate(gpu_model, record["prompt_ids"], **kwargs)
+        assert out.tokens == record["output_ids"][: params["max_new_tokens"]], (record["prompt_id"], record["mode"])
+
+
+@pytest.mark.parametrize("block_length", [4, 8, 32])
+def test_lossless_on_gpu(gpu_model, block_length):
+    for prompt in _heldout_prompts(gpu_model.tokenizer, 3, random.Random(block_length)):
+        ar = models.generate(gpu_model, prompt, mode="ar", max_new_tokens=40)
+        for mode in SPEC_MODES:
+            spec = models.generate(gpu_model, prompt, mode=mode, max_new_tokens=40, block_length=block_length)
+            assert spec.tokens == ar.tokens, (mode, block_length)
+
+
+def test_batched_equals_alone_on_gpu(gpu_model):
+    prompts = _heldout_prompts(gpu_model.tokenizer, 6, random.Random(0))
+    modes = ["ar", "diffusion", "linear_spec", "quadratic_spec", "ar", "linear_spec"]
+    alone = [
+        models.generate(gpu_model, p, mode=m, max_new_tokens=32, block_length=8).tokens for p, m in zip(prompts, modes)
+    ]
+    engine = Engine(gpu_model, num_pages=256, max_running=8)
+    states = [
+        engine.add_request(str(i), p, DecodeParams(mode=m, max_new_tokens=32, block_length=8)).state
+        for i, (p, m) in enumerate(zip(prompts, modes))
+    ]
+    while engine.has_work:
+        engine.step()
+    assert [s.tokens for s in states] == alone
