@@ -6,6 +6,7 @@ One dispatch point per kernel: Triton on CUDA devices, the reference elsewhere;
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -38,14 +39,19 @@ __all__ = [
 ]
 
 
-def backend(device: torch.device) -> str:
-    """Which implementation runs for tensors on ``device``: 'triton' or 'torch'."""
-    forced = os.environ.get("TRISERVE_KERNELS", "").strip().lower()
-    if forced in ("triton", "torch"):
-        return forced
-    if forced:
+@functools.cache
+def _forced(value: str) -> str | None:
+    forced = value.strip().lower()
+    if forced and forced not in ("triton", "torch"):
         raise ValueError(f"TRISERVE_KERNELS must be 'triton' or 'torch', not {forced!r}")
-    return "triton" if device.type == "cuda" else "torch"
+    return forced or None
+
+
+def backend(device: torch.device) -> str:
+    """Which implementation runs for tensors on ``device``: 'triton' or 'torch'.
+
+    Read on every call (tests switch it) but parsed once per value: it runs several times per layer."""
+    return _forced(os.environ.get("TRISERVE_KERNELS", "")) or ("triton" if device.type == "cuda" else "torch")
 
 
 def _triton_for(x: torch.Tensor) -> bool:

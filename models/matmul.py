@@ -7,9 +7,13 @@ kernels/matmul.py), except on the CPU fast path:
 
 - **oneDNN with a pre-packed weight** (fp32 on CPU, inference): every row count from 4 up gives
   bit-identical rows, with one thread or two (measured on this project's AVX2 machines and checked
-  by tests/test_fast_path.py), so only calls of fewer than 4 rows are padded. Packing once also
-  skips the per-call weight packing MKL does: a forward's products ran 1.6x faster at 4 rows and
-  1.25x at 32 than ``F.linear`` on the same rows. It costs a second copy of the weights in memory.
+  by tests/test_fast_path.py). Below 4 rows oneDNN may take other kernels on other CPUs; on this
+  project's machines it does not, and a lone AR row unpadded costs about 0.8x of four padded rows.
+  So each packed weight is probed once, when it is packed: if rows 1 to 7 of a probe come out
+  bit-identical alone and in one call of 8, calls are never padded; otherwise calls of fewer
+  than 4 rows are. Packing once also skips the per-call weight packing MKL does: a forward's
+  products ran 1.6x faster at 4 rows and 1.25x at 32 than ``F.linear`` on the same rows. It costs
+  a second copy of the weights in memory.
 
 The fast path also fuses projections that read the same input (q/k/v, gate/up) into one call.
 Fused and packed weights are derived from the model's own parameters (the checkpoint format is
@@ -41,15 +45,25 @@ class _Prepared:
         fused = weights[0] if len(weights) == 1 else torch.cat([w.detach() for w in weights])
         self.weight = fused.detach()
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, ROW_MULTIPLE) if _can_pack(fused) else None
+        self.min_rows = 1 if self.packed is not None and self._small_calls_agree() else ROW_MULTIPLE
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
+
+    def _small_calls_agree(self) -> bool:
+        """Whether calls of 1..7 rows round every row exactly as one call of 8 does (this CPU, this
+        thread count): a different kernel for small calls shows up as a differing bit."""
+        probe = torch.randn((8, self.weight.shape[1]), generator=torch.Generator().manual_seed(0))
+        full = self._product(probe)
+        return all(torch.equal(self._product(probe[:n]), full[:n]) for n in range(1, 8))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
             return kernels.linear(x, self.weight)
         n = x.shape[0]
-        if n < ROW_MULTIPLE:
-            x = pad_rows(x)
-        out = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
-        return out if n >= ROW_MULTIPLE else out[:n]
+        if n >= self.min_rows:
+            return self._product(x)
+        return self._product(pad_rows(x))[:n]
 
 
 def _fingerprint(weights: tuple[torch.Tensor, ...]) -> tuple[int, ...]:

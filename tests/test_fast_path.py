@@ -35,6 +35,31 @@ def test_a_row_is_the_same_alone_and_in_any_batch(shapes):
     torch.testing.assert_close(full, torch.cat([x @ w.T for w in weights], dim=-1), rtol=1e-5, atol=1e-5)
 
 
+def test_small_calls_are_padded_unless_the_probe_shows_the_backend_agrees(monkeypatch):
+    (weight,) = _weights((64, 32))
+    x = torch.randn(9, 32, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        prepared = matmul._prepared((weight,))
+        if prepared.packed is None:
+            pytest.skip("no oneDNN on this build")
+        assert prepared.min_rows == (1 if prepared._small_calls_agree() else 4)
+        full = prepared(x)
+        padded = []
+        monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", _counting(torch.ops.mkldnn._linear_pointwise, padded))
+        prepared.min_rows = 4  # what a CPU whose small-call kernels round differently gets
+        for rows in (1, 2, 3):
+            assert torch.equal(prepared(x[:rows]), full[:rows])
+    assert padded == [4, 4, 4]
+
+
+def _counting(product, seen: list[int]):
+    def wrapped(x, *args):
+        seen.append(x.shape[0])
+        return product(x, *args)
+
+    return wrapped
+
+
 def test_prepared_weights_follow_parameter_changes():
     (weight,) = _weights((32, 16))
     x = torch.randn(5, 16)
