@@ -45,7 +45,8 @@ def test_small_calls_are_padded_unless_the_probe_shows_the_backend_agrees(monkey
         assert prepared.min_rows == (1 if prepared._small_calls_agree() else 4)
         full = prepared(x)
         padded = []
-        monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", _counting(torch.ops.mkldnn._linear_pointwise, padded))
+        product = _counting(torch.ops.mkldnn._linear_pointwise, padded)
+        monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", product)
         prepared.min_rows = 4  # what a CPU whose small-call kernels round differently gets
         for rows in (1, 2, 3):
             assert torch.equal(prepared(x[:rows]), full[:rows])
