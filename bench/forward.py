@@ -3,9 +3,10 @@
     python bench/forward.py [--device cpu|cuda] [--model PATH] [--blocks 4 8 16 32] [--context N]
 
 Cases, batch size 1, after ``--context`` cached tokens: an AR token; per block length L a draft
-block (bidirectional, L rows), a verify block (causal, L rows) and a quadratic cycle (L(L+1)
-rows). Each is reported in ms and relative to the AR token: on a compute-bound CPU a block costs
-many AR steps, on a bandwidth-bound GPU about one, which is why block length is chosen per device.
+block (bidirectional, L rows), a verify block (causal, L rows), a sparse quadratic cycle (the
+default 2 branches: L * 3 rows) and a dense one (every acceptance length: L * (L + 1) rows). Each
+is reported in ms and relative to the AR token: on a compute-bound CPU a block costs many AR
+steps, on a bandwidth-bound GPU about one, which is why block length is chosen per device.
 
 CPU (default without a GPU): the bundled ``tiny-code`` model unless ``--model`` names another,
 computed in fp32, ``--threads`` threads, medians of ``--reps`` runs. GPU: an 8B-shaped model with
@@ -87,7 +88,8 @@ def main() -> int:
     import models
     from models.batch import pack
     from models.engine import KVCacheManager
-    from models.segments import bidirectional_segment, causal_segment, quadratic_segment
+    from models.modes.quadratic_spec import DEFAULT_BRANCHES, cycle_segments
+    from models.segments import bidirectional_segment, causal_segment
 
     if args.device == "cuda":
         if not torch.cuda.is_available():
@@ -103,7 +105,7 @@ def main() -> int:
         model = models.load_model(args.model or BUNDLED, dtype=torch.float32)
         context = args.context or 96
         timer = partial(cpu_time_ms, reps=args.reps)
-    longest = context + max(b * (b + 1) for b in args.blocks) + 1
+    longest = context + 2 * max(args.blocks) + 1
     if longest > model.config.max_position_embeddings + 1100:
         print(f"context {context} plus the largest cycle exceeds what the model's cache is sized for")
         return 2
@@ -114,12 +116,20 @@ def main() -> int:
     kv.reserve(0, longest)
     kv.set_length(0, context)
     mask = model.config.mask_token_id
-    cases = [("AR token", 1, causal_segment([5], context, write=True))]
+    cases = [("AR token", [causal_segment([5], context, write=True)])]
     for block in args.blocks:
+        sparse = list(range(min(DEFAULT_BRANCHES, block)))
         cases += [
-            (f"draft block ({block})", block, bidirectional_segment([mask] * block, context)),
-            (f"verify block ({block})", block, causal_segment([5] * block, context, write=True)),
-            (f"quadratic cycle ({block})", block, quadratic_segment([5] * block, context, block, mask)),
+            (f"draft block ({block})", [bidirectional_segment([mask] * block, context)]),
+            (f"verify block ({block})", [causal_segment([5] * block, context, write=True)]),
+            (
+                f"quadratic cycle ({block}, {len(sparse)} branches)",
+                cycle_segments([5] * block, context, block, sparse, mask),
+            ),
+            (
+                f"quadratic cycle ({block}, dense)",
+                cycle_segments([5] * block, context, block, list(range(block)), mask),
+            ),
         ]
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     header = f"{args.device}, {weight_bytes / 1e6:.1f} MB of weights, context {context}"
@@ -136,11 +146,11 @@ def main() -> int:
     print("| case | query rows | ms per forward | x AR token |")
     print("|---|---|---|---|")
     ar_ms = None
-    for name, _, segment in cases:
-        batch = pack([(0, segment)], kv, device=args.device)
+    for name, segments in cases:
+        batch = pack([(0, segment) for segment in segments], kv, device=args.device)
         ms = timer(partial(model, batch, cache))
         ar_ms = ar_ms or ms
-        print(f"| {name} | {len(segment)} | {ms:.2f} | {ms / ar_ms:.2f} |")
+        print(f"| {name} | {batch.num_tokens} | {ms:.2f} | {ms / ar_ms:.2f} |")
     return 0
 
 

@@ -46,6 +46,7 @@ def _generate_with(model, args: argparse.Namespace) -> int:
         block_length=args.block_length,
         threshold=args.threshold,
         max_steps=args.max_steps,
+        branches=args.branches,
         temperature=args.temperature,
         seed=args.seed,
     )
@@ -155,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--block-length", type=int, default=None, help="default: the checkpoint's block_size")
     gen.add_argument("--threshold", type=float, default=0.9, help="diffusion confidence threshold")
     gen.add_argument("--max-steps", type=int, default=None, help="diffusion: most denoise passes per block")
+    gen.add_argument(
+        "--branches", type=int, default=None, help="quadratic_spec: acceptance lengths drafted ahead per cycle"
+    )
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: from config.json)")

@@ -270,6 +270,7 @@ class OpenAIService:
             block_length=dec.block_length if dec else None,
             threshold=dec.threshold if dec and dec.threshold is not None else 0.9,
             max_steps=dec.max_steps if dec else None,
+            branches=dec.branches if dec else None,
             temperature=1.0 if req.temperature is None else req.temperature,
             seed=req.seed,
         )

@@ -39,6 +39,7 @@ class Decoding(BaseModel):
     block_length: int | None = Field(default=None, ge=2, le=128)
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     max_steps: int | None = Field(default=None, ge=1)
+    branches: int | None = Field(default=None, ge=1, le=128)  # quadratic_spec: acceptance lengths drafted ahead
 
 
 class StreamOptions(BaseModel):

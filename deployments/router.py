@@ -8,13 +8,15 @@ the request joins runs in the mode being considered (the router makes the same c
 requests around it), so with n requests in flight the time per output token is
 ``(fixed + per_token * n * q_m) / tpf_m``. At low load the fixed cost dominates and the mode with
 the highest TPF wins (self-speculation); at high concurrency the per-token cost dominates and a
-mode that puts L or L(L+1) tokens into every forward loses to AR.
+mode that puts L or L(b+1) tokens into every forward (quadratic with b branches) loses to AR.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+
+from models.modes.quadratic_spec import DEFAULT_BRANCHES
 
 ROUTABLE_MODES = ("ar", "linear_spec", "quadratic_spec", "diffusion")
 DEFAULT_TPF = {"ar": 1.0, "linear_spec": 1.0, "quadratic_spec": 1.0, "diffusion": 1.0}
@@ -62,8 +64,8 @@ def query_tokens(mode: str, block_length: int) -> float:
     """Query tokens a request adds to each forward, averaged over its cycle."""
     if mode == "ar":
         return 1.0
-    if mode == "quadratic_spec":
-        return block_length * (block_length + 1)
+    if mode == "quadratic_spec":  # the verify block and its default number of branches
+        return block_length * (min(DEFAULT_BRANCHES, block_length) + 1)
     return float(block_length)  # diffusion steps, drafts and verifies are all one block
 
 

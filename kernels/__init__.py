@@ -12,7 +12,7 @@ import os
 import torch
 
 from kernels.kv_write import kv_write_reference
-from kernels.masks import MaskKind, quadratic_layout, segment_mask
+from kernels.masks import MaskKind, segment_mask
 from kernels.matmul import matmul_reference
 from kernels.rmsnorm import rmsnorm_reference
 from kernels.rope import rope_reference
@@ -27,7 +27,6 @@ __all__ = [
     "backend",
     "kv_write",
     "linear",
-    "quadratic_layout",
     "rms_norm",
     "rope",
     "segment_attention",

@@ -11,11 +11,10 @@ rows, which changes rounding; measured on MKL/AVX2): query rows are padded until
 query heads sharing a KV head, packed into one matrix, are a multiple of it.
 
 What a step's attention needs is built once per step (:class:`AttentionMetadata`), not per layer:
-every segment becomes one or more *pieces* (a quadratic segment one per sub-block), each a set of
-query rows over a key list that is the segment's cached prefix followed by some of its own rows;
-what a query row sees is always a prefix of that key list, so visibility is one count per row.
-The reference groups pieces by padded row count and runs each group as one batched computation
-(no Python loop over segments); the Triton kernel reads the same description as tiles.
+a segment's queries see a key list that is its cached prefix followed by its own rows, and what a
+query row sees is always a prefix of that list, so visibility is one count per row. The reference
+groups segments by padded row count and runs each group as one batched computation (no Python
+loop over segments); the Triton kernel reads the same description as tiles.
 """
 
 from __future__ import annotations
@@ -43,28 +42,13 @@ class AttentionSegment:
     q_len: int
     prefix_len: int  # cached tokens visible to every query (their slots: AttentionMetadata.prefix_slots)
     kind: MaskKind
-    sub_block: int = 0
 
-    def pieces(self) -> list[tuple[list[int], list[int], list[int]]]:
-        """``(rows, key_rows, limits)`` per attention piece, all relative to the segment.
-
-        A piece's keys are the cached prefix, then the segment rows ``key_rows``; query ``rows[i]``
-        sees the first ``limits[i]`` of them. A quadratic segment is split per sub-block: sub-block
-        j's queries only ever see the prefix, d_0..d_j and their own mask slots, so each piece stays
-        small, and d_j sees its keys at the same places as the AR step that would have produced it.
-        """
+    def limits(self) -> list[int]:
+        """How many keys of the list (cached prefix, then the segment's rows) each query row sees."""
         p, n = self.prefix_len, self.q_len
         if self.kind is MaskKind.CAUSAL:
-            return [(list(range(n)), list(range(n)), list(range(p + 1, p + n + 1)))]
-        if self.kind is MaskKind.BIDIRECTIONAL:
-            return [(list(range(n)), list(range(n)), [p + n] * n)]
-        group = self.sub_block + 1
-        out = []
-        for j in range(n // group):
-            rows = list(range(j * group, (j + 1) * group))
-            key_rows = list(range(0, (j + 1) * group, group)) + rows[1:]
-            out.append((rows, key_rows, [p + j + 1] + [p + j + 1 + self.sub_block] * self.sub_block))
-        return out
+            return list(range(p + 1, p + n + 1))
+        return [p + n] * n
 
 
 class AttentionMetadata:
@@ -81,15 +65,15 @@ class AttentionMetadata:
         self._derived: dict[Any, Any] = {}
 
     @classmethod
-    def from_slots(cls, entries: list[tuple[int, int, torch.Tensor, MaskKind, int]]) -> AttentionMetadata:
-        """From ``(q_start, q_len, prefix slots, kind, sub_block)`` per segment (tests, benchmarks)."""
-        width = max((len(slots) for _, _, slots, _, _ in entries), default=0)
+    def from_slots(cls, entries: list[tuple[int, int, torch.Tensor, MaskKind]]) -> AttentionMetadata:
+        """From ``(q_start, q_len, prefix slots, kind)`` per segment (tests, benchmarks)."""
+        width = max((len(slots) for _, _, slots, _ in entries), default=0)
         device = entries[0][2].device if entries else "cpu"
         table = torch.zeros((len(entries), width), dtype=torch.long, device=device)
         segments = []
-        for s, (q_start, q_len, slots, kind, sub_block) in enumerate(entries):
+        for s, (q_start, q_len, slots, kind) in enumerate(entries):
             table[s, : len(slots)] = slots
-            segments.append(AttentionSegment(q_start, q_len, len(slots), kind, sub_block))
+            segments.append(AttentionSegment(q_start, q_len, len(slots), kind))
         return cls(segments, table)
 
     def derived(self, key: Any, build: Callable[[], Any]) -> Any:
@@ -104,16 +88,16 @@ class AttentionMetadata:
 
 @dataclass
 class _Bucket:
-    """Pieces with the same padded row count, computed together: P pieces, Qp rows, K keys each."""
+    """Segments with the same padded row count, computed together: P segments, Qp rows, K keys each."""
 
-    q_index: torch.Tensor  # [P * Qp] packed query row of each (piece, row); padding repeats a real row
-    key_slots: torch.Tensor  # [P * K] cache slot of each (piece, key); 0 where the key is an own row or padding
+    q_index: torch.Tensor  # [P * Qp] packed query row of each (segment, row); padding repeats a real row
+    key_slots: torch.Tensor  # [P * K] cache slot of each (segment, key); 0 where the key is an own row or padding
     own_dst: torch.Tensor  # positions in [P * K] that hold the segment's own rows ...
     own_src: torch.Tensor  # ... and those rows in the packed batch
     bias: torch.Tensor  # [P, 1, G * Qp, K] 0 where a key is visible, -inf elsewhere; GQA row order (g * Qp + q)
     valid: torch.Tensor  # positions in [P * Qp] that are real rows ...
     out_rows: torch.Tensor  # ... and the packed rows they are written to
-    pieces: int
+    count: int
     rows: int
     keys: int
 
@@ -125,33 +109,32 @@ def _round_up(n: int, multiple: int) -> int:
 def _buckets(meta: AttentionMetadata, group: int) -> list[_Bucket]:
     # the products run on group * rows rows (GQA heads packed): that count is kept a multiple of ROW_MULTIPLE
     row_step = ROW_MULTIPLE // math.gcd(group, ROW_MULTIPLE)
-    by_rows: dict[int, list[tuple[int, AttentionSegment, tuple[list[int], list[int], list[int]]]]] = defaultdict(list)
+    by_rows: dict[int, list[tuple[int, AttentionSegment]]] = defaultdict(list)
     for s, seg in enumerate(meta.segments):
-        for piece in seg.pieces():
-            by_rows[_round_up(len(piece[0]), row_step)].append((s, seg, piece))
+        by_rows[_round_up(seg.q_len, row_step)].append((s, seg))
     device = meta.prefix_slots.device
     out = []
-    for qp, pieces in sorted(by_rows.items()):
-        keys = _round_up(max(seg.prefix_len + len(key_rows) for _, seg, (_, key_rows, _) in pieces), KEY_BLOCK)
+    for qp, members in sorted(by_rows.items()):
+        keys = _round_up(max(seg.prefix_len + seg.q_len for _, seg in members), KEY_BLOCK)
         q_index: list[int] = []
         limits: list[int] = []
         own_dst: list[int] = []
         own_src: list[int] = []
         valid: list[int] = []
         out_rows: list[int] = []
-        for p, (_, seg, (rows, key_rows, row_limits)) in enumerate(pieces):
-            absolute = [seg.q_start + r for r in rows]
-            pad = qp - len(rows)
+        for p, (_, seg) in enumerate(members):
+            absolute = list(range(seg.q_start, seg.q_start + seg.q_len))
+            pad = qp - seg.q_len
             q_index += absolute + [absolute[0]] * pad
-            limits += row_limits + [0] * pad
-            valid += range(p * qp, p * qp + len(rows))
+            limits += seg.limits() + [0] * pad
+            valid += range(p * qp, p * qp + seg.q_len)
             out_rows += absolute
             base = p * keys + seg.prefix_len
-            own_dst += range(base, base + len(key_rows))
-            own_src += [seg.q_start + r for r in key_rows]
-        count = len(pieces)
-        seg_index = torch.tensor([s for s, _, _ in pieces], dtype=torch.long, device=device)
-        prefix = torch.tensor([seg.prefix_len for _, seg, _ in pieces], dtype=torch.long, device=device)
+            own_dst += range(base, base + seg.q_len)
+            own_src += absolute
+        count = len(members)
+        seg_index = torch.tensor([s for s, _ in members], dtype=torch.long, device=device)
+        prefix = torch.tensor([seg.prefix_len for _, seg in members], dtype=torch.long, device=device)
         cols = torch.arange(keys, device=device)
         table = meta.prefix_slots
         if table.shape[1] < keys:
@@ -168,7 +151,7 @@ def _buckets(meta: AttentionMetadata, group: int) -> list[_Bucket]:
                 bias=torch.zeros((), device=device).masked_fill(cols.view(1, 1, 1, keys) >= limit, float("-inf")),
                 valid=as_long(valid),
                 out_rows=as_long(out_rows),
-                pieces=count,
+                count=count,
                 rows=qp,
                 keys=keys,
             )
@@ -186,15 +169,15 @@ def _attend_blocked(
     the softmax sums and the probability-value products run per fixed-size key block and are
     added block after block, so blocks a row cannot see add exact zeros.
     """
-    pieces, hkv, m_rows, d = q.shape
+    count, hkv, m_rows, d = q.shape
     blocks = k.shape[2] // KEY_BLOCK
     s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).add_(bias)
     m = s.amax(dim=-1, keepdim=True).clamp_(min=torch.finfo(s.dtype).min)  # fully masked (padding) rows
-    p = s.sub_(m).exp_().view(pieces, hkv, m_rows, blocks, KEY_BLOCK)
+    p = s.sub_(m).exp_().view(count, hkv, m_rows, blocks, KEY_BLOCK)
     block_sums = p.sum(dim=-1)  # [P, Hkv, M, blocks]
-    p_blocks = p.permute(0, 1, 3, 2, 4).reshape(pieces * hkv * blocks, m_rows, KEY_BLOCK)
-    v_blocks = v.reshape(pieces * hkv * blocks, KEY_BLOCK, d)
-    partial = torch.matmul(p_blocks, v_blocks).view(pieces, hkv, blocks, m_rows, d)
+    p_blocks = p.permute(0, 1, 3, 2, 4).reshape(count * hkv * blocks, m_rows, KEY_BLOCK)
+    v_blocks = v.reshape(count * hkv * blocks, KEY_BLOCK, d)
+    partial = torch.matmul(p_blocks, v_blocks).view(count, hkv, blocks, m_rows, d)
     total, acc = block_sums[..., 0], partial[:, :, 0]
     for i in range(1, blocks):
         total = total + block_sums[..., i]
@@ -221,15 +204,15 @@ def segment_attention_reference(
     group = hq // hkv
     out = torch.empty((t_total, hq, d), dtype=q.dtype, device=q.device)
     for b in meta.derived(("reference", group), lambda: _buckets(meta, group)):
-        qs = q[b.q_index].float().view(b.pieces, b.rows, hkv, group, d)
-        qs = qs.permute(0, 2, 3, 1, 4).reshape(b.pieces, hkv, group * b.rows, d)
+        qs = q[b.q_index].float().view(b.count, b.rows, hkv, group, d)
+        qs = qs.permute(0, 2, 3, 1, 4).reshape(b.count, hkv, group * b.rows, d)
         keys = k_cache[b.key_slots].float()
         keys[b.own_dst] = k[b.own_src].float()
         vals = v_cache[b.key_slots].float()
         vals[b.own_dst] = v[b.own_src].float()
-        keys = keys.view(b.pieces, b.keys, hkv, d).transpose(1, 2)
-        vals = vals.view(b.pieces, b.keys, hkv, d).transpose(1, 2).contiguous()
+        keys = keys.view(b.count, b.keys, hkv, d).transpose(1, 2)
+        vals = vals.view(b.count, b.keys, hkv, d).transpose(1, 2).contiguous()
         res = _attend_blocked(qs, keys, vals, b.bias, scale)  # [P, Hkv, G*Qp, D]
-        res = res.view(b.pieces, hkv, group, b.rows, d).permute(0, 3, 1, 2, 4).reshape(-1, hq, d)
+        res = res.view(b.count, hkv, group, b.rows, d).permute(0, 3, 1, 2, 4).reshape(-1, hq, d)
         out[b.out_rows] = res[b.valid].to(q.dtype)
     return out

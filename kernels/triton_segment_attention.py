@@ -4,8 +4,7 @@ One program handles a tile of query rows of one segment for one KV head, with ev
 that shares the KV head packed in (row m of the tile is query token m // G, head m % G). For
 every mask kind, what a query row sees is a *prefix* of the tile's virtual key list: the cached
 prefix (read through the segment's row of ``AttentionMetadata.prefix_slots``), then segment
-rows in the order that ``AttentionSegment.pieces`` gives them (for a quadratic sub-block j: verify tokens d_0..d_j, then
-j's own mask slots). So the mask is one number per row, the count of keys it sees. Keys are
+rows in order. So the mask is one number per row, the count of keys it sees. Keys are
 visited in fixed blocks of ``KEY_BLOCK`` from key 0 and merged with a running log-sum-exp; a
 block a row cannot see rescales by exactly 1 and adds exact zeros, so a row's result does not
 depend on the tile, the segment length or the batch. The reference normalises by the row's
@@ -26,31 +25,25 @@ from kernels.masks import MaskKind
 from kernels.segment_attention import KEY_BLOCK, AttentionMetadata
 
 BLOCK_M = 32  # (query token, head) rows per tile
-_KIND_CODE = {MaskKind.CAUSAL: 0, MaskKind.BIDIRECTIONAL: 1, MaskKind.QUADRATIC: 2}
+_KIND_CODE = {MaskKind.CAUSAL: 0, MaskKind.BIDIRECTIONAL: 1}
 
 
 def _tiles(meta: AttentionMetadata, group: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Per-tile metadata [tiles, META] and the flat prefix slots, built once per step (host work, one copy).
 
     A tile's row: segment's first packed row, tile's first segment row, rows, prefix length, offset of
-    the segment's slots, mask kind, segment length, sub_block, quadratic sub-block j, keys to visit.
+    the segment's slots, mask kind, segment length, keys to visit.
     """
     per_tile = max(BLOCK_M // group, 1)
     width = meta.prefix_slots.shape[1]
     rows: list[list[int]] = []
     for s, seg in enumerate(meta.segments):
         prefix, kind = seg.prefix_len, _KIND_CODE[seg.kind]
-        if seg.kind is MaskKind.QUADRATIC:
-            span = seg.sub_block + 1
-            spans = [(j, j * span, span, prefix + j + 1 + seg.sub_block) for j in range(seg.q_len // span)]
-        else:
-            spans = [(0, 0, seg.q_len, prefix + seg.q_len)]
-        for j, first, count, keys in spans:
-            for row0 in range(first, first + count, per_tile):
-                n = min(per_tile, first + count - row0)
-                # causal: keys after the tile's last row are invisible to all of its rows
-                tile_keys = prefix + row0 + n if seg.kind is MaskKind.CAUSAL else keys
-                rows.append([seg.q_start, row0, n, prefix, s * width, kind, seg.q_len, seg.sub_block, j, tile_keys])
+        for row0 in range(0, seg.q_len, per_tile):
+            n = min(per_tile, seg.q_len - row0)
+            # causal: keys after the tile's last row are invisible to all of its rows
+            tile_keys = prefix + row0 + n if seg.kind is MaskKind.CAUSAL else prefix + seg.q_len
+            rows.append([seg.q_start, row0, n, prefix, s * width, kind, seg.q_len, tile_keys])
     if not rows:
         return None
     device = meta.prefix_slots.device
@@ -104,9 +97,7 @@ def _kernel():
         slot0 = tl.load(meta + 4)
         kind = tl.load(meta + 5)
         q_len = tl.load(meta + 6)
-        sub_block = tl.load(meta + 7)
-        j = tl.load(meta + 8)
-        n_keys = tl.load(meta + 9)
+        n_keys = tl.load(meta + 7)
 
         m = tl.arange(0, BLOCK_M)
         dims = tl.arange(0, BLOCK_D)
@@ -116,8 +107,6 @@ def _kernel():
         row_ok = m < n_rows * GROUP
         # visible keys per row, a prefix of the virtual key list (kind codes: see _KIND_CODE)
         limit = tl.where(kind == 0, prefix + t + 1, prefix + q_len)
-        verify = (t % (sub_block + 1)) == 0
-        limit = tl.where(kind == 2, prefix + j + 1 + tl.where(verify, 0, sub_block), limit)
         limit = tl.where(row_ok, limit, n_keys)  # padding rows see every key (finite sums); never stored
 
         q_rows = (seg_start + t).to(tl.int64)
@@ -136,9 +125,7 @@ def _kernel():
             in_prefix = kk < prefix
             in_seg = (kk >= prefix) & (kk < n_keys)
             slot = tl.load(slots_ptr + slot0 + kk, mask=in_prefix, other=0).to(tl.int64)
-            own = kk - prefix  # quadratic: d_0..d_j, then sub-block j's mask slots
-            quadratic = tl.where(own <= j, own * (sub_block + 1), j * (sub_block + 1) + own - j)
-            seg_row = (seg_start + tl.where(kind == 2, quadratic, own)).to(tl.int64)
+            seg_row = (seg_start + kk - prefix).to(tl.int64)
             cache_mask = in_prefix[:, None] & dim_ok[None, :]
             seg_mask = in_seg[:, None] & dim_ok[None, :]
             k_blk = tl.load(

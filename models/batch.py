@@ -71,7 +71,7 @@ def pack(items: list[tuple[int, Segment]], kv: KVCacheManager, device: torch.dev
         deferred_rows += [start + r for r in seg.deferred_rows or ()]
         deferred_counts.append(len(seg.deferred_rows or ()))
         segment_rows.append(row)
-        segments.append(AttentionSegment(start, n, seg.prefix_len, seg.kind, seg.sub_block))
+        segments.append(AttentionSegment(start, n, seg.prefix_len, seg.kind))
         if seg.input_embeds is not None:
             embed_rows += [start + r for r in seg.embeds_rows]
             embed_values.append(seg.input_embeds)

@@ -52,6 +52,7 @@ def generate(
     max_steps: int | None = None,
     temperature: float = 0.0,
     seed: int | None = None,
+    branches: int | None = None,
     embeds: PromptEmbeds | None = None,
 ) -> Generation:
     """Decode one prompt in ``mode``; the same state machines the serving engine runs.
@@ -66,6 +67,7 @@ def generate(
         max_steps=max_steps,
         temperature=temperature,
         seed=seed,
+        branches=branches,
     )
     engine = Engine(
         model,

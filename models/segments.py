@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels.masks import MaskKind, quadratic_layout, segment_mask
+from kernels.masks import MaskKind, segment_mask
 
-__all__ = ["MaskKind", "Segment", "quadratic_layout", "segment_mask"]
+__all__ = ["MaskKind", "Segment", "segment_mask"]
 
 
 @dataclass
@@ -38,7 +38,6 @@ class Segment:
     adapter: list[bool]
     logit_rows: list[int] | None = None
     deferred_rows: list[int] | None = None
-    sub_block: int = 0  # quadratic only: mask slots per verify token
     input_embeds: torch.Tensor | None = field(default=None, repr=False)  # rows replacing embeddings (VLM)
     embeds_rows: list[int] | None = None
 
@@ -86,6 +85,7 @@ def block_segment(
     write: bool = False,
     adapter: bool = False,
     logit_rows: list[int] | None = None,
+    deferred_rows: list[int] | None = None,
 ) -> Segment:
     """Contiguous tokens from position ``start`` right after the cached prefix of that length."""
     n = len(tokens)
@@ -97,6 +97,7 @@ def block_segment(
         write=[write] * n,
         adapter=[adapter] * n,
         logit_rows=logit_rows,
+        deferred_rows=deferred_rows,
     )
 
 
@@ -108,29 +109,3 @@ def causal_segment(tokens: list[int], start: int, **kwargs) -> Segment:
 def bidirectional_segment(tokens: list[int], start: int, **kwargs) -> Segment:
     """Diffusion denoise pass or draft: bidirectional, never written to the cache."""
     return block_segment(MaskKind.BIDIRECTIONAL, tokens, start, write=False, **kwargs)
-
-
-def quadratic_segment(verify_tokens: list[int], start: int, sub_block: int, mask_token_id: int) -> Segment:
-    """A quadratic cycle. Logits: the verify tokens' rows at once; the mask slots 2..L of every
-    sub-block (where the next draft is read) deferred; slot 1 of each sits where the bonus token goes
-    and is never read."""
-    offsets, is_verify = quadratic_layout(len(verify_tokens), sub_block)
-    tokens = []
-    j = 0
-    for flag in is_verify:
-        if flag:
-            tokens.append(verify_tokens[j])
-            j += 1
-        else:
-            tokens.append(mask_token_id)
-    return Segment(
-        tokens=tokens,
-        positions=[start + o for o in offsets],
-        kind=MaskKind.QUADRATIC,
-        prefix_len=start,
-        write=list(is_verify),
-        adapter=[not f for f in is_verify],
-        logit_rows=[j * (sub_block + 1) for j in range(len(verify_tokens))],
-        deferred_rows=[j * (sub_block + 1) + i for j in range(len(verify_tokens)) for i in range(2, sub_block + 1)],
-        sub_block=sub_block,
-    )

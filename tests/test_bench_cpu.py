@@ -17,7 +17,7 @@ def test_gpu_kernel_benchmark_exits_cleanly_without_gpu():
 
 def test_forward_cost_table_on_cpu():
     result = subprocess.run(
-        [sys.executable, "bench/forward.py", "--device", "cpu", "--blocks", "2", "--reps", "1"],
+        [sys.executable, "bench/forward.py", "--device", "cpu", "--blocks", "4", "--reps", "1"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -25,5 +25,12 @@ def test_forward_cost_table_on_cpu():
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "ms" not in line]
     names = [row.split("|")[1].strip() for row in rows]
-    assert names == ["AR token", "draft block (2)", "verify block (2)", "quadratic cycle (2)"]
+    assert names == [
+        "AR token",
+        "draft block (4)",
+        "verify block (4)",
+        "quadratic cycle (4, 2 branches)",
+        "quadratic cycle (4, dense)",
+    ]
+    assert [int(row.split("|")[2]) for row in rows] == [1, 4, 4, 4 + 2 * 4, 4 + 4 * 4]
     assert all(float(row.split("|")[3]) > 0 for row in rows)

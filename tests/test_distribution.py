@@ -1,8 +1,10 @@
 """At temperature 1 the speculative modes keep the AR output distribution.
 
-The exact AR distributions of the first two tokens are computed from the model itself; each
+The exact AR distributions of the first three tokens are computed from the model itself; each
 mode's empirical frequencies over many seeds must pass a chi-square test against them. Biased
 acceptance (e.g. keeping every draft token) changes the second token's distribution and fails.
+Three tokens because quadratic speculation first verifies a draft at the third: its first cycle
+after the prefill only drafts.
 """
 
 from __future__ import annotations
@@ -45,38 +47,51 @@ def small_vocab_model():
 
 @pytest.fixture(scope="module")
 def exact(small_vocab_model):
-    """P(t1), and P(t2) over requests whose first token is not EOS (EOS ends a request)."""
+    """P(t1), P(t2) and P(t3), each over requests whose earlier tokens are not EOS (EOS ends a request)."""
     model = small_vocab_model
+    eos, vocab = model.config.eos_token_id, model.config.vocab_size
     first = _next_token_probs(model, PROMPT)
     second = torch.zeros_like(first)
-    for t1 in range(model.config.vocab_size):
-        if t1 != model.config.eos_token_id:
-            second += first[t1] * _next_token_probs(model, PROMPT + [t1])
-    return first, second / second.sum()
+    third = torch.zeros_like(first)
+    for t1 in range(vocab):
+        if t1 != eos:
+            after_t1 = first[t1] * _next_token_probs(model, PROMPT + [t1])
+            second += after_t1
+            for t2 in range(vocab):
+                if t2 != eos:
+                    third += after_t1[t2] * _next_token_probs(model, PROMPT + [t1, t2])
+    return first, second / second.sum(), third / third.sum()
 
 
-def sample_counts(model, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    vocab = model.config.vocab_size
-    c1 = torch.zeros(vocab, dtype=torch.float64)
-    c2 = torch.zeros(vocab, dtype=torch.float64)
+def sample_counts(model, mode: str, branches: int | None = None) -> tuple[list[torch.Tensor], int]:
+    """Counts of tokens 1..3 over the seeds, and how many requests accepted a draft token."""
+    counts = [torch.zeros(model.config.vocab_size, dtype=torch.float64) for _ in range(3)]
+    accepted_a_draft = 0
     for seed in range(SAMPLES):
-        out = models.generate(model, PROMPT, mode=mode, max_new_tokens=2, temperature=1.0, seed=seed)
-        c1[out.tokens[0]] += 1
-        if len(out.tokens) > 1:
-            c2[out.tokens[1]] += 1
-    return c1, c2
+        out = models.generate(model, PROMPT, mode=mode, max_new_tokens=3, temperature=1.0, seed=seed, branches=branches)
+        for position, token in enumerate(out.tokens):
+            counts[position][token] += 1
+        accepted_a_draft += any(n > 1 for n in out.accepted_lengths)
+    return counts, accepted_a_draft
 
 
-@pytest.mark.parametrize("mode", ["ar", "linear_spec", "quadratic_spec"])
-def test_first_two_tokens_follow_ar_distribution(small_vocab_model, exact, mode):
-    first, second = exact
-    c1, c2 = sample_counts(small_vocab_model, mode)
-    assert chi_square_p_value(c1, first) > 1e-3
-    assert chi_square_p_value(c2, second) > 1e-3
+# quadratic: one branch (many cycles without a draft), the default, and every acceptance length
+@pytest.mark.parametrize(
+    ("mode", "branches"),
+    [("ar", None), ("linear_spec", None), ("quadratic_spec", 1), ("quadratic_spec", None), ("quadratic_spec", 4)],
+)
+def test_first_three_tokens_follow_ar_distribution(small_vocab_model, exact, mode, branches):
+    counts, accepted_a_draft = sample_counts(small_vocab_model, mode, branches)
+    for observed, expected in zip(counts, exact):
+        assert chi_square_p_value(observed, expected) > 1e-3
+    if mode != "ar":
+        assert accepted_a_draft > SAMPLES // 20, "drafts were hardly ever accepted: the test did not exercise them"
 
 
-def test_biased_acceptance_would_be_caught(small_vocab_model, exact, monkeypatch):
-    """Accepting every draft token (no rejection step) must fail the same check."""
+@pytest.mark.parametrize(("mode", "position"), [("linear_spec", 1), ("quadratic_spec", 2)])
+def test_biased_acceptance_would_be_caught(small_vocab_model, exact, monkeypatch, mode, position):
+    """Accepting every draft token (no rejection step) must fail the same check at the first token a
+    draft can supply."""
     from kernels.verify_accept import inverse_cdf
 
     def accept_all(draft, p, q, accept_u, sample_u, eos_id, draft_lengths):
@@ -88,5 +103,5 @@ def test_biased_acceptance_would_be_caught(small_vocab_model, exact, monkeypatch
         return accepted, tokens, accepted + 1
 
     monkeypatch.setattr("kernels.verify_accept_sampled", accept_all)
-    _, c2 = sample_counts(small_vocab_model, "linear_spec")
-    assert chi_square_p_value(c2, exact[1]) < 1e-3
+    counts, _ = sample_counts(small_vocab_model, mode)
+    assert chi_square_p_value(counts[position], exact[position]) < 1e-3

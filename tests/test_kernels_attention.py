@@ -18,28 +18,28 @@ from kernels.segment_attention import AttentionMetadata, segment_attention_refer
 from kernels.triton_segment_attention import segment_attention_triton  # noqa: E402
 
 SLOTS = 300
-# (kind, prefix length, segment length, sub_block): a prefill crossing a key block and several tiles, a
-# verify block over a prefix crossing a key block, a draft, quadratic cycles (3 verify tokens x 2 mask
-# slots, 2 x 4: a sub-block split over tiles when 8 heads share a KV head), an AR step
+# (kind, prefix length, segment length): a prefill crossing a key block and several tiles, a verify
+# block over a prefix crossing a key block, a draft, a quadratic cycle's draft branches (5 mask
+# slots: split over tiles when 8 heads share a KV head), an AR step
 LAYOUT = [
-    (MaskKind.CAUSAL, 0, 67, 0),
-    (MaskKind.CAUSAL, 70, 5, 0),
-    (MaskKind.BIDIRECTIONAL, 10, 7, 0),
-    (MaskKind.QUADRATIC, 66, 9, 2),
-    (MaskKind.QUADRATIC, 3, 10, 4),
-    (MaskKind.CAUSAL, 5, 1, 0),
+    (MaskKind.CAUSAL, 0, 67),
+    (MaskKind.CAUSAL, 70, 5),
+    (MaskKind.BIDIRECTIONAL, 10, 7),
+    (MaskKind.BIDIRECTIONAL, 66, 5),
+    (MaskKind.BIDIRECTIONAL, 3, 5),
+    (MaskKind.CAUSAL, 5, 1),
 ]
 
 
 def _case(hq: int, hkv: int, d: int, dtype: torch.dtype, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
-    total = sum(n for _, _, n, _ in LAYOUT)
+    total = sum(n for _, _, n in LAYOUT)
     q, k, v = (torch.randn(total, h, d, generator=gen).to(dtype) for h in (hq, hkv, hkv))
     k_cache, v_cache = (torch.randn(SLOTS, hkv, d, generator=gen).to(dtype) for _ in range(2))
     entries, start = [], 0
-    for kind, prefix, n, sub_block in LAYOUT:
+    for kind, prefix, n in LAYOUT:
         slots = torch.randperm(SLOTS, generator=gen)[:prefix]  # paged: the prefix is scattered
-        entries.append((start, n, slots, kind, sub_block))
+        entries.append((start, n, slots, kind))
         start += n
     return q, k, v, k_cache, v_cache, AttentionMetadata.from_slots(entries), d**-0.5
 
@@ -60,7 +60,7 @@ def test_prefill_without_cache() -> None:
         v[:40],
         k_cache,
         v_cache,
-        AttentionMetadata.from_slots([(0, 40, torch.arange(0), MaskKind.CAUSAL, 0)]),
+        AttentionMetadata.from_slots([(0, 40, torch.arange(0), MaskKind.CAUSAL)]),
         scale,
     )
     torch.testing.assert_close(
@@ -75,21 +75,21 @@ def test_bf16_matches_reference() -> None:
     torch.testing.assert_close(got, segment_attention_reference(*args), rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize(("kind", "q_len", "sub_block"), [(MaskKind.CAUSAL, 5, 0), (MaskKind.QUADRATIC, 9, 2)])
-def test_verify_rows_equal_ar_steps(kind: MaskKind, q_len: int, sub_block: int) -> None:
+def test_verify_rows_equal_ar_steps() -> None:
     """Self-speculation is lossless only if verify token d_j computes what the AR step at j computes:
     here the AR steps see the same keys, d_0..d_{j-1} now read from the cache. Bitwise, so the products
     avoid ``tl.dot`` (BLAS under the interpreter rounds a row by its place in the tile)."""
     q, k, v, k_cache, v_cache, _, scale = _case(6, 2, 16, torch.float32, seed=2)
     prefix = torch.randperm(SLOTS, generator=torch.Generator().manual_seed(3))
     p = 61  # the verify tokens cross the first key block boundary
-    segment = AttentionMetadata.from_slots([(0, q_len, prefix[:p], kind, sub_block)])
+    q_len = 5
+    segment = AttentionMetadata.from_slots([(0, q_len, prefix[:p], MaskKind.CAUSAL)])
     out = segment_attention_triton(q[:q_len], k[:q_len], v[:q_len], k_cache, v_cache, segment, scale, use_dot=False)
-    verify_rows = list(range(0, q_len, sub_block + 1))
+    verify_rows = list(range(q_len))
     k_cache[prefix[p : p + len(verify_rows)]] = k[verify_rows]  # where accepted tokens are written
     v_cache[prefix[p : p + len(verify_rows)]] = v[verify_rows]
     for j, row in enumerate(verify_rows):
-        step = AttentionMetadata.from_slots([(0, 1, prefix[: p + j], MaskKind.CAUSAL, 0)])
+        step = AttentionMetadata.from_slots([(0, 1, prefix[: p + j], MaskKind.CAUSAL)])
         one = slice(row, row + 1)
         ar = segment_attention_triton(q[one], k[one], v[one], k_cache, v_cache, step, scale, use_dot=False)
         assert torch.equal(ar[0], out[row])

@@ -50,3 +50,25 @@ def test_spec_equals_ar_random_prompts_random_model():
             assert spec.tokens == ar.tokens, (mode, length, prompt)
             accepted_any |= any(n > 1 for n in spec.accepted_lengths)
     assert accepted_any, "no draft token was ever accepted: the test did not exercise acceptance"
+
+
+@pytest.mark.parametrize("block_length", (4, 8))
+def test_sparse_quadratic_equals_ar_for_any_branch_count(block_length):
+    """One branch drafted ahead (cycles without a draft after a miss), two, four, and every acceptance
+    length (the dense scheme: a draft in every cycle after the first)."""
+    model = random_model(seed=7)
+    rng = random.Random(block_length)
+    missed = False
+    for _ in range(6):
+        prompt = [1] + [rng.randrange(4, model.config.vocab_size) for _ in range(rng.randrange(1, 30))]
+        ar = models.generate(model, prompt, mode="ar", max_new_tokens=24)
+        for branches in (1, 2, 4, block_length + 1):
+            spec = models.generate(
+                model, prompt, mode="quadratic_spec", max_new_tokens=24, block_length=block_length, branches=branches
+            )
+            assert spec.tokens == ar.tokens, (branches, prompt)
+            cycles_with_a_draft, cycles = len(spec.accepted_lengths), spec.nfe - 1  # the prefill counts
+            if branches > block_length:
+                assert cycles_with_a_draft == cycles - 1  # only the first cycle has nothing to verify
+            missed |= cycles_with_a_draft < cycles - 1
+    assert missed, "no acceptance length ever fell outside the drafted branches"

@@ -8,7 +8,7 @@ from models.batch import pack
 from models.engine import KVCacheManager
 from models.engine.sampler import Item, Sampler
 from models.modes import DecodeParams, make_state
-from models.segments import MaskKind, quadratic_layout, segment_mask
+from models.segments import MaskKind, segment_mask
 from tests.conftest import random_model
 
 
@@ -22,34 +22,22 @@ def test_causal_and_bidirectional_masks():
     assert segment_mask(MaskKind.BIDIRECTIONAL, 3, 2).all()
 
 
-def test_quadratic_mask_structure():
-    length, k, prefix = 3, 2, 1
-    offsets, is_verify = quadratic_layout(k, length)
-    assert offsets == [0, 1, 2, 3, 1, 2, 3, 4]
-    assert is_verify == [True, False, False, False, True, False, False, False]
-    mask = segment_mask(MaskKind.QUADRATIC, len(offsets), prefix, sub_block=length)
-    assert mask[:, 0].all()  # the cached prefix is visible to every query
-    own = mask[:, prefix:]
-    d0, d1 = 0, 4
-    assert own[d0].tolist() == [True] + [False] * 7  # d_0 sees itself only
-    assert own[d1].tolist() == [True, False, False, False, True, False, False, False]  # d_1: d_0, d_1
-    for row in (1, 2, 3):  # masks of sub-block 0: d_0 and their own sub-block
-        assert own[row].tolist() == [True, True, True, True, False, False, False, False]
-    for row in (5, 6, 7):  # masks of sub-block 1: d_0, d_1 and their own sub-block
-        assert own[row].tolist() == [True, False, False, False, True, True, True, True]
-
-
 def _step(model, cache, kv, items):
     """One forward over ``(seq_id, state, plan)``: each request's logits and its sampler result."""
     for seq_id, _, plan in items:
         kv.reserve(seq_id, max(plan.write_extent, kv.length(seq_id)))
     batch = pack([(seq_id, seg) for seq_id, _, plan in items for seg in plan.segments], kv)
     logits = model(batch, cache)
-    pieces = torch.split(logits, batch.logit_counts)
+    logit_counts, deferred_counts = iter(batch.logit_counts), iter(batch.deferred_counts or [])
+    per_plan = [
+        (sum(next(logit_counts) for _ in plan.segments), sum(next(deferred_counts, 0) for _ in plan.segments))
+        for _, _, plan in items
+    ]
+    pieces = torch.split(logits, [rows for rows, _ in per_plan])
     works, row, deferred = [], 0, 0
-    for (_, state, plan), piece, count in zip(items, pieces, batch.deferred_counts or [0] * len(items)):
+    for (_, state, plan), (rows, count) in zip(items, per_plan):
         works.append(Item(state, plan.work, row, deferred))
-        row, deferred = row + len(piece), deferred + count
+        row, deferred = row + rows, deferred + count
     live = [w for w in works if w.work is not None]
     results = iter(Sampler(model, model.config.mask_token_id).run(logits, live))
     return list(pieces), [next(results) if w.work is not None else [] for w in works]

@@ -103,15 +103,17 @@ def test_overload_answers_429_with_retry_after(app):
 @pytest.mark.parametrize("mode", MODES)
 def test_completion_each_mode_matches_generate(client, fixture_model, tokenizer, mode):
     prompt = "import os\nimport sys\n\ndef main():\n"
+    knobs = {"branches": 1} if mode == "quadratic_spec" else {}  # one branch: cycles without a draft too
     raw = client.completions.with_raw_response.create(
         model="tiny",
         prompt=prompt,
         max_tokens=24,
         temperature=0,
-        extra_body={"decoding": {"mode": mode, "block_length": 8}},
+        extra_body={"decoding": {"mode": mode, "block_length": 8, **knobs}},
     )
     resp = raw.parse()
-    expected = models.generate(fixture_model, tokenizer.encode(prompt), mode=mode, max_new_tokens=24, block_length=8)
+    ids = tokenizer.encode(prompt)
+    expected = models.generate(fixture_model, ids, mode=mode, max_new_tokens=24, block_length=8, **knobs)
     assert resp.choices[0].text == tokenizer.decode(expected.tokens, skip_special_tokens=True)
     assert resp.usage.prompt_tokens == len(tokenizer.encode(prompt))
     assert resp.usage.completion_tokens == len(expected.tokens)
@@ -206,6 +208,7 @@ def test_echo_logprobs_for_loglikelihood(client, fixture_model, tokenizer):
         ({"model": "tiny", "prompt": "x", "temperature": "hot"}, 400, "temperature"),
         ({"model": "tiny", "prompt": "x", "decoding": {"mode": "telepathy"}}, 400, "decoding.mode"),
         ({"model": "tiny", "prompt": "x", "decoding": {"block_length": 1}}, 400, "decoding.block_length"),
+        ({"model": "tiny", "prompt": "x", "decoding": {"branches": 0}}, 400, "decoding.branches"),
         ({"model": "tiny", "prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
         ({"model": "tiny", "prompt": [99999]}, 400, "prompt"),
         ({"model": "tiny", "prompt": ""}, 400, "prompt"),

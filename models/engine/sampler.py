@@ -166,35 +166,53 @@ class Sampler:
         uniforms: dict[int, torch.Tensor | None],
         accepted: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Draft tokens [B, max count] (never the mask token); sampled drafts set ``work.q_out``.
+        """Per request: its draft tokens, then the acceptance lengths it asks to have chosen
+        (``Draft.choose``), as [B, max(count + choose)]; sampled drafts set ``work.q_out``.
 
-        With ``accepted`` (quadratic), request b's rows are its deferred rows of sub-block
-        ``accepted[b]``: picked on the device, and only they go through the output head."""
+        With ``accepted`` (quadratic), request b's rows are the deferred rows of the branch drafted
+        for acceptance length ``accepted[b]``: picked on the device, and only they go through the
+        output head; its tokens are -1 when no branch was drafted for that length."""
         device = logits.device
         counts = [i.work.count for i in group]
         width = max(counts)
         starts = [i.row if accepted is None else i.deferred for i in group]
         cols = [[min(j, max(n - 1, 0)) for j in range(width)] for n in counts]  # padding repeats a real row
         start_t, cols_t, count_t = _to_device(device, starts, cols, counts)
+        drafted = None
         if accepted is None:
             rows = logits[(start_t[:, None] + cols_t).reshape(-1)]
         else:
-            start_t = start_t + accepted * count_t
+            widest = max(len(i.work.branches) for i in group)
+            (branches,) = _to_device(device, [i.work.branches + [-1] * (widest - len(i.work.branches)) for i in group])
+            hit = branches == accepted[:, None]
+            drafted = hit.any(dim=1)
+            start_t = start_t + hit.long().argmax(dim=1) * count_t
             rows = self.model.deferred_logits((start_t[:, None] + cols_t).reshape(-1))
         allowed = rows.clone()
         allowed[:, self.mask_id] = float("-inf")
         if group[0].state.temperature <= 0:
-            return allowed.argmax(dim=-1).view(len(group), width)
-        q = self._probs(allowed, group, width)
-        u = torch.zeros((len(group), width), dtype=torch.float64)
-        for b, item in enumerate(group):
-            draws = uniforms[id(item)][-item.work.count :] if item.work.count else u.new_zeros(0)
-            u[b, : item.work.count] = draws
-        tokens = inverse_cdf(q, u.to(device).view(-1)).view(len(group), width)
-        q = q.view(len(group), width, -1)
-        for b, item in enumerate(group):
-            item.work.q_out = q[b, : item.work.count]
-        return tokens
+            q = torch.softmax(allowed, dim=-1) if any(i.work.choose for i in group) else None
+            tokens = allowed.argmax(dim=-1).view(len(group), width)
+        else:
+            q = self._probs(allowed, group, width)
+            u = torch.zeros((len(group), width), dtype=torch.float64)
+            for b, item in enumerate(group):
+                draws = uniforms[id(item)][-item.work.count :] if item.work.count else u.new_zeros(0)
+                u[b, : item.work.count] = draws
+            tokens = inverse_cdf(q, u.to(device).view(-1)).view(len(group), width)
+            per_item = q.view(len(group), width, -1)
+            for b, item in enumerate(group):
+                item.work.q_out = per_item[b, : item.work.count]
+        if drafted is not None:
+            tokens = tokens.masked_fill(~drafted[:, None], -1)
+        if q is None:
+            return tokens
+        confidence = q.gather(1, tokens.clamp(min=0).view(-1, 1)).view(len(group), width)
+        lengths = _likely_acceptances(confidence, count_t, [i.work.choose for i in group])
+        # each request's lengths right after its own count of tokens
+        j = torch.arange(width + lengths.shape[1], device=device)
+        index = torch.where(j < count_t[:, None], j, width + j - count_t[:, None]).clamp(max=j.numel() - 1)
+        return torch.cat([tokens, lengths], dim=1).gather(1, index)
 
     def _unmask(
         self, logits: torch.Tensor, group: list[Item], uniforms: dict[int, torch.Tensor | None]
@@ -241,9 +259,28 @@ def _verify_of(work: Work) -> Verify:
     return work if isinstance(work, Verify) else work.verify
 
 
+def _likely_acceptances(confidence: torch.Tensor, counts: torch.Tensor, choose: list[int]) -> torch.Tensor:
+    """For drafts with per-token confidences c [B, W] (the first ``counts[b]`` real), the ``choose[b]``
+    acceptance lengths a in 0..counts[b] most likely if each token is accepted with its confidence
+    independently: P(a) = c_1 * .. * c_a * (1 - c_{a+1}), P(n) = c_1 * .. * c_n. Ascending, padded -1."""
+    batch, width = confidence.shape
+    real = torch.arange(width, device=confidence.device)[None, :] < counts[:, None]
+    log_c = torch.where(real, confidence.clamp(min=1e-30).log(), torch.zeros_like(confidence))
+    accepted_first = torch.cat([log_c.new_zeros((batch, 1)), log_c.cumsum(dim=1)], dim=1)  # [B, W + 1]
+    rejected_next = torch.cat([(1 - confidence).clamp(min=1e-30).log(), log_c.new_zeros((batch, 1))], dim=1)
+    stop_here = torch.arange(width + 1, device=confidence.device)[None, :] == counts[:, None]
+    log_p = accepted_first + torch.where(stop_here, torch.zeros_like(rejected_next), rejected_next)
+    log_p = log_p.masked_fill(torch.arange(width + 1, device=confidence.device)[None, :] > counts[:, None], -math.inf)
+    best, top = log_p.topk(min(max(choose), width + 1), dim=1)
+    wanted = torch.tensor(choose, device=confidence.device)[:, None]
+    unused = (torch.arange(top.shape[1], device=confidence.device)[None, :] >= wanted) | best.isinf()
+    ordered = top.masked_fill(unused, width + 1).sort(dim=1).values
+    return ordered.masked_fill(ordered > width, -1)
+
+
 def _result_width(work: Work) -> int:
     if isinstance(work, Verify):
         return 2
     if isinstance(work, Draft):
-        return work.count + (2 if work.verify else 0)
+        return work.count + work.choose + (2 if work.verify else 0)
     return len(work.block)

@@ -39,6 +39,7 @@ class DecodeParams:
     max_steps: int | None = None
     temperature: float = 0.0
     seed: int | None = None
+    branches: int | None = None  # quadratic_spec: acceptance lengths drafted ahead per cycle (None: default)
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -55,6 +56,8 @@ class DecodeParams:
             raise ValueError("max_steps must be at least 1")
         if self.temperature < 0:
             raise ValueError("temperature must be non-negative")
+        if self.branches is not None and self.branches < 1:
+            raise ValueError("branches must be at least 1")
 
 
 def kv_tokens_needed(prompt_len: int, params: DecodeParams, block_size: int) -> int:
@@ -80,12 +83,18 @@ class Verify:
 @dataclass
 class Draft:
     """Draft tokens from diffusion logits (never the mask token): rows 0..count-1, or, after a
-    ``verify`` of the same step, the deferred rows of the sub-block the acceptance selects (quadratic:
-    sub-block ``accepted``, its ``count`` rows). Result ``[*tokens]`` (after the verify's two).
-    Sampled drafts leave their probabilities in ``q_out`` for the next verify."""
+    ``verify`` of the same step, the deferred rows of the branch the acceptance selects (quadratic:
+    the plan drafted ahead for the acceptance lengths ``branches``, ``count`` deferred rows each, in
+    that order). Result ``[*tokens, *lengths]`` (after the verify's two): the tokens are all -1 when
+    no branch was drafted for the actual acceptance; ``lengths`` are the ``choose`` acceptance
+    lengths of the new draft most likely under its own confidences (ascending), where the next
+    cycle should draft ahead. Sampled drafts leave their probabilities in ``q_out`` for the next
+    verify."""
 
     count: int
     verify: Verify | None = None
+    branches: list[int] = field(default_factory=list)
+    choose: int = 0
     q_out: torch.Tensor | None = None
 
 

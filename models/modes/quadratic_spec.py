@@ -1,13 +1,25 @@
-"""Quadratic self-speculation: verification and the next draft in one forward per cycle.
+"""Quadratic self-speculation, sparse: verification and the next draft in one forward per cycle.
 
-The cycle's input is ``[d_0, M x L, d_1, M x L, ..., d_k, M x L]`` (ARCHITECTURE.md §2): the d_j are
-causal among themselves and verify the current draft; the L mask slots after d_j see d_0..d_j and
-each other, drafting the continuation that holds if d_0..d_j are accepted. After accepting a
-drafts plus a bonus token, the draft for the next cycle is already there: sub-block a's slots
-2..L (slot 1 sits where the bonus token goes). Only those L-1 rows of the (k+1)(L+1) get logits:
-the verify rows first, then, once the acceptance is known, sub-block a's. Only the accepted d_j
-keep their keys/values. The first cycle after the prefill has no draft to verify (k = 0).
-NFE = prefill + cycles.
+A cycle verifies the current draft ``d_1..d_n`` behind ``d_0`` (the last emitted token) and, in the
+same forward, drafts the block that follows for some of the possible acceptance lengths, so the
+next cycle's draft is ready whichever of those the verification picks. Its segments:
+
+- a causal verify block ``[d_0, .., d_n]`` that writes its keys/values (the d_j see exactly what
+  the AR steps that would produce them see: lossless);
+- per drafted acceptance length ``a`` (a *branch*), L mask slots at positions after ``d_a`` that see
+  the cached prefix and ``d_0..d_a`` — read from the cache slots the verify block writes earlier in
+  the same layer — and each other. Slot 1 sits where the bonus token goes and is never read; slots
+  2..L become the next draft if ``a`` is accepted (their logits are deferred: only the selected
+  branch's rows go through the output head).
+
+Drafting every acceptance length (``branches`` >= L) is the dense scheme of the family's paper:
+L verify rows plus L*L mask slots, 1056 query rows per forward at block 32. By default a cycle drafts only the
+``DEFAULT_BRANCHES`` acceptance lengths most likely under the draft's own confidences (acceptance
+length a: ``c_1 * .. * c_a * (1 - c_{a+1})``), L * (branches + 1) rows; when the verification
+accepts a length that was not drafted, the next cycle has no draft and is a plain draft cycle
+(one token, like the first cycle after the prefill). The emitted tokens are the AR tokens either
+way (temperature 0) or follow the AR distribution (temperature > 0): the branch choice only
+decides whether the next cycle has a draft to verify. NFE = prefill + cycles.
 """
 
 from __future__ import annotations
@@ -15,7 +27,22 @@ from __future__ import annotations
 import torch
 
 from models.modes.base import DecodeState, Draft, Plan, Verify
-from models.segments import quadratic_segment
+from models.segments import Segment, bidirectional_segment, causal_segment
+
+DEFAULT_BRANCHES = 2
+
+
+def cycle_segments(verify: list[int], start: int, length: int, branches: list[int], mask_id: int) -> list[Segment]:
+    """A cycle's segments: the verify block ``verify`` at ``start`` (the cache length), then a branch of
+    ``length`` mask slots behind ``verify[a]`` for each acceptance length ``a`` in ``branches``."""
+    segments = [causal_segment(verify, start, write=True)]
+    for a in branches:
+        segments.append(
+            bidirectional_segment(
+                [mask_id] * length, start + a + 1, adapter=True, logit_rows=[], deferred_rows=list(range(1, length))
+            )
+        )
+    return segments
 
 
 class QuadraticSpecState(DecodeState):
@@ -24,7 +51,9 @@ class QuadraticSpecState(DecodeState):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.max_branches = min(self.params.branches or DEFAULT_BRANCHES, self.block_length)
         self.verify: list[int] = []  # d_0 (emitted, not yet cached) followed by the current draft
+        self.branches = [0]  # acceptance lengths to draft ahead for
         self.draft_probs: torch.Tensor | None = None
 
     def after_prefill(self, token: int) -> list[int]:
@@ -32,17 +61,27 @@ class QuadraticSpecState(DecodeState):
         return self.emit(self.verify)
 
     def plan_decode(self) -> Plan:
-        segment = quadratic_segment(self.verify, self.cached_len, self.block_length, self.mask_id)
-        return Plan([segment], Draft(self.block_length - 1, verify=Verify(self.verify[1:], self.draft_probs)))
+        segments = cycle_segments(self.verify, self.cached_len, self.block_length, self.branches, self.mask_id)
+        work = Draft(
+            self.block_length - 1,
+            verify=Verify(self.verify[1:], self.draft_probs),
+            branches=list(self.branches),
+            choose=self.max_branches,
+        )
+        return Plan(segments, work)
 
     def advance_decode(self, plan: Plan, result: list[int]) -> list[int]:
         self.nfe += 1
-        accepted, bonus, *next_draft = result
+        accepted, bonus, *rest = result
+        count = plan.work.count
+        next_draft, lengths = rest[:count], rest[count:]
         draft = self.verify[1:]
         emitted = self.emit([*draft[:accepted], bonus])
         if draft:
             self.accepted_lengths.append(accepted + 1)
         self.cached_len += accepted + 1
-        self.verify = [bonus, *next_draft]
-        self.draft_probs = plan.work.q_out
+        if next_draft and next_draft[0] >= 0:
+            self.verify, self.branches, self.draft_probs = [bonus, *next_draft], lengths, plan.work.q_out
+        else:  # the accepted length had no branch drafted: draft from scratch behind the bonus token
+            self.verify, self.branches, self.draft_probs = [bonus], [0], None
         return emitted
