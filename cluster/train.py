@@ -184,7 +184,7 @@ def evaluate(model: TriModeModel, heldout: torch.Tensor, s: TrainSettings) -> di
     return metrics
 
 
-def _batches(rows: int, s: TrainSettings, rank: int, world: int, start_step: int):
+def batches_from(rows: int, s: TrainSettings, rank: int, world: int, start_step: int):
     """Endless shuffled passes over the rows (each rank its own stride); resumes at ``start_step``."""
     per_rank = max(1, rows // world)
     steps_per_epoch = max(1, per_rank // s.batch_size)
@@ -217,7 +217,7 @@ def train_loop(config: dict) -> None:
         initialise_from(model, Path(s.init_from))
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.95), weight_decay=s.weight_decay)
     start_step, history = 0, []
-    state = _resume_state(s, ray.train.get_checkpoint())
+    state = resume_state(Path(s.output), s.resume, ray.train.get_checkpoint())
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -225,7 +225,7 @@ def train_loop(config: dict) -> None:
     objective = ray.train.torch.prepare_model(JointObjective(model, s))
     device = next(objective.parameters()).device
     noise_gen = torch.Generator().manual_seed(s.seed * 1000 + rank + start_step)
-    batches = _batches(len(train), s, rank, world, start_step)
+    batches = batches_from(len(train), s, rank, world, start_step)
     bar = tqdm(total=s.steps, initial=start_step, desc="train", disable=rank != 0, mininterval=5)
     started = time.time() - (history[-1]["wall_s"] if history else 0.0)
     model.train()
@@ -251,31 +251,32 @@ def train_loop(config: dict) -> None:
             with open(Path(s.output) / "history.jsonl", "a") as log:
                 log.write(json.dumps(metrics) + "\n")
         if done % s.checkpoint_every == 0 or done == s.steps:
-            _checkpoint(model, optimizer, done, history, metrics, s, rank)
+            save_checkpoint(model, optimizer, done, history, metrics, Path(s.output), rank)
     bar.close()
     if rank == 0:
         export(model, s)
 
 
-def _resume_state(s: TrainSettings, ray_checkpoint) -> dict | None:
-    """Ray's own checkpoint after a worker restart, else ``output/checkpoint`` when resuming."""
+def resume_state(folder: Path, resume: bool, ray_checkpoint) -> dict | None:
+    """Ray's own checkpoint after a worker restart, else ``folder/checkpoint`` when resuming."""
     if ray_checkpoint is not None:
         with ray_checkpoint.as_directory() as folder:
             return torch.load(Path(folder) / "state.pt", weights_only=False)
-    local = Path(s.output) / "checkpoint" / "state.pt"
-    if s.resume and local.is_file():
+    local = folder / "checkpoint" / "state.pt"
+    if resume and local.is_file():
         return torch.load(local, weights_only=False)
     return None
 
 
-def _checkpoint(model, optimizer, step, history, metrics, s: TrainSettings, rank: int) -> None:
+def save_checkpoint(model, optimizer, step, history, metrics, folder: Path, rank: int) -> None:
+    """Rank 0 writes ``folder/checkpoint/state.pt`` (atomically) and reports it to Ray; others only report."""
     import ray.train
 
     if rank != 0:
         ray.train.report(metrics)
         return
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "history": history}
-    target = Path(s.output) / "checkpoint"
+    target = folder / "checkpoint"
     target.mkdir(parents=True, exist_ok=True)
     torch.save(state, target / "state.tmp")
     os.replace(target / "state.tmp", target / "state.pt")

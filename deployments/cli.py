@@ -92,38 +92,55 @@ def _serve(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from cluster.train import TrainSettings, run
-
-    names = {f.name for f in fields(TrainSettings)} - {"extra"}
-    settings = TrainSettings(**{k: v for k, v in vars(args).items() if k in names and v is not None})
-    folder = run(settings)
-    print(f"model written to {folder}")
+    names = {f.name for f in fields(args.settings)} - {"extra"}
+    settings = args.settings(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    folder = args.run(settings)
+    print(f"{args.what} written to {folder}")
     return 0
 
 
-def _add_train_parser(sub) -> None:
+def _add_settings_parser(sub, name: str, settings, run, what: str, **texts) -> None:
+    """A subcommand whose flags are the fields of the ``settings`` dataclass (a training recipe)."""
     from dataclasses import MISSING, fields
 
-    from cluster.train import TrainSettings
-
-    train = sub.add_parser(
-        "train",
-        help="train a tri-mode model with the joint AR + diffusion objective on Ray Train",
-        description="Corpus default: this interpreter's standard library (test suites excluded, t-z held out). "
-        "--init-from takes a tri-mode checkpoint or a plain AR one (Mistral/Ministral/Llama tensor names).",
-    )
-    for f in fields(TrainSettings):
+    parser = sub.add_parser(name, **texts)
+    for f in fields(settings):
         if f.name in ("extra",):
             continue
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
-            train.add_argument(flag, action="store_true", default=None)
+            parser.add_argument(flag, action="store_true", default=None)
         elif f.default is MISSING:
-            train.add_argument(flag, required=True)
+            parser.add_argument(flag, required=True)
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
-            train.add_argument(flag, type=kind, default=None, help=f"default: {f.default}")
-    train.set_defaults(func=_train)
+            parser.add_argument(flag, type=kind, default=None, help=f"default: {f.default}")
+    parser.set_defaults(func=_train, settings=settings, run=run, what=what)
+
+
+def _add_train_parsers(sub) -> None:
+    from cluster import train, train_drafter
+
+    _add_settings_parser(
+        sub,
+        "train",
+        train.TrainSettings,
+        train.run,
+        "model",
+        help="train a tri-mode model with the joint AR + diffusion objective on Ray Train",
+        description="Corpus default: this interpreter's standard library (test suites excluded, t-z held out). "
+        "--init-from takes a tri-mode checkpoint or a plain AR one (Mistral/Ministral/Llama tensor names).",
+    )
+    _add_settings_parser(
+        sub,
+        "train-drafter",
+        train_drafter.DrafterSettings,
+        train_drafter.run,
+        "draft adapter",
+        help="train a self-distilled linear-spec draft adapter (LoRA on o_proj) for a model on Ray Train",
+        description="Targets are the model's own greedy continuations of training-corpus prefixes; "
+        "--output is the adapter folder (MODEL/linear_spec_lora to have the model load it).",
+    )
 
 
 def _train_vlm(args: argparse.Namespace) -> int:
@@ -177,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1 keeps it local)")
     srv.set_defaults(func=_serve)
 
-    _add_train_parser(sub)
+    _add_train_parsers(sub)
     _add_train_vlm_parser(sub)
     return parser
 

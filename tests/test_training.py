@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -140,3 +141,50 @@ def test_initialise_from_an_ar_checkpoint(tmp_path):
     initialise_from(target, folder)
     for (name, a), (_, b) in zip(source.named_parameters(), target.named_parameters()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.ray
+def test_train_drafter_writes_an_adapter_that_keeps_ar_and_resumes(tmp_path, ray_local, fixture_path):
+    from cluster.train_drafter import DrafterSettings, run
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(fixture_path, model_dir)
+    adapter_dir = model_dir / "linear_spec_lora"
+    settings = dict(
+        model=str(model_dir),
+        output=str(adapter_dir),
+        workdir=str(tmp_path / "work"),
+        corpus=str(_corpus(tmp_path)),
+        rank=4,
+        alpha=8.0,
+        sequences=6,
+        heldout_sequences=2,
+        prefix_min=4,
+        prefix_max=8,
+        seq_len=40,
+        blocks="4,8",
+        batch_size=2,
+        steps=2,
+        warmup=1,
+        eval_every=1,
+        checkpoint_every=1,
+        cpus_per_worker=0.5,
+        threads=1,
+    )
+    assert run(DrafterSettings(**settings)) == adapter_dir
+    assert sorted(p.name for p in adapter_dir.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    history = [json.loads(line) for line in (tmp_path / "work" / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [1, 2] and {"eval_accepted@4", "eval_accepted@8"} <= set(history[-1])
+
+    base, drafter = models.load_model(fixture_path), models.load_model(model_dir)
+    assert drafter.has_adapter and not base.has_adapter
+    lora = drafter.encoder.layers[0].self_attn.lora
+    assert lora.a.shape == (4, base.config.q_size) and lora.b.abs().sum() > 0  # trained away from B = 0
+    ids = base.tokenizer.encode("def add(a, b):\n    return")
+    assert models.score(base, ids) == models.score(drafter, ids)  # AR rows never see the adapter
+    ar = models.generate(base, ids, mode="ar", max_new_tokens=16)
+    assert models.generate(drafter, ids, mode="linear_spec", max_new_tokens=16, block_length=8).tokens == ar.tokens
+
+    run(DrafterSettings(**{**settings, "steps": 3, "resume": True}))
+    history = [json.loads(line) for line in (tmp_path / "work" / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [1, 2, 3]  # continued at step 3

@@ -1,0 +1,235 @@
+"""``triserve train-drafter``: a self-distilled linear-spec drafter on Ray Train (see models.draft_training).
+
+The driver builds the data once: prefixes cut from the training corpus (the same split as
+``triserve train``: modules t-z held out), continued greedily by the base model through the serving
+engine (batched, so thousands of continuations take minutes), saved under ``workdir/data``.
+Workers train only the adapter (the base model is frozen), evaluate the greedy accepted length on
+held-out continuations, checkpoint to ``workdir`` (resumable: adapter, optimizer, step) and write
+the adapter in PEFT's layout to ``output``, the folder ``models.load_model`` reads as
+``MODEL/linear_spec_lora``; ``output`` holds nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cluster.train import batches_from, learning_rate, resume_state, save_checkpoint
+from models.draft_training import DraftAdapter, draft_loss
+from models.model import TriModeModel
+
+
+@dataclass
+class DrafterSettings:
+    """Everything a run needs; saved beside the checkpoints so a resume uses the same settings."""
+
+    model: str
+    output: str
+    workdir: str | None = None  # data, checkpoints, history (default: output + ".run")
+    corpus: str | None = None
+    resume: bool = False
+    rank: int = 64
+    alpha: float = 64.0
+    sequences: int = 1536  # self-distilled training continuations
+    heldout_sequences: int = 64
+    prefix_min: int = 16  # corpus tokens before the continuation starts
+    prefix_max: int = 64
+    seq_len: int = 224  # prefix + greedy continuation
+    blocks: str = "8,16,32"  # draft block lengths, one drawn per step
+    decay: float = 0.85  # weight of the i-th draft token: decay ** i
+    batch_size: int = 16
+    steps: int = 600
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 30
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    seed: int = 0
+    cpus_per_worker: float = 1.0
+    threads: int = 2
+
+    @property
+    def block_lengths(self) -> list[int]:
+        return [int(b) for b in self.blocks.split(",")]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.workdir or f"{self.output}.run")
+
+
+# ----- data (driver side) -------------------------------------------------------------------------
+def _prefixes(rows: torch.Tensor, count: int, s: DrafterSettings, gen: torch.Generator) -> list[list[int]]:
+    """``count`` corpus windows of prefix_min..prefix_max tokens, from random rows at random offsets."""
+    out = []
+    for _ in range(count):
+        row = rows[int(torch.randint(len(rows), (1,), generator=gen))]
+        length = int(torch.randint(s.prefix_min, s.prefix_max + 1, (1,), generator=gen))
+        start = int(torch.randint(0, rows.shape[1] - length + 1, (1,), generator=gen))
+        out.append(row[start : start + length].tolist())
+    return out
+
+
+@torch.inference_mode()
+def continue_greedily(model: TriModeModel, prefixes: list[list[int]], total: int, desc: str) -> torch.Tensor:
+    """Each prefix followed by the model's greedy AR continuation up to ``total`` tokens, decoded as
+    one batch by the serving engine; rows that end early (EOS) are dropped. [rows, total] int32."""
+    from tqdm import tqdm
+
+    from models.engine import Engine
+    from models.modes import DecodeParams
+
+    engine = Engine(model, num_pages=64 * (total // 16 + 4), max_running=64, max_step_tokens=4096)
+    states = []
+    for i, prefix in enumerate(prefixes):
+        params = DecodeParams(mode="ar", max_new_tokens=total - len(prefix))
+        states.append((prefix, engine.add_request(f"{desc}-{i}", prefix, params).state))
+    bar = tqdm(total=len(prefixes), desc=desc, mininterval=5)
+    while engine.has_work:
+        bar.update(sum(out.finished for out in engine.step()))
+    bar.close()
+    rows = [prefix + state.tokens for prefix, state in states if len(prefix) + len(state.tokens) == total]
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+def prepare_data(s: DrafterSettings) -> Path:
+    """Self-distilled train and held-out continuations under ``workdir/data`` (reused when present)."""
+    import models
+    from models.data import corpus_files, default_corpus, pack_sequences
+
+    data = s.run_dir / "data" / "continuations.pt"
+    if data.is_file():
+        return data
+    model = models.load_model(s.model, dtype=torch.float32, adapter=False)
+    torch.set_num_threads(s.threads)
+    train_files, heldout_files = corpus_files(Path(s.corpus) if s.corpus else default_corpus())
+    gen = torch.Generator().manual_seed(s.seed)
+    splits = {}
+    for name, files, count in (("train", train_files, s.sequences), ("heldout", heldout_files, s.heldout_sequences)):
+        rows = pack_sequences(files, model.tokenizer, s.seq_len)
+        splits[name] = continue_greedily(model, _prefixes(rows, count, s, gen), s.seq_len, name)
+    data.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(splits, data)
+    return data
+
+
+# ----- worker side ----------------------------------------------------------------------------
+class DraftObjective(nn.Module):
+    """The frozen model with the adapter attached, the draft loss in ``forward`` (one DDP forward)."""
+
+    def __init__(self, model: TriModeModel, adapter: DraftAdapter, decay: float) -> None:
+        super().__init__()
+        self.model, self.adapter, self.decay = model, adapter, decay
+        adapter.attach(model)
+
+    def forward(self, sequences: torch.Tensor, cut: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return draft_loss(self.model, sequences, cut, block, self.decay)
+
+
+def draw_cut(s: DrafterSettings, block: int, gen: torch.Generator) -> int:
+    """Where a step drafts: after the longest prefix, so every draft token is a greedy continuation."""
+    return int(torch.randint(s.prefix_max, s.seq_len - block + 1, (1,), generator=gen))
+
+
+@torch.no_grad()
+def evaluate(objective: DraftObjective, heldout: torch.Tensor, s: DrafterSettings) -> dict[str, float]:
+    """Mean greedy accepted length (draft tokens) per block length on held-out continuations, at fixed cuts."""
+    metrics = {}
+    gen = torch.Generator().manual_seed(4321)
+    for block in s.block_lengths:
+        lengths = [objective(heldout.long(), draw_cut(s, block, gen), block)[1].float() for _ in range(4)]
+        metrics[f"eval_accepted@{block}"] = float(torch.cat(lengths).mean())
+    return metrics
+
+
+def train_loop(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    from tqdm import tqdm
+
+    import models
+
+    s = DrafterSettings(**config["settings"])
+    data = torch.load(config["data"])
+    train, heldout = data["train"], data["heldout"]
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    torch.manual_seed(s.seed + rank)
+    torch.set_num_threads(s.threads)
+    model = models.load_model(s.model, dtype=torch.float32, adapter=False, tokenizer=False)
+    adapter = DraftAdapter(model, s.rank, s.alpha, seed=s.seed)
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=s.lr, betas=(0.9, 0.95), weight_decay=s.weight_decay)
+    start_step, history = 0, []
+    state = resume_state(s.run_dir, s.resume, ray.train.get_checkpoint())
+    if state is not None:
+        adapter.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step, history = state["step"], state["history"]
+    objective = DraftObjective(model, adapter, s.decay)
+    if world > 1:
+        objective = ray.train.torch.prepare_model(objective)
+    gen = torch.Generator().manual_seed(s.seed * 1000 + rank + start_step)
+    batches = batches_from(len(train), s, rank, world, start_step)
+    bar = tqdm(total=s.steps, initial=start_step, desc="train-drafter", disable=rank != 0, mininterval=5)
+    started = time.time() - (history[-1]["wall_s"] if history else 0.0)
+    for step in range(start_step, s.steps):
+        epoch, rows = next(batches)
+        block = s.block_lengths[int(torch.randint(len(s.block_lengths), (1,), generator=gen))]
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, s)
+        loss, accepted = objective(train[rows].long(), draw_cut(s, block, gen), block)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(adapter.parameters(), s.grad_clip)
+        optimizer.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", accepted=f"{accepted.float().mean():.2f}")
+        done = step + 1
+        metrics = {"step": done, "epoch": epoch, "loss": loss.item(), "lr": learning_rate(step, s)}
+        if rank == 0 and (done % s.eval_every == 0 or done == s.steps):
+            metrics.update(evaluate(objective if world == 1 else objective.module, heldout, s))
+            metrics["wall_s"] = time.time() - started
+            history.append(metrics)
+            with open(s.run_dir / "history.jsonl", "a") as log:
+                log.write(json.dumps(metrics) + "\n")
+        if done % s.checkpoint_every == 0 or done == s.steps:
+            save_checkpoint(adapter, optimizer, done, history, metrics, s.run_dir, rank)
+    bar.close()
+    if rank == 0:
+        adapter.save(Path(s.output), base_model=str(s.model))
+
+
+# ----- driver ---------------------------------------------------------------------------------
+def run(settings: DrafterSettings) -> Path:
+    """Prepare data, train on Ray Train, return the adapter folder."""
+    from cluster.local import ensure_ray
+
+    ensure_ray()
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    settings.output = str(Path(settings.output).resolve())
+    settings.model = str(Path(settings.model).resolve())
+    run_dir = settings.run_dir.resolve()
+    settings.workdir = str(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = run_dir / "settings.json"
+    if settings.resume and saved.is_file():
+        previous = json.loads(saved.read_text())
+        previous.update(steps=settings.steps, resume=True)
+        settings = DrafterSettings(**previous)
+    saved.write_text(json.dumps(asdict(settings), indent=2) + "\n")
+    data = prepare_data(settings)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"settings": asdict(settings), "data": str(data)},
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": settings.cpus_per_worker}),
+        run_config=RunConfig(storage_path=str(run_dir / "ray"), name="run"),
+    )
+    trainer.fit()
+    return Path(settings.output)

@@ -1,0 +1,58 @@
+"""The drafter's training graph is the serving draft: same visibility, same adapter rows, same logits."""
+
+from __future__ import annotations
+
+import torch
+
+from models.batch import pack
+from models.draft_training import DraftAdapter, accepted_length, draft_logits, draft_loss, draft_mask
+from models.engine import KVCacheManager
+from models.segments import bidirectional_segment, causal_segment
+from tests.conftest import random_model
+
+
+def test_draft_mask_is_a_causal_prefix_then_a_bidirectional_block():
+    mask = draft_mask(cut=3, block=2)
+    assert mask[:3, :3].equal(torch.tril(torch.ones(3, 3, dtype=torch.bool)))
+    assert not mask[:3, 3:].any()  # the prefix never sees the block
+    assert mask[3:].all()  # the block sees the prefix and all of itself
+
+
+def test_training_draft_logits_equal_the_serving_draft():
+    model = random_model(seed=5)
+    adapter = DraftAdapter(model, rank=4, alpha=8.0, seed=1)
+    with torch.no_grad():
+        for b in adapter.b:
+            b.normal_(0.0, 0.5)  # a trained-looking adapter, so it changes the drafts
+    adapter.attach(model)
+    seq = torch.randint(4, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(2))
+    cut, block = 11, 6
+    with torch.no_grad():
+        trained = draft_logits(model, seq, cut, block)[0]
+    kv = KVCacheManager(8, 8, max_seqs=1, prefix_caching=False)
+    kv.add(0)
+    kv.reserve(0, cut + block)
+    cache = model.new_cache(8, 8)
+    model(pack([(0, causal_segment(seq[0, :cut].tolist(), 0, write=True))], kv), cache)  # the prefill
+    kv.set_length(0, cut)
+    draft = bidirectional_segment([int(seq[0, cut])] + [model.config.mask_token_id] * (block - 1), cut, adapter=True)
+    served = model(pack([(0, draft)], kv), cache)[1:]
+    torch.testing.assert_close(trained, served, rtol=1e-4, atol=1e-4)
+    assert trained.argmax(-1).equal(served.argmax(-1))
+
+
+def test_loss_trains_the_adapter_only_and_counts_accepted_prefixes():
+    model = random_model(seed=6)
+    adapter = DraftAdapter(model, rank=2, alpha=2.0)
+    adapter.attach(model)
+    seq = torch.randint(4, model.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(3))
+    loss, accepted = draft_loss(model, seq, cut=5, block=8, decay=0.9)
+    loss.backward()
+    assert all(p.grad is None for p in model.parameters())  # the base model is frozen
+    assert adapter.b[0].grad is not None and adapter.b[0].grad.abs().sum() > 0
+    assert accepted.shape == (3,) and bool(((accepted >= 0) & (accepted <= 7)).all())
+    logits = torch.full((2, 4, 10), -5.0)
+    targets = torch.tensor([[1, 2, 3, 4], [1, 9, 3, 4]])
+    logits[0, torch.arange(4), targets[0]] = 5.0  # all four agree
+    logits[1, torch.arange(4), torch.tensor([1, 5, 3, 4])] = 5.0  # the second disagrees
+    assert accepted_length(logits, targets, mask_id=0).tolist() == [4, 1]
