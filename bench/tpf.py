@@ -5,7 +5,8 @@
 Default prompts: the fixture's public prompts. ``--heldout`` cuts prompts from held-out standard
 library modules (names starting with t-z), and also prints the AR loss in bits per byte over
 those modules and the distinct-4-gram ratio of each mode's output (a repetitive model makes TPF
-look good while meaning nothing).
+look good while meaning nothing). The speculative modes also report their mean accepted length
+(tokens emitted per verified draft, the bonus token included); ``--branches`` sets quadratic's.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ def main() -> None:
     parser.add_argument("--prompt-length", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--block-length", type=int, default=None)
+    parser.add_argument("--branches", type=int, default=None, help="quadratic_spec: acceptance lengths drafted ahead")
     parser.add_argument("--bpb-bytes", type=int, default=200_000, help="held-out bytes scored for bits/byte")
     parser.add_argument("--modes", nargs="+", default=None, help="only these modes (ar always runs: the reference)")
     args = parser.parse_args()
@@ -101,7 +103,7 @@ def main() -> None:
     else:
         prompts = fixture_prompts()
     print(f"model {args.model}: {len(prompts)} prompts, max_new_tokens {args.max_new_tokens}")
-    header = f"{'mode':<24}{'TPF':>7}{'tok/s':>9}{'agree w/ AR':>13}{'distinct-4':>12}"
+    header = f"{'mode':<24}{'TPF':>7}{'tok/s':>9}{'agree w/ AR':>13}{'distinct-4':>12}{'accepted':>10}"
     print(header)
     print("-" * len(header))
     ar_outputs: list[list[int]] = []
@@ -109,12 +111,14 @@ def main() -> None:
     for mode, extra in configs:
         tokens = nfe = 0
         elapsed = agree = compared = 0.0
-        d4 = []
+        d4, accepted = [], []
+        knobs = {**extra, **({"branches": args.branches} if mode == "quadratic_spec" else {})}
         for i, prompt in enumerate(prompts):
             start = time.perf_counter()
             out = models.generate(
-                model, prompt, mode=mode, max_new_tokens=args.max_new_tokens, block_length=args.block_length, **extra
+                model, prompt, mode=mode, max_new_tokens=args.max_new_tokens, block_length=args.block_length, **knobs
             )
+            accepted += out.accepted_lengths
             elapsed += time.perf_counter() - start
             tokens += len(out.tokens)
             nfe += out.nfe
@@ -126,8 +130,10 @@ def main() -> None:
             agree += sum(a == b for a, b in zip(ref[:n], out.tokens[:n]))
             compared += max(len(ref), len(out.tokens))
         name = mode + (f" t={extra['threshold']}" if extra else "")
+        mean_accepted = f"{sum(accepted) / len(accepted):.2f}" if accepted else "-"
         print(
             f"{name:<24}{tokens / nfe:>7.2f}{tokens / elapsed:>9.1f}{agree / compared:>13.1%}{sum(d4) / len(d4):>12.2f}"
+            f"{mean_accepted:>10}"
         )
 
 

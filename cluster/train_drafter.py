@@ -201,7 +201,7 @@ def train_loop(config: dict) -> None:
             save_checkpoint(adapter, optimizer, done, history, metrics, s.run_dir, rank)
     bar.close()
     if rank == 0:
-        adapter.save(Path(s.output), base_model=str(s.model))
+        adapter.save(Path(s.output), base_model=Path(s.model).name)
 
 
 # ----- driver ---------------------------------------------------------------------------------

@@ -99,5 +99,15 @@ def test_busy_streams_send_fewer_larger_messages_a_lone_one_every_step():
     for i, (messages, tokens) in enumerate(asyncio.run(together())):
         assert tokens == models.generate(model, [1, 4 + i, 9], max_new_tokens=30).tokens
         assert messages < 15  # outputs of several steps merged into each message
+    # a lone stream is not held back: one message per step. Steps are slowed to 10 ms here so that the
+    # consumer always keeps up (one that lags gets the missed steps merged, whatever the interval)
+    engine_step = driver.engine.step
+
+    def slow_step():
+        outputs = engine_step()
+        time.sleep(0.01)
+        return outputs
+
+    driver.engine.step = slow_step
     messages, tokens = asyncio.run(one(7))
     assert messages == 30 and tokens == models.generate(model, [1, 11, 9], max_new_tokens=30).tokens
