@@ -4,7 +4,7 @@
 
 Cases, batch size 1, after ``--context`` cached tokens: an AR token; per block length L a draft
 block (bidirectional, L rows), a verify block (causal, L rows), a sparse quadratic cycle (the
-default 2 branches: L * 3 rows) and a dense one (every acceptance length: L * (L + 1) rows). Each
+default branch count: L * 2 rows) and a dense one (every acceptance length: L * (L + 1) rows). Each
 is reported in ms and relative to the AR token: on a compute-bound CPU a block costs many AR
 steps, on a bandwidth-bound GPU about one, which is why block length is chosen per device.
 
@@ -123,7 +123,7 @@ def main() -> int:
             (f"draft block ({block})", [bidirectional_segment([mask] * block, context)]),
             (f"verify block ({block})", [causal_segment([5] * block, context, write=True)]),
             (
-                f"quadratic cycle ({block}, {len(sparse)} branches)",
+                f"quadratic cycle ({block}, sparse)",
                 cycle_segments([5] * block, context, block, sparse, mask),
             ),
             (

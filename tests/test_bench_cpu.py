@@ -29,8 +29,8 @@ def test_forward_cost_table_on_cpu():
         "AR token",
         "draft block (4)",
         "verify block (4)",
-        "quadratic cycle (4, 2 branches)",
+        "quadratic cycle (4, sparse)",
         "quadratic cycle (4, dense)",
     ]
-    assert [int(row.split("|")[2]) for row in rows] == [1, 4, 4, 4 + 2 * 4, 4 + 4 * 4]
+    assert [int(row.split("|")[2]) for row in rows] == [1, 4, 4, 4 + 1 * 4, 4 + 4 * 4]
     assert all(float(row.split("|")[3]) > 0 for row in rows)

@@ -75,10 +75,10 @@ def sample_counts(model, mode: str, branches: int | None = None) -> tuple[list[t
     return counts, accepted_a_draft
 
 
-# quadratic: one branch (many cycles without a draft), the default, and every acceptance length
+# quadratic: the default (one branch: many cycles without a draft), two, and every acceptance length
 @pytest.mark.parametrize(
     ("mode", "branches"),
-    [("ar", None), ("linear_spec", None), ("quadratic_spec", 1), ("quadratic_spec", None), ("quadratic_spec", 4)],
+    [("ar", None), ("linear_spec", None), ("quadratic_spec", None), ("quadratic_spec", 2), ("quadratic_spec", 4)],
 )
 def test_first_three_tokens_follow_ar_distribution(small_vocab_model, exact, mode, branches):
     counts, accepted_a_draft = sample_counts(small_vocab_model, mode, branches)

@@ -28,10 +28,10 @@ def test_high_concurrency_favours_ar():
 
 
 def test_decision_flips_where_the_cost_model_says():
-    # with n requests in flight, quadratic (24 tokens per forward at L=8 with 2 branches, TPF 2.5)
-    # beats AR while (f + p n 24) / 2.5 < f + p n, i.e. n < 1.5 f / (p (24 - 2.5))
+    # with n requests in flight, quadratic (16 tokens per forward at L=8 with 1 branch, TPF 2.5)
+    # beats AR while (f + p n 16) / 2.5 < f + p n, i.e. n < 1.5 f / (p (16 - 2.5))
     f, p = 0.02, 1e-4
-    flip = 1.5 * f / (p * (24 - 2.5))  # about 14 requests
+    flip = 1.5 * f / (p * (16 - 2.5))  # about 22 requests
     modes = ("ar", "quadratic_spec")
     below = choose(TierTarget(), [cand(running=math.floor(flip) - 1, modes=modes)], 10)
     above = choose(TierTarget(), [cand(running=math.ceil(flip), modes=modes)], 10)

@@ -29,7 +29,7 @@ import torch
 from models.modes.base import DecodeState, Draft, Plan, Verify
 from models.segments import Segment, bidirectional_segment, causal_segment
 
-DEFAULT_BRANCHES = 2
+DEFAULT_BRANCHES = 1  # on a CPU a second branch costs more than the cycles it saves (bench/RESULTS.md)
 
 
 def cycle_segments(verify: list[int], start: int, length: int, branches: list[int], mask_id: int) -> list[Segment]:
