@@ -299,32 +299,42 @@ def export(model: TriModeModel, s: TrainSettings) -> Path:
 
 
 # ----- driver ---------------------------------------------------------------------------------
+def settings_of_run(settings, folder: Path):
+    """The settings a run in ``folder`` goes on with: on ``resume`` the saved ones (only the step
+    count taken from ``settings``), else ``settings``; either way saved there for the next resume."""
+    saved = folder / "settings.json"
+    if settings.resume and saved.is_file():
+        previous = json.loads(saved.read_text())
+        previous.update(steps=settings.steps, resume=True)
+        settings = type(settings)(**previous)
+    saved.write_text(json.dumps(asdict(settings), indent=2) + "\n")
+    return settings
+
+
+def fit(loop, settings, data: Path, folder: Path, num_workers: int = 1, use_gpu: bool = False) -> None:
+    """Run ``loop`` on Ray Train workers (``settings.cpus_per_worker`` CPUs each) with the settings and
+    the prepared data's path; Ray keeps its own run state under ``folder/ray``. Ray must be up."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    TorchTrainer(
+        loop,
+        train_loop_config={"settings": asdict(settings), "data": str(data)},
+        scaling_config=ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": settings.cpus_per_worker}
+        ),
+        run_config=RunConfig(storage_path=str(folder / "ray"), name="run"),
+    ).fit()
+
+
 def run(settings: TrainSettings) -> Path:
     """Prepare data, train on Ray Train, return the exported model folder."""
     from cluster.local import ensure_ray
 
     ensure_ray()
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     out = Path(settings.output).resolve()
     settings.output = str(out)
     out.mkdir(parents=True, exist_ok=True)
-    saved = out / "settings.json"
-    if settings.resume and saved.is_file():
-        previous = json.loads(saved.read_text())
-        previous.update(steps=settings.steps, resume=True)
-        settings = TrainSettings(**previous)
-    saved.write_text(json.dumps(asdict(settings), indent=2) + "\n")
-    data = prepare_data(settings)
-    resources = {"CPU": settings.cpus_per_worker}
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"settings": asdict(settings), "data": str(data)},
-        scaling_config=ScalingConfig(
-            num_workers=settings.num_workers, use_gpu=settings.use_gpu, resources_per_worker=resources
-        ),
-        run_config=RunConfig(storage_path=str(out / "ray"), name="run"),
-    )
-    trainer.fit()
+    settings = settings_of_run(settings, out)
+    fit(train_loop, settings, prepare_data(settings), out, settings.num_workers, settings.use_gpu)
     return out / "model"

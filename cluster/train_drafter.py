@@ -3,9 +3,9 @@
 The driver builds the data once: prefixes cut from the training corpus (the same split as
 ``triserve train``: modules t-z held out), continued greedily by the base model through the serving
 engine (batched, so thousands of continuations take minutes), saved under ``workdir/data``.
-Workers train only the adapter (the base model is frozen), evaluate the greedy accepted length on
-held-out continuations, checkpoint to ``workdir`` (resumable: adapter, optimizer, step) and write
-the adapter in PEFT's layout to ``output``, the folder ``models.load_model`` reads as
+One Ray Train worker trains only the adapter (the base model is frozen), evaluates the greedy
+accepted length on held-out continuations, checkpoints to ``workdir`` (resumable: adapter,
+optimizer, step) and writes the adapter in PEFT's layout to ``output``, the folder ``models.load_model`` reads as
 ``MODEL/linear_spec_lora``; ``output`` holds nothing else.
 """
 
@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from cluster.train import batches_from, learning_rate, resume_state, save_checkpoint
+from cluster.train import batches_from, fit, learning_rate, resume_state, save_checkpoint, settings_of_run
 from models.draft_training import DraftAdapter, draft_loss
 from models.model import TriModeModel
 
@@ -121,7 +121,7 @@ def prepare_data(s: DrafterSettings) -> Path:
 
 # ----- worker side ----------------------------------------------------------------------------
 class DraftObjective(nn.Module):
-    """The frozen model with the adapter attached, the draft loss in ``forward`` (one DDP forward)."""
+    """The frozen model with the adapter attached and the draft loss as its ``forward``."""
 
     def __init__(self, model: TriModeModel, adapter: DraftAdapter, decay: float) -> None:
         super().__init__()
@@ -150,7 +150,6 @@ def evaluate(objective: DraftObjective, heldout: torch.Tensor, s: DrafterSetting
 
 def train_loop(config: dict) -> None:
     import ray.train
-    import ray.train.torch
     from tqdm import tqdm
 
     import models
@@ -171,8 +170,6 @@ def train_loop(config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         start_step, history = state["step"], state["history"]
     objective = DraftObjective(model, adapter, s.decay)
-    if world > 1:
-        objective = ray.train.torch.prepare_model(objective)
     gen = torch.Generator().manual_seed(s.seed * 1000 + rank + start_step)
     batches = batches_from(len(train), s, rank, world, start_step)
     bar = tqdm(total=s.steps, initial=start_step, desc="train-drafter", disable=rank != 0, mininterval=5)
@@ -192,7 +189,7 @@ def train_loop(config: dict) -> None:
         done = step + 1
         metrics = {"step": done, "epoch": epoch, "loss": loss.item(), "lr": learning_rate(step, s)}
         if rank == 0 and (done % s.eval_every == 0 or done == s.steps):
-            metrics.update(evaluate(objective if world == 1 else objective.module, heldout, s))
+            metrics.update(evaluate(objective, heldout, s))
             metrics["wall_s"] = time.time() - started
             history.append(metrics)
             with open(s.run_dir / "history.jsonl", "a") as log:
@@ -210,26 +207,11 @@ def run(settings: DrafterSettings) -> Path:
     from cluster.local import ensure_ray
 
     ensure_ray()
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     settings.output = str(Path(settings.output).resolve())
     settings.model = str(Path(settings.model).resolve())
     run_dir = settings.run_dir.resolve()
     settings.workdir = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    saved = run_dir / "settings.json"
-    if settings.resume and saved.is_file():
-        previous = json.loads(saved.read_text())
-        previous.update(steps=settings.steps, resume=True)
-        settings = DrafterSettings(**previous)
-    saved.write_text(json.dumps(asdict(settings), indent=2) + "\n")
-    data = prepare_data(settings)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"settings": asdict(settings), "data": str(data)},
-        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": settings.cpus_per_worker}),
-        run_config=RunConfig(storage_path=str(run_dir / "ray"), name="run"),
-    )
-    trainer.fit()
+    settings = settings_of_run(settings, run_dir)
+    fit(train_loop, settings, prepare_data(settings), run_dir)
     return Path(settings.output)
