@@ -45,11 +45,14 @@ NO_CACHE = "-no-prefix-cache"
 
 
 async def one(client: httpx.AsyncClient, url: str, body: dict, key: str | None) -> dict:
+    """One streamed completion: time to first token, end to end, tokens, text, and the option that
+    served it (the x-triserve-mode and -block-length headers)."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     start = time.perf_counter()
     first, tokens, parts = None, 0, []
     async with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as resp:
         resp.raise_for_status()
+        mode, block = resp.headers.get("x-triserve-mode"), resp.headers.get("x-triserve-block-length")
         async for line in resp.aiter_lines():
             if not line.startswith("data: {"):
                 continue
@@ -59,7 +62,14 @@ async def one(client: httpx.AsyncClient, url: str, body: dict, key: str | None) 
                 parts.append(chunk["choices"][0]["text"])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-    return {"ttft": first or 0.0, "e2e": time.perf_counter() - start, "tokens": tokens, "text": "".join(parts)}
+    option = mode if block is None else f"{mode}@{block}"
+    return {
+        "ttft": first or 0.0,
+        "e2e": time.perf_counter() - start,
+        "tokens": tokens,
+        "text": "".join(parts),
+        "option": option,
+    }
 
 
 def request_body(model: str, workload: str, i: int, max_tokens: int, block: int) -> tuple[tuple, dict]:
@@ -145,18 +155,30 @@ def prefix_table(url: str, model: str, args, key: str | None) -> None:
 
 
 def start_app(config_path: str | None, replicas: int, folder: Path) -> tuple[str, str, subprocess.Popen]:
-    """``triserve serve`` in its own process (the load comes from this one, as a client's would) on
-    a free loopback port: the config's first model on ``replicas`` replicas, plus a no-prefix-cache
-    copy of it. Its output goes to ``folder``/serve.log."""
+    """The config's first model on ``replicas`` replicas, plus a no-prefix-cache copy of it, served by
+    ``launch``."""
+    raw = app_config(config_path)
+    first = raw["models"][0]
+    first["autoscaling"] = {**first.get("autoscaling", {}), "min_replicas": replicas, "max_replicas": replicas}
+    raw["models"].insert(1, {**first, "name": first["name"] + NO_CACHE, "prefix_caching": False})
+    url, server = launch(raw, folder)
+    return url, first["name"], server
+
+
+def app_config(config_path: str | None) -> dict:
+    """An app YAML (default: the default app) as a mapping, model paths made absolute."""
     from deployments.config import DEFAULT_CONFIG
 
     source = Path(config_path) if config_path else DEFAULT_CONFIG
     raw = yaml.safe_load(source.read_text())
     for entry in raw["models"]:
         entry["path"] = str((source.parent / entry["path"]).resolve())
-    first = raw["models"][0]
-    first["autoscaling"] = {**first.get("autoscaling", {}), "min_replicas": replicas, "max_replicas": replicas}
-    raw["models"].insert(1, {**first, "name": first["name"] + NO_CACHE, "prefix_caching": False})
+    return raw
+
+
+def launch(raw: dict, folder: Path) -> tuple[str, subprocess.Popen]:
+    """``triserve serve`` of the app config ``raw`` in its own process (the load comes from this one,
+    as a client's would) on a free loopback port; its output goes to ``folder``/serve.log."""
     config = folder / "app.yaml"
     config.write_text(yaml.safe_dump(raw))
     with socket.socket() as s:
@@ -172,12 +194,20 @@ def start_app(config_path: str | None, replicas: int, folder: Path) -> tuple[str
     while time.time() < deadline and server.poll() is None:
         try:
             if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return url, first["name"], server
+                return url, server
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
     server.kill()
     raise SystemExit(f"the app did not come up; see {folder / 'serve.log'}")
+
+
+def stop(server: subprocess.Popen) -> None:
+    server.send_signal(signal.SIGINT)  # triserve serve shuts Serve and Ray down on SIGINT
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        server.kill()
 
 
 def main() -> None:
@@ -205,11 +235,7 @@ def main() -> None:
         try:
             measure(url, args.model or model, args, key, prefix=True)
         finally:
-            server.send_signal(signal.SIGINT)  # triserve serve shuts Serve and Ray down on SIGINT
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop(server)
 
 
 def measure(url: str, model: str, args, key: str | None, prefix: bool) -> None:

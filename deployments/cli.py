@@ -89,6 +89,57 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    import models
+    from models.calibration import calibrate, device_key, save_calibration
+
+    torch.set_num_threads(args.threads)
+    model = models.load_model(args.model, dtype=args.dtype, device=args.device)
+    if model.tokenizer is None:
+        print(f"error: {args.model} has no tokenizer files", file=sys.stderr)
+        return 2
+    key = device_key(model.device, args.threads, model.dtype)
+    blocks = tuple(int(b) for b in args.blocks.split(","))
+    print(f"calibrating {args.model} on {key}")
+    print(f"{'option':<20} {'TPF':>6} {'step ms':>8} {'+ms/request':>12} {'lone tok/s':>11}")
+
+    def show(option, stats):
+        print(
+            f"{option:<20} {stats.tpf:>6.2f} {stats.step_s * 1e3:>8.2f} {stats.per_request_s * 1e3:>12.3f} "
+            f"{stats.tpf / stats.step_s:>11.1f}",
+            flush=True,
+        )
+
+    options = calibrate(
+        model, blocks=blocks, prompts=args.prompts, max_new_tokens=args.max_new_tokens, batch=args.batch, progress=show
+    )
+    meta = {"prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "batch": args.batch}
+    print(f"written to {save_calibration(args.model, key, options, **meta)}")
+    return 0
+
+
+def _add_calibrate_parser(sub) -> None:
+    from models.calibration import DEFAULT_BLOCKS, PROMPTS
+
+    cal = sub.add_parser(
+        "calibrate",
+        help="measure each mode's step cost and tokens per forward on this device for the router",
+        description="Writes MODEL/triserve_calibration.json (one entry per device, threads and dtype); "
+        "replicas running the model with the same device, threads and dtype load it as the router's priors.",
+    )
+    cal.add_argument("--model", required=True, help="checkpoint folder (official Hugging Face layout)")
+    cal.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
+    cal.add_argument("--threads", type=int, default=1, help="CPU threads, as the replica uses (default: 1)")
+    cal.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16, as the replica uses")
+    cal.add_argument("--blocks", default=",".join(map(str, DEFAULT_BLOCKS)), help="block lengths to measure")
+    cal.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"built-in prompts to use (1-{len(PROMPTS)})")
+    cal.add_argument("--max-new-tokens", type=int, default=64)
+    cal.add_argument("--batch", type=int, default=8, help="requests decoded at once for the per-request cost")
+    cal.set_defaults(func=_calibrate)
+
+
 def _train(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
@@ -194,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1 keeps it local)")
     srv.set_defaults(func=_serve)
 
+    _add_calibrate_parser(sub)
     _add_train_parsers(sub)
     _add_train_vlm_parser(sub)
     return parser

@@ -76,6 +76,7 @@ class AppConfig:
     ingress_num_cpus: float = 0.25
     ingress_replicas: int = 1
     images: ImageLimits = field(default_factory=ImageLimits)  # limits on image inputs (VLMs)
+    explore: float = 0.05  # share of mode "auto" requests the router sends to another option to measure it
 
     @property
     def api_key(self) -> str | None:
@@ -117,6 +118,12 @@ def parse_config(raw: dict[str, Any], base: Path | None = None) -> AppConfig:
     for name in ("interactive", "standard", "batch"):
         tiers.setdefault(name, TierTarget())
     ingress = raw.get("ingress") or {}
+    router = dict(raw.get("router") or {})
+    if set(router) - {"explore"}:
+        raise ValueError(f"unknown router fields: {', '.join(sorted(set(router) - {'explore'}))}")
+    explore = float(router.get("explore", 0.05))
+    if not 0.0 <= explore <= 1.0:
+        raise ValueError("router.explore must be between 0 and 1")
     images = dict(raw.get("images") or {})
     unknown = set(images) - set(ImageLimits.__dataclass_fields__)
     if unknown:
@@ -128,6 +135,7 @@ def parse_config(raw: dict[str, Any], base: Path | None = None) -> AppConfig:
         ingress_num_cpus=float(ingress.get("num_cpus", 0.25)),
         ingress_replicas=int(ingress.get("num_replicas", 1)),
         images=ImageLimits(**images),
+        explore=explore,
     )
 
 

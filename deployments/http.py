@@ -46,6 +46,8 @@ async def _parse(service: OpenAIService, request: Request, model_cls):
 def _headers(service: OpenAIService, prep: Prepared, out: dict[str, Any] | None = None) -> dict[str, str]:
     info = service.info(prep, out)
     headers = {"x-triserve-model": info["model"], "x-triserve-mode": info["mode"], "x-triserve-tier": info["tier"]}
+    if info["block_length"] is not None:
+        headers["x-triserve-block-length"] = str(info["block_length"])
     if out is not None:
         headers.update({"x-triserve-nfe": str(info["nfe"]), "x-triserve-tpf": str(info["tpf"])})
     return headers

@@ -81,6 +81,7 @@ def build_app(config: AppConfig):
         },
         "api_key_env": config.api_key_env,
         "images": asdict(config.images),
+        "router": {"explore": config.explore},
     }
     options: dict[str, Any] = {"num_cpus": config.ingress_num_cpus}
     key_env = config.api_key_env

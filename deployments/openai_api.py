@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
+import weakref
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -25,9 +28,10 @@ from deployments.protocol import (
     new_id,
     triserve_info,
 )
-from deployments.router import Candidate, Decision, ReplicaStats, choose
+from deployments.router import ROUTABLE_MODES, Candidate, Decision, ReplicaStats, best, evaluate, explore
 from models.config import ModelConfig
 from models.data import CHAT_TEMPLATE
+from models.engine.costs import OptionStats, option_key, split_option
 from models.engine.detokenizer import IncrementalDetokenizer
 from models.modes import DecodeParams, kv_tokens_needed
 from models.vlm import VLMConfig
@@ -73,11 +77,21 @@ class Prepared:
 
 
 class OpenAIService:
-    def __init__(self, config: AppConfig, models: dict[str, ServedModel], on_decision: Callable | None = None) -> None:
+    def __init__(
+        self,
+        config: AppConfig,
+        models: dict[str, ServedModel],
+        on_decision: Callable | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
         self.config = config
         self.models = models
         self.on_decision = on_decision
+        self.rng = rng or random.Random()  # exploration draws
         self._stats: dict[str, tuple[float, dict[str, Any]]] = {}
+        # requests this ingress has prepared and not yet finished, per model: replicas report theirs
+        # every half second, too late for a burst whose requests arrive together
+        self.in_flight: Counter[str] = Counter()
 
     # ----- auth and listing ------------------------------------------------------------------
     def check_auth(self, authorization: str | None) -> None:
@@ -116,22 +130,35 @@ class OpenAIService:
         self._stats[name] = (time.monotonic(), stats)
         return stats
 
-    def _candidate(self, model: ServedModel, stats: dict[str, Any], block_length: int, modes) -> Candidate:
-        step = stats.get("step_time_ema") or {}
+    def _candidate(self, model: ServedModel, stats: dict[str, Any], mode: str, block: int | None) -> Candidate:
+        """The model as the router sees it: per-replica load, and the options this request may take
+        (``mode`` "auto": every routable mode; no ``block``: the block lengths the model has figures
+        for, or else the checkpoint's own)."""
+        options = {key: OptionStats(**values) for key, values in (stats.get("options") or {}).items()}
         fixed = stats.get("fixed_step_s")
         per_token = stats.get("per_token_s")
-        if fixed is None:  # no fit yet: assume the model's whole step is the weight read
-            fixed = min(step.values()) if step else 0.01 * model.size / 1e9 + 0.005
-            per_token = 0.0
+        if fixed is None:  # no live fit yet: AR's calibrated step (one query token), or a guess from the size
+            ar = options.get("ar") or OptionStats()
+            if ar.step_s is not None:
+                fixed, per_token = ar.step_s, ar.per_request_s
+            else:
+                fixed, per_token = 0.01 * model.size / 1e9 + 0.005, 0.0
+        replicas = max(stats.get("replicas", 1), 1)
+        waiting = stats.get("waiting", 0)
+        running = max(stats.get("running", 0), self.in_flight[model.spec.name] - waiting)
         replica = ReplicaStats(
             fixed_step_s=fixed,
             per_token_s=per_token or 0.0,
-            waiting=stats.get("waiting", 0),
-            running=stats.get("running", 0),
-            tpf=stats.get("tpf_ema") or {},
+            waiting=waiting / replicas,
+            running=running / replicas,
+            options=options,
             prefill_chunk=model.spec.prefill_chunk,
         )
-        return Candidate(model.spec.name, model.size, replica, block_length, modes)
+        modes = ROUTABLE_MODES if mode == "auto" else (mode,)
+        calibrated = sorted({b for k in options if (b := split_option(k)[1])})
+        blocks = (block,) if block else calibrated or (model.config.block_size,)
+        keys = tuple(dict.fromkeys(option_key(m, b) for m in modes for b in blocks))
+        return Candidate(model.spec.name, model.size, replica, keys)
 
     async def _route(
         self, req: CommonRequest, prompt_len: int, images: bool = False
@@ -143,13 +170,15 @@ class OpenAIService:
             return self.models[req.model], mode, None
         names = list(self.models) if req.model == "auto" else [req.model]
         names = [n for n in names if self.models[n].vision or not images]  # images go to VLMs only
-        modes = ("ar", "linear_spec", "quadratic_spec", "diffusion") if mode == "auto" else (mode,)
-        candidates = []
-        for name in names:
-            model = self.models[name]
-            block = (req.decoding.block_length if req.decoding else None) or model.config.block_size
-            candidates.append(self._candidate(model, await self._stats_of(name), block, modes))
-        decision = choose(self.config.tiers[req.tier], candidates, prompt_len)
+        block = req.decoding.block_length if req.decoding else None
+        stats = {name: await self._stats_of(name) for name in names}
+        candidates = [self._candidate(self.models[name], stats[name], mode, block) for name in names]
+        target = self.config.tiers[req.tier]
+        options = evaluate(target, candidates, prompt_len)
+        decision = best(options)
+        if mode == "auto":
+            samples = {k: v.get("samples", 0) for k, v in (stats[decision.model].get("options") or {}).items()}
+            decision = explore(decision, options, samples, self.config.explore, self.rng)
         if self.on_decision:
             self.on_decision(req.tier, decision)
         return self.models[decision.model], decision.mode, decision
@@ -267,7 +296,7 @@ class OpenAIService:
         params = DecodeParams(
             mode=mode,
             max_new_tokens=max(limit, 1),  # 0 (echo-only scoring) never reaches the engine
-            block_length=dec.block_length if dec else None,
+            block_length=(dec.block_length if dec else None) or (decision.block_length if decision else None),
             threshold=dec.threshold if dec and dec.threshold is not None else 0.9,
             max_steps=dec.max_steps if dec else None,
             branches=dec.branches if dec else None,
@@ -295,7 +324,13 @@ class OpenAIService:
                 code="overloaded",
                 headers={"Retry-After": "1"},
             )
-        return Prepared(model, prompt, params, req.tier, req.stop_list, decision, images)
+        prep = Prepared(model, prompt, params, req.tier, req.stop_list, decision, images)
+        self.in_flight[model.spec.name] += 1  # until the request is done with (its Prepared is freed)
+        weakref.finalize(prep, self._release, model.spec.name)
+        return prep
+
+    def _release(self, name: str) -> None:
+        self.in_flight[name] -= 1
 
     # ----- running --------------------------------------------------------------------------------
     async def run(self, prep: Prepared) -> AsyncIterator[tuple[str, dict[str, Any]]]:
@@ -360,7 +395,9 @@ class OpenAIService:
     def info(self, prep: Prepared, out: dict[str, Any] | None) -> dict[str, Any]:
         nfe = out["nfe"] if out else 0
         tokens = out["tokens"] if out else 0
-        return triserve_info(prep.model.spec.name, prep.params.mode, prep.tier, nfe, tokens)
+        block = None if prep.params.mode == "ar" else prep.params.block_length or prep.model.config.block_size
+        explored = bool(prep.decision and prep.decision.explored)
+        return triserve_info(prep.model.spec.name, prep.params.mode, block, explored, prep.tier, nfe, tokens)
 
 
 def _check_placeholders(model: ServedModel, ids: list[int], expected: int, param: str) -> None:

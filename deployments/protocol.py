@@ -137,5 +137,16 @@ def now() -> int:
     return int(time.time())
 
 
-def triserve_info(model: str, mode: str, tier: str, nfe: int, tokens: int) -> dict[str, Any]:
-    return {"model": model, "mode": mode, "tier": tier, "nfe": nfe, "tpf": round(tokens / nfe, 4) if nfe else 0.0}
+def triserve_info(
+    model: str, mode: str, block_length: int | None, explored: bool, tier: str, nfe: int, tokens: int
+) -> dict[str, Any]:
+    """What served a request: ``explored`` marks a router choice made to refresh that option's figures."""
+    return {
+        "model": model,
+        "mode": mode,
+        "block_length": block_length,
+        "explored": explored,
+        "tier": tier,
+        "nfe": nfe,
+        "tpf": round(tokens / nfe, 4) if nfe else 0.0,
+    }

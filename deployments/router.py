@@ -1,25 +1,30 @@
-"""Latency-tier routing: pick the model size and decoding mode for a request (ARCHITECTURE.md §5).
+"""Latency-tier routing: pick the model size, decoding mode and block length for a request
+(ARCHITECTURE.md §5).
 
-A pure function over live replica statistics, so it can be unit-tested on synthetic numbers.
-The cost model: one engine step costs ``fixed + per_token * tokens_in_step`` seconds (weights are
-read once per step; every query token adds compute). A request in mode m puts ``q_m`` query
-tokens into each forward and emits ``tpf_m`` tokens per forward. The prediction assumes the batch
-the request joins runs in the mode being considered (the router makes the same choice for the
-requests around it), so with n requests in flight the time per output token is
-``(fixed + per_token * n * q_m) / tpf_m``. At low load the fixed cost dominates and the mode with
-the highest TPF wins (self-speculation); at high concurrency the per-token cost dominates and a
-mode that puts L or L(b+1) tokens into every forward (quadratic with b branches) loses to AR.
+Pure functions over replica statistics, so they can be unit-tested on synthetic numbers. The cost
+model, per *option* (a mode at a block length, models/engine/costs.py): a step carrying one request
+of the option costs ``step_s``, each further request in flight adds ``per_request_s``, and the
+option emits ``tpf`` tokens per forward. ``triserve calibrate`` measures the three on the device
+and live traffic refreshes them; an option without figures falls back on the replica's live fit of
+step time = ``fixed + per_token * query tokens`` (a request in mode m puts ``q_m`` query tokens in
+each forward) and a TPF of 1. The prediction assumes the batch the request joins runs in the
+option being considered (the router makes the same choice for the requests around it), so with n
+requests in flight the time per output token is ``(step_s + per_request_s * n) / tpf``. At low
+load the lone step and the TPF decide (self-speculation wins where its drafts are accepted); at
+high concurrency ``per_request_s`` dominates and an option that puts L or L(b+1) query tokens into
+every forward (quadratic with b branches) loses to AR.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import random
+from dataclasses import dataclass, field, replace
 
+from models.engine.costs import OptionStats, split_option
 from models.modes.quadratic_spec import DEFAULT_BRANCHES
 
 ROUTABLE_MODES = ("ar", "linear_spec", "quadratic_spec", "diffusion")
-DEFAULT_TPF = {"ar": 1.0, "linear_spec": 1.0, "quadratic_spec": 1.0, "diffusion": 1.0}
 
 
 @dataclass(frozen=True)
@@ -32,13 +37,13 @@ class TierTarget:
 
 @dataclass
 class ReplicaStats:
-    """What a model's replicas report (averaged over replicas by the caller)."""
+    """What one replica of a model looks like (the aggregate over its replicas, per replica)."""
 
     fixed_step_s: float  # cost of a step that carries no tokens (weight reads, launch overhead)
     per_token_s: float  # added cost per query token in a step
     waiting: int = 0  # requests queued for admission
     running: int = 0
-    tpf: dict[str, float] = field(default_factory=dict)  # measured tokens per forward per mode
+    options: dict[str, OptionStats] = field(default_factory=dict)  # calibrated and live, per option
     prefill_chunk: int = 256
 
 
@@ -47,17 +52,25 @@ class Candidate:
     model: str
     size: float  # parameters: bigger is preferred when it meets the targets
     stats: ReplicaStats
-    block_length: int = 32
-    modes: tuple[str, ...] = ROUTABLE_MODES
+    options: tuple[str, ...]  # the options the request may be decoded in (option keys)
 
 
 @dataclass(frozen=True)
 class Decision:
     model: str
-    mode: str
+    option: str
     ttft: float
     tpot: float
     meets_targets: bool
+    explored: bool = False  # chosen to refresh its figures, not because it is predicted best
+
+    @property
+    def mode(self) -> str:
+        return split_option(self.option)[0]
+
+    @property
+    def block_length(self) -> int | None:
+        return split_option(self.option)[1]
 
 
 def query_tokens(mode: str, block_length: int) -> float:
@@ -69,15 +82,16 @@ def query_tokens(mode: str, block_length: int) -> float:
     return float(block_length)  # diffusion steps, drafts and verifies are all one block
 
 
-def predict(candidate: Candidate, mode: str, prompt_tokens: int) -> tuple[float, float]:
-    """(time to first token, time per output token) for one more request in ``mode``."""
+def predict(candidate: Candidate, option: str, prompt_tokens: int) -> tuple[float, float]:
+    """(time to first token, time per output token) for one more request in ``option``."""
     s = candidate.stats
-    q = query_tokens(mode, candidate.block_length)
-
-    in_flight = s.running + 1
-    decode_step = s.fixed_step_s + s.per_token_s * in_flight * q
-    tpf = s.tpf.get(mode) or DEFAULT_TPF[mode]
-    tpot = decode_step / tpf
+    mode, block = split_option(option)
+    figures = s.options.get(option) or OptionStats()
+    q = query_tokens(mode, block or 1)
+    lone = figures.step_s if figures.step_s is not None else s.fixed_step_s + s.per_token_s * q
+    per_request = figures.per_request_s if figures.per_request_s is not None else s.per_token_s * q
+    decode_step = lone + per_request * s.running
+    tpot = decode_step / (figures.tpf or 1.0)
     chunks = max(1, math.ceil(prompt_tokens / s.prefill_chunk))
     prefill_step = decode_step + s.per_token_s * min(prompt_tokens, s.prefill_chunk)
     queue = s.waiting * decode_step * 2  # each request queued ahead needs a few steps to be admitted
@@ -85,19 +99,50 @@ def predict(candidate: Candidate, mode: str, prompt_tokens: int) -> tuple[float,
     return ttft, tpot
 
 
-def choose(target: TierTarget, candidates: list[Candidate], prompt_tokens: int) -> Decision:
-    """The largest model with a mode that meets the tier; within it, the fastest such mode.
+def evaluate(target: TierTarget, candidates: list[Candidate], prompt_tokens: int) -> list[Decision]:
+    """Every (model, option) with its predicted latencies, largest model first."""
+    if not candidates:
+        raise ValueError("no model to route to")
+    options = []
+    for cand in sorted(candidates, key=lambda c: -c.size):
+        for option in cand.options:
+            ttft, tpot = predict(cand, option, prompt_tokens)
+            options.append(Decision(cand.model, option, ttft, tpot, ttft <= target.ttft and tpot <= target.tpot))
+    return options
+
+
+def best(options: list[Decision]) -> Decision:
+    """The largest model with an option that meets the tier; within it, the fastest such option.
 
     When nothing meets the targets, the option with the lowest time per output token.
     """
-    if not candidates:
-        raise ValueError("no model to route to")
-    options: list[Decision] = []
-    for cand in sorted(candidates, key=lambda c: -c.size):
-        for mode in cand.modes:
-            ttft, tpot = predict(cand, mode, prompt_tokens)
-            options.append(Decision(cand.model, mode, ttft, tpot, ttft <= target.ttft and tpot <= target.tpot))
-        meeting = [d for d in options if d.model == cand.model and d.meets_targets]
+    for model in dict.fromkeys(d.model for d in options):  # largest first
+        meeting = [d for d in options if d.model == model and d.meets_targets]
         if meeting:
             return min(meeting, key=lambda d: d.tpot)
     return min(options, key=lambda d: d.tpot)
+
+
+def choose(target: TierTarget, candidates: list[Candidate], prompt_tokens: int) -> Decision:
+    return best(evaluate(target, candidates, prompt_tokens))
+
+
+def explore(
+    chosen: Decision, options: list[Decision], samples: dict[str, int], fraction: float, rng: random.Random
+) -> Decision:
+    """With probability ``fraction``, another option of the chosen model instead: the one with the
+    fewest live observations (so each gets its turn), among those meeting the tier when the chosen
+    one does. Without this, an option predicted worse is never measured again, and a stale or
+    uncalibrated figure would never be corrected."""
+    if fraction <= 0 or rng.random() >= fraction:
+        return chosen
+    others = [
+        d
+        for d in options
+        if d.model == chosen.model and d.option != chosen.option and (d.meets_targets or not chosen.meets_targets)
+    ]
+    if not others:
+        return chosen
+    fewest = min(samples.get(d.option, 0) for d in others)
+    pick = rng.choice([d for d in others if samples.get(d.option, 0) == fewest])
+    return replace(pick, explored=True)

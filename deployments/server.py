@@ -1,24 +1,36 @@
-"""``ModelServer``: one engine per replica, an asyncio loop stepping it, results streamed back."""
+"""``ModelServer``: one engine per replica, an asyncio loop stepping it, results streamed back.
+
+Each replica loads the router's priors for its device (``triserve calibrate``), reports its
+statistics to the deployment's shared ``StatsBoard`` every ``REPORT_PERIOD_S`` and answers ``stats``
+with the aggregate over all replicas (deployments/stats_board.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import ray
 import torch
 from ray import serve
+from ray.serve.config import DeploymentActorConfig
 
 from deployments import metrics
 from deployments.config import ModelSpec
+from deployments.stats_board import StatsBoard, merge_stats, replica_stats
+from models.calibration import device_key, load_priors
 from models.engine import AsyncEngine, Engine
 from models.generate import score_with_top, warm_up
 from models.modes import DecodeParams
 
 STUCK_AFTER_S = 120.0
 GAUGE_PERIOD_S = 0.5
+REPORT_PERIOD_S = 0.5
+BOARD = "stats-board"
 logger = logging.getLogger("ray.serve")
 
 
@@ -45,6 +57,11 @@ class ModelServer:
         if self.group is None:  # tensor-parallel ranks prepare on their first step
             seconds = warm_up(self.model)
             logger.info("%s: warmed up in %.2f s (%s)", self.spec.name, seconds, self.model.dtype)
+        device = device_key(self.spec.device, self.spec.cpu_threads, self.model.dtype)
+        priors = load_priors(self.spec.path, device)
+        logger.info(
+            "%s: %s", self.spec.name, f"router priors for {device}" if priors else f"not calibrated for {device}"
+        )
         engine = Engine(
             self.model,
             num_pages=self.spec.num_pages,
@@ -54,10 +71,14 @@ class ModelServer:
             prefill_chunk=self.spec.prefill_chunk,
             prefix_caching=self.spec.prefix_caching,
             priority_ageing_s=self.spec.priority_ageing_s,
+            priors=priors,
         )
         self.engine = AsyncEngine(engine, stream_interval_s=self.spec.stream_interval_s)
         self.metrics = metrics.ModelMetrics(self.spec.name)
         self._gauges_at = 0.0
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self._board = None
+        threading.Thread(target=self._report_loop, name="stats-report", daemon=True).start()
 
     def _start_group(self):
         """Rank actors on this replica's placement-group bundles 1..TP-1; they die with the replica."""
@@ -109,25 +130,33 @@ class ModelServer:
     async def score(self, token_ids: list[int], top: int) -> list[tuple[float, dict[int, float]]]:
         return await self.engine.call(score_with_top, self.model, token_ids, top)
 
-    def stats(self) -> dict[str, Any]:
-        s = self.engine.engine.stats
-        fit = s.cost.fit()
-        return {
-            "running": s.running,
-            "waiting": s.waiting,
-            "pool_usage": s.pool_usage,
-            "batch_tokens": s.batch_tokens,
-            "step_time_ema": dict(s.step_time_ema),
-            "tpf_ema": dict(s.tpf_ema),
-            "fixed_step_s": fit[0] if fit else None,
-            "per_token_s": fit[1] if fit else None,
-            "used_pages": s.pool_used_pages,
-            "pages": s.pool_pages,
-            "max_step_tokens": self.spec.max_step_tokens,
-            "prefix_cache_queries": s.prefix_queries,
-            "prefix_cache_hits": s.prefix_hits,
-            "preemptions": s.preemptions,
-        }
+    def local_stats(self) -> dict[str, Any]:
+        return replica_stats(self.engine.engine.stats, self.spec.max_step_tokens)
+
+    def _board_handle(self):
+        if self._board is None:
+            self._board = serve.get_deployment_actor(BOARD)
+        return self._board
+
+    def _report_loop(self) -> None:
+        while True:
+            time.sleep(REPORT_PERIOD_S)
+            try:
+                self._board_handle().report.remote(self.replica, self.local_stats())
+            except Exception:  # the board is not (yet, or no longer) registered: look it up next time
+                self._board = None
+
+    async def stats(self) -> dict[str, Any]:
+        """The model's statistics over all its live replicas; this replica's own when the board is
+        unreachable (being recreated)."""
+        local = self.local_stats()
+        try:
+            ref = self._board_handle().aggregate.remote(self.replica, local)
+            return await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout=2.0)
+        except Exception as exc:
+            logger.warning("%s: stats board unreachable (%s); answering with this replica's stats", self.spec.name, exc)
+            self._board = None
+            return merge_stats([local])
 
     def check_health(self) -> None:
         stuck = self.engine.stuck_for()
@@ -150,9 +179,11 @@ def model_server_deployment(spec: ModelSpec):
             "placement_group_bundles": [spec.bundle] * spec.tensor_parallel_size,
             "placement_group_strategy": spec.placement_strategy,
         }
+    board = DeploymentActorConfig(name=BOARD, actor_class=ray.remote(StatsBoard), actor_options={"num_cpus": 0})
     return serve.deployment(
         ModelServer,
         name=f"model-{spec.name}",
+        deployment_actors=[board],
         ray_actor_options=actor_options,
         **placement,
         autoscaling_config=dict(spec.autoscaling),

@@ -1,46 +1,87 @@
-"""The latency-tier router as a pure function on synthetic replica statistics."""
+"""The latency-tier router as pure functions on synthetic replica statistics and calibrated figures."""
 
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
-from deployments.router import Candidate, ReplicaStats, TierTarget, choose, predict
+from deployments.router import Candidate, ReplicaStats, TierTarget, choose, evaluate, explore, predict
+from models.engine.costs import OptionStats
 
-# a model whose step costs 20 ms plus 0.1 ms per query token; speculation emits 2.5 tokens/forward
-TPF = {"ar": 1.0, "linear_spec": 1.25, "quadratic_spec": 2.5, "diffusion": 1.5}
+# calibrated figures shaped like a model whose drafts are accepted: a lone AR step 10 ms, a block
+# step a little dearer; each further request adds little to AR's step and a lot to a block's
+CALIBRATED = {
+    "ar": OptionStats(tpf=1.0, step_s=0.010, per_request_s=0.0002),
+    "linear_spec@8": OptionStats(tpf=2.2, step_s=0.012, per_request_s=0.0016),
+    "linear_spec@32": OptionStats(tpf=2.6, step_s=0.016, per_request_s=0.0064),
+    "quadratic_spec@8": OptionStats(tpf=2.8, step_s=0.014, per_request_s=0.0032),
+    "diffusion@8": OptionStats(tpf=1.1, step_s=0.012, per_request_s=0.0016),
+}
 
 
-def cand(name="8b", size=8e9, running=0, waiting=0, fixed=0.02, per_token=1e-4, modes=None):
-    stats = ReplicaStats(fixed_step_s=fixed, per_token_s=per_token, running=running, waiting=waiting, tpf=dict(TPF))
-    return Candidate(name, size, stats, block_length=8, modes=modes or ("ar", "linear_spec", "quadratic_spec"))
+def cand(name="8b", size=8e9, running=0, waiting=0, fixed=0.02, per_token=1e-4, options=None, figures=None):
+    stats = ReplicaStats(
+        fixed_step_s=fixed,
+        per_token_s=per_token,
+        running=running,
+        waiting=waiting,
+        options=dict(CALIBRATED if figures is None else figures),
+    )
+    return Candidate(name, size, stats, tuple(options or CALIBRATED))
 
 
 def test_low_load_favours_self_speculation():
     decision = choose(TierTarget(), [cand(running=0)], prompt_tokens=100)
-    assert decision.mode == "quadratic_spec"
+    assert (decision.mode, decision.block_length) == ("quadratic_spec", 8)
 
 
 def test_high_concurrency_favours_ar():
     decision = choose(TierTarget(), [cand(running=64)], prompt_tokens=100)
-    assert decision.mode == "ar"
+    assert decision.option == "ar" and decision.block_length is None
 
 
-def test_decision_flips_where_the_cost_model_says():
-    # with n requests in flight, quadratic (16 tokens per forward at L=8 with 1 branch, TPF 2.5)
-    # beats AR while (f + p n 16) / 2.5 < f + p n, i.e. n < 1.5 f / (p (16 - 2.5))
-    f, p = 0.02, 1e-4
-    flip = 1.5 * f / (p * (16 - 2.5))  # about 22 requests
-    modes = ("ar", "quadratic_spec")
-    below = choose(TierTarget(), [cand(running=math.floor(flip) - 1, modes=modes)], 10)
-    above = choose(TierTarget(), [cand(running=math.ceil(flip), modes=modes)], 10)
-    assert (below.mode, above.mode) == ("quadratic_spec", "ar")
+def test_decision_flips_where_the_calibrated_costs_say():
+    # with n requests in flight, linear_spec@8 beats AR while (12 + 1.6 n) / 2.2 < 10 + 0.2 n (ms),
+    # i.e. n < 10 / 1.16, about 8.6
+    options = ("ar", "linear_spec@8")
+    below = choose(TierTarget(), [cand(running=8, options=options)], 10)
+    above = choose(TierTarget(), [cand(running=9, options=options)], 10)
+    assert (below.option, above.option) == ("linear_spec@8", "ar")
+
+
+def test_block_length_is_chosen_with_the_mode():
+    # alone, the longer block's higher TPF pays for its dearer step; with company it does not
+    options = ("linear_spec@8", "linear_spec@32")
+    figures = {
+        "linear_spec@8": OptionStats(tpf=2.0, step_s=0.012, per_request_s=0.0016),
+        "linear_spec@32": OptionStats(tpf=3.0, step_s=0.016, per_request_s=0.0064),
+    }
+    alone = choose(TierTarget(), [cand(running=0, options=options, figures=figures)], 10)
+    crowded = choose(TierTarget(), [cand(running=4, options=options, figures=figures)], 10)
+    assert (alone.block_length, crowded.block_length) == (32, 8)
+
+
+def test_uncalibrated_options_fall_back_on_the_live_fit():
+    # no figures: step = fixed + per_token * query tokens * requests, TPF 1; quadratic at block 8
+    # with one branch puts 16 query tokens in a forward, so it can only lose to AR
+    c = cand(options=("ar", "quadratic_spec@8"), figures={}, running=3)
+    assert predict(c, "ar", 10)[1] == pytest.approx(0.02 + 1e-4 * 4)  # 3 running and this one
+    assert predict(c, "quadratic_spec@8", 10)[1] == pytest.approx(0.02 + 1e-4 * 16 * 4)
+    assert choose(TierTarget(), [c], 10).option == "ar"
+
+
+def test_live_figures_override_the_fallback_per_option():
+    # one option measured, the other not: the measured TPF lets speculation win at low load
+    figures = {"linear_spec@8": OptionStats(tpf=3.0, step_s=0.03, per_request_s=None)}
+    c = cand(options=("ar", "linear_spec@8"), figures=figures)
+    assert choose(TierTarget(), [c], 10).option == "linear_spec@8"
 
 
 def test_largest_model_that_meets_the_tier():
-    big = cand("14b", 14e9, fixed=0.06)
-    small = cand("3b", 3e9, fixed=0.015)
+    big = cand("14b", 14e9, figures={"ar": OptionStats(tpf=1.0, step_s=0.06, per_request_s=1e-3)}, options=("ar",))
+    small = cand("3b", 3e9, figures={"ar": OptionStats(tpf=1.0, step_s=0.010, per_request_s=1e-3)}, options=("ar",))
     loose = choose(TierTarget(ttft=5.0, tpot=0.1), [small, big], prompt_tokens=200)
     assert loose.model == "14b" and loose.meets_targets
     tight = choose(TierTarget(ttft=5.0, tpot=0.012), [small, big], prompt_tokens=200)
@@ -48,7 +89,10 @@ def test_largest_model_that_meets_the_tier():
 
 
 def test_nothing_meets_targets_falls_back_to_fastest():
-    decision = choose(TierTarget(ttft=1e-6, tpot=1e-6), [cand("3b", 3e9), cand("8b", 8e9, fixed=0.05)], 100)
+    slow = {
+        key: OptionStats(tpf=s.tpf, step_s=s.step_s * 5, per_request_s=s.per_request_s) for key, s in CALIBRATED.items()
+    }
+    decision = choose(TierTarget(ttft=1e-6, tpot=1e-6), [cand("3b", 3e9), cand("8b", 8e9, figures=slow)], 100)
     assert not decision.meets_targets and decision.model == "3b"
 
 
@@ -61,3 +105,32 @@ def test_queue_raises_predicted_ttft():
 def test_no_candidates_is_an_error():
     with pytest.raises(ValueError):
         choose(TierTarget(), [], 10)
+
+
+def test_exploration_visits_the_least_measured_option_on_the_set_fraction():
+    options = evaluate(TierTarget(), [cand(running=0)], 10)
+    chosen = min(options, key=lambda d: d.tpot)
+    samples = {"ar": 50, "linear_spec@8": 3, "linear_spec@32": 40, "quadratic_spec@8": 900, "diffusion@8": 3}
+    rng = random.Random(7)
+    assert explore(chosen, options, samples, 0.0, rng) is chosen
+    picks = [explore(chosen, options, samples, 1.0, rng) for _ in range(200)]
+    assert all(p.explored and p.option != chosen.option for p in picks)
+    assert {p.option for p in picks} == {"linear_spec@8", "diffusion@8"}  # the two least measured, both visited
+    share = sum(explore(chosen, options, samples, 0.1, rng).explored for _ in range(4000)) / 4000
+    assert share == pytest.approx(0.1, abs=0.025)
+
+
+def test_exploration_stays_within_the_tier_when_the_choice_meets_it():
+    # a tight TPOT target that only the quadratic option meets: nothing else is explored
+    target = TierTarget(tpot=0.0052)
+    options = evaluate(target, [cand(running=0)], 10)
+    chosen = min(options, key=lambda d: d.tpot)
+    assert chosen.meets_targets and [d.option for d in options if d.meets_targets] == [chosen.option]
+    assert explore(chosen, options, {}, 1.0, random.Random(0)) is chosen
+
+
+def test_predict_uses_the_per_request_cost_of_the_option():
+    c = cand(running=5)
+    tpot = predict(c, "linear_spec@32", 10)[1]
+    assert tpot == pytest.approx((0.016 + 0.0064 * 5) / 2.6)
+    assert math.isfinite(predict(c, "diffusion@8", 10)[0])

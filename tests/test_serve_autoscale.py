@@ -1,4 +1,5 @@
-"""Autoscaling: under sustained load a model deployment with max 2 replicas scales to 2."""
+"""Autoscaling: under sustained load a model deployment with max 2 replicas scales to 2, and the
+statistics the router reads then cover both replicas."""
 
 from __future__ import annotations
 
@@ -76,6 +77,15 @@ def test_scales_to_two_replicas_under_load(serve_port, fixture_path, tmp_path):
                 break
             time.sleep(1)
         assert replicas == 2
+        # any replica answers stats with the aggregate over both (each reports to the shared board)
+        handle = serve.get_deployment_handle("model-rand", "autoscale")
+        deadline, stats = time.time() + 30, {}
+        while time.time() < deadline:
+            stats = handle.stats.remote().result()
+            if stats["replicas"] == 2:
+                break
+            time.sleep(0.5)
+        assert stats["replicas"] == 2 and stats["pages"] == 2 * 256, stats
     finally:
         stop.set()
         for w in workers:

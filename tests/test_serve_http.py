@@ -13,6 +13,8 @@ import pytest
 import yaml
 
 import models
+from models.calibration import device_key, save_calibration
+from models.engine.costs import OptionStats
 from models.loading import save_model
 from tests.conftest import random_model, run_app
 
@@ -20,6 +22,13 @@ pytestmark = pytest.mark.ray
 
 API_KEY = "test-key-123"
 MODES = ["ar", "diffusion", "linear_spec", "quadratic_spec"]
+CALIBRATED = {
+    "ar": OptionStats(tpf=1.0, step_s=0.010, per_request_s=0.0005),
+    "linear_spec@4": OptionStats(tpf=3.0, step_s=0.012, per_request_s=0.004),
+    "linear_spec@8": OptionStats(tpf=2.0, step_s=0.014, per_request_s=0.008),
+    "quadratic_spec@4": OptionStats(tpf=1.5, step_s=0.030, per_request_s=0.010),
+    "diffusion@4": OptionStats(tpf=1.0, step_s=0.012, per_request_s=0.004),
+}
 
 
 @pytest.fixture(scope="session")  # session: xdist may interleave this module's tests with others
@@ -37,6 +46,10 @@ def app(serve_port, fixture_path, tmp_path_factory):
     save_model(random_model(seed=12, eos_token_id=None, max_position_embeddings=2048), busy)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(fixture_path / name, busy / name)
+    calibrated = folder / "calibrated"  # the fixture with calibration figures under which drafts pay at block 4
+    shutil.copytree(fixture_path, calibrated)
+    dtype = models.load_model(calibrated).dtype
+    save_calibration(calibrated, device_key("cpu", 1, dtype), CALIBRATED)
     config = {
         "models": [
             {
@@ -49,7 +62,9 @@ def app(serve_port, fixture_path, tmp_path_factory):
                 "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16},
             },
             {"name": "busy", "path": str(busy), "max_running": 1, "max_waiting": 1, "num_cpus": 0.1},
+            {"name": "calibrated", "path": str(calibrated), "size": 1, "num_cpus": 0.1},
         ],
+        "router": {"explore": 0.0},  # tests that assert the router's choice must not meet an exploration
         "tiers": {"interactive": {"ttft_ms": 400, "tpot_ms": 40}, "standard": {"ttft_ms": 3000, "tpot_ms": 500}},
         "api_key_env": "TRISERVE_TEST_API_KEY",
         "ingress": {"num_cpus": 0.1},
@@ -72,7 +87,19 @@ def tokenizer(fixture_model):
 
 
 def test_models_listed(client):
-    assert [m.id for m in client.models.list().data] == ["tiny", "busy"]
+    assert [m.id for m in client.models.list().data] == ["tiny", "busy", "calibrated"]
+
+
+def test_auto_mode_follows_the_replicas_calibration(client, fixture_model, tokenizer):
+    # the replica loaded the figures for its device: alone, linear_spec at block 4 is predicted
+    # fastest (4 ms a token against AR's 10), so auto picks that mode and that block length
+    prompt = "def add(a, b):"
+    resp = client.completions.with_raw_response.create(model="calibrated", prompt=prompt, max_tokens=12, temperature=0)
+    info = resp.parse().model_extra["triserve"]
+    assert (info["mode"], info["block_length"], info["explored"]) == ("linear_spec", 4, False)
+    assert resp.headers["x-triserve-block-length"] == "4"
+    ar = models.generate(fixture_model, tokenizer.encode(prompt), mode="ar", max_new_tokens=12).tokens
+    assert resp.parse().choices[0].text == tokenizer.decode(ar, skip_special_tokens=True)  # still lossless
 
 
 def test_auto_model_routes_to_the_largest_that_meets_the_tier(client):

@@ -3,7 +3,7 @@
 ``scheduler`` (who runs, with how many tokens, who is preempted), ``kv_manager`` (pages on demand,
 block table, prefix cache), ``runner`` (packed forward), ``sampler`` (batched post-processing,
 one host copy per step), ``engine`` (the loop tying them), ``async_engine`` (an asyncio driver),
-``detokenizer`` (text in O(new tokens)).
+``detokenizer`` (text in O(new tokens)), ``costs`` (what each decoding option costs, for the router).
 """
 
 from models.engine.async_engine import AsyncEngine

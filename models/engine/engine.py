@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
+from models.engine.costs import OptionCosts, OptionStats, StepCost, request_option
 from models.engine.kv_manager import KVCacheManager
 from models.engine.runner import ModelRunner
 from models.engine.scheduler import TIER_PRIORITY, Request, RequestStats, Scheduler
@@ -60,30 +60,6 @@ class StepOutput:
 
 
 @dataclass
-class StepCost:
-    """Least-squares fit of step time = fixed + per_token * tokens over recent steps."""
-
-    window: deque = field(default_factory=lambda: deque(maxlen=128))
-
-    def add(self, tokens: int, seconds: float) -> None:
-        self.window.append((tokens, seconds))
-
-    def fit(self) -> tuple[float, float] | None:
-        if len(self.window) < 4:
-            return None
-        n = len(self.window)
-        sx = sum(t for t, _ in self.window)
-        sy = sum(s for _, s in self.window)
-        sxx = sum(t * t for t, _ in self.window)
-        sxy = sum(t * s for t, s in self.window)
-        var = n * sxx - sx * sx
-        if var <= 0:  # every step had the same size: attribute it all to the fixed cost
-            return sy / n, 0.0
-        per_token = max((n * sxy - sx * sy) / var, 0.0)
-        return max((sy - per_token * sx) / n, 0.0), per_token
-
-
-@dataclass
 class EngineStats:
     """Live numbers the router and the metrics read."""
 
@@ -92,13 +68,12 @@ class EngineStats:
     pool_used_pages: int = 0
     pool_pages: int = 0
     steps: int = 0
-    step_time_ema: dict[str, float] = field(default_factory=dict)  # seconds per forward, per mode
-    tpf_ema: dict[str, float] = field(default_factory=dict)  # tokens per forward, per mode
     batch_tokens: int = 0  # query tokens in the last step
     prefix_queries: int = 0  # tokens looked up in the prefix cache ...
     prefix_hits: int = 0  # ... and found there
     preemptions: int = 0
     cost: StepCost = field(default_factory=StepCost)
+    options: OptionCosts = field(default_factory=OptionCosts)  # per mode and block length (engine/costs.py)
 
     @property
     def pool_usage(self) -> float:
@@ -119,7 +94,7 @@ class Engine:
         prefill_chunk: int = 512,
         prefix_caching: bool = True,
         priority_ageing_s: float = 5.0,
-        ema: float = 0.2,
+        priors: dict[str, OptionStats] | None = None,
     ) -> None:
         self.model = model
         self.cache = model.new_cache(num_pages, page_size)
@@ -140,10 +115,9 @@ class Engine:
             ageing_s=priority_ageing_s,
         )
         self.runner = ModelRunner(model, self.cache, self.kv)
-        self.ema = ema
         self._seq_ids = itertools.count()
         self._ids: set[str] = set()
-        self.stats = EngineStats(pool_pages=num_pages)
+        self.stats = EngineStats(pool_pages=num_pages, options=OptionCosts(priors))
 
     # ----- requests ------------------------------------------------------------------------------
     def add_request(
@@ -186,7 +160,8 @@ class Engine:
                 f"request needs {tokens} tokens of KV cache; the pool holds {self.kv.capacity_tokens}"
             )
         stats = RequestStats(arrival=time.monotonic())
-        return Request(request_id, state, next(self._seq_ids), stats, TIER_PRIORITY[tier])
+        option = request_option(params, self.model.config.block_size)
+        return Request(request_id, state, next(self._seq_ids), stats, TIER_PRIORITY[tier], option=option)
 
     def submit(self, request: Request) -> None:
         """Queue a prepared request (call from the thread that steps the engine)."""
@@ -224,14 +199,16 @@ class Engine:
         if not scheduled:
             self._refresh_stats()
             return []
+        prefilling = any(r.state.prefilling for r, _ in scheduled)
         start = time.monotonic()
         results = self.runner.execute([(r.seq_id, plan, r.state) for r, plan in scheduled])
         now = time.monotonic()
         elapsed = now - start
         self.stats.batch_tokens = sum(plan.num_tokens for _, plan in scheduled)
         self.stats.cost.add(self.stats.batch_tokens, elapsed)
-        for mode in {request.mode for request, _ in scheduled}:  # once per mode, however many requests
-            self._update_mode_stats(mode, elapsed)
+        options = {request.option for request, _ in scheduled}
+        if not prefilling and len(options) == 1 and None not in options:
+            self.stats.options.observe_step(options.pop(), len(scheduled), elapsed)
         outputs = []
         for (request, plan), result in zip(scheduled, results):
             state = request.state
@@ -245,7 +222,8 @@ class Engine:
                 request.stats.finished = now
                 self.scheduler.remove(request.request_id)
                 self._ids.discard(request.request_id)
-                self._update_tpf(request)
+                if request.option is not None and state.tpf:
+                    self.stats.options.observe_finished(request.option, state.tpf)
             if tokens or state.finished:
                 outputs.append(
                     StepOutput(
@@ -264,16 +242,6 @@ class Engine:
         return outputs
 
     # ----- statistics ------------------------------------------------------------------------
-    def _update_mode_stats(self, mode: str, seconds: float) -> None:
-        old = self.stats.step_time_ema.get(mode)
-        self.stats.step_time_ema[mode] = seconds if old is None else (1 - self.ema) * old + self.ema * seconds
-
-    def _update_tpf(self, request: Request) -> None:
-        tpf = request.state.tpf
-        if tpf:
-            old = self.stats.tpf_ema.get(request.mode)
-            self.stats.tpf_ema[request.mode] = tpf if old is None else (1 - self.ema) * old + self.ema * tpf
-
     def _refresh_stats(self) -> None:
         self.stats.running = len(self.scheduler.running)
         self.stats.waiting = len(self.scheduler.waiting)

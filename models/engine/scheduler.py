@@ -56,6 +56,7 @@ class Request:
     priority: int = TIER_PRIORITY["standard"]
     skipped: int = 0  # consecutive steps this running request was left out of
     digests: list[bytes] = field(default_factory=list)  # prefix-cache digests of its leading full pages
+    option: str | None = None  # the decoding option its costs count towards (engine/costs.py)
 
     @property
     def mode(self) -> str:

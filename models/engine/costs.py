@@ -1,0 +1,120 @@
+"""What a decoding option costs on this device: the numbers the router predicts latency from.
+
+An *option* is a mode at a block length (``"ar"``, ``"linear_spec@32"``, ...). Per option the
+engine keeps a lone request's step time, what each further request of the option adds to a step,
+and its tokens per forward. ``triserve calibrate`` measures them (models/calibration.py) and the
+replica loads them as priors; live traffic then refreshes them. A step counts only when every
+request in it was decoding in one option (a prefill chunk or a neighbour in another option would
+blur the figure); a request's tokens per forward counts when it finishes.
+
+Step costs are refreshed as one factor for the whole device: each counted step of a calibrated
+option updates ``scale``, the ratio of live step time to the calibrated prediction, and every
+calibrated option's costs are reported multiplied by it. Serving adds overheads calibration does
+not see, and neighbours compete for the CPU; these slow every option alike, while refreshing each
+option's cost on its own would leave the options traffic has not visited lately looking cheaper
+than the ones it has, and the router would chase stale figures. An option without calibration
+learns its lone step time from its own lone-request steps.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+from models.modes import DecodeParams
+
+DEFAULT_THRESHOLD = 0.9
+
+
+def option_key(mode: str, block_length: int) -> str:
+    """``"ar"`` (AR has no block) or ``"<mode>@<block>"``."""
+    return "ar" if mode == "ar" else f"{mode}@{block_length}"
+
+
+def split_option(key: str) -> tuple[str, int | None]:
+    """The inverse of ``option_key``: (mode, block length or None for AR)."""
+    mode, _, block = key.partition("@")
+    return mode, int(block) if block else None
+
+
+def request_option(params: DecodeParams, block_size: int) -> str | None:
+    """The option a request's figures describe, or None when it departs from the option's defaults
+    (a diffusion threshold other than 0.9, a set number of quadratic branches): its TPF would mislead."""
+    if params.branches is not None or (params.mode == "diffusion" and params.threshold != DEFAULT_THRESHOLD):
+        return None
+    return option_key(params.mode, params.block_length or block_size)
+
+
+@dataclass
+class OptionStats:
+    tpf: float | None = None  # tokens per forward of one request
+    step_s: float | None = None  # a step carrying one request of this option
+    per_request_s: float | None = None  # what each further request of the option adds to that step
+    samples: int = 0  # live observations (steps and finished requests) since the replica started
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        return {"tpf": self.tpf, "step_s": self.step_s, "per_request_s": self.per_request_s, "samples": self.samples}
+
+
+def _ema(old: float | None, new: float, weight: float) -> float:
+    return new if old is None else (1 - weight) * old + weight * new
+
+
+class OptionCosts:
+    """Per-option figures: calibrated priors under one live cost factor, TPFs refreshed per option."""
+
+    def __init__(self, priors: dict[str, OptionStats] | None = None, ema: float = 0.2) -> None:
+        self.priors = {key: replace(stats, samples=0) for key, stats in (priors or {}).items()}
+        self.options = {key: replace(stats) for key, stats in self.priors.items()}
+        self.scale = 1.0  # live step time over the calibrated prediction
+        self.ema = ema
+
+    def observe_step(self, key: str, requests: int, seconds: float) -> None:
+        """A step whose ``requests`` requests all decoded in option ``key``."""
+        stats = self.options.setdefault(key, OptionStats())
+        prior = self.priors.get(key)
+        if prior is not None and prior.step_s:
+            expected = prior.step_s + (prior.per_request_s or 0.0) * (requests - 1)
+            self.scale = _ema(self.scale, seconds / expected, self.ema)
+            for name, calibrated in self.priors.items():
+                current = self.options[name]
+                current.step_s = calibrated.step_s and calibrated.step_s * self.scale
+                current.per_request_s = calibrated.per_request_s and calibrated.per_request_s * self.scale
+        elif requests == 1:
+            stats.step_s = _ema(stats.step_s, seconds, self.ema)
+        else:
+            return
+        stats.samples += 1
+
+    def observe_finished(self, key: str, tpf: float) -> None:
+        stats = self.options.setdefault(key, OptionStats())
+        stats.tpf = _ema(stats.tpf, tpf, self.ema)
+        stats.samples += 1
+
+    def snapshot(self) -> dict[str, dict[str, float | int | None]]:
+        return {key: stats.to_dict() for key, stats in list(self.options.items())}
+
+
+@dataclass
+class StepCost:
+    """Least-squares fit of step time = fixed + per_token * tokens over recent steps (any options)."""
+
+    window: deque = field(default_factory=lambda: deque(maxlen=128))
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.window.append((tokens, seconds))
+
+    def fit(self) -> tuple[float, float] | None:
+        window = list(self.window)  # one copy: the stepping thread may append meanwhile
+        if len(window) < 4:
+            return None
+        n = len(window)
+        sx = sum(t for t, _ in window)
+        sy = sum(s for _, s in window)
+        sxx = sum(t * t for t, _ in window)
+        sxy = sum(t * s for t, s in window)
+        var = n * sxx - sx * sx
+        if var <= 0:  # every step had the same size: attribute it all to the fixed cost
+            return sy / n, 0.0
+        per_token = max((n * sxy - sx * sy) / var, 0.0)
+        return max((sy - per_token * sx) / n, 0.0), per_token

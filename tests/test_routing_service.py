@@ -1,0 +1,99 @@
+"""Routing in the Ray-free OpenAI service over a real engine: calibrated priors decide the option, a
+burst of requests turns the choice to AR, exploration runs another option and refreshes its figures."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import random
+import shutil
+
+import pytest
+
+import models
+from deployments.config import parse_config
+from deployments.openai_api import OpenAIService, ServedModel
+from deployments.protocol import CompletionRequest
+from deployments.stats_board import merge_stats, replica_stats
+from models.calibration import device_key, save_calibration
+from models.engine import AsyncEngine, Engine
+from models.engine.costs import OptionStats
+from models.generate import score_with_top
+from models.vlm import read_config
+
+# figures under which linear_spec at block 4 wins alone (4 ms a token against AR's 10) and AR wins
+# from three requests in flight on: (12 + 8 n) / 3 > 10 + 0.5 n once n > 2.8
+FIGURES = {
+    "ar": OptionStats(tpf=1.0, step_s=0.010, per_request_s=0.0005),
+    "linear_spec@4": OptionStats(tpf=3.0, step_s=0.012, per_request_s=0.008),
+    "quadratic_spec@4": OptionStats(tpf=1.5, step_s=0.030, per_request_s=0.010),
+    "diffusion@4": OptionStats(tpf=1.0, step_s=0.012, per_request_s=0.004),
+}
+
+
+class EngineBackend:
+    """A model reached in-process: the engine a replica would run, its stats as a board would merge them."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = AsyncEngine(engine)
+
+    async def generate(self, request):
+        params = models.modes.DecodeParams(**request["params"])
+        async for out in self.engine.generate(request["request_id"], request["prompt"], params):
+            yield out.__dict__
+
+    async def score(self, token_ids, top):
+        return await self.engine.call(score_with_top, self.engine.engine.model, token_ids, top)
+
+    async def stats(self):
+        return merge_stats([replica_stats(self.engine.engine.stats, 512)])
+
+
+@pytest.fixture
+def service(fixture_path, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(fixture_path, folder)
+    model = models.load_model(folder)
+    save_calibration(folder, device_key("cpu", 1, model.dtype), FIGURES)
+    from models.calibration import load_priors
+
+    priors = load_priors(folder, device_key("cpu", 1, model.dtype))
+    engine = Engine(model, num_pages=128, page_size=16, priors=priors)
+    config = parse_config({"models": [{"name": "m", "path": str(folder)}], "router": {"explore": 0.0}})
+    text_config, _ = read_config(folder)
+    served = ServedModel(config.models[0], text_config, model.tokenizer, EngineBackend(engine))
+    return OpenAIService(config, {"m": served}, rng=random.Random(3))
+
+
+def request(**extra):
+    return CompletionRequest.model_validate({"model": "m", "prompt": "def f(x):", "max_tokens": 8, **extra})
+
+
+def test_a_burst_turns_the_choice_from_speculation_to_ar(service):
+    async def main():
+        held = [await service.prepare(request(), "completion") for _ in range(8)]
+        return [(p.params.mode, p.params.block_length) for p in held]
+
+    chosen = asyncio.run(main())
+    assert chosen[0] == ("linear_spec", 4) and chosen[-1] == ("ar", None), chosen
+    gc.collect()
+    assert service.in_flight["m"] == 0  # every prepared request released its place
+
+
+def test_a_fixed_block_length_limits_the_options(service):
+    prep = asyncio.run(service.prepare(request(decoding={"block_length": 8}), "completion"))
+    assert prep.params.block_length in (8, None)  # AR, or a mode at the asked block
+
+
+def test_exploration_runs_another_option_and_refreshes_its_figures(service):
+    service.config.explore = 1.0
+
+    async def main():
+        prep = await service.prepare(request(max_tokens=12), "completion")
+        text = "".join([delta async for delta, _ in service.run(prep)])
+        return prep, text
+
+    prep, text = asyncio.run(main())
+    assert prep.decision.explored and prep.decision.option != "linear_spec@4"
+    explored = service.models["m"].backend.engine.engine.stats.options.options[prep.decision.option]
+    assert explored.samples > 0 and text  # the run counted towards the explored option's figures
