@@ -56,6 +56,12 @@ class TrainSettings:
     grad_clip: float = 1.0
     dlm_weight: float = 0.3
     ar_weight: float = 1.0
+    # self-distillation (with init_from): this share of each batch is the initial model's own greedy
+    # continuations of training prefixes, trained with the diffusion term only, so that block
+    # diffusion learns to commit what AR would emit; the AR term sees real text alone
+    distill_fraction: float = 0.0
+    distill_sequences: int = 2048
+    distill_prefix: int = 96  # corpus tokens before each continuation
     eval_every: int = 200
     eval_sequences: int = 32
     checkpoint_every: int = 200
@@ -113,11 +119,42 @@ def prepare_data(settings: TrainSettings) -> Path:
     data_dir.mkdir(parents=True, exist_ok=True)
     train = pack_sequences(train_files, tokenizer, settings.seq_len)
     heldout = pack_sequences(heldout_files, tokenizer, settings.seq_len) if heldout_files else train[:0]
-    torch.save({"train": train, "heldout": heldout}, tensors)
+    splits = {"train": train, "heldout": heldout}
+    if settings.distill_fraction > 0:
+        splits["distill"] = distilled(settings, train)
+    torch.save(splits, tensors)
     meta = {"corpus": str(root), "train_files": len(train_files), "heldout_files": len(heldout_files)}
     meta.update(train_sequences=len(train), heldout_sequences=len(heldout), seq_len=settings.seq_len)
     (data_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return tensors
+
+
+def distilled(s: TrainSettings, train: torch.Tensor) -> torch.Tensor:
+    """The initial model's greedy continuations of ``distill_sequences`` training prefixes, seq_len long."""
+    from cluster.self_distill import continue_greedily, cut_prefixes
+
+    if not s.init_from:
+        raise ValueError("distill_fraction needs init_from: the model whose continuations are the targets")
+    if not 0 < s.distill_fraction < 1 or not 0 < s.distill_prefix < s.seq_len:
+        raise ValueError("distill_fraction must be in (0, 1) and distill_prefix in (0, seq_len)")
+    model = load_model(s.init_from, dtype=torch.float32, adapter=False)
+    gen = torch.Generator().manual_seed(s.seed)
+    prefixes = cut_prefixes(train, s.distill_sequences, s.distill_prefix, s.distill_prefix, gen)
+    return continue_greedily(model, prefixes, s.seq_len, "distill")
+
+
+def batch_rows(s: TrainSettings, rows: torch.Tensor, data: dict, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids, which rows are real text) of one step: the shuffled real rows, the last
+    ``distill_fraction`` of them replaced by self-distilled ones drawn for this step."""
+    batch = data["train"][rows]
+    distill = data.get("distill")
+    count = round(len(rows) * s.distill_fraction) if distill is not None else 0
+    real = torch.ones(len(rows), dtype=torch.bool)
+    if count:
+        pick = torch.randint(len(distill), (count,), generator=torch.Generator().manual_seed(s.seed + step))
+        batch = torch.cat([batch[: len(rows) - count], distill[pick]])
+        real[len(rows) - count :] = False
+    return batch.long(), real
 
 
 # ----- worker side ----------------------------------------------------------------------------
@@ -129,11 +166,11 @@ class JointObjective(nn.Module):
         self.model = model
         self.settings = settings
 
-    def forward(self, batch: torch.Tensor, masked: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    def forward(self, batch: torch.Tensor, masked: torch.Tensor, p: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         s = self.settings
-        return joint_loss(
-            self.model, batch, Noise(masked, p), block_size=s.block_size, dlm_weight=s.dlm_weight, ar_weight=s.ar_weight
-        ).loss
+        noise = Noise(masked, p)
+        weights = {"dlm_weight": s.dlm_weight, "ar_weight": s.ar_weight}
+        return joint_loss(self.model, batch, noise, block_size=s.block_size, ar_rows=real, **weights).loss
 
 
 def init_weights(model: TriModeModel, seed: int, std: float = 0.02) -> None:
@@ -205,6 +242,8 @@ def train_loop(config: dict) -> None:
     s = TrainSettings(**config["settings"])
     data = torch.load(config["data"])
     train, heldout = data["train"], data["heldout"]
+    if s.distill_fraction > 0 and "distill" not in data:
+        raise ValueError(f"{config['data']} has no self-distilled rows: prepare the data with distill_fraction set")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(s.seed + rank)
@@ -231,11 +270,12 @@ def train_loop(config: dict) -> None:
     model.train()
     for step in range(start_step, s.steps):
         epoch, rows = next(batches)
-        batch = train[rows].long().to(device)
+        batch, real = batch_rows(s, rows, data, step)
+        batch = batch.to(device)
         noise = draw_noise(batch, noise_gen)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, s)
-        loss = objective(batch, noise.masked.to(device), noise.p.to(device))
+        loss = objective(batch, noise.masked.to(device), noise.p.to(device), real.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(objective.parameters(), s.grad_clip)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cluster.self_distill import continue_greedily, cut_prefixes
 from cluster.train import batches_from, fit, learning_rate, resume_state, save_checkpoint, settings_of_run
 from models.draft_training import DraftAdapter, draft_loss
 from models.model import TriModeModel
@@ -65,39 +66,6 @@ class DrafterSettings:
 
 
 # ----- data (driver side) -------------------------------------------------------------------------
-def _prefixes(rows: torch.Tensor, count: int, s: DrafterSettings, gen: torch.Generator) -> list[list[int]]:
-    """``count`` corpus windows of prefix_min..prefix_max tokens, from random rows at random offsets."""
-    out = []
-    for _ in range(count):
-        row = rows[int(torch.randint(len(rows), (1,), generator=gen))]
-        length = int(torch.randint(s.prefix_min, s.prefix_max + 1, (1,), generator=gen))
-        start = int(torch.randint(0, rows.shape[1] - length + 1, (1,), generator=gen))
-        out.append(row[start : start + length].tolist())
-    return out
-
-
-@torch.inference_mode()
-def continue_greedily(model: TriModeModel, prefixes: list[list[int]], total: int, desc: str) -> torch.Tensor:
-    """Each prefix followed by the model's greedy AR continuation up to ``total`` tokens, decoded as
-    one batch by the serving engine; rows that end early (EOS) are dropped. [rows, total] int32."""
-    from tqdm import tqdm
-
-    from models.engine import Engine
-    from models.modes import DecodeParams
-
-    engine = Engine(model, num_pages=64 * (total // 16 + 4), max_running=64, max_step_tokens=4096)
-    states = []
-    for i, prefix in enumerate(prefixes):
-        params = DecodeParams(mode="ar", max_new_tokens=total - len(prefix))
-        states.append((prefix, engine.add_request(f"{desc}-{i}", prefix, params).state))
-    bar = tqdm(total=len(prefixes), desc=desc, mininterval=5)
-    while engine.has_work:
-        bar.update(sum(out.finished for out in engine.step()))
-    bar.close()
-    rows = [prefix + state.tokens for prefix, state in states if len(prefix) + len(state.tokens) == total]
-    return torch.tensor(rows, dtype=torch.int32)
-
-
 def prepare_data(s: DrafterSettings) -> Path:
     """Self-distilled train and held-out continuations under ``workdir/data`` (reused when present)."""
     import models
@@ -113,7 +81,8 @@ def prepare_data(s: DrafterSettings) -> Path:
     splits = {}
     for name, files, count in (("train", train_files, s.sequences), ("heldout", heldout_files, s.heldout_sequences)):
         rows = pack_sequences(files, model.tokenizer, s.seq_len)
-        splits[name] = continue_greedily(model, _prefixes(rows, count, s, gen), s.seq_len, name)
+        prefixes = cut_prefixes(rows, count, s.prefix_min, s.prefix_max, gen)
+        splits[name] = continue_greedily(model, prefixes, s.seq_len, name)
     data.parent.mkdir(parents=True, exist_ok=True)
     torch.save(splits, data)
     return data

@@ -72,8 +72,11 @@ def joint_loss(
     ar_weight: float = 1.0,
     input_embeds: torch.Tensor | None = None,
     embeds_mask: torch.Tensor | None = None,
+    ar_rows: torch.Tensor | None = None,
 ) -> LossParts:
-    """The objective on a batch of token ids [B, N]; optional image embeddings [B, N, H] on ``embeds_mask``."""
+    """The objective on a batch of token ids [B, N]; optional image embeddings [B, N, H] on
+    ``embeds_mask``; ``ar_rows`` [B] bool limits the AR term to those rows (self-distilled rows,
+    the model's own output, train the diffusion term only)."""
     bsz, n = batch.shape
     mask_id = model.config.mask_token_id
     if embeds_mask is not None:
@@ -88,8 +91,10 @@ def joint_loss(
     ce_masked = F.cross_entropy(diff_logits[noise.masked], batch[noise.masked], reduction="none")
     p_per_token = noise.p[:, None].expand(bsz, n)[noise.masked]
     diffusion_sum = (ce_masked / p_per_token).sum()
+    if ar_rows is not None:
+        ar_logits, batch = ar_logits[ar_rows], batch[ar_rows]
     ar_sum = F.cross_entropy(ar_logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
     masked_tokens = int(noise.masked.sum())
-    ar_tokens = bsz * (n - 1)
+    ar_tokens = len(batch) * (n - 1)
     loss = (dlm_weight * diffusion_sum + ar_weight * ar_sum) / (masked_tokens + ar_tokens)
     return LossParts(loss, diffusion_sum.detach(), ar_sum.detach(), masked_tokens, ar_tokens)

@@ -61,6 +61,42 @@ def test_loss_matches_direct_recomputation():
     assert model.diffusion_head.weight.grad is not None
 
 
+def test_ar_rows_limit_the_ar_term_to_real_text():
+    model = random_model(seed=2, block_size=4)
+    gen = torch.Generator().manual_seed(1)
+    batch = torch.randint(4, model.config.vocab_size, (3, 12), generator=gen)
+    noise = Noise(torch.rand(3, 12, generator=gen) < 0.5, torch.tensor([0.5, 0.5, 0.5]))
+    every = joint_loss(model, batch, noise, block_size=4)
+    assert joint_loss(model, batch, noise, block_size=4, ar_rows=torch.ones(3, dtype=torch.bool)).loss == every.loss
+    real = torch.tensor([True, False, True])
+    parts = joint_loss(model, batch, noise, block_size=4, ar_rows=real)
+    alone = [
+        joint_loss(model, batch[i : i + 1], Noise(noise.masked[i : i + 1], noise.p[:1]), block_size=4) for i in (0, 2)
+    ]
+    assert parts.ar_tokens == 22 and parts.ar_sum.item() == pytest.approx(sum(a.ar_sum.item() for a in alone), rel=1e-5)
+    assert parts.diffusion_sum.item() == pytest.approx(every.diffusion_sum.item(), rel=1e-6)  # every row's masks count
+
+
+def test_self_distilled_rows_are_the_models_greedy_continuations(tmp_path):
+    from cluster.train import TrainSettings, batch_rows, distilled
+    from models.loading import save_model
+
+    model = random_model(seed=3, eos_token_id=None)
+    save_model(model, tmp_path / "init")
+    train = torch.randint(4, model.config.vocab_size, (6, 24), generator=torch.Generator().manual_seed(0))
+    s = TrainSettings(output=str(tmp_path), init_from=str(tmp_path / "init"), seq_len=20, batch_size=4)
+    s.distill_fraction, s.distill_prefix, s.distill_sequences = 0.25, 8, 3
+    rows = distilled(s, train)
+    assert rows.shape == (3, 20)
+    for row in rows.tolist():
+        assert row[8:] == models.generate(model, row[:8], mode="ar", max_new_tokens=12).tokens
+    batch, real = batch_rows(s, torch.tensor([0, 1, 2, 3]), {"train": train[:, :20], "distill": rows}, step=5)
+    assert real.tolist() == [True, True, True, False] and batch[:3].tolist() == train[:3, :20].tolist()
+    assert batch[3].tolist() in rows.tolist()
+    with pytest.raises(ValueError):
+        distilled(TrainSettings(output=str(tmp_path), distill_fraction=0.25), train)  # no init_from
+
+
 def _corpus(tmp_path):
     root = tmp_path / "corpus"
     (root / "pkg").mkdir(parents=True)
