@@ -140,7 +140,10 @@ def distilled(s: TrainSettings, train: torch.Tensor) -> torch.Tensor:
     model = load_model(s.init_from, dtype=torch.float32, adapter=False)
     gen = torch.Generator().manual_seed(s.seed)
     prefixes = cut_prefixes(train, s.distill_sequences, s.distill_prefix, s.distill_prefix, gen)
-    return continue_greedily(model, prefixes, s.seq_len, "distill")
+    rows = continue_greedily(model, prefixes, s.seq_len, "distill")
+    if not len(rows):
+        raise ValueError("every self-distilled continuation ended early (EOS): no rows to train on")
+    return rows
 
 
 def batch_rows(s: TrainSettings, rows: torch.Tensor, data: dict, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -374,6 +377,9 @@ def run(settings: TrainSettings) -> Path:
     ensure_ray()
     out = Path(settings.output).resolve()
     settings.output = str(out)
+    for name in ("init_from", "corpus"):  # the workers do not run in this directory
+        if getattr(settings, name):
+            setattr(settings, name, str(Path(getattr(settings, name)).resolve()))
     out.mkdir(parents=True, exist_ok=True)
     settings = settings_of_run(settings, out)
     fit(train_loop, settings, prepare_data(settings), out, settings.num_workers, settings.use_gpu)

@@ -18,6 +18,7 @@ import ray
 import torch
 from ray import serve
 from ray.serve.config import DeploymentActorConfig
+from ray.serve.exceptions import RayServeException
 
 from deployments import metrics
 from deployments.config import ModelSpec
@@ -76,9 +77,13 @@ class ModelServer:
         self.engine = AsyncEngine(engine, stream_interval_s=self.spec.stream_interval_s)
         self.metrics = metrics.ModelMetrics(self.spec.name)
         self._gauges_at = 0.0
-        self.replica = serve.get_replica_context().replica_id.unique_id
         self._board = None
-        threading.Thread(target=self._report_loop, name="stats-report", daemon=True).start()
+        try:
+            self.replica: str | None = serve.get_replica_context().replica_id.unique_id
+        except RayServeException:  # built outside Serve (a test driving it directly): no board
+            self.replica = None
+        else:
+            threading.Thread(target=self._report_loop, name="stats-report", daemon=True).start()
 
     def _start_group(self):
         """Rank actors on this replica's placement-group bundles 1..TP-1; they die with the replica."""
@@ -150,6 +155,8 @@ class ModelServer:
         """The model's statistics over all its live replicas; this replica's own when the board is
         unreachable (being recreated)."""
         local = self.local_stats()
+        if self.replica is None:
+            return merge_stats([local])
         try:
             ref = self._board_handle().aggregate.remote(self.replica, local)
             return await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout=2.0)

@@ -75,6 +75,7 @@ def test_check_health_fails_when_the_loop_is_stuck(tmp_path):
     save_model(random_model(seed=24), tmp_path / "m")
     server = ModelServer(asdict(ModelSpec(name="m", path=str(tmp_path / "m"), num_pages=16)))
     server.check_health()  # idle: healthy
+    assert asyncio.run(server.stats())["replicas"] == 1  # outside Serve: its own stats, no board
     engine = server.engine.engine
     engine.add_request("r", [1, 2, 3], DecodeParams(mode="ar", max_new_tokens=4))
     server.engine.last_progress = time.monotonic() - 3600  # work queued, no step for an hour

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -155,6 +156,14 @@ def test_train_on_ray_writes_loadable_model_and_resumes(tmp_path, ray_local):
     assert [h["step"] for h in history] == [1, 2, 3]  # continued at step 3, did not redo 1-2
     state = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=False)
     assert state["step"] == 3 and "eval_ar_ce" in history[-1]
+
+    # a self-distilled fine-tune from it, the initial model named by a relative path (the workers
+    # run elsewhere: the driver makes it absolute)
+    distill = {"init_from": os.path.relpath(folder), "distill_fraction": 0.5, "distill_sequences": 8}
+    tuned = run(TrainSettings(**{**settings, "output": str(tmp_path / "tuned"), "distill_prefix": 8, **distill}))
+    data = torch.load(tmp_path / "tuned" / "data" / "sequences.pt")
+    assert data["distill"].shape[1] == 32 and len(data["distill"]) >= 1
+    assert models.load_model(tuned).state_dict().keys() == model.state_dict().keys()
 
 
 def test_initialise_from_an_ar_checkpoint(tmp_path):
