@@ -123,10 +123,6 @@ def best(options: list[Decision]) -> Decision:
     return min(options, key=lambda d: d.tpot)
 
 
-def choose(target: TierTarget, candidates: list[Candidate], prompt_tokens: int) -> Decision:
-    return best(evaluate(target, candidates, prompt_tokens))
-
-
 def explore(
     chosen: Decision, options: list[Decision], samples: dict[str, int], fraction: float, rng: random.Random
 ) -> Decision:

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from deployments.router import Candidate, ReplicaStats, TierTarget, choose, evaluate, explore, predict
+from deployments.router import Candidate, Decision, ReplicaStats, TierTarget, best, evaluate, explore, predict
 from models.engine.costs import OptionStats
 
 # calibrated figures shaped like a model whose drafts are accepted: a lone AR step 10 ms, a block
@@ -19,6 +19,10 @@ CALIBRATED = {
     "quadratic_spec@8": OptionStats(tpf=2.8, step_s=0.014, per_request_s=0.0032),
     "diffusion@8": OptionStats(tpf=1.1, step_s=0.012, per_request_s=0.0016),
 }
+
+
+def choose(target: TierTarget, candidates: list[Candidate], prompt_tokens: int) -> Decision:
+    return best(evaluate(target, candidates, prompt_tokens))
 
 
 def cand(name="8b", size=8e9, running=0, waiting=0, fixed=0.02, per_token=1e-4, options=None, figures=None):
