@@ -34,8 +34,8 @@ class DrafterSettings:
     workdir: str | None = None  # data, checkpoints, history (default: output + ".run")
     corpus: str | None = None
     resume: bool = False
-    rank: int = 64
-    alpha: float = 64.0
+    rank: int = 128
+    alpha: float = 128.0
     sequences: int = 3072  # self-distilled training continuations
     heldout_sequences: int = 64
     prefix_min: int = 80  # corpus tokens before the continuation starts (like a prompt)
@@ -44,7 +44,7 @@ class DrafterSettings:
     blocks: str = "8,16,32"  # draft block lengths, one drawn per step
     decay: float = 0.85  # weight of the i-th draft token: decay ** i
     batch_size: int = 16
-    steps: int = 900
+    steps: int = 1200
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup: int = 30
