@@ -35,6 +35,7 @@ from bench.engine_throughput import PROMPTS
 from bench.serve_load import app_config, launch, load, stop
 from deployments.config import ModelSpec
 from models.calibration import options_for
+from models.engine.costs import split_option
 
 REPO = Path(__file__).resolve().parent.parent
 LOSSY = ("diffusion",)
@@ -50,8 +51,8 @@ def body(model: str, option: str, i: int, max_tokens: int) -> dict:
         "stream_options": {"include_usage": True},
     }
     if option != "auto":
-        mode, _, block = option.partition("@")
-        out["decoding"] = {"mode": mode, "block_length": int(block) if block else None}
+        mode, block = split_option(option)
+        out["decoding"] = {"mode": mode, "block_length": block}
     return out
 
 

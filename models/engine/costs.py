@@ -61,7 +61,11 @@ def _ema(old: float | None, new: float, weight: float) -> float:
 
 
 class OptionCosts:
-    """Per-option figures: calibrated priors under one live cost factor, TPFs refreshed per option."""
+    """Per-option figures: calibrated priors under one live cost factor, TPFs refreshed per option.
+
+    ``options`` holds what is observed per option (TPF, samples, and the lone step time of an
+    uncalibrated option); a calibrated option's step costs are its priors times ``scale``,
+    applied when they are read (``snapshot``)."""
 
     def __init__(self, priors: dict[str, OptionStats] | None = None, ema: float = 0.2) -> None:
         self.priors = {key: replace(stats, samples=0) for key, stats in (priors or {}).items()}
@@ -76,10 +80,6 @@ class OptionCosts:
         if prior is not None and prior.step_s:
             expected = prior.step_s + (prior.per_request_s or 0.0) * (requests - 1)
             self.scale = _ema(self.scale, seconds / expected, self.ema)
-            for name, calibrated in self.priors.items():
-                current = self.options[name]
-                current.step_s = calibrated.step_s and calibrated.step_s * self.scale
-                current.per_request_s = calibrated.per_request_s and calibrated.per_request_s * self.scale
         elif requests == 1:
             stats.step_s = _ema(stats.step_s, seconds, self.ema)
         else:
@@ -92,7 +92,15 @@ class OptionCosts:
         stats.samples += 1
 
     def snapshot(self) -> dict[str, dict[str, float | int | None]]:
-        return {key: stats.to_dict() for key, stats in list(self.options.items())}
+        """Every option's current figures, calibrated step costs scaled by the live factor."""
+        out = {}
+        for key, stats in list(self.options.items()):
+            prior = self.priors.get(key)
+            if prior is not None and prior.step_s:
+                per_request = prior.per_request_s and prior.per_request_s * self.scale
+                stats = replace(stats, step_s=prior.step_s * self.scale, per_request_s=per_request)
+            out[key] = stats.to_dict()
+        return out
 
 
 @dataclass
