@@ -24,7 +24,10 @@ from dataclasses import dataclass, field, replace
 from models.engine.costs import OptionStats, split_option
 from models.modes.quadratic_spec import DEFAULT_BRANCHES
 
-ROUTABLE_MODES = ("ar", "linear_spec", "quadratic_spec", "diffusion")
+# The modes ``auto`` chooses among: those whose output is AR's (the same tokens at temperature 0, AR's
+# distribution above it), so that routing changes the speed of an answer and never the answer.
+# Diffusion commits tokens AR would not have chosen; a client asks for it by name.
+ROUTABLE_MODES = ("ar", "linear_spec", "quadratic_spec")
 
 
 @dataclass(frozen=True)

@@ -49,12 +49,11 @@ class EngineBackend:
         return merge_stats([replica_stats(self.engine.engine.stats, 512)])
 
 
-@pytest.fixture
-def service(fixture_path, tmp_path):
+def make_service(fixture_path, tmp_path, figures: dict[str, OptionStats]) -> OpenAIService:
     folder = tmp_path / "model"
     shutil.copytree(fixture_path, folder)
     model = models.load_model(folder)
-    save_calibration(folder, device_key("cpu", 1, model.dtype), FIGURES)
+    save_calibration(folder, device_key("cpu", 1, model.dtype), figures)
     from models.calibration import load_priors
 
     priors = load_priors(folder, device_key("cpu", 1, model.dtype))
@@ -63,6 +62,11 @@ def service(fixture_path, tmp_path):
     text_config, _ = read_config(folder)
     served = ServedModel(config.models[0], text_config, model.tokenizer, EngineBackend(engine))
     return OpenAIService(config, {"m": served}, rng=random.Random(3))
+
+
+@pytest.fixture
+def service(fixture_path, tmp_path):
+    return make_service(fixture_path, tmp_path, FIGURES)
 
 
 def request(**extra):
@@ -78,6 +82,21 @@ def test_a_burst_turns_the_choice_from_speculation_to_ar(service):
     assert chosen[0] == ("linear_spec", 4) and chosen[-1] == ("ar", None), chosen
     gc.collect()
     assert service.in_flight["m"] == 0  # every prepared request released its place
+
+
+def test_auto_never_trades_the_answer_for_speed(fixture_path, tmp_path):
+    # diffusion predicted eight times faster than anything else: auto still keeps to the modes whose
+    # output is AR's, exploration included; asked for by name, diffusion is what runs
+    fast_diffusion = {**FIGURES, "diffusion@4": OptionStats(tpf=8.0, step_s=0.004, per_request_s=0.001)}
+    service = make_service(fixture_path, tmp_path, fast_diffusion)
+
+    async def modes(**extra):
+        return [(await service.prepare(request(**extra), "completion")).params.mode for _ in range(6)]
+
+    assert asyncio.run(modes()) == ["linear_spec"] * 6
+    service.config.explore = 1.0
+    assert "diffusion" not in asyncio.run(modes())
+    assert asyncio.run(modes(decoding={"mode": "diffusion"})) == ["diffusion"] * 6
 
 
 def test_a_fixed_block_length_limits_the_options(service):
