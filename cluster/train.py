@@ -62,6 +62,9 @@ class TrainSettings:
     distill_fraction: float = 0.0
     distill_sequences: int = 2048
     distill_prefix: int = 96  # corpus tokens before each continuation
+    # infilling: this share of each batch is masked as infilling decodes (a leading span of every block,
+    # the rest of the block clean; models.training.draw_noise), so masked slots learn to use the text after them
+    infill_fraction: float = 0.0
     eval_every: int = 200
     eval_sequences: int = 32
     checkpoint_every: int = 200
@@ -207,7 +210,8 @@ def learning_rate(step: int, s: TrainSettings) -> float:
 
 @torch.no_grad()
 def evaluate(model: TriModeModel, heldout: torch.Tensor, s: TrainSettings) -> dict[str, float]:
-    """Held-out AR cross-entropy and diffusion cross-entropy at fixed mask ratios (nats/token)."""
+    """Held-out AR cross-entropy, diffusion cross-entropy at fixed mask ratios, and infilling
+    cross-entropy (nats/token)."""
     if len(heldout) == 0:
         return {}
     model.eval()
@@ -220,6 +224,10 @@ def evaluate(model: TriModeModel, heldout: torch.Tensor, s: TrainSettings) -> di
         parts = joint_loss(model, batch, Noise(masked, p), block_size=s.block_size)
         metrics[f"eval_diffusion_ce@{ratio}"] = float(parts.diffusion_sum) * ratio / max(parts.masked_tokens, 1)
         metrics["eval_ar_ce"] = float(parts.ar_sum) / parts.ar_tokens
+    # infilling: the first quarter of every block masked, the rest of the block in sight
+    leading = (torch.arange(batch.shape[1]) % s.block_size < s.block_size // 4).expand(batch.shape)
+    parts = joint_loss(model, batch, Noise(leading, torch.full((len(batch),), 0.25)), block_size=s.block_size)
+    metrics["eval_infill_ce"] = float(parts.diffusion_sum) * 0.25 / max(parts.masked_tokens, 1)
     model.train()
     return metrics
 
@@ -275,7 +283,7 @@ def train_loop(config: dict) -> None:
         epoch, rows = next(batches)
         batch, real = batch_rows(s, rows, data, step)
         batch = batch.to(device)
-        noise = draw_noise(batch, noise_gen)
+        noise = draw_noise(batch, noise_gen, block_size=s.block_size, infill_fraction=s.infill_fraction)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, s)
         loss = objective(batch, noise.masked.to(device), noise.p.to(device), real.to(device))

@@ -110,6 +110,8 @@ def build_api(resolve: Callable[[], OpenAIService]) -> FastAPI:
                     yield sse(chunk(prompt_text, None))
                 async for delta, out in service.run(prep):
                     last = out
+                    for event in out.get("trace") or ():
+                        yield sse(_trace_chunk(rid, created, "text_completion", model_name, event))
                     finish = out["finish_reason"] if out["finished"] else None
                     if delta or finish:
                         yield sse(chunk(delta, _finish(finish)))
@@ -154,6 +156,8 @@ def build_api(resolve: Callable[[], OpenAIService]) -> FastAPI:
                 yield sse(chunk({"role": "assistant", "content": ""}, None))
                 async for delta, out in service.run(prep):
                     last = out
+                    for event in out.get("trace") or ():
+                        yield sse(_trace_chunk(rid, created, "chat.completion.chunk", model_name, event))
                     finish = out["finish_reason"] if out["finished"] else None
                     if delta:
                         yield sse(chunk({"content": delta}, None))
@@ -200,6 +204,12 @@ def _usage_chunk(
         "usage": _usage(len(prep.prompt), len(last["all_tokens"]) if last else 0),
         "triserve": service.info(prep, last),
     }
+
+
+def _trace_chunk(rid: str, created: int, kind: str, model: str, event: dict[str, Any]) -> dict[str, Any]:
+    """A ``decoding.trace`` event as a stream chunk with no choices (as a usage chunk is), the event in
+    the ``triserve_trace`` extension field: clients that do not look for it see an empty chunk."""
+    return {"id": rid, "object": kind, "created": created, "model": model, "choices": [], "triserve_trace": event}
 
 
 def _finish(reason: str | None) -> str | None:

@@ -15,7 +15,7 @@ import time
 import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -33,7 +33,9 @@ from models.config import ModelConfig
 from models.data import CHAT_TEMPLATE
 from models.engine.costs import OptionStats, option_key, split_option
 from models.engine.detokenizer import IncrementalDetokenizer
+from models.infill import Middle, likeliest, middle_lengths, middle_of, scored_text
 from models.modes import DecodeParams, kv_tokens_needed
+from models.modes.infill import infill_context
 from models.vlm import VLMConfig
 from vision.loading import ImageError, load_image
 from vision.preprocess import ImageLayout, placeholder_text, preprocess
@@ -164,6 +166,11 @@ class OpenAIService:
         self, req: CommonRequest, prompt_len: int, images: bool = False
     ) -> tuple[ServedModel, str, Decision | None]:
         mode = req.decoding.mode if req.decoding else "auto"
+        if getattr(req, "suffix", None):  # only diffusion fills in a middle
+            if mode not in ("auto", "diffusion"):
+                message = f"suffix (infilling) needs decoding mode diffusion or auto, not {mode}"
+                raise APIError(400, message, param="suffix")
+            mode = "diffusion"
         if req.model != "auto" and req.model not in self.models:
             raise APIError(404, f"the model '{req.model}' does not exist", param="model", code="model_not_found")
         if req.model != "auto" and mode != "auto":
@@ -293,6 +300,13 @@ class OpenAIService:
         if req.top_p not in (None, 1.0):
             raise APIError(400, "top_p other than 1 is not supported; use temperature", param="top_p")
         dec = req.decoding
+        if dec and dec.trace and not req.stream:
+            raise APIError(
+                400, "decoding.trace needs stream: true (its events are stream chunks)", param="decoding.trace"
+            )
+        suffix = (
+            tuple(model.tokenizer.encode(req.suffix, add_special_tokens=False)) if getattr(req, "suffix", None) else ()
+        )
         params = DecodeParams(
             mode=mode,
             max_new_tokens=max(limit, 1),  # 0 (echo-only scoring) never reaches the engine
@@ -302,11 +316,26 @@ class OpenAIService:
             branches=dec.branches if dec else None,
             temperature=1.0 if req.temperature is None else req.temperature,
             seed=req.seed,
+            suffix=suffix,
+            revise=dec.revise.threshold if dec and dec.revise else None,
+            revise_passes=dec.revise.max_passes if dec and dec.revise else 8,
+            trace=bool(dec and dec.trace),
         )
         try:
             params.validate()
         except ValueError as exc:
             raise APIError(400, str(exc), param="decoding") from None
+        if suffix:
+            block = params.block_length or model.config.block_size
+            needed = infill_context(len(prompt), params.max_new_tokens, block, len(suffix))
+            if needed > context:
+                raise APIError(
+                    400,
+                    f"prompt ({len(prompt)} tokens), max_tokens ({limit}) and the {needed - len(prompt) - limit} "
+                    f"suffix tokens the middle sees exceed the model's context of {context} tokens",
+                    param="suffix",
+                    code="context_length_exceeded",
+                )
         worst = kv_tokens_needed(len(prompt), params, model.config.block_size)
         if -(-worst // model.spec.page_size) > model.spec.num_pages:
             raise APIError(
@@ -336,36 +365,105 @@ class OpenAIService:
     async def run(self, prep: Prepared) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """Yield (text delta, step output) until the request ends (EOS, length or a stop string).
 
-        The step output carries ``all_tokens``: the ids generated so far. Text is decoded and
-        searched for stop strings incrementally (work per output grows with its new tokens only).
+        The step output carries ``all_tokens``: the ids generated so far, and with ``decoding.trace``
+        its forwards' ``trace`` events (token ids shown as text). Text is decoded and searched for stop
+        strings incrementally (work per output grows with its new tokens only). A request with a
+        suffix runs as infilling (``_run_infill``).
         """
-        request = {
-            "request_id": new_id("req"),
-            "prompt": prep.prompt,
-            "params": prep.params.__dict__,
-            "tier": prep.tier,
-        }
-        if prep.images:
-            request["images"] = prep.images
+        if prep.params.suffix:
+            async for item in self._run_infill(prep):
+                yield item
+            return
         detokenizer = IncrementalDetokenizer(prep.model.tokenizer)
+        tracer = IncrementalDetokenizer(prep.model.tokenizer) if prep.params.trace else None
         stops = StopStrings(prep.stops)
-        stream = prep.model.backend.generate(request)
+        stream = prep.model.backend.generate(self._engine_request(prep, prep.params))
         try:
             async for out in stream:
                 text = detokenizer.push(out["new_tokens"])
                 if out["finished"]:
                     text += detokenizer.flush()
                 out = {**out, "all_tokens": detokenizer.tokens}
+                if tracer is not None:
+                    out["trace"] = trace_view(prep.model.tokenizer, out.get("trace") or [], tracer, out["finished"])
                 delta, stopped = stops.feed(text, final=out["finished"])
                 if stopped:
                     yield delta, {**out, "finished": True, "finish_reason": "stop", "stopped_by_string": True}
                     return
-                if delta or out["finished"]:
+                if delta or out["finished"] or out.get("trace"):
                     yield delta, out
                 if out["finished"]:
                     return
         finally:
             await _close(stream)
+
+    def _engine_request(self, prep: Prepared, params: DecodeParams) -> dict[str, Any]:
+        request = {"request_id": new_id("req"), "prompt": prep.prompt, "params": params.__dict__, "tier": prep.tier}
+        if prep.images:
+            request["images"] = prep.images
+        return request
+
+    async def _run_infill(self, prep: Prepared) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """Infilling (``models.infill``): one engine request per middle length tried, all at once;
+        their trace events as they come (marked with the ``candidate`` length); then the middle the
+        AR model finds likeliest before the suffix, as one delta (and a ``chosen`` trace event)."""
+        model, params = prep.model, prep.params
+        tok = model.tokenizer
+        events: asyncio.Queue[list[dict[str, Any]]] = asyncio.Queue()
+
+        async def decode(length: int) -> Middle:
+            tracer = IncrementalDetokenizer(tok)
+            tokens: list[int] = []
+            nfe = 0
+            stream = model.backend.generate(self._engine_request(prep, replace(params, max_new_tokens=length)))
+            try:
+                async for out in stream:
+                    tokens += out["new_tokens"]
+                    nfe = out["nfe"]
+                    if params.trace and out.get("trace"):
+                        view = trace_view(tok, out["trace"], tracer, out["finished"])
+                        events.put_nowait([{**e, "candidate": length} for e in view])
+            finally:
+                await _close(stream)
+            return Middle(length, middle_of(tokens, model.config.eos_token_id), nfe)
+
+        tasks = [asyncio.create_task(decode(m)) for m in middle_lengths(params.max_new_tokens)]
+        try:
+            pending = set(tasks)
+            while pending:
+                waiter = asyncio.create_task(events.get())
+                done, _ = await asyncio.wait(pending | {waiter}, return_when=asyncio.FIRST_COMPLETED)
+                if waiter in done:
+                    yield "", {"finished": False, "trace": waiter.result()}
+                else:
+                    waiter.cancel()
+                pending -= done
+            candidates = [t.result() for t in tasks]
+        finally:
+            for task in tasks:
+                task.cancel()
+        while not events.empty():
+            yield "", {"finished": False, "trace": events.get_nowait()}
+        block = params.block_length or model.config.block_size
+
+        async def likelihood(candidate: Middle) -> None:
+            ids, first = scored_text(prep.prompt, candidate.tokens, list(params.suffix), block)
+            candidate.logprob = sum(lp for lp, _ in (await model.backend.score(ids, 0))[first - 1 :])
+
+        await asyncio.gather(*(likelihood(c) for c in candidates))
+        chosen = likeliest(candidates)
+        text, _ = StopStrings(prep.stops).feed(tok.decode(chosen.tokens, skip_special_tokens=True), final=True)
+        out = {
+            "new_tokens": chosen.tokens,
+            "all_tokens": chosen.tokens,
+            "finished": True,
+            "finish_reason": "stop",
+            "nfe": sum(c.nfe for c in candidates),
+            "tokens": len(chosen.tokens),
+        }
+        if params.trace:
+            out["trace"] = [{"kind": "chosen", "candidate": chosen.length, "text": text}]
+        yield text, out
 
     async def logprobs(self, model: ServedModel, ids: list[int], first: int, top: int) -> dict[str, Any]:
         """OpenAI completions ``logprobs`` for ids[first:] (AR log-probabilities, as in vLLM)."""
@@ -398,6 +496,25 @@ class OpenAIService:
         block = None if prep.params.mode == "ar" else prep.params.block_length or prep.model.config.block_size
         explored = bool(prep.decision and prep.decision.explored)
         return triserve_info(prep.model.spec.name, prep.params.mode, block, explored, prep.tier, nfe, tokens)
+
+
+def trace_view(tokenizer, events: list[dict[str, Any]], tracer: IncrementalDetokenizer, final: bool) -> list[dict]:
+    """Trace events with token ids as text: ``emitted`` through the request's own incremental
+    detokenizer (so the emitted texts of all events join into the generated text), block slots and
+    drafts one token each (None: a masked slot)."""
+    out = []
+    for i, event in enumerate(events):
+        view = dict(event)
+        view["emitted"] = tracer.push(event["emitted"])
+        if final and i == len(events) - 1:
+            view["emitted"] += tracer.flush()
+        if "block" in event:
+            view["block"] = [None if t is None else tokenizer.decode([t]) for t in event["block"]]
+        for key in ("draft", "next_draft"):
+            if key in event:
+                view[key] = [tokenizer.decode([t]) for t in event[key]]
+        out.append(view)
+    return out
 
 
 def _check_placeholders(model: ServedModel, ids: list[int], expected: int, param: str) -> None:

@@ -31,6 +31,15 @@ class APIError(Exception):
         self.headers = headers or {}
 
 
+class Revise(BaseModel):
+    """``decoding.revise``: re-mask decided diffusion tokens whose confidence falls below ``threshold``
+    (``models.modes.diffusion``), in at most ``max_passes`` passes per block."""
+
+    model_config = ConfigDict(extra="forbid")
+    threshold: float = Field(gt=0.0, lt=1.0)
+    max_passes: int = Field(default=8, ge=0, le=1024)
+
+
 class Decoding(BaseModel):
     """The ``decoding`` extension: a mode (or auto) and its knobs."""
 
@@ -40,6 +49,8 @@ class Decoding(BaseModel):
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     max_steps: int | None = Field(default=None, ge=1)
     branches: int | None = Field(default=None, ge=1, le=128)  # quadratic_spec: acceptance lengths drafted ahead
+    revise: Revise | None = None  # diffusion only
+    trace: bool = False  # streamed requests: what every forward did, as extra chunks
 
 
 class StreamOptions(BaseModel):
@@ -96,6 +107,7 @@ class CommonRequest(BaseModel):
 
 class CompletionRequest(CommonRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
+    suffix: str | None = None  # infilling: the text after the completion (diffusion)
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=5)
 

@@ -45,11 +45,29 @@ class Noise:
     p: torch.Tensor  # [B] mask probability per sequence
 
 
-def draw_noise(batch: torch.Tensor, generator: torch.Generator | None = None) -> Noise:
+def draw_noise(
+    batch: torch.Tensor,
+    generator: torch.Generator | None = None,
+    *,
+    block_size: int | None = None,
+    infill_fraction: float = 0.0,
+) -> Noise:
+    """Independent masking at a per-sequence rate p; with ``infill_fraction``, that share of the
+    sequences is masked as infilling is decoded instead (``models.modes.infill``): in every block the
+    first r positions, r ~ U{1..block_size - 1} per sequence, and p = r / block_size, so the masked
+    span learns from the clean tokens after it in its block."""
     bsz, n = batch.shape
     t = torch.rand(bsz, generator=generator)
     p = (1 - MASK_EPS) * t + MASK_EPS
     masked = torch.rand(bsz, n, generator=generator) < p[:, None]
+    if infill_fraction > 0:
+        if block_size is None:
+            raise ValueError("infill masking needs the block size")
+        rows = torch.rand(bsz, generator=generator) < infill_fraction
+        span = torch.randint(1, block_size, (bsz,), generator=generator)
+        leading = (torch.arange(n) % block_size)[None, :] < span[:, None]
+        masked = torch.where(rows[:, None], leading, masked)
+        p = torch.where(rows, span / block_size, p)
     return Noise(masked=masked.to(batch.device), p=p.to(batch.device))
 
 

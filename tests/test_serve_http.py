@@ -15,6 +15,7 @@ import yaml
 import models
 from models.calibration import device_key, save_calibration
 from models.engine.costs import OptionStats
+from models.infill import infill
 from models.loading import save_model
 from tests.conftest import random_model, run_app
 
@@ -229,6 +230,60 @@ def test_echo_logprobs_for_loglikelihood(client, fixture_model, tokenizer):
     assert resp.choices[0].text == tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def test_suffix_fills_in_the_middle(client, fixture_model, tokenizer):
+    prompt, suffix = "def area(width, height):\n    ", "\n    return result\n"
+    resp = client.completions.create(model="tiny", prompt=prompt, suffix=suffix, max_tokens=6, temperature=0)
+    expected = infill(fixture_model, tokenizer.encode(prompt), tokenizer.encode(suffix, add_special_tokens=False), 6)
+    assert resp.choices[0].text == tokenizer.decode(expected.tokens, skip_special_tokens=True)
+    info = resp.model_extra["triserve"]
+    assert info["mode"] == "diffusion" and info["nfe"] == expected.nfe  # auto routes a suffix to diffusion
+
+
+def trace_of(chunks) -> list[dict]:
+    return [c.model_extra["triserve_trace"] for c in chunks if not c.choices and c.model_extra.get("triserve_trace")]
+
+
+@pytest.mark.parametrize("mode", ["diffusion", "linear_spec"])
+def test_trace_events_end_with_the_streamed_text(client, mode):
+    chunks = list(
+        client.completions.create(
+            model="tiny",
+            prompt="def add(a, b):\n",
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            extra_body={"decoding": {"mode": mode, "block_length": 8, "trace": True}},
+        )
+    )
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    events = trace_of(chunks)
+    assert text and "".join(e["emitted"] for e in events) == text
+    kinds = {e["kind"] for e in events}
+    if mode == "diffusion":
+        assert {"denoise", "commit"} <= kinds
+        assert any(None in e["block"] for e in events if e["kind"] == "denoise")  # slots still masked
+    else:
+        assert {"draft", "verify"} <= kinds and all(isinstance(t, str) for e in events for t in e.get("draft", []))
+
+
+def test_trace_of_an_infill_shows_every_candidate_and_the_choice(client):
+    chunks = list(
+        client.completions.create(
+            model="tiny",
+            prompt="x = 1\n",
+            suffix="\nprint(x, y)\n",
+            max_tokens=3,
+            temperature=0,
+            stream=True,
+            extra_body={"decoding": {"trace": True}},
+        )
+    )
+    events = trace_of(chunks)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert {e["candidate"] for e in events if e["kind"] == "denoise"} == {1, 2, 3}
+    assert events[-1]["kind"] == "chosen" and events[-1]["text"] == text
+
+
 @pytest.mark.parametrize(
     ("body", "status", "param"),
     [
@@ -243,6 +298,12 @@ def test_echo_logprobs_for_loglikelihood(client, fixture_model, tokenizer):
         ({"model": "nope", "prompt": "x"}, 404, "model"),
         ({"model": "tiny", "prompt": "word " * 600}, 413, "prompt"),
         ({"model": "tiny", "prompt": "x", "max_tokens": 5000}, 400, "max_tokens"),
+        ({"model": "tiny", "prompt": "x", "suffix": "y", "decoding": {"mode": "ar"}}, 400, "suffix"),
+        ({"model": "tiny", "prompt": "x", "suffix": "y = 1\n" * 50, "max_tokens": 500}, 400, "suffix"),
+        ({"model": "tiny", "prompt": "x", "decoding": {"trace": True}}, 400, "decoding.trace"),
+        ({"model": "tiny", "prompt": "x", "decoding": {"revise": {"threshold": 0.5, "max_passes": -1}}}, 400, None),
+        ({"model": "tiny", "prompt": "x", "decoding": {"revise": {"threshold": 1.5}}}, 400, None),
+        ({"model": "tiny", "prompt": "x", "decoding": {"mode": "ar", "revise": {"threshold": 0.5}}}, 400, "decoding"),
     ],
 )
 def test_bad_input_gets_openai_error(app, body, status, param):

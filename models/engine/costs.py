@@ -39,8 +39,10 @@ def split_option(key: str) -> tuple[str, int | None]:
 
 def request_option(params: DecodeParams, block_size: int) -> str | None:
     """The option a request's figures describe, or None when it departs from the option's defaults
-    (a diffusion threshold other than 0.9, a set number of quadratic branches): its TPF would mislead."""
-    if params.branches is not None or (params.mode == "diffusion" and params.threshold != DEFAULT_THRESHOLD):
+    (a diffusion threshold other than 0.9, a set number of quadratic branches, an infilling window,
+    revision): its TPF would mislead."""
+    custom_threshold = params.mode == "diffusion" and params.threshold != DEFAULT_THRESHOLD
+    if params.branches is not None or params.suffix or params.revise is not None or custom_threshold:
         return None
     return option_key(params.mode, params.block_length or block_size)
 

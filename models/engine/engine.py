@@ -40,6 +40,7 @@ class StepOutput:
     tokens: int  # emitted so far
     ttft: float | None
     new_accepted: list[int]  # tokens emitted per speculative cycle, for the cycles of these steps
+    trace: list[dict] = field(default_factory=list)  # with params.trace: what each of these forwards did
 
     @property
     def tpf(self) -> float:
@@ -56,6 +57,7 @@ class StepOutput:
             later.tokens,
             later.ttft if later.ttft is not None else self.ttft,
             self.new_accepted + later.new_accepted,
+            self.trace + later.trace,
         )
 
 
@@ -149,10 +151,12 @@ class Engine:
             raise ValueError(f"unknown tier {tier!r}; expected one of {', '.join(TIER_PRIORITY)}")
         state = make_state(prompt, params, self.model.config, embeds)
         limit = self.model.config.max_position_embeddings
-        if len(prompt) + params.max_new_tokens > limit:
+        if state.context_needed > limit:
+            seen = state.context_needed - len(prompt) - params.max_new_tokens
+            suffix = f", plus the {seen} suffix tokens it sees," if seen else ""
             raise RequestRejected(
-                f"prompt ({len(prompt)} tokens) plus max_tokens ({params.max_new_tokens}) exceeds the model's "
-                f"context of {limit} tokens"
+                f"prompt ({len(prompt)} tokens) plus max_tokens ({params.max_new_tokens}){suffix} "
+                f"exceeds the model's context of {limit} tokens"
             )
         tokens = kv_tokens_needed(len(prompt), params, self.model.config.block_size)
         if self.kv.pages_for(tokens) > self.kv.num_pages:
@@ -224,7 +228,8 @@ class Engine:
                 self._ids.discard(request.request_id)
                 if request.option is not None and state.tpf:
                     self.stats.options.observe_finished(request.option, state.tpf)
-            if tokens or state.finished:
+            trace, state.trace = state.trace, [] if state.trace is not None else None
+            if tokens or state.finished or trace:
                 outputs.append(
                     StepOutput(
                         request.request_id,
@@ -235,6 +240,7 @@ class Engine:
                         len(state.tokens),
                         request.stats.ttft,
                         state.accepted_lengths[cycles:],
+                        trace or [],
                     )
                 )
         self.stats.steps += 1

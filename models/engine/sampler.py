@@ -228,9 +228,10 @@ class Sampler:
             [float("inf") if i.work.threshold is None else i.work.threshold for i in group], dtype=torch.float32
         ).to(device)
         block_logits = logits[rows_t.reshape(-1)]
+        revised = self._revised(logits, group, blocks_t)  # read before the commit changes blocks_t
         if group[0].state.temperature <= 0:
             kernels.unmask(blocks_t, block_logits.view(len(group), width, -1), self.mask_id, thresholds, least_t)
-            return blocks_t
+            return self._remask(blocks_t, revised)
         allowed = block_logits.clone()
         allowed[:, self.mask_id] = float("-inf")
         u = torch.zeros((len(group), width), dtype=torch.float64)
@@ -246,7 +247,35 @@ class Sampler:
             thresholds,
             least_t,
         )
-        return blocks_t
+        return self._remask(blocks_t, revised)
+
+    def _revised(
+        self, logits: torch.Tensor, group: list[Item], blocks: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(items, slots) of revisable tokens whose probability in their shadow rows (after the block's
+        rows) is below the item's ``revise``; None when no item revises."""
+        items, slots, rows, limits = [], [], [], []
+        for b, item in enumerate(group):
+            work = item.work
+            if work.revise is None:
+                continue
+            for j, slot in enumerate(work.revisable):
+                items.append(b)
+                slots.append(slot)
+                rows.append(item.row + len(work.block) + j)
+                limits.append(work.revise)
+        if not items:
+            return None
+        items_t, slots_t, rows_t = _to_device(logits.device, items, slots, rows)
+        tokens = blocks[items_t, slots_t]
+        prob = torch.softmax(logits[rows_t].float(), dim=-1).gather(1, tokens[:, None]).squeeze(1)
+        low = prob < torch.tensor(limits, dtype=torch.float32).to(logits.device)
+        return items_t[low], slots_t[low]
+
+    def _remask(self, blocks: torch.Tensor, revised: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        if revised is not None:
+            blocks[revised] = self.mask_id
+        return blocks
 
     @staticmethod
     def _probs(rows: torch.Tensor, group: list[Item], per_item: int) -> torch.Tensor:

@@ -6,6 +6,7 @@ from models.config import ModelConfig
 from models.modes.ar import ARState
 from models.modes.base import MODES, DecodeParams, DecodeState, Draft, Plan, Unmask, Verify, Work, kv_tokens_needed
 from models.modes.diffusion import DiffusionState
+from models.modes.infill import InfillState
 from models.modes.linear_spec import LinearSpecState
 from models.modes.quadratic_spec import QuadraticSpecState
 from models.segments import PromptEmbeds
@@ -36,4 +37,5 @@ def make_state(
 ) -> DecodeState:
     """The state machine of ``params.mode`` for one request (``embeds``: image embeddings of a VLM prompt)."""
     params.validate()
-    return STATES[params.mode](prompt, params, config, embeds)
+    state = InfillState if params.suffix else STATES[params.mode]
+    return state(prompt, params, config, embeds)

@@ -40,6 +40,10 @@ class DecodeParams:
     temperature: float = 0.0
     seed: int | None = None
     branches: int | None = None  # quadratic_spec: acceptance lengths drafted ahead per cycle (None: default)
+    suffix: tuple[int, ...] = ()  # diffusion: text after the output (infilling; the output is the middle)
+    revise: float | None = None  # diffusion: re-mask a decided slot whose confidence falls below this
+    revise_passes: int = 8  # diffusion: at most this many denoise passes may re-mask (extra passes bound)
+    trace: bool = False  # record what every forward did (``DecodeState.trace``)
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -58,6 +62,14 @@ class DecodeParams:
             raise ValueError("temperature must be non-negative")
         if self.branches is not None and self.branches < 1:
             raise ValueError("branches must be at least 1")
+        if self.suffix and self.mode != "diffusion":
+            raise ValueError(f"a suffix (infilling) needs mode diffusion, not {self.mode}")
+        if self.revise is not None and self.mode != "diffusion":
+            raise ValueError(f"revise needs mode diffusion, not {self.mode}")
+        if self.revise is not None and not 0.0 < self.revise < 1.0:
+            raise ValueError("revise (a confidence) must be between 0 and 1, exclusive")
+        if self.revise_passes < 0:
+            raise ValueError("revise_passes must be non-negative")
 
 
 def kv_tokens_needed(prompt_len: int, params: DecodeParams, block_size: int) -> int:
@@ -101,11 +113,16 @@ class Draft:
 @dataclass
 class Unmask:
     """One diffusion denoise pass over ``block`` (logit rows 0..L-1): commit the most confident masked
-    slot and every one at or above ``threshold``, at least ``least`` of them. Result: the new block."""
+    slot and every one at or above ``threshold``, at least ``least`` of them; then, with ``revise``,
+    mask again each slot of ``revisable`` (decided by earlier passes) whose token has a probability
+    below ``revise`` in the logit rows after the block's (one per revisable slot: a shadow pass with
+    those slots masked). Result: the new block."""
 
     block: list[int]
     threshold: float | None
     least: int | None
+    revise: float | None = None
+    revisable: list[int] = field(default_factory=list)
 
 
 Work = Verify | Draft | Unmask
@@ -162,6 +179,8 @@ class DecodeState(ABC):
         self.accepted_lengths: list[int] = []  # tokens emitted per speculative cycle
         self.finished = False
         self.finish_reason: str | None = None
+        # with params.trace: one event per forward (``trace_event``), taken away by whoever reports them
+        self.trace: list[dict] | None = [] if params.trace else None
 
     # ----- protocol --------------------------------------------------------------------------
     @property
@@ -195,6 +214,12 @@ class DecodeState(ABC):
 
     def advance(self, plan: Plan, result: list[int]) -> list[int]:
         """Consume the results of a planned step's work; return the newly emitted tokens."""
+        emitted = self._advance(plan, result)
+        if self.trace is not None:
+            self.trace.append(trace_event(self, plan, result, emitted))
+        return emitted
+
+    def _advance(self, plan: Plan, result: list[int]) -> list[int]:
         if plan.prefill_stop is not None:
             self.cached_len = plan.prefill_stop
             if self.prefilling or self.started:
@@ -222,6 +247,11 @@ class DecodeState(ABC):
 
     # ----- helpers -----------------------------------------------------------------------------
     @property
+    def context_needed(self) -> int:
+        """Positions the request may occupy: its prompt and its output."""
+        return len(self.prompt) + self.params.max_new_tokens
+
+    @property
     def remaining(self) -> int:
         return self.params.max_new_tokens - len(self.tokens)
 
@@ -246,3 +276,40 @@ class DecodeState(ABC):
     @property
     def tpf(self) -> float:
         return len(self.tokens) / self.nfe if self.nfe else 0.0
+
+
+def trace_event(state: DecodeState, plan: Plan, result: list[int], emitted: list[int]) -> dict:
+    """What one forward did for a request, for ``decoding.trace``: its ``kind`` (prefill, ar,
+    denoise, commit, draft, verify), the tokens it emitted, and ``start``, where the active block
+    begins in the output. A denoise pass adds the ``block`` after it (None: still masked), the slots
+    it ``committed`` and ``remasked`` and ``output_slots`` (the slots after those are not output: the
+    infilling suffix, or past max_tokens); a verify adds the ``draft`` and how many were ``accepted``,
+    a draft (and a quadratic verify) the new ``draft``."""
+    work = plan.work
+    event: dict = {"forward": state.nfe, "kind": "prefill", "emitted": list(emitted)}
+    event["start"] = len(state.tokens) - len(emitted)
+    if plan.prefill_stop is not None:
+        return event
+    if isinstance(work, Unmask):
+        mask = state.mask_id
+        event.update(
+            kind="denoise",
+            block=[None if t == mask else t for t in result],
+            committed=[i for i, (b, a) in enumerate(zip(work.block, result)) if b == mask != a],
+            remasked=[i for i, (b, a) in enumerate(zip(work.block, result)) if b != mask == a],
+            output_slots=min(len(result), state.params.max_new_tokens - event["start"]),
+        )
+    elif isinstance(work, Draft):
+        verify = work.verify
+        if verify is not None:
+            event.update(kind="verify", draft=list(verify.draft), accepted=result[0])
+        else:
+            event["kind"] = "draft"
+        tokens = result[2:] if verify is not None else result
+        event["next_draft" if verify is not None else "draft"] = [t for t in tokens[: work.count] if t >= 0]
+    elif isinstance(work, Verify):
+        if work.draft:
+            event.update(kind="verify", draft=list(work.draft), accepted=result[0])
+        else:
+            event["kind"] = "commit" if state.mode == "diffusion" else "ar"
+    return event

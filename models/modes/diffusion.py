@@ -6,6 +6,13 @@ every masked slot whose confidence reaches the threshold; the block ends when no
 (among the slots still needed) or when an EOS is committed with no mask before it. A causal pass
 over the finished block then writes its keys/values and yields the next seed.
 NFE = denoise passes + one commit pass per block (the prompt prefill is not counted).
+
+Revision (``revise``): the model's output at a slot it can see is untrained (the objective scores
+masked slots only), so a decided token's confidence is read where it is masked: a denoise pass
+carries a shadow of the block, in the same forward, in which half of the decided slots (alternating
+by pass parity) are masked again and the rest of the block stays as it is. A checked token whose
+probability there is below ``revise`` is masked in the new block and decided again by later passes.
+At most ``revise_passes`` passes of a block may re-mask anything, which bounds the extra passes.
 """
 
 from __future__ import annotations
@@ -25,16 +32,27 @@ class DiffusionState(DecodeState):
         self.steps = 0
         self.schedule: list[int] = []
         self.block_done = False
+        self.decided: set[int] = set()  # slots of the block committed by its denoise passes (revisable)
+        self.revisions_left = self.params.revise_passes if self.params.revise is not None else 0
 
     def _start_block(self, seed: int) -> list[int]:
-        self.block = [seed] + [self.mask_id] * (self.block_length - 1)
+        self._set_block([seed] + [self.mask_id] * (self.block_length - 1), masked=self.block_length - 1)
+        return []
+
+    def _set_block(self, block: list[int], masked: int) -> None:
+        """Denoise ``block`` next; without a threshold, ``masked`` slots are spread over the step schedule."""
+        self.block = block
+        self.decided = set()
         self.steps = 0
-        masked = self.block_length - 1
         total_steps = self.params.max_steps or self.block_length
         base, extra = divmod(masked, total_steps)
         self.schedule = [base + (1 if i < extra else 0) for i in range(total_steps)]
-        self.block_done = self.mask_id not in self.block[: min(self.block_length, self.remaining)]
-        return []
+        self.block_done = self.mask_id not in self.block[: self.needed]
+
+    @property
+    def needed(self) -> int:
+        """Leading slots of the block that become output (the others are decoded, never emitted)."""
+        return min(len(self.block), self.remaining)
 
     def after_prefill(self, token: int) -> list[int]:
         return self._start_block(token)
@@ -44,16 +62,33 @@ class DiffusionState(DecodeState):
         if self.block_done:
             return Plan([causal_segment(self.block, start, write=True, logit_rows=[self.block_length - 1])], Verify())
         least = self._least_count(self.block.count(self.mask_id))
-        return Plan([bidirectional_segment(self.block, start)], Unmask(self.block, self.params.threshold, least))
+        work = Unmask(self.block, self.params.threshold, least)
+        segments = [bidirectional_segment(self.block, start)]
+        checked = [i for i in sorted(self.decided) if i % 2 == self.steps % 2] if self.revisions_left else []
+        if checked:  # the shadow: the block with the checked slots masked again, read at those slots
+            shadow = [self.mask_id if i in checked else t for i, t in enumerate(self.block)]
+            segments.append(bidirectional_segment(shadow, start, logit_rows=checked))
+            work.revise, work.revisable = self.params.revise, checked
+        return Plan(segments, work)
 
     def advance_decode(self, plan: Plan, result: list[int]) -> list[int]:
         self.nfe += 1
         if self.block_done:
             return self._commit(result[1])
-        self.block = result
+        self._denoised(plan.work.block, result)
+        return []
+
+    def _denoised(self, before: list[int], after: list[int]) -> None:
+        """Take a denoise pass's block: note what it decided and re-masked, and whether the block is done."""
+        mask = self.mask_id
+        self.decided |= {i for i, (b, a) in enumerate(zip(before, after)) if b == mask != a}
+        remasked = {i for i, (b, a) in enumerate(zip(before, after)) if b != mask == a}
+        if remasked:
+            self.decided -= remasked
+            self.revisions_left -= 1
+        self.block = after
         self.steps += 1
         self._check_block_done()
-        return []
 
     def _least_count(self, n_masked: int) -> int | None:
         """Slots this pass must commit whatever the threshold says: the step schedule without a
@@ -66,17 +101,15 @@ class DiffusionState(DecodeState):
 
     def _check_block_done(self) -> None:
         """After a denoise pass (as the reference, an EOS seed still costs one pass)."""
-        needed = min(self.block_length, self.remaining)
-        if self.mask_id not in self.block[:needed]:
+        needed = self.block[: self.needed]
+        if self.mask_id not in needed:
             self.block_done = True
-        elif self.eos_id is not None and self.eos_id in self.block:
-            first_eos = self.block.index(self.eos_id)
-            self.block_done = self.mask_id not in self.block[:first_eos]
+        elif self.eos_id is not None and self.eos_id in needed:
+            self.block_done = self.mask_id not in needed[: needed.index(self.eos_id)]
 
     def _commit(self, seed: int) -> list[int]:
         self.cached_len += self.block_length
-        needed = min(self.block_length, self.remaining)
-        emitted = self.emit(self.block[:needed])
+        emitted = self.emit(self.block[: self.needed])
         if not self.finished:
             self._start_block(seed)
         return emitted
