@@ -11,13 +11,20 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-.PHONY: install serve test lint generate
+.PHONY: install serve test lint generate browser
 install: $(VENV)/.installed
+
+# Debian's chromium and its driver, for the playground's browser test (tests/test_playground.py)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+		(apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null 2>&1) || \
+		echo "warning: could not install chromium (apt, as root); the playground browser test will be skipped"
 
 serve: $(VENV)/.installed
 	$(VENV)/bin/triserve serve
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed browser
 	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 lint: $(VENV)/.installed

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from deployments.openai_api import OpenAIService, Prepared, sse
 from deployments.protocol import APIError, ChatRequest, CompletionRequest, new_id, now
+
+PLAYGROUND = Path(__file__).resolve().parent / "playground"  # static files, package data
+PLAYGROUND_ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
 
 
 def _error_response(exc: APIError) -> JSONResponse:
@@ -79,6 +83,16 @@ def build_api(resolve: Callable[[], OpenAIService]) -> FastAPI:
         service.check_auth(request.headers.get("authorization"))
         return service.list_models()
 
+    @api.get("/", include_in_schema=False)
+    async def playground():
+        return FileResponse(PLAYGROUND / "index.html", media_type="text/html")
+
+    @api.get("/playground/{name}", include_in_schema=False)
+    async def playground_asset(name: str):
+        if name not in PLAYGROUND_ASSETS:
+            raise APIError(404, f"no playground file {name!r}", type="not_found_error")
+        return FileResponse(PLAYGROUND / name, media_type=PLAYGROUND_ASSETS[name])
+
     @api.get("/health")
     async def health():
         return {"status": "ok"}
@@ -114,7 +128,10 @@ def build_api(resolve: Callable[[], OpenAIService]) -> FastAPI:
                         yield sse(_trace_chunk(rid, created, "text_completion", model_name, event))
                     finish = out["finish_reason"] if out["finished"] else None
                     if delta or finish:
-                        yield sse(chunk(delta, _finish(finish)))
+                        body = chunk(delta, _finish(finish))
+                        if finish:
+                            body["triserve"] = service.info(prep, out)
+                        yield sse(body)
                 if req.stream_options and req.stream_options.include_usage:
                     yield sse(_usage_chunk(service, prep, last, rid, created, "text_completion"))
                 yield sse("[DONE]")
@@ -162,7 +179,7 @@ def build_api(resolve: Callable[[], OpenAIService]) -> FastAPI:
                     if delta:
                         yield sse(chunk({"content": delta}, None))
                     if finish:
-                        yield sse(chunk({}, _finish(finish)))
+                        yield sse({**chunk({}, _finish(finish)), "triserve": service.info(prep, out)})
                 if req.stream_options and req.stream_options.include_usage:
                     yield sse(_usage_chunk(service, prep, last, rid, created, "chat.completion.chunk"))
                 yield sse("[DONE]")

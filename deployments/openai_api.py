@@ -118,6 +118,7 @@ class OpenAIService:
                 "created": 0,
                 "owned_by": "triserve",
                 "max_model_len": m.config.max_position_embeddings,
+                "triserve": {"vision": m.vision is not None, "block_size": m.config.block_size},
             }
             for name, m in self.models.items()
         ]

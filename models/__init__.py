@@ -2,6 +2,7 @@
 
 from models.config import ConfigError, ModelConfig
 from models.generate import Generation, generate, score, warm_up
+from models.infill import Infill, infill
 from models.loading import CheckpointError, load_model, save_model
 from models.model import TriModeModel
 from models.modes import MODES, DecodeParams
@@ -13,11 +14,13 @@ __all__ = [
     "ConfigError",
     "DecodeParams",
     "Generation",
+    "Infill",
     "ModelConfig",
     "TriModeModel",
     "VLMConfig",
     "VisionLanguageModel",
     "generate",
+    "infill",
     "load_model",
     "load_vlm",
     "save_model",

@@ -53,6 +53,8 @@ def generate(
     temperature: float = 0.0,
     seed: int | None = None,
     branches: int | None = None,
+    revise: float | None = None,
+    revise_passes: int = 8,
     embeds: PromptEmbeds | None = None,
 ) -> Generation:
     """Decode one prompt in ``mode``; the same state machines the serving engine runs.
@@ -68,6 +70,8 @@ def generate(
         temperature=temperature,
         seed=seed,
         branches=branches,
+        revise=revise,
+        revise_passes=revise_passes,
     )
     engine = Engine(
         model,
