@@ -48,7 +48,7 @@ def line_cases(tokenizer, count: int, max_middle: int, seed: int = 0) -> list[tu
         lines = source.splitlines(keepends=True)
         functions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.end_lineno - n.lineno >= 4]
         rng.shuffle(functions)
-        for fn in functions[:3]:
+        for fn in functions[:10]:
             start = max(fn.lineno - 8, 0)  # a little context before the def
             text = "".join(lines[start : fn.end_lineno])
             ids = tokenizer.encode(text, add_special_tokens=False)

@@ -25,6 +25,7 @@ from deployments.protocol import (
     APIError,
     ChatRequest,
     CommonRequest,
+    CompletionRequest,
     new_id,
     triserve_info,
 )
@@ -167,7 +168,7 @@ class OpenAIService:
         self, req: CommonRequest, prompt_len: int, images: bool = False
     ) -> tuple[ServedModel, str, Decision | None]:
         mode = req.decoding.mode if req.decoding else "auto"
-        if getattr(req, "suffix", None):  # only diffusion fills in a middle
+        if _suffix(req):  # only diffusion fills in a middle
             if mode not in ("auto", "diffusion"):
                 message = f"suffix (infilling) needs decoding mode diffusion or auto, not {mode}"
                 raise APIError(400, message, param="suffix")
@@ -305,9 +306,7 @@ class OpenAIService:
             raise APIError(
                 400, "decoding.trace needs stream: true (its events are stream chunks)", param="decoding.trace"
             )
-        suffix = (
-            tuple(model.tokenizer.encode(req.suffix, add_special_tokens=False)) if getattr(req, "suffix", None) else ()
-        )
+        suffix = tuple(model.tokenizer.encode(_suffix(req), add_special_tokens=False)) if _suffix(req) else ()
         params = DecodeParams(
             mode=mode,
             max_new_tokens=max(limit, 1),  # 0 (echo-only scoring) never reaches the engine
@@ -406,8 +405,8 @@ class OpenAIService:
 
     async def _run_infill(self, prep: Prepared) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """Infilling (``models.infill``): one engine request per middle length tried, all at once;
-        their trace events as they come (marked with the ``candidate`` length); then the middle the
-        AR model finds likeliest before the suffix, as one delta (and a ``chosen`` trace event)."""
+        their trace events as they come (marked with the ``candidate`` length); then the middle after
+        which the AR model finds the suffix likeliest, as one delta (and a ``chosen`` trace event)."""
         model, params = prep.model, prep.params
         tok = model.tokenizer
         events: asyncio.Queue[list[dict[str, Any]]] = asyncio.Queue()
@@ -516,6 +515,11 @@ def trace_view(tokenizer, events: list[dict[str, Any]], tracer: IncrementalDetok
                 view[key] = [tokenizer.decode([t]) for t in event[key]]
         out.append(view)
     return out
+
+
+def _suffix(req: CommonRequest) -> str | None:
+    """The infilling suffix: a completions field (a chat request's unknown fields are not read)."""
+    return req.suffix if isinstance(req, CompletionRequest) else None
 
 
 def _check_placeholders(model: ServedModel, ids: list[int], expected: int, param: str) -> None:

@@ -3,9 +3,12 @@
 How long the middle is cannot be known in advance, and the family has no token that means "nothing
 here" (it was not trained with one). So several lengths are decoded, each as its own request with
 the suffix in its last block's window (``models.modes.infill``), all batched in the same engine
-steps and sharing the prefix's cached pages; the kept middle is the one under which the AR model
-finds the whole text likeliest: the log-probability of middle plus the suffix's first block given
-the prefix. A middle that commits an end-of-text token ends there.
+steps and sharing the prefix's cached pages; the kept middle is the one after which the AR model
+finds the suffix's first block likeliest (log P(suffix head | prefix, middle)): the middle that
+leads into the suffix best. The joint probability of middle and suffix was tried first and keeps
+the shortest middles (every extra token costs probability): on held-out code it restored lines
+worse than AR without the suffix (bench/RESULTS.md). A middle that commits an end-of-text token
+ends there.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ class Middle:
     length: int  # the middle length it was decoded at
     tokens: list[int]  # its middle, cut before an end-of-text token
     nfe: int
-    logprob: float = -math.inf  # AR log-probability of the middle and the suffix's first block
+    logprob: float = -math.inf  # AR log-probability of the suffix's first block after prefix and middle
 
 
 def middle_of(tokens: list[int], eos_id: int | None) -> list[int]:
@@ -45,8 +48,8 @@ def middle_of(tokens: list[int], eos_id: int | None) -> list[int]:
 
 
 def scored_text(prefix: list[int], middle: list[int], suffix: list[int], block_length: int) -> tuple[list[int], int]:
-    """The ids a candidate is scored on, and the index of the first scored one (the middle's start)."""
-    return prefix + middle + suffix[:block_length], len(prefix)
+    """The ids a candidate is scored on, and the index of the first scored one (the suffix's start)."""
+    return prefix + middle + suffix[:block_length], len(prefix) + len(middle)
 
 
 def likeliest(candidates: list[Middle]) -> Middle:
