@@ -13,10 +13,38 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from deployments.openai_api import OpenAIService, Prepared, sse
-from deployments.protocol import APIError, ChatRequest, CompletionRequest, new_id, now
+from deployments.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    new_id,
+    now,
+)
 
 PLAYGROUND = Path(__file__).resolve().parent / "playground"  # static files, package data
 PLAYGROUND_ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
+
+
+REQUEST_MODELS = (CompletionRequest, ChatRequest, TokenizeRequest, DetokenizeRequest)
+
+
+def _body(model_cls) -> dict[str, Any]:
+    """The OpenAPI request body of a route that parses its JSON itself (auth first, OpenAI-shaped
+    errors, ``extra_body`` merged): its schema is the pydantic model's, under components."""
+    schema = {"$ref": f"#/components/schemas/{model_cls.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _request_schemas() -> dict[str, Any]:
+    """Components for ``_body``: each request model and the models it refers to."""
+    schemas: dict[str, Any] = {}
+    for model_cls in REQUEST_MODELS:
+        schema = model_cls.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model_cls.__name__] = schema
+    return schemas
 
 
 def _error_response(exc: APIError) -> JSONResponse:
@@ -69,6 +97,17 @@ def build_api(resolve: Callable[[], OpenAIService]) -> FastAPI:
     """The app; ``resolve`` returns the service of the process that serves it (a Serve replica)."""
     api = FastAPI(title="triserve", version="0.1.0")
 
+    def openapi() -> dict[str, Any]:
+        if api.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            spec = get_openapi(title=api.title, version=api.version, routes=api.routes)
+            spec.setdefault("components", {}).setdefault("schemas", {}).update(_request_schemas())
+            api.openapi_schema = spec
+        return api.openapi_schema
+
+    api.openapi = openapi
+
     @api.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError):
         return _error_response(exc)
@@ -95,9 +134,22 @@ def build_api(resolve: Callable[[], OpenAIService]) -> FastAPI:
 
     @api.get("/health")
     async def health():
-        return {"status": "ok"}
+        """200 while a replica of some model answers (per model: "ok" or "unavailable"), else 503."""
+        models = await resolve().health()
+        healthy = any(state == "ok" for state in models.values())
+        return JSONResponse({"status": "ok" if healthy else "unavailable", "models": models}, 200 if healthy else 503)
 
-    @api.post("/v1/completions")
+    @api.post("/tokenize", openapi_extra=_body(TokenizeRequest))
+    async def tokenize(request: Request):
+        service, req = await _parse(resolve(), request, TokenizeRequest)
+        return service.tokenize(req)
+
+    @api.post("/detokenize", openapi_extra=_body(DetokenizeRequest))
+    async def detokenize(request: Request):
+        service, req = await _parse(resolve(), request, DetokenizeRequest)
+        return service.detokenize(req)
+
+    @api.post("/v1/completions", openapi_extra=_body(CompletionRequest))
     async def completions(request: Request):
         service, req = await _parse(resolve(), request, CompletionRequest)
         if req.max_tokens == 0 and not req.echo:
@@ -150,7 +202,7 @@ def build_api(resolve: Callable[[], OpenAIService]) -> FastAPI:
         body["triserve"] = service.info(prep, last)
         return JSONResponse(body, headers=_headers(service, prep, last))
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", openapi_extra=_body(ChatRequest))
     async def chat(request: Request):
         service, req = await _parse(resolve(), request, ChatRequest)
         prep = await service.prepare(req, "chat")

@@ -26,6 +26,8 @@ from deployments.protocol import (
     ChatRequest,
     CommonRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     new_id,
     triserve_info,
 )
@@ -43,6 +45,7 @@ from vision.preprocess import ImageLayout, placeholder_text, preprocess
 
 DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 512}  # OpenAI's completions default; chat: context-bound
 STATS_TTL_S = 0.5
+HEALTH_TIMEOUT_S = 2.0
 
 
 class Backend(Protocol):
@@ -125,6 +128,39 @@ class OpenAIService:
         ]
         return {"object": "list", "data": data}
 
+    async def health(self) -> dict[str, str]:
+        """Per model, "ok" when one of its replicas answers for its statistics within 2 s."""
+
+        async def probe(model: ServedModel) -> str:
+            try:
+                await asyncio.wait_for(model.backend.stats(), HEALTH_TIMEOUT_S)
+                return "ok"
+            except Exception:  # any failure to answer: a dead replica, a deployment still starting
+                return "unavailable"
+
+        states = await asyncio.gather(*(probe(m) for m in self.models.values()))
+        return dict(zip(self.models, states))
+
+    def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
+        model = self._model(req.model)
+        if req.prompt is not None:
+            ids = model.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        else:
+            ids, _ = self._chat_prompt(model, req, add_generation_prompt=req.add_generation_prompt)
+        return {"count": len(ids), "max_model_len": model.config.max_position_embeddings, "tokens": ids}
+
+    def detokenize(self, req: DetokenizeRequest) -> dict[str, Any]:
+        model = self._model(req.model)
+        vocab = model.config.vocab_size
+        if any(t < 0 or t >= vocab for t in req.tokens):
+            raise APIError(400, f"token ids must be integers in [0, {vocab})", param="tokens")
+        return {"prompt": model.tokenizer.decode(req.tokens)}
+
+    def _model(self, name: str) -> ServedModel:
+        if name not in self.models:
+            raise APIError(404, f"the model '{name}' does not exist", param="model", code="model_not_found")
+        return self.models[name]
+
     # ----- request preparation ------------------------------------------------------------------
     async def _stats_of(self, name: str) -> dict[str, Any]:
         cached = self._stats.get(name)
@@ -173,10 +209,10 @@ class OpenAIService:
                 message = f"suffix (infilling) needs decoding mode diffusion or auto, not {mode}"
                 raise APIError(400, message, param="suffix")
             mode = "diffusion"
-        if req.model != "auto" and req.model not in self.models:
-            raise APIError(404, f"the model '{req.model}' does not exist", param="model", code="model_not_found")
         if req.model != "auto" and mode != "auto":
-            return self.models[req.model], mode, None
+            return self._model(req.model), mode, None
+        if req.model != "auto":
+            self._model(req.model)  # 404 for an unknown one
         names = list(self.models) if req.model == "auto" else [req.model]
         names = [n for n in names if self.models[n].vision or not images]  # images go to VLMs only
         block = req.decoding.block_length if req.decoding else None
@@ -203,7 +239,9 @@ class OpenAIService:
         _check_placeholders(model, ids, 0, "prompt")  # completions carry no images
         return ids
 
-    def _chat_prompt(self, model: ServedModel, req: ChatRequest) -> tuple[list[int], list[np.ndarray]]:
+    def _chat_prompt(
+        self, model: ServedModel, req: ChatRequest | TokenizeRequest, add_generation_prompt: bool = True
+    ) -> tuple[list[int], list[np.ndarray]]:
         """Prompt ids and the preprocessed images; each image sits in the text as its placeholder layout."""
         messages, images, expected = [], [], 0
         for i, msg in enumerate(req.messages):
@@ -226,7 +264,9 @@ class OpenAIService:
             messages.append({"role": msg.role, "content": content or ""})
         tok = model.tokenizer
         template = getattr(tok, "chat_template", None) or CHAT_TEMPLATE  # checkpoints without one
-        text = tok.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+        text = tok.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
         ids = tok.encode(text, add_special_tokens=False)
         _check_placeholders(model, ids, expected, "messages")
         return ids, images

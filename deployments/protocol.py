@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Any, Literal
@@ -57,9 +58,40 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# Fields of the OpenAI API (and vLLM's sampling extensions) that triserve does not implement, each
+# with the values that ask for nothing (sending those is fine): any other value is refused with a
+# 400 naming the field, never silently dropped.
+NOT_SUPPORTED: dict[str, tuple[Any, ...]] = {
+    "best_of": (None, 1),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "repetition_penalty": (None, 1, 1.0),
+    "top_k": (None, -1, 0),
+    "min_p": (None, 0, 0.0),
+    "min_tokens": (None, 0),
+    "stop_token_ids": (None, []),
+    "response_format": (None, {"type": "text"}),
+    "tools": (None, []),
+    "functions": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "function_call": (None, "none", "auto"),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "web_search_options": (None,),
+    "top_logprobs": (None, 0),
+    "logprobs": (None, False),  # chat (completions has its own field)
+}
+logger = logging.getLogger("ray.serve")
+_ignored_logged: set[str] = set()
+
+
 class CommonRequest(BaseModel):
-    """Fields shared by completions and chat completions (unknown fields are ignored, as OpenAI's SDK
-    may send ones triserve does not use; ``extra_body`` contents arrive as top-level fields)."""
+    """Fields shared by completions and chat completions. Fields of the OpenAI API that triserve
+    does not implement get a 400 naming them unless they ask for nothing (``NOT_SUPPORTED``); other
+    unknown fields are ignored and logged once each, as vLLM does (OpenAI's SDK may send ones
+    triserve does not use). ``extra_body`` contents arrive as top-level fields."""
 
     model_config = ConfigDict(extra="allow")
     model: str
@@ -94,6 +126,17 @@ class CommonRequest(BaseModel):
                 if value not in TIERS:
                     raise ValueError(f"{name} must be one of {', '.join(TIERS)}")
                 setattr(self, name, value)
+        return self
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        for name, value in (self.model_extra or {}).items():
+            if name in NOT_SUPPORTED:
+                if value not in NOT_SUPPORTED[name]:
+                    raise APIError(400, f"{name} is not supported by this server", param=name, code="unsupported_field")
+            elif name not in _ignored_logged:
+                _ignored_logged.add(name)
+                logger.warning("ignoring the unknown request field %r", name)
         return self
 
     @property
@@ -139,6 +182,29 @@ class ChatRequest(CommonRequest):
         if limit == 0:
             raise ValueError("max_tokens must be at least 1")
         return limit
+
+
+class TokenizeRequest(BaseModel):
+    """``POST /tokenize`` as vLLM has it: a prompt, or chat messages through the model's template."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    tokens: list[int]
 
 
 def new_id(prefix: str) -> str:

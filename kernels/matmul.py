@@ -5,10 +5,12 @@ it stands for, and a request computes the same alone as beside others only if no
 depends on its neighbours. Vendor GEMMs promise neither: cuBLAS and MKL choose kernels, tile
 shapes and split-K by the problem's shape.
 
-- Reference (CPU): ``F.linear`` on rows padded to a multiple of 4. MKL takes other micro-kernels
-  below 4 rows and, with two threads, splits row counts that are not a multiple of 4 unevenly;
-  from 4 rows on, in multiples of 4, a row's result is the same (measured on this project's
-  AVX2 machines; ``tests/test_kernels_matmul.py`` checks it).
+- Reference (CPU): ``F.linear`` on rows padded to a multiple that depends on the CPU. MKL takes
+  other micro-kernels for small calls and, with two threads, splits row counts unevenly: on this
+  project's AVX2 machines every multiple of 4 rounds a row alike, on an AVX-512/AMX Xeon fp32
+  calls of fewer than 16 rows differ from larger ones. So the multiple (4, 8, 16, 32 or 64) is
+  probed once per dtype, shape and thread count (``row_multiple``); ``tests/test_kernels_matmul.py``
+  checks the result.
 - Triton (CUDA): one fixed tiling for every shape (``BLOCK_M`` x ``BLOCK_N`` output tiles, the
   reduction in ``BLOCK_K`` steps from k = 0 upward, accumulated in fp32, no split-K), so each output
   element is the same sequence of operations whatever the row count or the row's place in a tile.
@@ -27,18 +29,40 @@ BLOCK_M, BLOCK_N, BLOCK_K = 32, 64, 64
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def pad_rows(x: torch.Tensor) -> torch.Tensor:
-    """Pad the first dimension with zeros up to a multiple of ``ROW_MULTIPLE``."""
-    extra = -x.shape[0] % ROW_MULTIPLE
+PROBED_MULTIPLES = (4, 8, 16, 32, 64)
+
+
+def pad_rows(x: torch.Tensor, multiple: int = ROW_MULTIPLE) -> torch.Tensor:
+    """Pad the first dimension with zeros up to a multiple of ``multiple``."""
+    extra = -x.shape[0] % multiple
     if not extra:
         return x
     return torch.cat([x, x.new_zeros((extra, *x.shape[1:]))], dim=0)
 
 
+@functools.cache
+def row_multiple(dtype: torch.dtype, k: int, n: int, threads: int) -> int:
+    """The smallest of ``PROBED_MULTIPLES`` under which ``F.linear`` on padded rows gives every row of
+    a [*, k] x [n, k] product the same bits in any call (alone, at any offset, beside others) on this
+    CPU with this many threads: calls of 1 .. 2m+1 rows and a few larger ones against one of 160."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((160, k), generator=gen).to(dtype)
+    w = (torch.randn((n, k), generator=gen) / k**0.5).to(dtype)
+    full = F.linear(x, w)
+    for m in PROBED_MULTIPLES:
+        counts = [r for r in [*range(1, 2 * m + 2), 3 * m + 1, 5 * m - 1] if r < 160]
+        if all(
+            torch.equal(F.linear(pad_rows(x[s : s + r], m), w)[:r], full[s : s + r]) for r in counts for s in (0, 1)
+        ):
+            return m
+    return PROBED_MULTIPLES[-1]
+
+
 def matmul_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [M, K], weight [N, K] -> [M, N] in x's dtype; rows padded so MKL rounds every row alike."""
-    n = x.shape[0]
-    return F.linear(pad_rows(x), weight)[:n]
+    n, k = x.shape
+    multiple = row_multiple(x.dtype, k, weight.shape[0], torch.get_num_threads())
+    return F.linear(pad_rows(x, multiple), weight)[:n]
 
 
 @functools.cache

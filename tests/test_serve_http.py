@@ -304,6 +304,11 @@ def test_trace_of_an_infill_shows_every_candidate_and_the_choice(client):
         ({"model": "tiny", "prompt": "x", "decoding": {"revise": {"threshold": 0.5, "max_passes": -1}}}, 400, None),
         ({"model": "tiny", "prompt": "x", "decoding": {"revise": {"threshold": 1.5}}}, 400, None),
         ({"model": "tiny", "prompt": "x", "decoding": {"mode": "ar", "revise": {"threshold": 0.5}}}, 400, "decoding"),
+        ({"model": "tiny", "prompt": "x", "response_format": {"type": "json_object"}}, 400, "response_format"),
+        ({"model": "tiny", "prompt": "x", "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+        ({"model": "tiny", "prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias"),
+        ({"model": "tiny", "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
+        ({"model": "tiny", "prompt": "x", "top_k": 5}, 400, "top_k"),
     ],
 )
 def test_bad_input_gets_openai_error(app, body, status, param):
@@ -311,6 +316,20 @@ def test_bad_input_gets_openai_error(app, body, status, param):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["message"] and err["type"] and ("param" in err and (param is None or err["param"] == param))
+
+
+def test_fields_that_ask_for_nothing_are_accepted(client):
+    # what SDKs and tools send by default (and an unknown field, ignored and logged) is no reason to refuse
+    resp = client.completions.create(
+        model="tiny",
+        prompt="x = ",
+        max_tokens=2,
+        presence_penalty=0,
+        frequency_penalty=0,
+        logit_bias={},
+        extra_body={"response_format": {"type": "text"}, "tools": [], "some_future_field": 1},
+    )
+    assert resp.choices[0].text is not None
 
 
 def test_auth_required(app):

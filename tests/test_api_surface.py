@@ -1,0 +1,88 @@
+"""The API's self-description and its small routes, over HTTP through FastAPI (no Ray): /openapi.json
+is valid OpenAPI and documents every POST body, /tokenize and /detokenize round-trip, and /health
+turns 503 when no replica of any model answers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from fastapi.testclient import TestClient
+from openapi_spec_validator import validate
+
+from deployments.config import parse_config
+from deployments.http import build_api
+from deployments.openai_api import OpenAIService, ServedModel
+from models.vlm import read_config
+
+
+class DeadBackend:
+    """A model whose replicas do not answer."""
+
+    async def stats(self):
+        await asyncio.sleep(60)
+
+    def generate(self, request):
+        raise RuntimeError("no replica")
+
+    async def score(self, token_ids, top):
+        raise RuntimeError("no replica")
+
+
+class LiveBackend(DeadBackend):
+    async def stats(self):
+        return {"running": 0, "waiting": 0}
+
+
+@pytest.fixture
+def make_client(fixture_path, fixture_model):
+    def make(*backends) -> TestClient:
+        names = [f"m{i}" for i in range(len(backends))]
+        config = parse_config({"models": [{"name": n, "path": str(fixture_path)} for n in names]})
+        text_config, _ = read_config(fixture_path)
+        served = {
+            spec.name: ServedModel(spec, text_config, fixture_model.tokenizer, backend)
+            for spec, backend in zip(config.models, backends)
+        }
+        service = OpenAIService(config, served)
+        return TestClient(build_api(lambda: service))
+
+    return make
+
+
+def test_openapi_is_valid_and_documents_every_post_body(make_client):
+    spec = make_client(LiveBackend()).get("/openapi.json").json()
+    validate(spec)
+    posts = {path: ops["post"] for path, ops in spec["paths"].items() if "post" in ops}
+    assert set(posts) == {"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"}
+    schemas = spec["components"]["schemas"]
+    for op in posts.values():
+        ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        assert schemas[ref.rsplit("/", 1)[1]]["properties"]
+    assert {"prompt", "suffix", "decoding"} <= set(schemas["CompletionRequest"]["properties"])
+
+
+def test_tokenize_and_detokenize_round_trip(make_client, fixture_model):
+    client = make_client(LiveBackend())
+    text = "def add(a, b):\n    return a + b\n"
+    got = client.post("/tokenize", json={"model": "m0", "prompt": text}).json()
+    assert got["tokens"] == fixture_model.tokenizer.encode(text) and got["count"] == len(got["tokens"])
+    assert got["max_model_len"] == fixture_model.config.max_position_embeddings
+    back = client.post("/detokenize", json={"model": "m0", "tokens": got["tokens"]}).json()
+    assert back["prompt"] == fixture_model.tokenizer.decode(got["tokens"])
+    chat = client.post("/tokenize", json={"model": "m0", "messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["count"] > 1
+    for body, status in (
+        ({"model": "m0", "tokens": [-1]}, 400),
+        ({"model": "nope", "tokens": [5]}, 404),
+        ({"model": "m0"}, 400),
+    ):
+        r = client.post("/detokenize" if "tokens" in body else "/tokenize", json=body)
+        assert r.status_code == status and r.json()["error"]["message"]
+
+
+def test_health_is_503_while_no_replica_answers(make_client):
+    r = make_client(DeadBackend(), LiveBackend()).get("/health")
+    assert r.status_code == 200 and r.json()["models"] == {"m0": "unavailable", "m1": "ok"}
+    r = make_client(DeadBackend()).get("/health")
+    assert r.status_code == 503 and r.json()["status"] == "unavailable"
