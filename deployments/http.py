@@ -158,37 +158,10 @@ def build_api(resolve: Callable[[], OpenAIService]) -> FastAPI:
         rid, created = new_id("cmpl"), now()
         model_name = prep.model.spec.name
 
-        def chunk(text: str, finish: str | None, logprobs=None) -> dict[str, Any]:
-            return {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": model_name,
-                "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
-            }
-
         if req.stream:
-
-            async def events():
-                last = None
-                prompt_text = prep.model.tokenizer.decode(prep.prompt, skip_special_tokens=True) if req.echo else ""
-                if prompt_text:
-                    yield sse(chunk(prompt_text, None))
-                async for delta, out in service.run(prep):
-                    last = out
-                    for event in out.get("trace") or ():
-                        yield sse(_trace_chunk(rid, created, "text_completion", model_name, event))
-                    finish = out["finish_reason"] if out["finished"] else None
-                    if delta or finish:
-                        body = chunk(delta, _finish(finish))
-                        if finish:
-                            body["triserve"] = service.info(prep, out)
-                        yield sse(body)
-                if req.stream_options and req.stream_options.include_usage:
-                    yield sse(_usage_chunk(service, prep, last, rid, created, "text_completion"))
-                yield sse("[DONE]")
-
-            return StreamingResponse(events(), media_type="text/event-stream", headers=_headers(service, prep))
+            echo = prep.model.tokenizer.decode(prep.prompt, skip_special_tokens=True) if req.echo else ""
+            opening = [{"index": 0, "text": echo, "logprobs": None, "finish_reason": None}] if echo else []
+            return _stream(service, prep, req, rid, created, "text_completion", opening)
 
         text, last, ids = await _collect(service, prep) if req.max_tokens != 0 else ("", None, [])
         logprobs = None
@@ -197,7 +170,9 @@ def build_api(resolve: Callable[[], OpenAIService]) -> FastAPI:
             logprobs = await service.logprobs(prep.model, prep.prompt + ids, first, req.logprobs)
         if req.echo:
             text = prep.model.tokenizer.decode(prep.prompt, skip_special_tokens=True) + text
-        body = chunk(text, _finish(last["finish_reason"]) if last else "length", logprobs)
+        finish = _finish(last["finish_reason"]) if last else "length"
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        body = _chunk(rid, created, "text_completion", model_name, [choice])
         body["usage"] = _usage(len(prep.prompt), len(ids))
         body["triserve"] = service.info(prep, last)
         return JSONResponse(body, headers=_headers(service, prep, last))
@@ -209,34 +184,11 @@ def build_api(resolve: Callable[[], OpenAIService]) -> FastAPI:
         rid, created = new_id("chatcmpl"), now()
         model_name = prep.model.spec.name
 
-        def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
-            return {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model_name,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-            }
-
         if req.stream:
-
-            async def events():
-                last = None
-                yield sse(chunk({"role": "assistant", "content": ""}, None))
-                async for delta, out in service.run(prep):
-                    last = out
-                    for event in out.get("trace") or ():
-                        yield sse(_trace_chunk(rid, created, "chat.completion.chunk", model_name, event))
-                    finish = out["finish_reason"] if out["finished"] else None
-                    if delta:
-                        yield sse(chunk({"content": delta}, None))
-                    if finish:
-                        yield sse({**chunk({}, _finish(finish)), "triserve": service.info(prep, out)})
-                if req.stream_options and req.stream_options.include_usage:
-                    yield sse(_usage_chunk(service, prep, last, rid, created, "chat.completion.chunk"))
-                yield sse("[DONE]")
-
-            return StreamingResponse(events(), media_type="text/event-stream", headers=_headers(service, prep))
+            opening = [
+                {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            ]
+            return _stream(service, prep, req, rid, created, "chat.completion.chunk", opening)
 
         text, last, ids = await _collect(service, prep)
         body = {
@@ -260,25 +212,46 @@ def build_api(resolve: Callable[[], OpenAIService]) -> FastAPI:
     return api
 
 
-def _usage_chunk(
-    service: OpenAIService, prep: Prepared, last: dict[str, Any] | None, rid: str, created: int, kind: str
-) -> dict[str, Any]:
-    """The last streamed chunk when ``stream_options.include_usage`` is set: no choices, the usage."""
-    return {
-        "id": rid,
-        "object": kind,
-        "created": created,
-        "model": prep.model.spec.name,
-        "choices": [],
-        "usage": _usage(len(prep.prompt), len(last["all_tokens"]) if last else 0),
-        "triserve": service.info(prep, last),
-    }
+def _chunk(rid: str, created: int, kind: str, model: str, choices: list[dict], **extra: Any) -> dict[str, Any]:
+    return {"id": rid, "object": kind, "created": created, "model": model, "choices": choices, **extra}
 
 
-def _trace_chunk(rid: str, created: int, kind: str, model: str, event: dict[str, Any]) -> dict[str, Any]:
-    """A ``decoding.trace`` event as a stream chunk with no choices (as a usage chunk is), the event in
-    the ``triserve_trace`` extension field: clients that do not look for it see an empty chunk."""
-    return {"id": rid, "object": kind, "created": created, "model": model, "choices": [], "triserve_trace": event}
+def _stream(
+    service: OpenAIService, prep: Prepared, req, rid: str, created: int, kind: str, opening: list[dict[str, Any]]
+) -> StreamingResponse:
+    """The SSE stream of either endpoint (``kind``: the chunk object): ``opening`` choices (the chat
+    role, an echoed prompt), then text as it is decoded, ``decoding.trace`` events as chunks with no
+    choices and a ``triserve_trace`` field (clients that do not look for it see an empty chunk, as
+    with usage), the finishing chunk with the ``triserve`` info, the usage when asked, ``[DONE]``."""
+    model = prep.model.spec.name
+    chat = kind == "chat.completion.chunk"
+
+    def choice(text: str, finish: str | None) -> dict[str, Any]:
+        if chat:
+            return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": finish}
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+    async def events():
+        last = None
+        for first in opening:
+            yield sse(_chunk(rid, created, kind, model, [first]))
+        async for delta, out in service.run(prep):
+            last = out
+            for event in out.get("trace") or ():
+                yield sse(_chunk(rid, created, kind, model, [], triserve_trace=event))
+            finish = _finish(out["finish_reason"]) if out["finished"] else None
+            if chat and delta and finish:  # as OpenAI does, a chat stream finishes on a chunk of its own
+                yield sse(_chunk(rid, created, kind, model, [choice(delta, None)]))
+                delta = ""
+            if delta or finish:
+                extra = {"triserve": service.info(prep, out)} if finish else {}
+                yield sse(_chunk(rid, created, kind, model, [choice(delta, finish)], **extra))
+        if req.stream_options and req.stream_options.include_usage:
+            usage = _usage(len(prep.prompt), len(last["all_tokens"]) if last else 0)
+            yield sse(_chunk(rid, created, kind, model, [], usage=usage))
+        yield sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=_headers(service, prep))
 
 
 def _finish(reason: str | None) -> str | None:
