@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
-from deployments.openai_api import OpenAIService, Prepared, sse
+from deployments.openai_api import OpenAIService, Prepared
 from deployments.protocol import (
     APIError,
     ChatRequest,
@@ -22,6 +22,7 @@ from deployments.protocol import (
     new_id,
     now,
 )
+from deployments.responses import completion_logprobs, sse
 
 PLAYGROUND = Path(__file__).resolve().parent / "playground"  # static files, package data
 PLAYGROUND_ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
@@ -167,7 +168,7 @@ def build_api(resolve: Callable[[], OpenAIService]) -> FastAPI:
         logprobs = None
         if req.logprobs is not None:
             first = 0 if req.echo else len(prep.prompt)
-            logprobs = await service.logprobs(prep.model, prep.prompt + ids, first, req.logprobs)
+            logprobs = await completion_logprobs(prep.model, prep.prompt + ids, first, req.logprobs)
         if req.echo:
             text = prep.model.tokenizer.decode(prep.prompt, skip_special_tokens=True) + text
         finish = _finish(last["finish_reason"]) if last else "length"

@@ -14,7 +14,8 @@ from ray.serve.handle import DeploymentHandle
 from deployments.config import REPO, AppConfig, ModelSpec, load_config, parse_config
 from deployments.http import build_api
 from deployments.metrics import RouterMetrics
-from deployments.openai_api import OpenAIService, ServedModel
+from deployments.openai_api import OpenAIService
+from deployments.served import ServedModel
 from deployments.server import model_server_deployment
 from models.loading import load_tokenizer
 from models.vlm import read_config

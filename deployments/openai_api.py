@@ -1,29 +1,29 @@
-"""The OpenAI-compatible HTTP surface, Ray-free: request handling over abstract model backends.
+"""The OpenAI-compatible service, Ray-free: request handling over abstract model backends.
 
-``OpenAIService`` turns validated requests into engine requests (tokenising, routing, limits),
-and engine outputs into OpenAI responses or SSE streams (detokenising, stop strings, usage,
-logprobs). The Serve ingress (deployments/ingress.py) plugs in backends that call the model
-servers through deployment handles.
+``OpenAIService`` turns validated requests into engine requests (prompts from
+``deployments.prompts``, routing through ``deployments.router``, limits) and runs them (text
+deltas with stop strings, infilling, trace events; shaping in ``deployments.responses``). The
+routes are in ``deployments.http``; the Serve ingress (deployments/ingress.py) plugs in backends
+that call the model servers through deployment handles.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from deployments.config import AppConfig, ModelSpec
+from deployments.config import AppConfig
+from deployments.prompts import chat_prompt, encode_prompt
 from deployments.protocol import (
     APIError,
-    ChatRequest,
     CommonRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -31,44 +31,18 @@ from deployments.protocol import (
     new_id,
     triserve_info,
 )
+from deployments.responses import StopStrings, trace_view
 from deployments.router import ROUTABLE_MODES, Candidate, Decision, ReplicaStats, best, evaluate, explore
-from models.config import ModelConfig
-from models.data import CHAT_TEMPLATE
+from deployments.served import ServedModel
 from models.engine.costs import OptionStats, option_key, split_option
 from models.engine.detokenizer import IncrementalDetokenizer
 from models.infill import Middle, likeliest, middle_lengths, middle_of, scored_text
 from models.modes import DecodeParams, kv_tokens_needed
 from models.modes.infill import infill_context
-from models.vlm import VLMConfig
-from vision.loading import ImageError, load_image
-from vision.preprocess import ImageLayout, placeholder_text, preprocess
 
 DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 512}  # OpenAI's completions default; chat: context-bound
 STATS_TTL_S = 0.5
 HEALTH_TIMEOUT_S = 2.0
-
-
-class Backend(Protocol):
-    """How the service reaches one model's replicas."""
-
-    def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...
-
-    async def score(self, token_ids: list[int], top: int) -> list[tuple[float, dict[int, float]]]: ...
-
-    async def stats(self) -> dict[str, Any]: ...
-
-
-@dataclass
-class ServedModel:
-    spec: ModelSpec
-    config: ModelConfig
-    tokenizer: Any
-    backend: Backend
-    vision: VLMConfig | None = None  # set for a VLM: it takes image_url parts
-
-    @property
-    def size(self) -> float:
-        return self.spec.size or self.config.num_parameters
 
 
 @dataclass
@@ -146,7 +120,7 @@ class OpenAIService:
         if req.prompt is not None:
             ids = model.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         else:
-            ids, _ = self._chat_prompt(model, req, add_generation_prompt=req.add_generation_prompt)
+            ids, _ = chat_prompt(model, req, self.config.images, add_generation_prompt=req.add_generation_prompt)
         return {"count": len(ids), "max_model_len": model.config.max_position_embeddings, "tokens": ids}
 
     def detokenize(self, req: DetokenizeRequest) -> dict[str, Any]:
@@ -228,66 +202,6 @@ class OpenAIService:
             self.on_decision(req.tier, decision)
         return self.models[decision.model], decision.mode, decision
 
-    def _encode_prompt(self, model: ServedModel, prompt) -> list[int]:
-        if isinstance(prompt, str):
-            ids = model.tokenizer.encode(prompt)
-        else:
-            ids = list(prompt)
-            vocab = model.config.vocab_size
-            if any(not isinstance(t, int) or t < 0 or t >= vocab for t in ids):
-                raise APIError(400, f"prompt token ids must be integers in [0, {vocab})", param="prompt")
-        _check_placeholders(model, ids, 0, "prompt")  # completions carry no images
-        return ids
-
-    def _chat_prompt(
-        self, model: ServedModel, req: ChatRequest | TokenizeRequest, add_generation_prompt: bool = True
-    ) -> tuple[list[int], list[np.ndarray]]:
-        """Prompt ids and the preprocessed images; each image sits in the text as its placeholder layout."""
-        messages, images, expected = [], [], 0
-        for i, msg in enumerate(req.messages):
-            content = msg.content
-            if isinstance(content, list):
-                texts = []
-                for j, part in enumerate(content):
-                    kind = part.get("type")
-                    if kind == "text":
-                        texts.append(str(part.get("text", "")))
-                    elif kind == "image_url":
-                        pixels, layout = self._image(model, part, len(images), f"messages[{i}].content[{j}].image_url")
-                        images.append(pixels)
-                        tokens = model.vision.image_tokens(model.tokenizer)
-                        texts.append(placeholder_text(layout, tokens, model.tokenizer))
-                        expected += layout.num_image_tokens
-                    else:
-                        raise APIError(400, f"unsupported content part type {kind!r}", param=f"messages[{i}].content")
-                content = "".join(texts)
-            messages.append({"role": msg.role, "content": content or ""})
-        tok = model.tokenizer
-        template = getattr(tok, "chat_template", None) or CHAT_TEMPLATE  # checkpoints without one
-        text = tok.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-        ids = tok.encode(text, add_special_tokens=False)
-        _check_placeholders(model, ids, expected, "messages")
-        return ids, images
-
-    def _image(
-        self, model: ServedModel, part: dict[str, Any], index: int, param: str
-    ) -> tuple[np.ndarray, ImageLayout]:
-        """One image_url part -> (normalised pixels, its placeholder layout); every bad input is a 400."""
-        if model.vision is None:
-            raise APIError(400, f"model '{model.spec.name}' does not accept images", param=param)
-        limits = self.config.images
-        if index >= limits.max_images:
-            raise APIError(400, f"at most {limits.max_images} images per request", param=param)
-        value = part.get("image_url")
-        url = value.get("url") if isinstance(value, dict) else value
-        try:
-            image = load_image(url, limits)
-        except ImageError as exc:
-            raise APIError(400, str(exc), param=param, code="invalid_image") from None
-        return preprocess(image, model.vision.vision, model.vision.spatial_merge_size)
-
     async def prepare(self, req: CommonRequest, kind: str) -> Prepared:
         # with model 'auto' the router sizes the prompt with the first model's tokenizer; the prompt
         # is then encoded again for the chosen model when its tokenizer differs
@@ -305,10 +219,10 @@ class OpenAIService:
 
         async def encode(target: ServedModel) -> tuple[list[int], list[np.ndarray]]:
             if kind != "chat":
-                return self._encode_prompt(target, req.prompt), []
+                return encode_prompt(target, req.prompt), []
             if has_images:  # decoding and resizing images (or fetching them) off the event loop
-                return await asyncio.to_thread(self._chat_prompt, target, req)
-            return self._chat_prompt(target, req)
+                return await asyncio.to_thread(chat_prompt, target, req, self.config.images)
+            return chat_prompt(target, req, self.config.images)
 
         prompt, images = await encode(first)
         model, mode, decision = await self._route(req, len(prompt), has_images)
@@ -505,31 +419,6 @@ class OpenAIService:
             out["trace"] = [{"kind": "chosen", "candidate": chosen.length, "text": text}]
         yield text, out
 
-    async def logprobs(self, model: ServedModel, ids: list[int], first: int, top: int) -> dict[str, Any]:
-        """OpenAI completions ``logprobs`` for ids[first:] (AR log-probabilities, as in vLLM)."""
-        scored = await model.backend.score(ids, top)
-        tok = model.tokenizer
-        tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
-        offset = 0
-        for i in range(first, len(ids)):
-            piece = tok.decode([ids[i]])
-            tokens.append(piece)
-            offsets.append(offset)
-            offset += len(piece)
-            if i == 0:
-                token_logprobs.append(None)
-                top_logprobs.append(None)
-            else:
-                lp, alternatives = scored[i - 1]
-                token_logprobs.append(lp)
-                top_logprobs.append({tok.decode([t]): v for t, v in alternatives.items()} if top else None)
-        return {
-            "tokens": tokens,
-            "token_logprobs": token_logprobs,
-            "top_logprobs": top_logprobs,
-            "text_offset": offsets,
-        }
-
     def info(self, prep: Prepared, out: dict[str, Any] | None) -> dict[str, Any]:
         nfe = out["nfe"] if out else 0
         tokens = out["tokens"] if out else 0
@@ -538,74 +427,12 @@ class OpenAIService:
         return triserve_info(prep.model.spec.name, prep.params.mode, block, explored, prep.tier, nfe, tokens)
 
 
-def trace_view(tokenizer, events: list[dict[str, Any]], tracer: IncrementalDetokenizer, final: bool) -> list[dict]:
-    """Trace events with token ids as text: ``emitted`` through the request's own incremental
-    detokenizer (so the emitted texts of all events join into the generated text), block slots and
-    drafts one token each (None: a masked slot)."""
-    out = []
-    for i, event in enumerate(events):
-        view = dict(event)
-        view["emitted"] = tracer.push(event["emitted"])
-        if final and i == len(events) - 1:
-            view["emitted"] += tracer.flush()
-        if "block" in event:
-            view["block"] = [None if t is None else tokenizer.decode([t]) for t in event["block"]]
-        for key in ("draft", "next_draft"):
-            if key in event:
-                view[key] = [tokenizer.decode([t]) for t in event[key]]
-        out.append(view)
-    return out
-
-
 def _suffix(req: CommonRequest) -> str | None:
     """The infilling suffix: a completions field (a chat request's unknown fields are not read)."""
     return req.suffix if isinstance(req, CompletionRequest) else None
-
-
-def _check_placeholders(model: ServedModel, ids: list[int], expected: int, param: str) -> None:
-    """A VLM prompt holds image placeholders only where images were given: text that spells them
-    would leave placeholders without embeddings."""
-    if model.vision is not None and ids.count(model.vision.image_token_id) != expected:
-        raise APIError(400, "the text must not contain image placeholder tokens", param=param)
-
-
-class StopStrings:
-    """Cuts generated text at the first stop string, looking only at new text and the few characters
-    before it, and holds back a tail that could be the start of one until it is decided."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.context = max((len(s) for s in self.stops), default=1) - 1  # sent characters a stop may span
-        self.sent_tail = ""
-        self.held = ""
-
-    def feed(self, text: str, final: bool) -> tuple[str, bool]:
-        """New text in; (text to send now, whether a stop string ended the output) out."""
-        pending = self.held + text
-        if not self.stops:
-            return pending, False
-        window = self.sent_tail + pending
-        hits = [i for i in (window.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            return pending[: max(min(hits) - len(self.sent_tail), 0)], True
-        keep = 0 if final else self._possible_start(pending)
-        out, self.held = pending[: len(pending) - keep], pending[len(pending) - keep :]
-        self.sent_tail = (self.sent_tail + out)[-self.context :] if self.context else ""
-        return out, False
-
-    def _possible_start(self, text: str) -> int:
-        """Length of the longest end of ``text`` that is a proper beginning of a stop string."""
-        for k in range(min(self.context, len(text)), 0, -1):
-            if any(s.startswith(text[-k:]) for s in self.stops):
-                return k
-        return 0
 
 
 async def _close(stream) -> None:
     closer: Callable[[], Awaitable[None]] | None = getattr(stream, "aclose", None)
     if closer is not None:
         await closer()
-
-
-def sse(payload: dict[str, Any] | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"

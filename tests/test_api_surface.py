@@ -12,7 +12,8 @@ from openapi_spec_validator import validate
 
 from deployments.config import parse_config
 from deployments.http import build_api
-from deployments.openai_api import OpenAIService, ServedModel
+from deployments.openai_api import OpenAIService
+from deployments.served import ServedModel
 from models.vlm import read_config
 
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from deployments.openai_api import StopStrings
+from deployments.responses import StopStrings
 from models.engine.detokenizer import IncrementalDetokenizer
 from models.loading import load_tokenizer
 from tests.conftest import REPO

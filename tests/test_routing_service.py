@@ -12,8 +12,9 @@ import pytest
 
 import models
 from deployments.config import parse_config
-from deployments.openai_api import OpenAIService, ServedModel
+from deployments.openai_api import OpenAIService
 from deployments.protocol import CompletionRequest
+from deployments.served import ServedModel
 from deployments.stats_board import merge_stats, replica_stats
 from models.calibration import device_key, save_calibration
 from models.engine import AsyncEngine, Engine
