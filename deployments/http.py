@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -155,28 +156,32 @@ def build_api(resolve: Callable[[], OpenAIService]) -> FastAPI:
         service, req = await _parse(resolve(), request, CompletionRequest)
         if req.max_tokens == 0 and not req.echo:
             raise APIError(400, "max_tokens must be at least 1 unless echo is set", param="max_tokens")
-        prep = await service.prepare(req, "completion")
+        preps = [await service.prepare(req, "completion", prompt) for prompt in req.prompts]
         rid, created = new_id("cmpl"), now()
-        model_name = prep.model.spec.name
-
         if req.stream:
-            echo = prep.model.tokenizer.decode(prep.prompt, skip_special_tokens=True) if req.echo else ""
-            opening = [{"index": 0, "text": echo, "logprobs": None, "finish_reason": None}] if echo else []
-            return _stream(service, prep, req, rid, created, "text_completion", opening)
+            opening = []
+            for index, prep in enumerate(preps):
+                if req.echo:
+                    echo = prep.model.tokenizer.decode(prep.prompt, skip_special_tokens=True)
+                    opening.append({"index": index, "text": echo, "logprobs": None, "finish_reason": None})
+            return _stream(service, preps, req, rid, created, "text_completion", opening)
 
-        text, last, ids = await _collect(service, prep) if req.max_tokens != 0 else ("", None, [])
-        logprobs = None
-        if req.logprobs is not None:
-            first = 0 if req.echo else len(prep.prompt)
-            logprobs = await completion_logprobs(prep.model, prep.prompt + ids, first, req.logprobs)
-        if req.echo:
-            text = prep.model.tokenizer.decode(prep.prompt, skip_special_tokens=True) + text
-        finish = _finish(last["finish_reason"]) if last else "length"
-        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
-        body = _chunk(rid, created, "text_completion", model_name, [choice])
-        body["usage"] = _usage(len(prep.prompt), len(ids))
-        body["triserve"] = service.info(prep, last)
-        return JSONResponse(body, headers=_headers(service, prep, last))
+        async def complete(index: int, prep: Prepared) -> tuple[dict[str, Any], dict[str, Any] | None, int]:
+            text, last, ids = await _collect(service, prep) if req.max_tokens != 0 else ("", None, [])
+            logprobs = None
+            if req.logprobs is not None:
+                first = 0 if req.echo else len(prep.prompt)
+                logprobs = await completion_logprobs(prep.model, prep.prompt + ids, first, req.logprobs)
+            if req.echo:
+                text = prep.model.tokenizer.decode(prep.prompt, skip_special_tokens=True) + text
+            finish = _finish(last["finish_reason"]) if last else "length"
+            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}, last, len(ids)
+
+        done = await asyncio.gather(*(complete(i, prep) for i, prep in enumerate(preps)))
+        body = _chunk(rid, created, "text_completion", preps[0].model.spec.name, [choice for choice, _, _ in done])
+        body["usage"] = _usage(sum(len(p.prompt) for p in preps), sum(n for _, _, n in done))
+        body["triserve"] = service.info(preps[0], done[0][1])
+        return JSONResponse(body, headers=_headers(service, preps[0], done[0][1]))
 
     @api.post("/v1/chat/completions", openapi_extra=_body(ChatRequest))
     async def chat(request: Request):
@@ -189,7 +194,7 @@ def build_api(resolve: Callable[[], OpenAIService]) -> FastAPI:
             opening = [
                 {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
             ]
-            return _stream(service, prep, req, rid, created, "chat.completion.chunk", opening)
+            return _stream(service, [prep], req, rid, created, "chat.completion.chunk", opening)
 
         text, last, ids = await _collect(service, prep)
         body = {
@@ -218,41 +223,83 @@ def _chunk(rid: str, created: int, kind: str, model: str, choices: list[dict], *
 
 
 def _stream(
-    service: OpenAIService, prep: Prepared, req, rid: str, created: int, kind: str, opening: list[dict[str, Any]]
+    service: OpenAIService,
+    preps: list[Prepared],
+    req,
+    rid: str,
+    created: int,
+    kind: str,
+    opening: list[dict[str, Any]],
 ) -> StreamingResponse:
-    """The SSE stream of either endpoint (``kind``: the chunk object): ``opening`` choices (the chat
-    role, an echoed prompt), then text as it is decoded, ``decoding.trace`` events as chunks with no
-    choices and a ``triserve_trace`` field (clients that do not look for it see an empty chunk, as
-    with usage), the finishing chunk with the ``triserve`` info, the usage when asked, ``[DONE]``."""
-    model = prep.model.spec.name
+    """The SSE stream of either endpoint (``kind``: the chunk object) for one or more prompts (choice
+    ``index`` i for ``preps[i]``, interleaved as they decode): ``opening`` choices (the chat role,
+    echoed prompts), then text as it is decoded, ``decoding.trace`` events as chunks with no choices
+    and a ``triserve_trace`` field (clients that do not look for it see an empty chunk, as with usage),
+    each choice's finishing chunk with its ``triserve`` info, the usage when asked, ``[DONE]``."""
+    model = preps[0].model.spec.name
     chat = kind == "chat.completion.chunk"
 
-    def choice(text: str, finish: str | None) -> dict[str, Any]:
+    def choice(index: int, text: str, finish: str | None) -> dict[str, Any]:
         if chat:
-            return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": finish}
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            content = {"content": text} if text else {}
+            return {"index": index, "delta": content, "logprobs": None, "finish_reason": finish}
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
 
     async def events():
-        last = None
+        generated = [0] * len(preps)
         for first in opening:
             yield sse(_chunk(rid, created, kind, model, [first]))
-        async for delta, out in service.run(prep):
-            last = out
+        async for index, delta, out in _merged(service, preps):
+            generated[index] = len(out.get("all_tokens", ()))
             for event in out.get("trace") or ():
                 yield sse(_chunk(rid, created, kind, model, [], triserve_trace=event))
             finish = _finish(out["finish_reason"]) if out["finished"] else None
             if chat and delta and finish:  # as OpenAI does, a chat stream finishes on a chunk of its own
-                yield sse(_chunk(rid, created, kind, model, [choice(delta, None)]))
+                yield sse(_chunk(rid, created, kind, model, [choice(index, delta, None)]))
                 delta = ""
             if delta or finish:
-                extra = {"triserve": service.info(prep, out)} if finish else {}
-                yield sse(_chunk(rid, created, kind, model, [choice(delta, finish)], **extra))
+                extra = {"triserve": service.info(preps[index], out)} if finish else {}
+                yield sse(_chunk(rid, created, kind, model, [choice(index, delta, finish)], **extra))
         if req.stream_options and req.stream_options.include_usage:
-            usage = _usage(len(prep.prompt), len(last["all_tokens"]) if last else 0)
+            usage = _usage(sum(len(p.prompt) for p in preps), sum(generated))
             yield sse(_chunk(rid, created, kind, model, [], usage=usage))
         yield sse("[DONE]")
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers=_headers(service, prep))
+    return StreamingResponse(events(), media_type="text/event-stream", headers=_headers(service, preps[0]))
+
+
+async def _merged(service: OpenAIService, preps: list[Prepared]):
+    """(index, text delta, step output) of every request's run as they come: one request runs
+    directly, several each in a task; the first failure is raised, and leaving cancels the rest."""
+    if len(preps) == 1:
+        async for delta, out in service.run(preps[0]):
+            yield 0, delta, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, prep: Prepared) -> None:
+        try:
+            async for delta, out in service.run(prep):
+                queue.put_nowait((index, delta, out, None))
+        except Exception as exc:  # handed to the consumer, which raises it
+            queue.put_nowait((index, "", None, exc))
+        else:
+            queue.put_nowait((index, "", None, None))
+
+    tasks = [asyncio.create_task(pump(i, prep)) for i, prep in enumerate(preps)]
+    try:
+        running = len(tasks)
+        while running:
+            index, delta, out, error = await queue.get()
+            if error is not None:
+                raise error
+            if out is None:
+                running -= 1
+            else:
+                yield index, delta, out
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _finish(reason: str | None) -> str | None:

@@ -202,7 +202,8 @@ class OpenAIService:
             self.on_decision(req.tier, decision)
         return self.models[decision.model], decision.mode, decision
 
-    async def prepare(self, req: CommonRequest, kind: str) -> Prepared:
+    async def prepare(self, req: CommonRequest, kind: str, one: str | list[int] | None = None) -> Prepared:
+        """The engine request for ``req`` (``one``: which of a completions request's prompts)."""
         # with model 'auto' the router sizes the prompt with the first model's tokenizer; the prompt
         # is then encoded again for the chosen model when its tokenizer differs
         first = self.models.get(req.model) or (next(iter(self.models.values())) if req.model == "auto" else None)
@@ -219,7 +220,7 @@ class OpenAIService:
 
         async def encode(target: ServedModel) -> tuple[list[int], list[np.ndarray]]:
             if kind != "chat":
-                return encode_prompt(target, req.prompt), []
+                return encode_prompt(target, req.prompt if one is None else one), []
             if has_images:  # decoding and resizing images (or fetching them) off the event loop
                 return await asyncio.to_thread(chat_prompt, target, req, self.config.images)
             return chat_prompt(target, req, self.config.images)

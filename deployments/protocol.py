@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 TIERS = ("interactive", "standard", "batch")
+MAX_BATCH_PROMPTS = 256
 SERVICE_TIER_ALIASES = {"auto": "standard", "default": "standard", "flex": "batch", "priority": "interactive"}
 
 
@@ -156,14 +157,22 @@ class CompletionRequest(CommonRequest):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value):
-        if isinstance(value, list) and value and isinstance(value[0], (str, list)):
-            if len(value) != 1:
-                raise ValueError("batched prompts are not supported: send one prompt per request")
-            value = value[0]
-        if isinstance(value, (str, list)) and len(value) == 0:
+    def _prompts(cls, value):
+        batch = value if _is_batch(value) else [value]
+        if not batch or len(batch) > MAX_BATCH_PROMPTS:
+            raise ValueError(f"a list of prompts holds 1 to {MAX_BATCH_PROMPTS} of them")
+        if any(len(p) == 0 for p in batch):
             raise ValueError("prompt must not be empty")
         return value
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts (one choice each): a string or token ids, or a list of either."""
+        return list(self.prompt) if _is_batch(self.prompt) else [self.prompt]
+
+
+def _is_batch(prompt) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
 
 
 class ChatMessage(BaseModel):

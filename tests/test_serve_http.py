@@ -239,6 +239,25 @@ def test_suffix_fills_in_the_middle(client, fixture_model, tokenizer):
     assert info["mode"] == "diffusion" and info["nfe"] == expected.nfe  # auto routes a suffix to diffusion
 
 
+def test_a_list_of_prompts_gets_one_choice_each(client, tokenizer):
+    prompts = ["def add(a, b):", "import os\n", "class Point:"]
+    kwargs = {"model": "tiny", "max_tokens": 6, "temperature": 0}
+    alone = [client.completions.create(prompt=p, **kwargs) for p in prompts]
+    batch = client.completions.create(prompt=prompts, **kwargs)
+    assert [c.index for c in batch.choices] == [0, 1, 2]
+    assert [c.text for c in batch.choices] == [a.choices[0].text for a in alone]
+    assert batch.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert batch.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    ids = client.completions.create(prompt=[tokenizer.encode(p) for p in prompts], **kwargs)
+    assert [c.text for c in ids.choices] == [c.text for c in batch.choices]
+    chunks = list(
+        client.completions.create(prompt=prompts, stream=True, stream_options={"include_usage": True}, **kwargs)
+    )
+    streamed = ["".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in range(3)]
+    assert streamed == [c.text for c in batch.choices]
+    assert chunks[-1].usage.completion_tokens == batch.usage.completion_tokens
+
+
 def trace_of(chunks) -> list[dict]:
     return [c.model_extra["triserve_trace"] for c in chunks if not c.choices and c.model_extra.get("triserve_trace")]
 
@@ -298,6 +317,8 @@ def test_trace_of_an_infill_shows_every_candidate_and_the_choice(client):
         ({"model": "nope", "prompt": "x"}, 404, "model"),
         ({"model": "tiny", "prompt": "word " * 600}, 413, "prompt"),
         ({"model": "tiny", "prompt": "x", "max_tokens": 5000}, 400, "max_tokens"),
+        ({"model": "tiny", "prompt": ["x"] * 257}, 400, "prompt"),
+        ({"model": "tiny", "prompt": ["x", ""]}, 400, "prompt"),
         ({"model": "tiny", "prompt": "x", "suffix": "y", "decoding": {"mode": "ar"}}, 400, "suffix"),
         ({"model": "tiny", "prompt": "x", "suffix": "y = 1\n" * 50, "max_tokens": 500}, 400, "suffix"),
         ({"model": "tiny", "prompt": "x", "decoding": {"trace": True}}, 400, "decoding.trace"),
