@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+STARTUP_ATTEMPTS = 3  # a loaded machine can keep a local raylet from registering within Ray's 30 s
+
 
 def ensure_ray(num_cpus: float | None = None, address: str | None = None, **kwargs) -> None:
     """Join ``address``/``RAY_ADDRESS`` when given, else start a local Ray bound to 127.0.0.1."""
@@ -17,10 +19,18 @@ def ensure_ray(num_cpus: float | None = None, address: str | None = None, **kwar
     if address:
         ray.init(address=address, **kwargs)
         return
-    ray.init(
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        configure_logging=False,
-        **kwargs,
-    )
+    for attempt in range(1, STARTUP_ATTEMPTS + 1):
+        try:
+            ray.init(
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                configure_logging=False,
+                **kwargs,
+            )
+            return
+        except Exception as exc:  # Ray raises a bare Exception when its raylet misses a fixed 30 s
+            if "timed out during startup" not in str(exc) or attempt == STARTUP_ATTEMPTS:
+                raise
+            print(f"Ray did not start within its 30 s on a busy machine; trying again ({attempt}/{STARTUP_ATTEMPTS})")
+            ray.shutdown()
