@@ -12,7 +12,10 @@ import pytest
 import torch
 
 import models
+from models.calibration import device_key, save_calibration
 from models.config import ModelConfig
+from models.engine.costs import OptionStats
+from models.loading import save_model
 from models.model import TriModeModel
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -148,3 +151,62 @@ def run_app(app, name: str, route_prefix: str, port: int, timeout_s: float = 180
             pass
         time.sleep(0.5)
     raise TimeoutError(f"Serve app {name!r} did not answer at {base}/health within {timeout_s:.0f}s")
+
+
+# ----- the served test app (tests/test_serve_http.py, test_playground.py, test_lm_eval_client.py) -----
+API_KEY = "test-key-123"
+# figures under which drafts pay at block 4 on the "calibrated" model
+CALIBRATED = {
+    "ar": OptionStats(tpf=1.0, step_s=0.010, per_request_s=0.0005),
+    "linear_spec@4": OptionStats(tpf=3.0, step_s=0.012, per_request_s=0.004),
+    "linear_spec@8": OptionStats(tpf=2.0, step_s=0.014, per_request_s=0.008),
+    "quadratic_spec@4": OptionStats(tpf=1.5, step_s=0.030, per_request_s=0.010),
+    "diffusion@4": OptionStats(tpf=1.0, step_s=0.012, per_request_s=0.004),
+}
+
+
+@pytest.fixture(scope="session")  # one per xdist worker: the HTTP, playground and lm-eval tests share it
+def app(serve_port, fixture_path, tmp_path_factory):
+    """The default test app (models tiny, busy, calibrated) at / with API_KEY; its base URL."""
+    import shutil
+
+    import yaml
+    from ray import serve
+
+    from deployments.config import load_config
+    from deployments.ingress import build_app
+
+    os.environ["TRISERVE_TEST_API_KEY"] = API_KEY  # read by the ingress replica (same machine, inherited)
+    folder = tmp_path_factory.mktemp("app")
+    busy = folder / "busy"  # a small random model that admits one request at a time and queues one
+    save_model(random_model(seed=12, eos_token_id=None, max_position_embeddings=2048), busy)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(fixture_path / name, busy / name)
+    calibrated = folder / "calibrated"  # the fixture with calibration figures under which drafts pay at block 4
+    shutil.copytree(fixture_path, calibrated)
+    dtype = models.load_model(calibrated).dtype
+    save_calibration(calibrated, device_key("cpu", 1, dtype), CALIBRATED)
+    config = {
+        "models": [
+            {
+                "name": "tiny",
+                "path": str(fixture_path),
+                "num_pages": 256,
+                "max_running": 16,
+                "max_step_tokens": 512,
+                "num_cpus": 0.25,
+                "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16},
+            },
+            {"name": "busy", "path": str(busy), "max_running": 1, "max_waiting": 1, "num_cpus": 0.1},
+            {"name": "calibrated", "path": str(calibrated), "size": 1, "num_cpus": 0.1},
+        ],
+        "router": {"explore": 0.0},  # tests that assert the router's choice must not meet an exploration
+        "tiers": {"interactive": {"ttft_ms": 400, "tpot_ms": 40}, "standard": {"ttft_ms": 3000, "tpot_ms": 500}},
+        "api_key_env": "TRISERVE_TEST_API_KEY",
+        "ingress": {"num_cpus": 0.1},
+    }
+    (folder / "app.yaml").write_text(yaml.safe_dump(config))
+    port = serve_port
+    base = run_app(build_app(load_config(folder / "app.yaml")), "triserve", "/", port, timeout_s=120)
+    yield base
+    serve.delete("triserve")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import models
-from tests.test_serve_http import API_KEY, app  # noqa: F401  (the served app, one per worker)
+from tests.conftest import API_KEY
 
 pytestmark = pytest.mark.ray
 
@@ -58,7 +58,7 @@ def write_tasks(folder: Path, rows: list[dict[str, str]]) -> None:
         (folder / f"{spec['task']}.yaml").write_text(json.dumps(spec))  # JSON is YAML
 
 
-def test_lm_eval_local_completions(app, fixture_path, fixture_model, tmp_path, monkeypatch):  # noqa: F811
+def test_lm_eval_local_completions(app, fixture_path, fixture_model, tmp_path, monkeypatch):
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.api.registry import get_model
     from lm_eval.tasks import TaskManager

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_serve_http import API_KEY, app  # noqa: F401  (the served app, one per worker)
+from tests.conftest import API_KEY
 
 pytestmark = pytest.mark.ray
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -36,7 +36,7 @@ def browser(tmp_path):
     session.quit()
 
 
-def test_playground_shows_a_block_being_filled(app, browser):  # noqa: F811
+def test_playground_shows_a_block_being_filled(app, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
