@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
-from deployments.openai_api import OpenAIService, Prepared
+from deployments.openai_api import OpenAIService, Prepared, merge_streams
 from deployments.protocol import (
     APIError,
     ChatRequest,
@@ -249,7 +249,7 @@ def _stream(
         generated = [0] * len(preps)
         for first in opening:
             yield sse(_chunk(rid, created, kind, model, [first]))
-        async for index, delta, out in _merged(service, preps):
+        async for index, (delta, out) in merge_streams([service.run(prep) for prep in preps]):
             generated[index] = len(out.get("all_tokens", ()))
             for event in out.get("trace") or ():
                 yield sse(_chunk(rid, created, kind, model, [], triserve_trace=event))
@@ -266,40 +266,6 @@ def _stream(
         yield sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream", headers=_headers(service, preps[0]))
-
-
-async def _merged(service: OpenAIService, preps: list[Prepared]):
-    """(index, text delta, step output) of every request's run as they come: one request runs
-    directly, several each in a task; the first failure is raised, and leaving cancels the rest."""
-    if len(preps) == 1:
-        async for delta, out in service.run(preps[0]):
-            yield 0, delta, out
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(index: int, prep: Prepared) -> None:
-        try:
-            async for delta, out in service.run(prep):
-                queue.put_nowait((index, delta, out, None))
-        except Exception as exc:  # handed to the consumer, which raises it
-            queue.put_nowait((index, "", None, exc))
-        else:
-            queue.put_nowait((index, "", None, None))
-
-    tasks = [asyncio.create_task(pump(i, prep)) for i, prep in enumerate(preps)]
-    try:
-        running = len(tasks)
-        while running:
-            index, delta, out, error = await queue.get()
-            if error is not None:
-                raise error
-            if out is None:
-                running -= 1
-            else:
-                yield index, delta, out
-    finally:
-        for task in tasks:
-            task.cancel()
 
 
 def _finish(reason: str | None) -> str | None:

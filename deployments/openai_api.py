@@ -364,41 +364,21 @@ class OpenAIService:
         which the AR model finds the suffix likeliest, as one delta (and a ``chosen`` trace event)."""
         model, params = prep.model, prep.params
         tok = model.tokenizer
-        events: asyncio.Queue[list[dict[str, Any]]] = asyncio.Queue()
-
-        async def decode(length: int) -> Middle:
-            tracer = IncrementalDetokenizer(tok)
-            tokens: list[int] = []
-            nfe = 0
-            stream = model.backend.generate(self._engine_request(prep, replace(params, max_new_tokens=length)))
-            try:
-                async for out in stream:
-                    tokens += out["new_tokens"]
-                    nfe = out["nfe"]
-                    if params.trace and out.get("trace"):
-                        view = trace_view(tok, out["trace"], tracer, out["finished"])
-                        events.put_nowait([{**e, "candidate": length} for e in view])
-            finally:
-                await _close(stream)
-            return Middle(length, middle_of(tokens, model.config.eos_token_id), nfe)
-
-        tasks = [asyncio.create_task(decode(m)) for m in middle_lengths(params.max_new_tokens)]
-        try:
-            pending = set(tasks)
-            while pending:
-                waiter = asyncio.create_task(events.get())
-                done, _ = await asyncio.wait(pending | {waiter}, return_when=asyncio.FIRST_COMPLETED)
-                if waiter in done:
-                    yield "", {"finished": False, "trace": waiter.result()}
-                else:
-                    waiter.cancel()
-                pending -= done
-            candidates = [t.result() for t in tasks]
-        finally:
-            for task in tasks:
-                task.cancel()
-        while not events.empty():
-            yield "", {"finished": False, "trace": events.get_nowait()}
+        lengths = middle_lengths(params.max_new_tokens)
+        streams = [
+            model.backend.generate(self._engine_request(prep, replace(params, max_new_tokens=m))) for m in lengths
+        ]
+        tracers = [IncrementalDetokenizer(tok) for _ in lengths]
+        tokens: list[list[int]] = [[] for _ in lengths]
+        nfe = [0] * len(lengths)
+        async for i, out in merge_streams(streams):
+            tokens[i] += out["new_tokens"]
+            nfe[i] = out["nfe"]
+            if params.trace and out.get("trace"):
+                view = trace_view(tok, out["trace"], tracers[i], out["finished"])
+                yield "", {"finished": False, "trace": [{**e, "candidate": lengths[i]} for e in view]}
+        eos = model.config.eos_token_id
+        candidates = [Middle(m, middle_of(t, eos), n) for m, t, n in zip(lengths, tokens, nfe)]
         block = params.block_length or model.config.block_size
 
         async def likelihood(candidate: Middle) -> None:
@@ -431,6 +411,42 @@ class OpenAIService:
 def _suffix(req: CommonRequest) -> str | None:
     """The infilling suffix: a completions field (a chat request's unknown fields are not read)."""
     return req.suffix if isinstance(req, CompletionRequest) else None
+
+
+async def merge_streams(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
+    """(index, item) of several async streams as their items come: one stream is read directly,
+    several each in a task; the first failure is raised, and leaving early cancels and closes them."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[Any]) -> None:
+        try:
+            async for item in stream:
+                queue.put_nowait((index, item, None, False))
+        except Exception as exc:  # handed to the consumer, which raises it
+            queue.put_nowait((index, None, exc, True))
+        else:
+            queue.put_nowait((index, None, None, True))
+        finally:
+            await _close(stream)
+
+    tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item, error, ended = await queue.get()
+            if error is not None:
+                raise error
+            if ended:
+                running -= 1
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 async def _close(stream) -> None:

@@ -228,7 +228,9 @@ class Engine:
                 self._ids.discard(request.request_id)
                 if request.option is not None and state.tpf:
                     self.stats.options.observe_finished(request.option, state.tpf)
-            trace, state.trace = state.trace, [] if state.trace is not None else None
+            trace = state.trace or []  # handed out with this output, so the state keeps only new events
+            if trace:
+                state.trace = []
             if tokens or state.finished or trace:
                 outputs.append(
                     StepOutput(
@@ -240,7 +242,7 @@ class Engine:
                         len(state.tokens),
                         request.stats.ttft,
                         state.accepted_lengths[cycles:],
-                        trace or [],
+                        trace,
                     )
                 )
         self.stats.steps += 1

@@ -128,6 +128,13 @@ class Unmask:
 Work = Verify | Draft | Unmask
 
 
+def unmask_changes(before: list[int], after: list[int], mask_id: int) -> tuple[list[int], list[int]]:
+    """The slots a denoise pass committed (masked before, not after) and re-masked (the reverse)."""
+    committed = [i for i, (b, a) in enumerate(zip(before, after)) if b == mask_id != a]
+    remasked = [i for i, (b, a) in enumerate(zip(before, after)) if b != mask_id == a]
+    return committed, remasked
+
+
 @dataclass
 class Plan:
     """A request's part of one step: its segments and the work on their logits (None: nothing to read)."""
@@ -291,12 +298,12 @@ def trace_event(state: DecodeState, plan: Plan, result: list[int], emitted: list
     if plan.prefill_stop is not None:
         return event
     if isinstance(work, Unmask):
-        mask = state.mask_id
+        committed, remasked = unmask_changes(work.block, result, state.mask_id)
         event.update(
             kind="denoise",
-            block=[None if t == mask else t for t in result],
-            committed=[i for i, (b, a) in enumerate(zip(work.block, result)) if b == mask != a],
-            remasked=[i for i, (b, a) in enumerate(zip(work.block, result)) if b != mask == a],
+            block=[None if t == state.mask_id else t for t in result],
+            committed=committed,
+            remasked=remasked,
             output_slots=min(len(result), state.params.max_new_tokens - event["start"]),
         )
     elif isinstance(work, Draft):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from models.modes.base import DecodeState, Plan, Unmask, Verify
+from models.modes.base import DecodeState, Plan, Unmask, Verify, unmask_changes
 from models.segments import bidirectional_segment, causal_segment
 
 
@@ -80,11 +80,10 @@ class DiffusionState(DecodeState):
 
     def _denoised(self, before: list[int], after: list[int]) -> None:
         """Take a denoise pass's block: note what it decided and re-masked, and whether the block is done."""
-        mask = self.mask_id
-        self.decided |= {i for i, (b, a) in enumerate(zip(before, after)) if b == mask != a}
-        remasked = {i for i, (b, a) in enumerate(zip(before, after)) if b != mask == a}
+        committed, remasked = unmask_changes(before, after, self.mask_id)
+        self.decided |= set(committed)
         if remasked:
-            self.decided -= remasked
+            self.decided -= set(remasked)
             self.revisions_left -= 1
         self.block = after
         self.steps += 1
