@@ -1,6 +1,7 @@
 """The Nemotron-Labs-Diffusion model family in plain PyTorch (no Ray, no remote code)."""
 
 from models.config import ConfigError, ModelConfig
+from models.controls import SamplingControls
 from models.generate import Generation, generate, score, warm_up
 from models.infill import Infill, infill
 from models.loading import CheckpointError, load_model, save_model
@@ -20,6 +21,7 @@ __all__ = [
     "VLMConfig",
     "VisionLanguageModel",
     "generate",
+    "SamplingControls",
     "infill",
     "load_model",
     "load_vlm",

@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 import torch
 
 from models.batch import pack
+from models.controls import NO_CONTROLS, SamplingControls
 from models.engine import Engine, KVCacheManager
 from models.model import TriModeModel
 from models.modes import DecodeParams, kv_tokens_needed
+from models.modes.base import Score
 from models.segments import PromptEmbeds, causal_segment
 
 SEQ_ID = 0
@@ -29,6 +31,7 @@ class Generation:
     mode: str
     finish_reason: str | None = None
     accepted_lengths: list[int] = field(default_factory=list)
+    logprobs: list[Score] | None = None  # with ``logprobs``: per token, (log-probability, alternatives)
 
     @property
     def tpf(self) -> float:
@@ -55,11 +58,15 @@ def generate(
     branches: int | None = None,
     revise: float | None = None,
     revise_passes: int = 8,
+    controls: SamplingControls = NO_CONTROLS,
+    logprobs: int | None = None,
     embeds: PromptEmbeds | None = None,
 ) -> Generation:
     """Decode one prompt in ``mode``; the same state machines the serving engine runs.
 
-    ``embeds`` replace the embeddings of some prompt tokens (a VLM's images, see models/vlm.py)."""
+    ``controls``: top_p, penalties, logit_bias, ... (models/controls.py); ``logprobs``: record each
+    token's log-probability and that many likeliest alternatives. ``embeds`` replace the embeddings of
+    some prompt tokens (a VLM's images, see models/vlm.py)."""
     prompt = prompt_ids.flatten().tolist() if isinstance(prompt_ids, torch.Tensor) else list(prompt_ids)
     params = DecodeParams(
         mode=mode,
@@ -72,6 +79,8 @@ def generate(
         branches=branches,
         revise=revise,
         revise_passes=revise_passes,
+        controls=controls,
+        logprobs=logprobs,
     )
     engine = Engine(
         model,
@@ -90,6 +99,7 @@ def generate(
         mode=mode,
         finish_reason=state.finish_reason,
         accepted_lengths=state.accepted_lengths,
+        logprobs=state.logprobs,
     )
 
 

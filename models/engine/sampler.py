@@ -23,7 +23,9 @@ import torch
 
 import kernels
 from kernels.verify_accept import inverse_cdf
+from models.controls import RowsOf, shape_logits, truncate
 from models.modes import DecodeState, Draft, Unmask, Verify, Work
+from models.modes.base import Score
 
 
 @dataclass
@@ -78,22 +80,28 @@ class Sampler:
         self.mask_id = mask_id
 
     def run(self, logits: torch.Tensor, items: list[Item]) -> list[list[int]]:
-        """Each item's result integers (see the work classes), with one device-to-host copy."""
+        """Each item's result integers (see the work classes), with one device-to-host copy; with
+        logprobs, the work's ``scores`` are set too (their floats travel in the same copy)."""
         device = logits.device
         uniforms = {id(item): _uniforms(item) for item in items}
-        pieces: list[torch.Tensor] = []  # device int64 results, [B, width] each
-        where: dict[int, tuple[int, int]] = {}  # item -> (piece, row in piece)
+        pieces: list[torch.Tensor] = []  # device int64 [B, width] each (floats as their bits)
+        where: dict[tuple[int, str], tuple[int, int]] = {}  # (item, what) -> (piece, row in piece)
 
-        def collect(group: list[Item], result: torch.Tensor) -> None:
+        def collect(group: list[Item], result: torch.Tensor, what: str = "result") -> None:
             for b, item in enumerate(group):
-                where[id(item)] = (len(pieces), b)
-            pieces.append(result)
+                where[id(item), what] = (len(pieces), b)
+            pieces.append(result if result.dtype == torch.long else result.double().view(torch.long))
+
+        def collect_scores(group: list[Item], scores: Scores | None) -> None:
+            if scores is not None:
+                for what, values in zip(("logprob", "top_ids", "top_logprobs"), scores):
+                    collect(group, values, what)
 
         verifying = [i for i in items if isinstance(i.work, Verify) or isinstance(i.work, Draft) and i.work.verify]
         for group in _split_by_temperature(verifying):
             if not group:
                 continue
-            accepted, token = self._verify(logits, group, uniforms)
+            accepted, token, scores = self._verify(logits, group, uniforms)
             head = torch.stack([accepted, token], dim=1)
             followed = [i for i in group if isinstance(i.work, Draft)]
             if followed:
@@ -105,6 +113,7 @@ class Sampler:
                 tail[index] = drafts
                 head = torch.cat([head, tail], dim=1)
             collect(group, head)
+            collect_scores(group, scores)
         drafting = [i for i in items if isinstance(i.work, Draft) and not i.work.verify]
         for group in _split_by_temperature(drafting):
             if group:
@@ -112,7 +121,9 @@ class Sampler:
         unmasking = [i for i in items if isinstance(i.work, Unmask)]
         for group in _split_by_temperature(unmasking):
             if group:
-                collect(group, self._unmask(logits, group, uniforms))
+                blocks, scores = self._unmask(logits, group, uniforms)
+                collect(group, blocks)
+                collect_scores(group, scores)
         if not pieces:
             return [[] for _ in items]
         offsets, start = [], 0
@@ -120,19 +131,26 @@ class Sampler:
             offsets.append(start)
             start += piece.numel()
         flat = torch.cat([p.reshape(-1) for p in pieces]).tolist()  # the one copy to the host
+
+        def values(item: Item, what: str) -> list[int]:
+            piece, b = where[id(item), what]
+            width = pieces[piece].shape[1]
+            return flat[offsets[piece] + b * width : offsets[piece] + (b + 1) * width]
+
         out = []
         for item in items:
-            piece, b = where[id(item)]
-            width = pieces[piece].shape[1]
-            values = flat[offsets[piece] + b * width : offsets[piece] + (b + 1) * width]
-            out.append(values[: _result_width(item.work)])
+            out.append(values(item, "result")[: _result_width(item.work)])
+            if (id(item), "logprob") in where:
+                _scored_work(item.work).scores = _host_scores(
+                    values(item, "logprob"), values(item, "top_ids"), values(item, "top_logprobs"), item.state
+                )
         return out
 
     # ----- the three kinds of work --------------------------------------------------------------------
     def _verify(
         self, logits: torch.Tensor, group: list[Item], uniforms: dict[int, torch.Tensor | None]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(accepted [B], token [B]) on the device."""
+    ) -> tuple[torch.Tensor, torch.Tensor, Scores | None]:
+        """(accepted [B], token [B], the scores of rows 0..accepted's tokens) on the device."""
         device = logits.device
         verifies = [_verify_of(i.work) for i in group]
         lengths = [len(v.draft) for v in verifies]
@@ -140,11 +158,17 @@ class Sampler:
         rows = [[i.row + min(j, n) for j in range(width)] for i, n in zip(group, lengths)]
         drafts = [v.draft + [-1] * (width - 1 - len(v.draft)) for v in verifies]
         rows_t, draft_t, lengths_t = _to_device(device, rows, drafts, lengths)
+        histories = [
+            _rows_of(i.state, [-1, *d], i.state.tokens + i.state.pending_output()) for i, d in zip(group, drafts)
+        ]
+        row_logits = _shaped(logits[rows_t.reshape(-1)], histories)
         if group[0].state.temperature <= 0:
-            ar = logits[rows_t.reshape(-1)].argmax(dim=-1).view(len(group), width)
+            ar = row_logits.argmax(dim=-1).view(len(group), width)
             accepted, tokens, _ = kernels.verify_accept(draft_t, ar, None, lengths_t)
+            log_dist = None
         else:
-            p = self._probs(logits[rows_t.reshape(-1)], group, width).view(len(group), width, -1)
+            probs = self._probs(row_logits, group, width, histories)
+            p = probs.view(len(group), width, -1)
             q = p.new_zeros((len(group), width - 1, p.shape[-1]))
             accept_u = torch.zeros((len(group), width - 1), dtype=torch.float64)
             sample_u = torch.zeros(len(group), dtype=torch.float64)
@@ -157,7 +181,18 @@ class Sampler:
             accepted, tokens, _ = kernels.verify_accept_sampled(
                 draft_t, p, q, accept_u.to(device), sample_u.to(device), None, lengths_t
             )
-        return accepted, tokens.gather(1, accepted[:, None]).squeeze(1)
+            log_dist = probs.log()
+        token = tokens.gather(1, accepted[:, None]).squeeze(1)
+        scores = None
+        if _wants_scores(group):
+            # row j's token: the draft's j-th while accepted, then the token after the accepted prefix
+            padded = torch.cat([draft_t, draft_t.new_full((len(group), 1), -1)], dim=1)
+            within = torch.arange(width, device=device)[None, :] < accepted[:, None]
+            chosen = torch.where(within, padded, token[:, None])
+            if log_dist is None:
+                log_dist = torch.log_softmax(row_logits, dim=-1)
+            scores = _scores(log_dist, chosen.clamp(min=0).view(-1), group, width)
+        return accepted, token, scores
 
     def _draft(
         self,
@@ -216,8 +251,9 @@ class Sampler:
 
     def _unmask(
         self, logits: torch.Tensor, group: list[Item], uniforms: dict[int, torch.Tensor | None]
-    ) -> torch.Tensor:
-        """The new blocks [B, max L] (padding -1, never a mask id)."""
+    ) -> tuple[torch.Tensor, Scores | None]:
+        """The new blocks [B, max L] (padding -1, never a mask id), and per slot the score of the token
+        it drew (with logprobs)."""
         device = logits.device
         lengths = [len(i.work.block) for i in group]
         width = max(lengths)
@@ -227,18 +263,28 @@ class Sampler:
         thresholds = torch.tensor(
             [float("inf") if i.work.threshold is None else i.work.threshold for i in group], dtype=torch.float32
         ).to(device)
-        block_logits = logits[rows_t.reshape(-1)]
+        # slot j comes after the block's decided slots before it
+        histories = [
+            _rows_of(i.state, [-1] + [-1 if t == self.mask_id else t for t in b[:-1]], i.state.tokens)
+            for i, b in zip(group, blocks)
+        ]
+        block_logits = _shaped(logits[rows_t.reshape(-1)], histories)
         revised = self._revised(logits, group, blocks_t)  # read before the commit changes blocks_t
-        if group[0].state.temperature <= 0:
-            kernels.unmask(blocks_t, block_logits.view(len(group), width, -1), self.mask_id, thresholds, least_t)
-            return self._remask(blocks_t, revised)
         allowed = block_logits.clone()
         allowed[:, self.mask_id] = float("-inf")
+        if group[0].state.temperature <= 0:
+            scores = None
+            if _wants_scores(group):
+                log_dist = torch.log_softmax(allowed.float(), dim=-1)
+                scores = _scores(log_dist, log_dist.argmax(dim=-1), group, width)
+            kernels.unmask(blocks_t, block_logits.view(len(group), width, -1), self.mask_id, thresholds, least_t)
+            return self._remask(blocks_t, revised), scores
         u = torch.zeros((len(group), width), dtype=torch.float64)
         for b, (item, n) in enumerate(zip(group, lengths)):
             u[b, :n] = uniforms[id(item)]
-        candidates = inverse_cdf(self._probs(allowed, group, width), u.to(device).view(-1))
-        confidence = torch.softmax(block_logits, dim=-1).gather(1, candidates[:, None]).squeeze(1)
+        probs = self._probs(allowed, group, width, histories)
+        candidates = inverse_cdf(probs, u.to(device).view(-1))
+        confidence = torch.softmax(block_logits.float(), dim=-1).gather(1, candidates[:, None]).squeeze(1)
         kernels.unmask_commit(
             blocks_t,
             confidence.view(len(group), width),
@@ -247,7 +293,8 @@ class Sampler:
             thresholds,
             least_t,
         )
-        return self._remask(blocks_t, revised)
+        scores = _scores(probs.log(), candidates, group, width) if _wants_scores(group) else None
+        return self._remask(blocks_t, revised), scores
 
     def _revised(
         self, logits: torch.Tensor, group: list[Item], blocks: torch.Tensor
@@ -278,14 +325,69 @@ class Sampler:
         return blocks
 
     @staticmethod
-    def _probs(rows: torch.Tensor, group: list[Item], per_item: int) -> torch.Tensor:
-        """fp32 softmax of rows [B * per_item, V] at each item's temperature."""
+    def _probs(
+        rows: torch.Tensor, group: list[Item], per_item: int, histories: list[RowsOf] | None = None
+    ) -> torch.Tensor:
+        """fp32 softmax of rows [B * per_item, V] at each item's temperature; with ``histories`` (target
+        rows, not drafts), kept to each item's top_k / top_p / min_p."""
         temperature = torch.tensor([i.state.temperature for i in group], dtype=torch.float32, device=rows.device)
-        return torch.softmax(rows.float() / temperature.repeat_interleave(per_item)[:, None], dim=-1)
+        probs = torch.softmax(rows.float() / temperature.repeat_interleave(per_item)[:, None], dim=-1)
+        if histories is None:
+            return probs
+        return truncate(probs, [h.controls for h in histories for _ in range(per_item)])
 
 
 def _verify_of(work: Work) -> Verify:
     return work if isinstance(work, Verify) else work.verify
+
+
+def _scored_work(work: Work) -> Verify | Unmask:
+    """The work whose ``scores`` a request's results carry (a quadratic cycle's: its verify's)."""
+    return work.verify if isinstance(work, Draft) else work
+
+
+def _rows_of(state: DecodeState, before: list[int], output: list[int]) -> RowsOf:
+    """A request's rows (``before``: see RowsOf) after ``output``, under its controls."""
+    return RowsOf(state.params.controls, state.stop_ids, state.prompt, output, before, len(output))
+
+
+def _shaped(rows: torch.Tensor, histories: list[RowsOf]) -> torch.Tensor:
+    """The rows through the requests' logit-shaping controls; as they are when none has any."""
+    if not any(h.controls.shapes_logits for h in histories):
+        return rows
+    return shape_logits(rows, histories)
+
+
+def _wants_scores(group: list[Item]) -> bool:
+    return any(i.state.params.logprobs is not None for i in group)
+
+
+Scores = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # logprob [B, W], top ids [B, W * k], top logprobs
+
+
+def _scores(log_dist: torch.Tensor, chosen: torch.Tensor, group: list[Item], width: int) -> Scores:
+    """Per row of ``log_dist`` [B * width, V]: the log-probability of its ``chosen`` token, and the
+    group's largest ``logprobs`` count of likeliest alternatives."""
+    top = max(i.state.params.logprobs or 0 for i in group)
+    batch = len(group)
+    logprob = log_dist.gather(1, chosen[:, None]).view(batch, width)
+    values, ids = log_dist.topk(top, dim=-1) if top else (log_dist[:, :0], chosen[:, None][:, :0])
+    return logprob, ids.reshape(batch, width * top), values.reshape(batch, width * top)
+
+
+def _host_scores(logprob: list[int], top_ids: list[int], top_values: list[int], state: DecodeState) -> list[Score]:
+    """The scores of one request's rows from the host copy (floats arrive as their bits)."""
+    as_floats = torch.tensor(logprob + top_values, dtype=torch.long).view(torch.float64).tolist()
+    logprobs, values = as_floats[: len(logprob)], as_floats[len(logprob) :]
+    k = len(top_ids) // len(logprob)
+    wanted = state.params.logprobs or 0
+    out = []
+    for j, lp in enumerate(logprobs):
+        alternatives = [
+            (top_ids[j * k + a], values[j * k + a]) for a in range(wanted) if math.isfinite(values[j * k + a])
+        ]
+        out.append((lp, alternatives))
+    return out
 
 
 def _likely_acceptances(confidence: torch.Tensor, counts: torch.Tensor, choose: list[int]) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from models.modes.base import DecodeState, Plan, Verify
+from models.modes.base import DecodeState, Plan, Score, Verify
 from models.segments import causal_segment
 
 
@@ -11,9 +11,9 @@ class ARState(DecodeState):
 
     mode = "ar"
 
-    def after_prefill(self, token: int) -> list[int]:
+    def after_prefill(self, token: int, scores: list[Score] | None) -> list[int]:
         self.nfe += 1
-        return self.emit([token])
+        return self.emit([token], scores)
 
     def plan_decode(self) -> Plan:
         return Plan([causal_segment([self.tokens[-1]], self.cached_len, write=True)], Verify())
@@ -21,4 +21,4 @@ class ARState(DecodeState):
     def advance_decode(self, plan: Plan, result: list[int]) -> list[int]:
         self.cached_len += 1
         self.nfe += 1
-        return self.emit([result[1]])
+        return self.emit([result[1]], plan.work.scores)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from models.config import ModelConfig
+from models.controls import NO_CONTROLS, SamplingControls
 from models.segments import PromptEmbeds, Segment, causal_segment
 
 MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
@@ -44,6 +45,8 @@ class DecodeParams:
     revise: float | None = None  # diffusion: re-mask a decided slot whose confidence falls below this
     revise_passes: int = 8  # diffusion: at most this many denoise passes may re-mask (extra passes bound)
     trace: bool = False  # record what every forward did (``DecodeState.trace``)
+    controls: SamplingControls = NO_CONTROLS  # top_p, penalties, logit_bias, ... (models/controls.py)
+    logprobs: int | None = None  # record each output token's log-probability and this many alternatives
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -70,6 +73,9 @@ class DecodeParams:
             raise ValueError("revise (a confidence) must be between 0 and 1, exclusive")
         if self.revise_passes < 0:
             raise ValueError("revise_passes must be non-negative")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError("logprobs (alternatives per token) must be between 0 and 20")
+        self.controls.validate()
 
 
 def kv_tokens_needed(prompt_len: int, params: DecodeParams, block_size: int) -> int:
@@ -78,6 +84,9 @@ def kv_tokens_needed(prompt_len: int, params: DecodeParams, block_size: int) -> 
     block = params.block_length or block_size
     overshoot = 1 if params.mode == "ar" else block + 1
     return prompt_len + params.max_new_tokens + overshoot
+
+
+Score = tuple[float, list[tuple[int, float]]]  # a token's log-probability, and the likeliest alternatives
 
 
 # ----- work on a step's logits (rows are relative to the request's own logit rows) ------------------
@@ -90,6 +99,7 @@ class Verify:
 
     draft: list[int] = field(default_factory=list)
     q: torch.Tensor | None = None  # [len(draft), V] draft probabilities (sampled drafts)
+    scores: list[Score] | None = None  # with logprobs: rows 0..accepted, each its output token's score
 
 
 @dataclass
@@ -123,6 +133,7 @@ class Unmask:
     least: int | None
     revise: float | None = None
     revisable: list[int] = field(default_factory=list)
+    scores: list[Score] | None = None  # with logprobs: per slot, the score of the token it drew this pass
 
 
 Work = Verify | Draft | Unmask
@@ -173,12 +184,17 @@ class DecodeState(ABC):
         self.block_length = params.block_length or config.block_size
         self.mask_id = config.mask_token_id
         self.eos_id = config.eos_token_id
+        params.controls.check_tokens(config.vocab_size)
+        eos = () if self.eos_id is None else (self.eos_id,)
+        self.stop_ids = tuple(dict.fromkeys(eos + params.controls.stop_token_ids))  # end the output (EOS first)
         self.temperature = params.temperature
         self.generator: torch.Generator | None = None
         if params.temperature > 0:
             seed = params.seed if params.seed is not None else random.getrandbits(63)
             self.generator = torch.Generator().manual_seed(seed)
         self.tokens: list[int] = []
+        # with params.logprobs: one score per output token, from the distribution it was chosen from
+        self.logprobs: list[Score] | None = [] if params.logprobs is not None else None
         self.cached_len = 0
         self.ready_len = len(self.prompt)  # cache length needed before the next decode step
         self.started = False  # the prompt's logits have been read
@@ -233,7 +249,7 @@ class DecodeState(ABC):
                 return []
             self.started = True
             self.nfe += int(self.prefill_counts_as_forward)
-            return self.after_prefill(result[1])
+            return self.after_prefill(result[1], plan.work.scores)
         return self.advance_decode(plan, result)
 
     def preempt(self) -> None:
@@ -243,8 +259,8 @@ class DecodeState(ABC):
 
     # ----- mode hooks ----------------------------------------------------------------------------
     @abstractmethod
-    def after_prefill(self, token: int) -> list[int]:
-        """``token``: the AR choice after the prompt."""
+    def after_prefill(self, token: int, scores: list[Score] | None) -> list[int]:
+        """``token``: the AR choice after the prompt (``scores``: its score, with logprobs)."""
 
     @abstractmethod
     def plan_decode(self) -> Plan: ...
@@ -262,15 +278,23 @@ class DecodeState(ABC):
     def remaining(self) -> int:
         return self.params.max_new_tokens - len(self.tokens)
 
-    def emit(self, new: list[int]) -> list[int]:
-        """Append tokens, stopping at the first EOS or at max_new_tokens."""
+    def pending_output(self) -> list[int]:
+        """Tokens decided but not yet emitted that the next step's rows come after (its controls'
+        output so far is ``tokens`` and these)."""
+        return []
+
+    def emit(self, new: list[int], scores: list[Score] | None = None) -> list[int]:
+        """Append tokens (and, with logprobs, their ``scores``), stopping at the first stop token
+        (EOS or ``stop_token_ids``) or at max_new_tokens."""
         out: list[int] = []
-        for token in new:
+        for i, token in enumerate(new):
             if self.finished:
                 break
             out.append(token)
             self.tokens.append(token)
-            if self.eos_id is not None and token == self.eos_id:
+            if self.logprobs is not None:
+                self.logprobs.append(scores[i])
+            if token in self.stop_ids:
                 self.finish("stop")
             elif len(self.tokens) >= self.params.max_new_tokens:
                 self.finish("length")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from models.modes.base import DecodeState, Plan, Unmask, Verify, unmask_changes
+from models.modes.base import DecodeState, Plan, Score, Unmask, Verify, unmask_changes
 from models.segments import bidirectional_segment, causal_segment
 
 
@@ -35,13 +35,15 @@ class DiffusionState(DecodeState):
         self.decided: set[int] = set()  # slots of the block committed by its denoise passes (revisable)
         self.revisions_left = self.params.revise_passes if self.params.revise is not None else 0
 
-    def _start_block(self, seed: int) -> list[int]:
+    def _start_block(self, seed: int, scores: list[Score] | None) -> list[int]:
         self._set_block([seed] + [self.mask_id] * (self.block_length - 1), masked=self.block_length - 1)
+        self.block_scores[0] = scores[0] if scores else None
         return []
 
     def _set_block(self, block: list[int], masked: int) -> None:
         """Denoise ``block`` next; without a threshold, ``masked`` slots are spread over the step schedule."""
         self.block = block
+        self.block_scores: list[Score | None] = [None] * len(block)  # with logprobs: each decided slot's
         self.decided = set()
         self.steps = 0
         total_steps = self.params.max_steps or self.block_length
@@ -54,8 +56,11 @@ class DiffusionState(DecodeState):
         """Leading slots of the block that become output (the others are decoded, never emitted)."""
         return min(len(self.block), self.remaining)
 
-    def after_prefill(self, token: int) -> list[int]:
-        return self._start_block(token)
+    def after_prefill(self, token: int, scores: list[Score] | None) -> list[int]:
+        return self._start_block(token, scores)
+
+    def pending_output(self) -> list[int]:
+        return self.block[: self.needed] if self.block_done else []
 
     def plan_decode(self) -> Plan:
         start = self.cached_len
@@ -74,13 +79,17 @@ class DiffusionState(DecodeState):
     def advance_decode(self, plan: Plan, result: list[int]) -> list[int]:
         self.nfe += 1
         if self.block_done:
-            return self._commit(result[1])
-        self._denoised(plan.work.block, result)
+            return self._commit(result[1], plan.work.scores)
+        self._denoised(plan.work, result)
         return []
 
-    def _denoised(self, before: list[int], after: list[int]) -> None:
-        """Take a denoise pass's block: note what it decided and re-masked, and whether the block is done."""
-        committed, remasked = unmask_changes(before, after, self.mask_id)
+    def _denoised(self, work: Unmask, after: list[int]) -> None:
+        """Take a denoise pass's block: note what it decided (and the scores of what it drew there) and
+        re-masked, and whether the block is done."""
+        committed, remasked = unmask_changes(work.block, after, self.mask_id)
+        if work.scores is not None:
+            for i in committed:
+                self.block_scores[i] = work.scores[i]
         self.decided |= set(committed)
         if remasked:
             self.decided -= set(remasked)
@@ -103,12 +112,13 @@ class DiffusionState(DecodeState):
         needed = self.block[: self.needed]
         if self.mask_id not in needed:
             self.block_done = True
-        elif self.eos_id is not None and self.eos_id in needed:
-            self.block_done = self.mask_id not in needed[: needed.index(self.eos_id)]
+        else:
+            stop = next((i for i, t in enumerate(needed) if t in self.stop_ids), None)
+            self.block_done = stop is not None and self.mask_id not in needed[:stop]
 
-    def _commit(self, seed: int) -> list[int]:
+    def _commit(self, seed: int, scores: list[Score] | None) -> list[int]:
         self.cached_len += self.block_length
-        emitted = self.emit(self.block[: self.needed])
+        emitted = self.emit(self.block[: self.needed], self.block_scores[: self.needed])
         if not self.finished:
-            self._start_block(seed)
+            self._start_block(seed, scores)
         return emitted

@@ -15,7 +15,7 @@ several lengths and keeps the likeliest text.
 
 from __future__ import annotations
 
-from models.modes.base import Plan
+from models.modes.base import Plan, Score
 from models.modes.diffusion import DiffusionState
 
 
@@ -43,10 +43,10 @@ class InfillState(DiffusionState):
     def context_needed(self) -> int:
         return infill_context(len(self.prompt), self.params.max_new_tokens, self.block_length, len(self.suffix))
 
-    def _start_block(self, seed: int) -> list[int]:
+    def _start_block(self, seed: int, scores: list[Score] | None) -> list[int]:
         middle = self.remaining
         if middle > self.block_length:  # an earlier block of the middle: plain diffusion
-            return super()._start_block(seed)
+            return super()._start_block(seed, scores)
         head = self.suffix[: visible_suffix(self.block_length, middle, len(self.suffix))]
         self.window = True
         self._set_block([self.mask_id] * middle + head, masked=middle)  # the AR seed cannot see the suffix
@@ -56,5 +56,5 @@ class InfillState(DiffusionState):
         if not self.window:
             return super().advance_decode(plan, result)
         self.nfe += 1
-        self._denoised(plan.work.block, result)
-        return self.emit(self.block[: self.needed]) if self.block_done else []
+        self._denoised(plan.work, result)
+        return self.emit(self.block[: self.needed], self.block_scores[: self.needed]) if self.block_done else []

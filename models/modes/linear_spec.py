@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from models.modes.base import DecodeState, Draft, Plan, Verify
+from models.modes.base import DecodeState, Draft, Plan, Score, Verify
 from models.segments import bidirectional_segment, causal_segment
 
 
@@ -24,9 +24,9 @@ class LinearSpecState(DecodeState):
         self.draft: list[int] | None = None  # None: the next pass is a draft
         self.draft_probs: torch.Tensor | None = None
 
-    def after_prefill(self, token: int) -> list[int]:
+    def after_prefill(self, token: int, scores: list[Score] | None) -> list[int]:
         self.next_token = token
-        return self.emit([token])
+        return self.emit([token], scores)
 
     def plan_decode(self) -> Plan:
         length = self.block_length
@@ -43,7 +43,7 @@ class LinearSpecState(DecodeState):
             self.draft, self.draft_probs = result, plan.work.q_out
             return []
         accepted, bonus = result
-        emitted = self.emit([*self.draft[:accepted], bonus])
+        emitted = self.emit([*self.draft[:accepted], bonus], plan.work.scores)
         self.accepted_lengths.append(accepted + 1)
         self.cached_len += accepted + 1  # next_token and the accepted drafts are now committed
         self.next_token = bonus

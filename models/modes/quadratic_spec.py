@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from models.modes.base import DecodeState, Draft, Plan, Verify
+from models.modes.base import DecodeState, Draft, Plan, Score, Verify
 from models.segments import Segment, bidirectional_segment, causal_segment
 
 DEFAULT_BRANCHES = 1  # on a CPU a second branch costs more than the cycles it saves (bench/RESULTS.md)
@@ -56,9 +56,9 @@ class QuadraticSpecState(DecodeState):
         self.branches = [0]  # acceptance lengths to draft ahead for
         self.draft_probs: torch.Tensor | None = None
 
-    def after_prefill(self, token: int) -> list[int]:
+    def after_prefill(self, token: int, scores: list[Score] | None) -> list[int]:
         self.verify = [token]
-        return self.emit(self.verify)
+        return self.emit(self.verify, scores)
 
     def plan_decode(self) -> Plan:
         segments = cycle_segments(self.verify, self.cached_len, self.block_length, self.branches, self.mask_id)
@@ -76,7 +76,7 @@ class QuadraticSpecState(DecodeState):
         count = plan.work.count
         next_draft, lengths = rest[:count], rest[count:]
         draft = self.verify[1:]
-        emitted = self.emit([*draft[:accepted], bonus])
+        emitted = self.emit([*draft[:accepted], bonus], plan.work.verify.scores)
         if draft:
             self.accepted_lengths.append(accepted + 1)
         self.cached_len += accepted + 1
