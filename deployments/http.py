@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from deployments.protocol import (
     new_id,
     now,
 )
-from deployments.responses import completion_logprobs, sse
+from deployments.responses import chat_logprobs, completion_logprobs, prompt_scores, sse
 
 PLAYGROUND = Path(__file__).resolve().parent / "playground"  # static files, package data
 PLAYGROUND_ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
@@ -156,64 +157,86 @@ def build_api(resolve: Callable[[], OpenAIService]) -> FastAPI:
         service, req = await _parse(resolve(), request, CompletionRequest)
         if req.max_tokens == 0 and not req.echo:
             raise APIError(400, "max_tokens must be at least 1 unless echo is set", param="max_tokens")
-        preps = [await service.prepare(req, "completion", prompt) for prompt in req.prompts]
-        rid, created = new_id("cmpl"), now()
+        bases = [await service.prepare(req, "completion", prompt) for prompt in req.prompts]
+        preps = [prep for base in bases for prep in service.fan_out(base, req.choices)]  # prompt by prompt
+        prompt_tokens = sum(len(base.prompt) for base in bases)
+        rid, created, top = new_id("cmpl"), now(), req.logprobs
+
+        async def echoed(prep: Prepared) -> tuple[str, list[int], list]:
+            """The prompt's text, and its ids and scores when logprobs are asked for."""
+            text = prep.model.tokenizer.decode(prep.prompt, skip_special_tokens=True) if req.echo else ""
+            if not req.echo or top is None:
+                return text, [], []
+            return text, prep.prompt, await prompt_scores(prep.model, prep.prompt, top)
+
         if req.stream:
             opening = []
             for index, prep in enumerate(preps):
                 if req.echo:
-                    echo = prep.model.tokenizer.decode(prep.prompt, skip_special_tokens=True)
-                    opening.append({"index": index, "text": echo, "logprobs": None, "finish_reason": None})
-            return _stream(service, preps, req, rid, created, "text_completion", opening)
+                    text, ids, scores = await echoed(prep)
+                    logprobs = completion_logprobs(prep.model.tokenizer, ids, scores, top, 0) if ids else None
+                    opening.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": None})
+            return _stream(service, preps, req, rid, created, "text_completion", opening, prompt_tokens)
 
-        async def complete(index: int, prep: Prepared) -> tuple[dict[str, Any], dict[str, Any] | None, int]:
-            text, last, ids = await _collect(service, prep) if req.max_tokens != 0 else ("", None, [])
+        async def complete(prep: Prepared) -> tuple[dict[str, Any], Collected]:
+            done = await _collect(service, prep) if req.max_tokens != 0 else Collected()
+            echo, ids, scores = await echoed(prep)
             logprobs = None
-            if req.logprobs is not None:
-                first = 0 if req.echo else len(prep.prompt)
-                logprobs = await completion_logprobs(prep.model, prep.prompt + ids, first, req.logprobs)
-            if req.echo:
-                text = prep.model.tokenizer.decode(prep.prompt, skip_special_tokens=True) + text
-            finish = _finish(last["finish_reason"]) if last else "length"
-            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}, last, len(ids)
+            if top is not None:
+                logprobs = completion_logprobs(prep.model.tokenizer, ids + done.ids, scores + done.scores, top, 0)
+            choice = {"text": echo + done.text, "logprobs": logprobs, "finish_reason": done.finish_reason}
+            return choice, done
 
-        done = await asyncio.gather(*(complete(i, prep) for i, prep in enumerate(preps)))
-        body = _chunk(rid, created, "text_completion", preps[0].model.spec.name, [choice for choice, _, _ in done])
-        body["usage"] = _usage(sum(len(p.prompt) for p in preps), sum(n for _, _, n in done))
-        body["triserve"] = service.info(preps[0], done[0][1])
-        return JSONResponse(body, headers=_headers(service, preps[0], done[0][1]))
+        done = await asyncio.gather(*(complete(prep) for prep in preps))
+        kept = done
+        if req.choices > req.n:  # best_of: per prompt, the n sequences of highest log-probability
+            per = req.choices
+            kept = [
+                pick
+                for i in range(len(bases))
+                for pick in sorted(done[i * per : (i + 1) * per], key=lambda d: -d[1].logprob)[: req.n]
+            ]
+        choices = [{"index": index, **choice} for index, (choice, _) in enumerate(kept)]
+        last = done[0][1].last
+        body = _chunk(rid, created, "text_completion", preps[0].model.spec.name, choices)
+        body["usage"] = _usage(prompt_tokens, sum(len(d.ids) for _, d in done))
+        body["triserve"] = service.info(preps[0], last)
+        return JSONResponse(body, headers=_headers(service, preps[0], last))
 
     @api.post("/v1/chat/completions", openapi_extra=_body(ChatRequest))
     async def chat(request: Request):
         service, req = await _parse(resolve(), request, ChatRequest)
-        prep = await service.prepare(req, "chat")
+        first = await service.prepare(req, "chat")
+        preps = service.fan_out(first, req.n)
         rid, created = new_id("chatcmpl"), now()
-        model_name = prep.model.spec.name
-
         if req.stream:
             opening = [
-                {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                for i in range(len(preps))
             ]
-            return _stream(service, [prep], req, rid, created, "chat.completion.chunk", opening)
+            return _stream(service, preps, req, rid, created, "chat.completion.chunk", opening, len(first.prompt))
 
-        text, last, ids = await _collect(service, prep)
+        done = await asyncio.gather(*(_collect(service, prep) for prep in preps))
+        tokenizer = first.model.tokenizer
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": d.text},
+                "logprobs": chat_logprobs(tokenizer, d.ids, d.scores) if req.logprobs else None,
+                "finish_reason": d.finish_reason,
+            }
+            for i, d in enumerate(done)
+        ]
         body = {
             "id": rid,
             "object": "chat.completion",
             "created": created,
-            "model": model_name,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": None,
-                    "finish_reason": _finish(last["finish_reason"]) if last else "length",
-                }
-            ],
-            "usage": _usage(len(prep.prompt), len(ids)),
-            "triserve": service.info(prep, last),
+            "model": first.model.spec.name,
+            "choices": choices,
+            "usage": _usage(len(first.prompt), sum(len(d.ids) for d in done)),
+            "triserve": service.info(first, done[0].last),
         }
-        return JSONResponse(body, headers=_headers(service, prep, last))
+        return JSONResponse(body, headers=_headers(service, first, done[0].last))
 
     return api
 
@@ -230,39 +253,56 @@ def _stream(
     created: int,
     kind: str,
     opening: list[dict[str, Any]],
+    prompt_tokens: int,
 ) -> StreamingResponse:
-    """The SSE stream of either endpoint (``kind``: the chunk object) for one or more prompts (choice
+    """The SSE stream of either endpoint (``kind``: the chunk object) for one or more sequences (choice
     ``index`` i for ``preps[i]``, interleaved as they decode): ``opening`` choices (the chat role,
-    echoed prompts), then text as it is decoded, ``decoding.trace`` events as chunks with no choices
-    and a ``triserve_trace`` field (clients that do not look for it see an empty chunk, as with usage),
-    each choice's finishing chunk with its ``triserve`` info, the usage when asked, ``[DONE]``."""
+    echoed prompts), then text as it is decoded (with logprobs when asked: those of the tokens the
+    chunk's text came from), ``decoding.trace`` events as chunks with no choices and a
+    ``triserve_trace`` field (clients that do not look for it see an empty chunk, as with usage), each
+    choice's finishing chunk with its ``triserve`` info, the usage when asked, ``[DONE]``."""
     model = preps[0].model.spec.name
+    tokenizer = preps[0].model.tokenizer
     chat = kind == "chat.completion.chunk"
+    top = req.logprobs_count
+    offsets = [0] * len(preps)  # completions' text_offset: after the echoed prompt
+    for first in opening:
+        offsets[first["index"]] = len(first.get("text", ""))
 
-    def choice(index: int, text: str, finish: str | None) -> dict[str, Any]:
+    def logprobs(index: int, ids: list[int], scores: list) -> dict[str, Any] | None:
+        if top is None or not ids:
+            return None
+        if chat:
+            return chat_logprobs(tokenizer, ids, scores)
+        shaped = completion_logprobs(tokenizer, ids, scores, top, offsets[index])
+        offsets[index] += sum(len(piece) for piece in shaped["tokens"])
+        return shaped
+
+    def choice(index: int, text: str, finish: str | None, scored: dict[str, Any] | None = None) -> dict[str, Any]:
         if chat:
             content = {"content": text} if text else {}
-            return {"index": index, "delta": content, "logprobs": None, "finish_reason": finish}
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+            return {"index": index, "delta": content, "logprobs": scored, "finish_reason": finish}
+        return {"index": index, "text": text, "logprobs": scored, "finish_reason": finish}
 
     async def events():
         generated = [0] * len(preps)
         for first in opening:
             yield sse(_chunk(rid, created, kind, model, [first]))
         async for index, (delta, out) in merge_streams([service.run(prep) for prep in preps]):
-            generated[index] = len(out.get("all_tokens", ()))
+            ids = list(out.get("all_tokens", ()))
+            new, generated[index] = ids[generated[index] :], len(ids)
             for event in out.get("trace") or ():
                 yield sse(_chunk(rid, created, kind, model, [], triserve_trace=event))
             finish = _finish(out["finish_reason"]) if out["finished"] else None
-            if chat and delta and finish:  # as OpenAI does, a chat stream finishes on a chunk of its own
-                yield sse(_chunk(rid, created, kind, model, [choice(index, delta, None)]))
-                delta = ""
-            if delta or finish:
+            scored = logprobs(index, new, out.get("scores") or [])
+            if chat and (delta or scored) and finish:  # as OpenAI does, a chat stream finishes on a chunk of its own
+                yield sse(_chunk(rid, created, kind, model, [choice(index, delta, None, scored)]))
+                delta, scored = "", None
+            if delta or finish or scored:
                 extra = {"triserve": service.info(preps[index], out)} if finish else {}
-                yield sse(_chunk(rid, created, kind, model, [choice(index, delta, finish)], **extra))
+                yield sse(_chunk(rid, created, kind, model, [choice(index, delta, finish, scored)], **extra))
         if req.stream_options and req.stream_options.include_usage:
-            usage = _usage(sum(len(p.prompt) for p in preps), sum(generated))
-            yield sse(_chunk(rid, created, kind, model, [], usage=usage))
+            yield sse(_chunk(rid, created, kind, model, [], usage=_usage(prompt_tokens, sum(generated))))
         yield sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream", headers=_headers(service, preps[0]))
@@ -272,11 +312,32 @@ def _finish(reason: str | None) -> str | None:
     return {"stop": "stop", "length": "length"}.get(reason, reason)
 
 
-async def _collect(service: OpenAIService, prep: Prepared) -> tuple[str, dict[str, Any] | None, list[int]]:
-    """Run a request to the end: (text, last step output, generated ids)."""
+@dataclass
+class Collected:
+    """A request run to its end: text, generated ids, their scores (with logprobs), last step output."""
+
+    text: str = ""
+    ids: list[int] = field(default_factory=list)
+    scores: list = field(default_factory=list)
+    last: dict[str, Any] | None = None
+
+    @property
+    def finish_reason(self) -> str:
+        return _finish(self.last["finish_reason"]) if self.last else "length"
+
+    @property
+    def logprob(self) -> float:
+        """The sequence's log-probability under the distributions its tokens were chosen from."""
+        return sum(score[0] for score in self.scores)
+
+
+async def _collect(service: OpenAIService, prep: Prepared) -> Collected:
+    done = Collected()
     parts: list[str] = []
-    last = None
     async for delta, out in service.run(prep):
         parts.append(delta)
-        last = out
-    return "".join(parts), last, list(last["all_tokens"]) if last else []
+        done.scores += out.get("scores") or []
+        done.last = out
+    done.text = "".join(parts)
+    done.ids = list(done.last["all_tokens"]) if done.last else []
+    return done

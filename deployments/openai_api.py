@@ -254,8 +254,16 @@ class OpenAIService:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
-        if req.top_p not in (None, 1.0):
-            raise APIError(400, "top_p other than 1 is not supported; use temperature", param="top_p")
+        controls = req.controls
+        try:
+            controls.check_tokens(model.config.vocab_size)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="logit_bias" if req.logit_bias else "stop_token_ids") from None
+        if controls.min_tokens > limit:
+            raise APIError(400, "min_tokens must not exceed max_tokens", param="min_tokens")
+        logprobs = req.logprobs_count
+        if logprobs is None and req.choices > req.n:
+            logprobs = 0  # best_of ranks the sequences by their log-probabilities
         dec = req.decoding
         if dec and dec.trace and not req.stream:
             raise APIError(
@@ -275,6 +283,8 @@ class OpenAIService:
             revise=dec.revise.threshold if dec and dec.revise else None,
             revise_passes=dec.revise.max_passes if dec and dec.revise else 8,
             trace=bool(dec and dec.trace),
+            controls=controls,
+            logprobs=logprobs,
         )
         try:
             params.validate()
@@ -316,12 +326,24 @@ class OpenAIService:
     def _release(self, name: str) -> None:
         self.in_flight[name] -= 1
 
+    @staticmethod
+    def fan_out(prep: Prepared, count: int) -> list[Prepared]:
+        """``count`` independent sequences of one prepared request (``n``, ``best_of``): sequence i
+        draws with seed ``seed + i`` when the request has a seed (so each equals a single request with
+        that seed). They share the prompt's KV pages: the engine computes the prompt once
+        (``Scheduler._prefill_underway``)."""
+        seed = prep.params.seed
+        return [prep] + [
+            replace(prep, params=replace(prep.params, seed=None if seed is None else seed + i)) for i in range(1, count)
+        ]
+
     # ----- running --------------------------------------------------------------------------------
     async def run(self, prep: Prepared) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """Yield (text delta, step output) until the request ends (EOS, length or a stop string).
 
-        The step output carries ``all_tokens``: the ids generated so far, and with ``decoding.trace``
-        its forwards' ``trace`` events (token ids shown as text). Text is decoded and searched for stop
+        The step output carries ``all_tokens``: the ids generated so far, with logprobs the ``scores``
+        of the tokens since the last yield, and with ``decoding.trace`` its forwards' ``trace`` events
+        (token ids shown as text). Text is decoded and searched for stop
         strings incrementally (work per output grows with its new tokens only). A request with a
         suffix runs as infilling (``_run_infill``).
         """
@@ -333,12 +355,14 @@ class OpenAIService:
         tracer = IncrementalDetokenizer(prep.model.tokenizer) if prep.params.trace else None
         stops = StopStrings(prep.stops)
         stream = prep.model.backend.generate(self._engine_request(prep, prep.params))
+        scores: list = []  # of tokens whose text has not been yielded yet
         try:
             async for out in stream:
                 text = detokenizer.push(out["new_tokens"])
                 if out["finished"]:
                     text += detokenizer.flush()
-                out = {**out, "all_tokens": detokenizer.tokens}
+                scores += out.get("new_logprobs") or []
+                out = {**out, "all_tokens": detokenizer.tokens, "scores": scores}
                 if tracer is not None:
                     out["trace"] = trace_view(prep.model.tokenizer, out.get("trace") or [], tracer, out["finished"])
                 delta, stopped = stops.feed(text, final=out["finished"])
@@ -347,6 +371,7 @@ class OpenAIService:
                     return
                 if delta or out["finished"] or out.get("trace"):
                     yield delta, out
+                    scores = []
                 if out["finished"]:
                     return
         finally:
@@ -370,9 +395,11 @@ class OpenAIService:
         ]
         tracers = [IncrementalDetokenizer(tok) for _ in lengths]
         tokens: list[list[int]] = [[] for _ in lengths]
+        scores: list[list] = [[] for _ in lengths]
         nfe = [0] * len(lengths)
         async for i, out in merge_streams(streams):
             tokens[i] += out["new_tokens"]
+            scores[i] += out.get("new_logprobs") or []
             nfe[i] = out["nfe"]
             if params.trace and out.get("trace"):
                 view = trace_view(tok, out["trace"], tracers[i], out["finished"])
@@ -391,6 +418,7 @@ class OpenAIService:
         out = {
             "new_tokens": chosen.tokens,
             "all_tokens": chosen.tokens,
+            "scores": scores[candidates.index(chosen)][: len(chosen.tokens)],
             "finished": True,
             "finish_reason": "stop",
             "nfe": sum(c.nfe for c in candidates),

@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from models.controls import SamplingControls
+
 TIERS = ("interactive", "standard", "batch")
 MAX_BATCH_PROMPTS = 256
 SERVICE_TIER_ALIASES = {"auto": "standard", "default": "standard", "flex": "batch", "priority": "interactive"}
@@ -63,15 +65,6 @@ class StreamOptions(BaseModel):
 # with the values that ask for nothing (sending those is fine): any other value is refused with a
 # 400 naming the field, never silently dropped.
 NOT_SUPPORTED: dict[str, tuple[Any, ...]] = {
-    "best_of": (None, 1),
-    "logit_bias": (None, {}),
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
-    "repetition_penalty": (None, 1, 1.0),
-    "top_k": (None, -1, 0),
-    "min_p": (None, 0, 0.0),
-    "min_tokens": (None, 0),
-    "stop_token_ids": (None, []),
     "response_format": (None, {"type": "text"}),
     "tools": (None, []),
     "functions": (None, []),
@@ -81,9 +74,8 @@ NOT_SUPPORTED: dict[str, tuple[Any, ...]] = {
     "modalities": (None, ["text"]),
     "prediction": (None,),
     "web_search_options": (None,),
-    "top_logprobs": (None, 0),
-    "logprobs": (None, False),  # chat (completions has its own field)
 }
+MAX_CHOICES = 32  # n and best_of
 logger = logging.getLogger("ray.serve")
 _ignored_logged: set[str] = set()
 
@@ -99,11 +91,19 @@ class CommonRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=0)  # 0 only with echo (scoring a prompt)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1)  # vLLM's sampling extensions, top_k to stop_token_ids
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias
+    min_tokens: int = Field(default=0, ge=0)
+    stop_token_ids: list[int] | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     decoding: Decoding | None = None
     service_tier: str | None = None
     latency_tier: str | None = None
@@ -116,6 +116,16 @@ class CommonRequest(BaseModel):
             value = [value]
         if value is not None and (len(value) > 4 or any(not s for s in value)):
             raise ValueError("stop must be at most 4 non-empty strings")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value):
+        for key, bias in (value or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise ValueError(f"logit_bias keys are token ids, not {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError("logit_bias values must be between -100 and 100")
         return value
 
     @model_validator(mode="after")
@@ -148,12 +158,47 @@ class CommonRequest(BaseModel):
     def stop_list(self) -> list[str]:
         return list(self.stop or [])
 
+    @property
+    def controls(self) -> SamplingControls:
+        return SamplingControls(
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=max(self.top_k or 0, 0),
+            min_p=self.min_p or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()),
+            min_tokens=self.min_tokens,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+        )
+
+    @property
+    def choices(self) -> int:
+        """Sequences decoded per prompt (``best_of`` of them, or ``n``)."""
+        return max(self.n, getattr(self, "best_of", None) or 1)
+
 
 class CompletionRequest(CommonRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
     suffix: str | None = None  # infilling: the text after the completion (diffusion)
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=5)
+    best_of: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
+
+    @model_validator(mode="after")
+    def _best_of(self):
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError("best_of must be at least n")
+        if self.best_of is not None and self.best_of > 1 and self.stream:
+            raise ValueError("best_of cannot be used with stream (the best are known only at the end)")
+        if len(self.prompts) * self.choices > MAX_BATCH_PROMPTS:
+            raise ValueError(f"prompts times best_of (or n) must be at most {MAX_BATCH_PROMPTS}")
+        return self
+
+    @property
+    def logprobs_count(self) -> int | None:
+        """Alternatives per token to report (None: no logprobs)."""
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -184,6 +229,18 @@ class ChatMessage(BaseModel):
 class ChatRequest(CommonRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _top_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def output_limit(self) -> int | None:

@@ -1,4 +1,4 @@
-"""Shaping what the engine produced into OpenAI responses: stop strings, completions logprobs,
+"""Shaping what the engine produced into OpenAI responses: stop strings, logprobs,
 trace events with text, server-sent events."""
 
 from __future__ import annotations
@@ -8,32 +8,42 @@ from typing import Any
 
 from deployments.served import ServedModel
 from models.engine.detokenizer import IncrementalDetokenizer
+from models.modes.base import Score
 
 
-async def completion_logprobs(model: ServedModel, ids: list[int], first: int, top: int) -> dict[str, Any]:
-    """OpenAI completions ``logprobs`` for ids[first:] (AR log-probabilities, as in vLLM)."""
-    scored = await model.backend.score(ids, top)
-    tok = model.tokenizer
+async def prompt_scores(model: ServedModel, prompt: list[int], top: int) -> list[Score | None]:
+    """The prompt's scores (AR log-probabilities, one prefill; None for its first token, which has
+    none): what ``echo`` with ``logprobs`` reports, lm-eval's loglikelihood."""
+    scored = await model.backend.score(prompt, top)
+    return [None] + [(lp, list(alternatives.items())) for lp, alternatives in scored]
+
+
+def completion_logprobs(tokenizer, ids: list[int], scores: list[Score | None], top: int, offset: int) -> dict[str, Any]:
+    """OpenAI completions ``logprobs`` of ``ids`` (each token's text, log-probability, ``top``
+    alternatives by their text, offset in the choice's text counting from ``offset``)."""
     tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
-    offset = 0
-    for i in range(first, len(ids)):
-        piece = tok.decode([ids[i]])
+    for token, score in zip(ids, scores):
+        piece = tokenizer.decode([token])
         tokens.append(piece)
         offsets.append(offset)
         offset += len(piece)
-        if i == 0:
-            token_logprobs.append(None)
-            top_logprobs.append(None)
-        else:
-            lp, alternatives = scored[i - 1]
-            token_logprobs.append(lp)
-            top_logprobs.append({tok.decode([t]): v for t, v in alternatives.items()} if top else None)
-    return {
-        "tokens": tokens,
-        "token_logprobs": token_logprobs,
-        "top_logprobs": top_logprobs,
-        "text_offset": offsets,
-    }
+        token_logprobs.append(None if score is None else score[0])
+        alternatives = None if score is None or not top else {tokenizer.decode([t]): v for t, v in score[1]}
+        top_logprobs.append(alternatives)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer, ids: list[int], scores: list[Score]) -> dict[str, Any]:
+    """OpenAI chat ``logprobs``: per token its text, bytes, log-probability and alternatives."""
+
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        piece = tokenizer.decode([token])
+        return {"token": piece, "logprob": logprob, "bytes": list(piece.encode("utf-8"))}
+
+    content = []
+    for token, (logprob, alternatives) in zip(ids, scores):
+        content.append({**entry(token, logprob), "top_logprobs": [entry(t, v) for t, v in alternatives]})
+    return {"content": content}
 
 
 def trace_view(tokenizer, events: list[dict[str, Any]], tracer: IncrementalDetokenizer, final: bool) -> list[dict]:

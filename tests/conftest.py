@@ -165,6 +165,19 @@ CALIBRATED = {
 }
 
 
+@pytest.fixture(scope="session")
+def client(app):
+    """The official openai client on the default test app."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{app}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(fixture_model):
+    return fixture_model.tokenizer
+
+
 @pytest.fixture(scope="session")  # one per xdist worker: the HTTP, playground and lm-eval tests share it
 def app(serve_port, fixture_path, tmp_path_factory):
     """The default test app (models tiny, busy, calibrated) at / with API_KEY; its base URL."""

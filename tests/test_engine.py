@@ -97,12 +97,28 @@ def test_pages_are_taken_on_demand_and_what_never_fits_is_rejected():
     with pytest.raises(RequestRejected, match="pool holds 64"):
         engine.add_request("huge", [1] * 40, DecodeParams(mode="ar", max_new_tokens=40))
     engine.add_request("a", [1] * 20, DecodeParams(mode="ar", max_new_tokens=20))  # worst case 41 tokens
-    engine.add_request("b", [1] * 10, DecodeParams(mode="ar", max_new_tokens=10))  # worst case 21 tokens
+    engine.add_request("b", [2] * 10, DecodeParams(mode="ar", max_new_tokens=10))  # worst case 21 tokens
     engine.step()
     # both run at once: a worst-case reservation (6 + 3 pages) would not fit in 8, their prompts do
     assert engine.stats.running == 2 and engine.kv.used_pages == 3 + 2
     _drain(engine)
     assert engine.stats.running == engine.stats.waiting == 0 and engine.kv.used_pages == 0
+
+
+def test_requests_with_one_prompt_share_its_prefill():
+    """n choices of one prompt: the first computes the prompt, the others wait for its pages and take
+    them from the prefix cache (each computes only the prompt's last token, for its own first draw)."""
+    model = random_model(seed=7)
+    engine = Engine(model, num_pages=64, page_size=8)
+    prompt = list(range(1, 42))
+    for i in range(3):
+        engine.add_request(str(i), prompt, DecodeParams(mode="ar", max_new_tokens=4, temperature=1.0, seed=i))
+    engine.step()
+    assert engine.stats.running == 1 and engine.stats.batch_tokens == len(prompt)
+    engine.step()  # the others start from the cached 5 pages: one token each, beside the first's decode
+    assert engine.stats.running == 3 and engine.stats.batch_tokens == 1 + 2 * 1
+    assert engine.stats.prefix_hits == 2 * 40
+    _drain(engine)
 
 
 @pytest.mark.parametrize("mode", MODES)

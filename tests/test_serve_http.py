@@ -19,16 +19,6 @@ pytestmark = pytest.mark.ray
 MODES = ["ar", "diffusion", "linear_spec", "quadratic_spec"]
 
 
-@pytest.fixture(scope="session")
-def client(app):
-    return openai.OpenAI(base_url=f"{app}/v1", api_key=API_KEY, max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="session")
-def tokenizer(fixture_model):
-    return fixture_model.tokenizer
-
-
 def test_models_listed(client):
     assert [m.id for m in client.models.list().data] == ["tiny", "busy", "calibrated"]
 
@@ -269,9 +259,20 @@ def test_trace_of_an_infill_shows_every_candidate_and_the_choice(client):
         ({"model": "tiny", "prompt": "x", "decoding": {"mode": "ar", "revise": {"threshold": 0.5}}}, 400, "decoding"),
         ({"model": "tiny", "prompt": "x", "response_format": {"type": "json_object"}}, 400, "response_format"),
         ({"model": "tiny", "prompt": "x", "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
-        ({"model": "tiny", "prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias"),
-        ({"model": "tiny", "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
-        ({"model": "tiny", "prompt": "x", "top_k": 5}, 400, "top_k"),
+        ({"model": "tiny", "prompt": "x", "logit_bias": {"a": 10}}, 400, "logit_bias"),
+        ({"model": "tiny", "prompt": "x", "logit_bias": {"99999": 10}}, 400, "logit_bias"),
+        ({"model": "tiny", "prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+        ({"model": "tiny", "prompt": "x", "stop_token_ids": [-1]}, 400, "stop_token_ids"),
+        ({"model": "tiny", "prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
+        ({"model": "tiny", "prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
+        ({"model": "tiny", "prompt": "x", "top_k": -2}, 400, "top_k"),
+        ({"model": "tiny", "prompt": "x", "min_p": 1.5}, 400, "min_p"),
+        ({"model": "tiny", "prompt": "x", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens"),
+        ({"model": "tiny", "prompt": "x", "n": 0}, 400, "n"),
+        ({"model": "tiny", "prompt": "x", "n": 3, "best_of": 2}, 400, None),
+        ({"model": "tiny", "prompt": "x", "best_of": 2, "stream": True}, 400, None),
+        ({"model": "tiny", "prompt": ["x"] * 100, "n": 3}, 400, None),
+        ({"model": "tiny", "prompt": "x", "logprobs": 6}, 400, "logprobs"),
     ],
 )
 def test_bad_input_gets_openai_error(app, body, status, param):

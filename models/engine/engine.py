@@ -19,6 +19,7 @@ from models.engine.kv_manager import KVCacheManager
 from models.engine.runner import ModelRunner
 from models.engine.scheduler import TIER_PRIORITY, Request, RequestStats, Scheduler
 from models.modes import DecodeParams, kv_tokens_needed, make_state
+from models.modes.base import Score
 from models.segments import PromptEmbeds
 
 MAX_BLOCK_LENGTH = 1024  # DecodeParams' bound: a request writes at most one block past its output
@@ -41,6 +42,7 @@ class StepOutput:
     ttft: float | None
     new_accepted: list[int]  # tokens emitted per speculative cycle, for the cycles of these steps
     trace: list[dict] = field(default_factory=list)  # with params.trace: what each of these forwards did
+    new_logprobs: list[Score] = field(default_factory=list)  # with params.logprobs: new_tokens' scores
 
     @property
     def tpf(self) -> float:
@@ -58,6 +60,7 @@ class StepOutput:
             later.ttft if later.ttft is not None else self.ttft,
             self.new_accepted + later.new_accepted,
             self.trace + later.trace,
+            self.new_logprobs + later.new_logprobs,
         )
 
 
@@ -216,7 +219,7 @@ class Engine:
         outputs = []
         for (request, plan), result in zip(scheduled, results):
             state = request.state
-            cycles = len(state.accepted_lengths)
+            cycles, before = len(state.accepted_lengths), len(state.tokens)
             tokens = state.advance(plan, result)
             self.kv.set_length(request.seq_id, state.cached_len)
             self.scheduler.commit(request)
@@ -243,6 +246,7 @@ class Engine:
                         request.stats.ttft,
                         state.accepted_lengths[cycles:],
                         trace,
+                        state.logprobs[before:] if state.logprobs is not None else [],
                     )
                 )
         self.stats.steps += 1

@@ -180,14 +180,16 @@ class Scheduler:
         """Start the most urgent waiting request (its prefix-cache hits, then its first chunk)."""
         if not self.waiting or len(self.running) >= self.max_running:
             return False
-        request = min(self.waiting, key=lambda r: urgency[id(r)])
+        ready = [r for r in sorted(self.waiting, key=lambda r: urgency[id(r)]) if not self._prefill_underway(r)]
+        if not ready:
+            return False
+        request = ready[0]
         state = request.state
         self.kv.add(request.seq_id)
         eligible = hits = 0
         if self.kv.prefix_caching:
-            # a prompt keeps its last token to compute: its logits give the first output token
-            eligible = state.ready_len - (0 if state.started else 1)
-            digests = request.page_digests(eligible // self.kv.page_size, self.kv.page_size)
+            eligible = _cacheable(state)
+            digests = self._digests(request)
             hits = state.cached_len = self.kv.match_prefix(request.seq_id, digests) * self.kv.page_size
         self.waiting.remove(request)
         self.running.append(request)
@@ -200,6 +202,28 @@ class Scheduler:
         state.cached_len = 0
         request.skipped = 0
         self.waiting.append(request)
+        return False
+
+    def _digests(self, request: Request) -> list[bytes]:
+        """Digests of the request's pages that the prefix cache may hold: its full pages of the
+        prompt (a prompt keeps its last token to compute: its logits give the first output token)."""
+        return request.page_digests(_cacheable(request.state) // self.kv.page_size, self.kv.page_size)
+
+    def _prefill_underway(self, request: Request) -> bool:
+        """Whether a running request is prefilling pages this one could take from the prefix cache once
+        they are computed (n > 1 choices, prompts with a common start): it waits for them rather than
+        computing them a second time."""
+        if not self.kv.prefix_caching:
+            return False
+        prefilling = [r for r in self.running if r.state.prefilling]
+        if not prefilling:
+            return False
+        mine = self._digests(request)
+        for other in prefilling:
+            theirs = self._digests(other)
+            shared = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+            if shared > other.state.cached_len // self.kv.page_size:
+                return True
         return False
 
     def _reserve(
@@ -234,3 +258,9 @@ class Scheduler:
         request.skipped = 0
         self.waiting.append(request)
         self.stats.preemptions += 1
+
+
+def _cacheable(state) -> int:
+    """Leading tokens of a request to be computed that the prefix cache may hold: all but the last
+    of a prompt (whose logits give the first output token), or all of a resumed request's."""
+    return state.ready_len - (0 if state.started else 1)
