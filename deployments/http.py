@@ -24,13 +24,25 @@ from deployments.protocol import (
     new_id,
     now,
 )
+from deployments.response_models import (
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    CompletionResponse,
+    DetokenizeResponse,
+    HealthResponse,
+    ModelList,
+    TokenizeResponse,
+    responses,
+)
 from deployments.responses import chat_logprobs, completion_logprobs, prompt_scores, sse
 
 PLAYGROUND = Path(__file__).resolve().parent / "playground"  # static files, package data
 PLAYGROUND_ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
 
 
-REQUEST_MODELS = (CompletionRequest, ChatRequest, TokenizeRequest, DetokenizeRequest)
+# request models (and what they refer to) go to the components themselves; response models reach
+# them through the routes' ``responses``, except the chat stream's chunk, which only a $ref names
+COMPONENT_MODELS = (CompletionRequest, ChatRequest, TokenizeRequest, DetokenizeRequest, ChatCompletionChunk)
 
 
 def _body(model_cls) -> dict[str, Any]:
@@ -40,10 +52,10 @@ def _body(model_cls) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-def _request_schemas() -> dict[str, Any]:
-    """Components for ``_body``: each request model and the models it refers to."""
+def _component_schemas() -> dict[str, Any]:
+    """Components for ``_body`` and the chat stream: each of COMPONENT_MODELS and the models it refers to."""
     schemas: dict[str, Any] = {}
-    for model_cls in REQUEST_MODELS:
+    for model_cls in COMPONENT_MODELS:
         schema = model_cls.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model_cls.__name__] = schema
@@ -105,7 +117,7 @@ def build_api(resolve: Callable[[], OpenAIService]) -> FastAPI:
             from fastapi.openapi.utils import get_openapi
 
             spec = get_openapi(title=api.title, version=api.version, routes=api.routes)
-            spec.setdefault("components", {}).setdefault("schemas", {}).update(_request_schemas())
+            spec.setdefault("components", {}).setdefault("schemas", {}).update(_component_schemas())
             api.openapi_schema = spec
         return api.openapi_schema
 
@@ -119,7 +131,7 @@ def build_api(resolve: Callable[[], OpenAIService]) -> FastAPI:
     async def _invalid(_: Request, exc: RequestValidationError):
         return _error_response(_validation_error(exc))
 
-    @api.get("/v1/models")
+    @api.get("/v1/models", responses=responses(ModelList))
     async def list_models(request: Request):
         service = resolve()
         service.check_auth(request.headers.get("authorization"))
@@ -135,24 +147,28 @@ def build_api(resolve: Callable[[], OpenAIService]) -> FastAPI:
             raise APIError(404, f"no playground file {name!r}", type="not_found_error")
         return FileResponse(PLAYGROUND / name, media_type=PLAYGROUND_ASSETS[name])
 
-    @api.get("/health")
+    @api.get("/health", responses={200: {"model": HealthResponse}, 503: {"model": HealthResponse}})
     async def health():
         """200 while a replica of some model answers (per model: "ok" or "unavailable"), else 503."""
         models = await resolve().health()
         healthy = any(state == "ok" for state in models.values())
         return JSONResponse({"status": "ok" if healthy else "unavailable", "models": models}, 200 if healthy else 503)
 
-    @api.post("/tokenize", openapi_extra=_body(TokenizeRequest))
+    @api.post("/tokenize", openapi_extra=_body(TokenizeRequest), responses=responses(TokenizeResponse))
     async def tokenize(request: Request):
         service, req = await _parse(resolve(), request, TokenizeRequest)
         return service.tokenize(req)
 
-    @api.post("/detokenize", openapi_extra=_body(DetokenizeRequest))
+    @api.post("/detokenize", openapi_extra=_body(DetokenizeRequest), responses=responses(DetokenizeResponse))
     async def detokenize(request: Request):
         service, req = await _parse(resolve(), request, DetokenizeRequest)
         return service.detokenize(req)
 
-    @api.post("/v1/completions", openapi_extra=_body(CompletionRequest))
+    @api.post(
+        "/v1/completions",
+        openapi_extra=_body(CompletionRequest),
+        responses=responses(CompletionResponse, chunk=CompletionResponse),
+    )
     async def completions(request: Request):
         service, req = await _parse(resolve(), request, CompletionRequest)
         if req.max_tokens == 0 and not req.echo:
@@ -203,7 +219,11 @@ def build_api(resolve: Callable[[], OpenAIService]) -> FastAPI:
         body["triserve"] = service.info(preps[0], last)
         return JSONResponse(body, headers=_headers(service, preps[0], last))
 
-    @api.post("/v1/chat/completions", openapi_extra=_body(ChatRequest))
+    @api.post(
+        "/v1/chat/completions",
+        openapi_extra=_body(ChatRequest),
+        responses=responses(ChatCompletionResponse, chunk=ChatCompletionChunk),
+    )
     async def chat(request: Request):
         service, req = await _parse(resolve(), request, ChatRequest)
         first = await service.prepare(req, "chat")

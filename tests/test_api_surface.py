@@ -13,6 +13,13 @@ from openapi_spec_validator import validate
 from deployments.config import parse_config
 from deployments.http import build_api
 from deployments.openai_api import OpenAIService
+from deployments.response_models import (
+    DetokenizeResponse,
+    ErrorResponse,
+    HealthResponse,
+    ModelList,
+    TokenizeResponse,
+)
 from deployments.served import ServedModel
 from models.vlm import read_config
 
@@ -61,15 +68,30 @@ def test_openapi_is_valid_and_documents_every_post_body(make_client):
         ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
         assert schemas[ref.rsplit("/", 1)[1]]["properties"]
     assert {"prompt", "suffix", "decoding"} <= set(schemas["CompletionRequest"]["properties"])
+    # every route documents its success body, and the POST routes their OpenAI-shaped errors
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            ok = op["responses"]["200"]["content"]["application/json"]["schema"]
+            assert schemas[ok["$ref"].rsplit("/", 1)[1]]["properties"], (method, path)
+            if method == "post":
+                error = op["responses"]["400"]["content"]["application/json"]["schema"]["$ref"]
+                assert error.endswith("/ErrorResponse")
+    for path, chunk in (("/v1/completions", "CompletionResponse"), ("/v1/chat/completions", "ChatCompletionChunk")):
+        stream = spec["paths"][path]["post"]["responses"]["200"]["content"]["text/event-stream"]["schema"]
+        assert stream["$ref"].endswith("/" + chunk) and "choices" in schemas[chunk]["properties"]
 
 
 def test_tokenize_and_detokenize_round_trip(make_client, fixture_model):
     client = make_client(LiveBackend())
     text = "def add(a, b):\n    return a + b\n"
-    got = client.post("/tokenize", json={"model": "m0", "prompt": text}).json()
+    got = TokenizeResponse.model_validate(client.post("/tokenize", json={"model": "m0", "prompt": text}).json())
+    got = got.model_dump()
     assert got["tokens"] == fixture_model.tokenizer.encode(text) and got["count"] == len(got["tokens"])
     assert got["max_model_len"] == fixture_model.config.max_position_embeddings
-    back = client.post("/detokenize", json={"model": "m0", "tokens": got["tokens"]}).json()
+    back = DetokenizeResponse.model_validate(
+        client.post("/detokenize", json={"model": "m0", "tokens": got["tokens"]}).json()
+    )
+    back = back.model_dump()
     assert back["prompt"] == fixture_model.tokenizer.decode(got["tokens"])
     chat = client.post("/tokenize", json={"model": "m0", "messages": [{"role": "user", "content": "hi"}]}).json()
     assert chat["count"] > 1
@@ -79,11 +101,14 @@ def test_tokenize_and_detokenize_round_trip(make_client, fixture_model):
         ({"model": "m0"}, 400),
     ):
         r = client.post("/detokenize" if "tokens" in body else "/tokenize", json=body)
-        assert r.status_code == status and r.json()["error"]["message"]
+        assert r.status_code == status and ErrorResponse.model_validate(r.json()).error.message
 
 
 def test_health_is_503_while_no_replica_answers(make_client):
-    r = make_client(DeadBackend(), LiveBackend()).get("/health")
+    client = make_client(DeadBackend(), LiveBackend())
+    r = client.get("/health")
     assert r.status_code == 200 and r.json()["models"] == {"m0": "unavailable", "m1": "ok"}
+    HealthResponse.model_validate(r.json())
+    ModelList.model_validate(client.get("/v1/models").json())
     r = make_client(DeadBackend()).get("/health")
-    assert r.status_code == 503 and r.json()["status"] == "unavailable"
+    assert r.status_code == 503 and HealthResponse.model_validate(r.json()).status == "unavailable"

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 import models
+from deployments.response_models import ChatCompletionChunk, ChatCompletionResponse, CompletionResponse
 from tests.conftest import API_KEY
 
 pytestmark = pytest.mark.ray
@@ -141,9 +142,9 @@ def test_chat_logprobs_match_completions_and_stream_alike(app, client):
     assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content])
 
 
-def test_top_p_keeps_samples_in_the_nucleus(client, fixture_model, tokenizer):
-    """After this prompt one token holds about 0.69 of the probability: top_p 0.5 keeps only it, while
-    plain sampling (same seeds) picks others too."""
+def test_top_p_and_min_p_keep_only_the_likeliest(client, fixture_model, tokenizer):
+    """After this prompt one token holds about 0.69 of the probability: top_p 0.5 keeps only it, and so
+    does min_p 0.6 (every other token is below 0.31), while plain sampling (same seeds) picks others too."""
     prompt = "class Foo:\n    def __init__(self"
     first = models.generate(fixture_model, tokenizer.encode(prompt), max_new_tokens=1, logprobs=2).logprobs[0][1]
     assert math.exp(first[0][1]) > 0.5
@@ -154,4 +155,27 @@ def test_top_p_keeps_samples_in_the_nucleus(client, fixture_model, tokenizer):
         return [_complete(client, seed=seed, **kwargs).choices[0].logprobs.tokens[0] for seed in range(16)]
 
     assert set(samples(top_p=0.5)) == {likeliest}
+    assert set(samples(extra_body={"min_p": 0.6})) == {likeliest}
     assert set(samples()) != {likeliest}
+
+
+def test_responses_are_what_openapi_documents(app):
+    """Real bodies and stream chunks (logprobs, n, echo, usage, trace) validate against the response
+    models /openapi.json is built from."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    common = {"model": "tiny", "max_tokens": 8, "n": 2, "temperature": 0.5, "seed": 1}
+    completion = {**common, "prompt": PROMPT, "logprobs": 2, "echo": True}
+    chat = {**common, "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 1}
+    cases = (
+        ("/v1/completions", completion, CompletionResponse, CompletionResponse),
+        ("/v1/chat/completions", chat, ChatCompletionResponse, ChatCompletionChunk),
+    )
+    for path, body, whole, chunk in cases:
+        r = httpx.post(f"{app}{path}", json=body, headers=headers, timeout=60)
+        assert len(whole.model_validate(r.json()).choices) == 2
+        stream = {**body, "stream": True, "stream_options": {"include_usage": True}, "decoding": {"trace": True}}
+        with httpx.stream("POST", f"{app}{path}", json=stream, headers=headers, timeout=60) as r:
+            data = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert data[-1] == "[DONE]"
+        chunks = [chunk.model_validate_json(d) for d in data[:-1]]
+        assert chunks[-1].usage is not None and any(c.triserve_trace for c in chunks)
