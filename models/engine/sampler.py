@@ -8,6 +8,13 @@ elsewhere); a quadratic cycle's draft rows, which depend on its acceptance, are 
 device and only they get logits. The integers every request needs then reach the host in a
 single copy.
 
+Sampling controls (``models.controls``) shape the rows of verifies (AR choices included) and
+unmask passes before any choice: logit_bias, penalties and min_tokens only when some request of
+the group has them, top_k / top_p / min_p on the probabilities at temperature > 0. Drafts are
+proposals and stay unshaped: the verify applies the controls, so the output follows them exactly.
+With ``logprobs``, the log-probability of each row's chosen token under the distribution it was
+chosen from (and the likeliest alternatives) travel in the same host copy, as float bits.
+
 Temperature > 0: probabilities are fp32 softmaxes on the device. Each request draws its uniform
 numbers from its own CPU generator, a fixed number per kind of work (so a seeded request gives the
 same tokens alone or beside any neighbours), and they travel to the device with the step. A draw
@@ -190,7 +197,7 @@ class Sampler:
             within = torch.arange(width, device=device)[None, :] < accepted[:, None]
             chosen = torch.where(within, padded, token[:, None])
             if log_dist is None:
-                log_dist = torch.log_softmax(row_logits, dim=-1)
+                log_dist = torch.log_softmax(row_logits.float(), dim=-1)
             scores = _scores(log_dist, chosen.clamp(min=0).view(-1), group, width)
         return accepted, token, scores
 
