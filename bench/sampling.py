@@ -86,7 +86,7 @@ def features_table(model, tokenizer, count: int, max_tokens: int, rounds: int) -
 
 
 def choices_table(model, tokenizer, max_tokens: int) -> None:
-    prompt = tokenizer.encode("".join(PROMPTS) * 4)
+    prompt = tokenizer.encode("".join(PROMPTS) * 2)
     print(f"\n2. n choices of one {len(prompt)}-token prompt (T=1, {max_tokens} tokens each)")
     print("| n | prompt tokens computed | n separate prefills | time to the last first token (s) |")
     print("|---|---|---|---|")
@@ -119,5 +119,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    with torch.inference_mode():
-        main()
+    main()

@@ -148,18 +148,19 @@ def _penalise(out: torch.Tensor, requests: list[RowsOf], row_of: list[int], voca
     if items:
         one = torch.ones(len(items), dtype=torch.float32, device=device)
         base.index_put_((torch.tensor(items, device=device), torch.tensor(tokens, device=device)), one, accumulate=True)
-    steps = torch.zeros_like(out)
-    if before_rows:
-        steps[torch.tensor(before_rows, device=device), torch.tensor(before_tokens, device=device)] = 1.0
-    # tokens between rows, summed from each request's first row on (cumsum over the batch, less what
-    # the rows of earlier requests added)
-    running = steps.cumsum(dim=0)
-    firsts, start = [], 0
-    for req in requests:
-        firsts += [start] * len(req.before)
-        start += len(req.before)
     row_of_t = torch.tensor(row_of, device=device)
-    counts = base[row_of_t] + running - running[torch.tensor(firsts, device=device)]
+    counts = base[row_of_t]
+    if before_rows:
+        steps = torch.zeros_like(out)
+        steps[torch.tensor(before_rows, device=device), torch.tensor(before_tokens, device=device)] = 1.0
+        # tokens between rows, summed from each request's first row on (cumsum over the batch, less
+        # what the rows of earlier requests added)
+        running = steps.cumsum(dim=0)
+        firsts, start = [], 0
+        for req in requests:
+            firsts += [start] * len(req.before)
+            start += len(req.before)
+        counts = counts + running - running[torch.tensor(firsts, device=device)]
     seen = counts > 0
     if seen_items:
         in_prompt = torch.zeros((len(requests), vocab), dtype=torch.bool, device=device)
@@ -184,8 +185,12 @@ def truncate(probs: torch.Tensor, controls: list[SamplingControls]) -> torch.Ten
     top_k = torch.tensor([c.top_k if c.top_k > 0 else probs.shape[1] for c in controls], device=device)
     top_p = torch.tensor([c.top_p for c in controls], dtype=torch.float32, device=device)
     min_p = torch.tensor([c.min_p for c in controls], dtype=torch.float32, device=device)
-    ordered, order = probs.sort(dim=1, descending=True, stable=True)
-    rank = torch.arange(probs.shape[1], device=device)[None, :]
+    widest = max(c.top_k for c in controls)
+    if all(c.top_k > 0 for c in controls) and widest < probs.shape[1]:  # only the top_k can be kept
+        ordered, order = probs.topk(widest, dim=1)
+    else:
+        ordered, order = probs.sort(dim=1, descending=True)
+    rank = torch.arange(ordered.shape[1], device=device)[None, :]
     before = ordered.cumsum(dim=1) - ordered  # probability of the likelier tokens
     keep = (rank < top_k[:, None]) & ((before < top_p[:, None]) | (top_p[:, None] >= 1.0))
     keep &= ordered >= min_p[:, None] * ordered[:, :1]

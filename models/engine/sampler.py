@@ -188,7 +188,7 @@ class Sampler:
             accepted, tokens, _ = kernels.verify_accept_sampled(
                 draft_t, p, q, accept_u.to(device), sample_u.to(device), None, lengths_t
             )
-            log_dist = probs.log()
+            log_dist = probs.log() if _wants_scores(group) else None
         token = tokens.gather(1, accepted[:, None]).squeeze(1)
         scores = None
         if _wants_scores(group):
