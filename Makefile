@@ -22,7 +22,7 @@ browser:
 		echo "warning: could not install chromium (apt, as root); the playground browser test will be skipped"
 
 serve: $(VENV)/.installed
-	$(VENV)/bin/triserve serve
+	$(VENV)/bin/triserve serve $(SERVE_ARGS)
 
 test: $(VENV)/.installed browser
 	$(PY) -m pytest -q -n 2 --dist loadgroup

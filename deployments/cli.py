@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -80,6 +81,11 @@ def _serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    if os.environ.get("MAKELEVEL"):
+        # under `make serve` a SIGTERM (systemd, Docker, Kubernetes) reaches make, which dies without
+        # passing it on: its death is the signal
+        parent = os.getppid()
+        threading.Thread(target=_stop_when_orphaned, args=(parent, stop), daemon=True).start()
     stop.wait()
     print("triserve: shutting down", flush=True)
     serve.shutdown()
@@ -87,6 +93,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     ray.shutdown()
     return 0
+
+
+def _stop_when_orphaned(parent: int, stop) -> None:
+    while not stop.wait(0.5):
+        if os.getppid() != parent:
+            stop.set()
 
 
 def _calibrate(args: argparse.Namespace) -> int:

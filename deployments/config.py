@@ -77,6 +77,8 @@ class AppConfig:
     ingress_replicas: int = 1
     images: ImageLimits = field(default_factory=ImageLimits)  # limits on image inputs (VLMs)
     explore: float = 0.05  # share of mode "auto" requests the router sends to another option to measure it
+    max_body_bytes: int = 64 * 2**20  # larger request bodies get a 413 before they are read to the end
+    request_timeout_s: float = 600.0  # a request still running after this is cancelled (its ``timeout`` may be shorter)
 
     @property
     def api_key(self) -> str | None:
@@ -94,6 +96,9 @@ def _tier(raw: dict[str, Any] | None) -> TierTarget:
         ttft=math.inf if ttft is None else ttft / 1000.0,
         tpot=math.inf if tpot is None else tpot / 1000.0,
     )
+
+
+INGRESS_FIELDS = {"num_cpus", "num_replicas", "max_body_mb", "request_timeout_s"}
 
 
 def parse_config(raw: dict[str, Any], base: Path | None = None) -> AppConfig:
@@ -117,7 +122,13 @@ def parse_config(raw: dict[str, Any], base: Path | None = None) -> AppConfig:
     tiers = {name: _tier(values) for name, values in (raw.get("tiers") or {}).items()}
     for name in ("interactive", "standard", "batch"):
         tiers.setdefault(name, TierTarget())
-    ingress = raw.get("ingress") or {}
+    ingress = dict(raw.get("ingress") or {})
+    if set(ingress) - INGRESS_FIELDS:
+        raise ValueError(f"unknown ingress fields: {', '.join(sorted(set(ingress) - INGRESS_FIELDS))}")
+    max_body_mb = float(ingress.get("max_body_mb", 64))
+    timeout = float(ingress.get("request_timeout_s", 600.0))
+    if max_body_mb <= 0 or timeout <= 0:
+        raise ValueError("ingress.max_body_mb and ingress.request_timeout_s must be positive")
     router = dict(raw.get("router") or {})
     if set(router) - {"explore"}:
         raise ValueError(f"unknown router fields: {', '.join(sorted(set(router) - {'explore'}))}")
@@ -136,6 +147,8 @@ def parse_config(raw: dict[str, Any], base: Path | None = None) -> AppConfig:
         ingress_replicas=int(ingress.get("num_replicas", 1)),
         images=ImageLimits(**images),
         explore=explore,
+        max_body_bytes=int(max_body_mb * 2**20),
+        request_timeout_s=timeout,
     )
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
-from deployments.openai_api import OpenAIService, Prepared, merge_streams
+from deployments.openai_api import OpenAIService, Prepared, gather_or_cancel, merge_streams
 from deployments.protocol import (
     APIError,
     ChatRequest,
@@ -36,6 +36,7 @@ from deployments.response_models import (
 )
 from deployments.responses import chat_logprobs, completion_logprobs, prompt_scores, sse
 
+logger = logging.getLogger("ray.serve")
 PLAYGROUND = Path(__file__).resolve().parent / "playground"  # static files, package data
 PLAYGROUND_ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
 
@@ -73,12 +74,33 @@ def _validation_error(exc: ValidationError | RequestValidationError) -> APIError
     return APIError(400, f"{param or 'request'}: {first.get('msg', 'invalid value')}", param=param)
 
 
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The raw body, refused with a 413 as soon as it is known to exceed ``limit`` bytes."""
+    too_large = APIError(413, f"request body exceeds the limit of {limit} bytes", code="body_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+def _not_finite(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
 async def _parse(service: OpenAIService, request: Request, model_cls):
     service.check_auth(request.headers.get("authorization"))
+    raw = await _read_body(request, service.config.max_body_bytes)
     try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise APIError(400, "request body must be JSON") from None
+        body = json.loads(raw, parse_constant=_not_finite)  # NaN and Infinity are not JSON
+    except RecursionError:
+        raise APIError(400, "request body nests too deeply") from None
+    except ValueError as exc:  # malformed JSON, invalid UTF-8, NaN / Infinity
+        raise APIError(400, f"request body must be JSON ({exc})") from None
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
     extra = body.pop("extra_body", None)
@@ -203,7 +225,7 @@ def build_api(resolve: Callable[[], OpenAIService]) -> FastAPI:
             choice = {"text": echo + done.text, "logprobs": logprobs, "finish_reason": done.finish_reason}
             return choice, done
 
-        done = await asyncio.gather(*(complete(prep) for prep in preps))
+        done = await gather_or_cancel(*(complete(prep) for prep in preps))
         kept = done
         if req.choices > req.n:  # best_of: per prompt, the n sequences of highest log-probability
             per = req.choices
@@ -236,7 +258,7 @@ def build_api(resolve: Callable[[], OpenAIService]) -> FastAPI:
             ]
             return _stream(service, preps, req, rid, created, "chat.completion.chunk", opening, len(first.prompt))
 
-        done = await asyncio.gather(*(_collect(service, prep) for prep in preps))
+        done = await gather_or_cancel(*(_collect(service, prep) for prep in preps))
         tokenizer = first.model.tokenizer
         choices = [
             {
@@ -305,6 +327,19 @@ def _stream(
         return {"index": index, "text": text, "logprobs": scored, "finish_reason": finish}
 
     async def events():
+        try:
+            async for event in decoded():
+                yield event
+        except APIError as exc:  # a deadline, a failed replica: the stream ends with an error event
+            yield sse(exc.body)
+        except Exception as exc:  # not a client's fault: said as OpenAI says a server error
+            logger.exception("stream %s failed", rid)
+            yield sse(
+                {"error": {"message": f"internal error: {exc}", "type": "server_error", "param": None, "code": None}}
+            )
+        yield sse("[DONE]")
+
+    async def decoded():
         generated = [0] * len(preps)
         for first in opening:
             yield sse(_chunk(rid, created, kind, model, [first]))
@@ -323,7 +358,6 @@ def _stream(
                 yield sse(_chunk(rid, created, kind, model, [choice(index, delta, finish, scored)], **extra))
         if req.stream_options and req.stream_options.include_usage:
             yield sse(_chunk(rid, created, kind, model, [], usage=_usage(prompt_tokens, sum(generated))))
-        yield sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream", headers=_headers(service, preps[0]))
 

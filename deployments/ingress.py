@@ -8,13 +8,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ray import exceptions as ray_exceptions
 from ray import serve
+from ray.serve import exceptions as serve_exceptions
 from ray.serve.handle import DeploymentHandle
 
 from deployments.config import REPO, AppConfig, ModelSpec, load_config, parse_config
 from deployments.http import build_api
 from deployments.metrics import RouterMetrics
 from deployments.openai_api import OpenAIService
+from deployments.protocol import APIError
 from deployments.served import ServedModel
 from deployments.server import model_server_deployment
 from models.loading import load_tokenizer
@@ -28,22 +31,54 @@ def _replica_service() -> OpenAIService:
 api = build_api(_replica_service)
 
 
+def _api_error(exc: Exception, model: str) -> Exception:
+    """What a client is told when a call to a model's replicas fails: a replica that died or is
+    unreachable, or a deployment that sheds load, is a retryable 503 / 429 (with Retry-After); a bad
+    request the replica refused is a 400; anything else stays an internal error."""
+    retry = {"Retry-After": "1"}
+    if isinstance(exc, serve_exceptions.BackPressureError):
+        return APIError(
+            429,
+            f"model '{model}' is overloaded; retry shortly",
+            type="rate_limit_error",
+            code="overloaded",
+            headers=retry,
+        )
+    if isinstance(exc, ray_exceptions.RayTaskError) and isinstance(exc.cause, ValueError):
+        return APIError(400, str(exc.cause))
+    unavailable = (
+        ray_exceptions.RayActorError,
+        serve_exceptions.DeploymentUnavailableError,
+        serve_exceptions.ReplicaUnavailableError,
+    )
+    if isinstance(exc, unavailable):
+        message = f"a replica of model '{model}' failed or is unreachable; retry shortly"
+        return APIError(503, message, type="server_error", code="replica_unavailable", headers=retry)
+    return exc
+
+
 class HandleBackend:
     """Reaches a model's replicas through its deployment handle."""
 
-    def __init__(self, handle: DeploymentHandle) -> None:
+    def __init__(self, handle: DeploymentHandle, model: str) -> None:
         self.handle = handle
+        self.model = model
 
     async def generate(self, request: dict[str, Any]):
         stream = self.handle.options(stream=True).generate.remote(request)
         try:
             async for item in stream:
                 yield item
+        except (ray_exceptions.RayError, serve_exceptions.BackPressureError) as exc:
+            raise _api_error(exc, self.model) from exc
         finally:
             stream.cancel()  # client gone or stop string: the replica cancels the request
 
     async def score(self, token_ids: list[int], top: int):
-        return await self.handle.score.remote(token_ids, top)
+        try:
+            return await self.handle.score.remote(token_ids, top)
+        except (ray_exceptions.RayError, serve_exceptions.BackPressureError) as exc:
+            raise _api_error(exc, self.model) from exc
 
     async def stats(self) -> dict[str, Any]:
         return await self.handle.stats.remote()
@@ -60,7 +95,9 @@ class Ingress:
             text_config, vision = read_config(spec.path)
             if vision is not None:
                 vision.image_tokens(tokenizer)  # a VLM without placeholder ids fails here, at deploy time
-            models[spec.name] = ServedModel(spec, text_config, tokenizer, HandleBackend(handles[spec.name]), vision)
+            models[spec.name] = ServedModel(
+                spec, text_config, tokenizer, HandleBackend(handles[spec.name], spec.name), vision
+            )
 
         def record(tier, decision):
             router_metrics.decisions.inc(tags={"tier": tier, "model": decision.model, "mode": decision.mode})
@@ -83,6 +120,7 @@ def build_app(config: AppConfig):
         "api_key_env": config.api_key_env,
         "images": asdict(config.images),
         "router": {"explore": config.explore},
+        "ingress": {"max_body_mb": config.max_body_bytes / 2**20, "request_timeout_s": config.request_timeout_s},
     }
     options: dict[str, Any] = {"num_cpus": config.ingress_num_cpus}
     key_env = config.api_key_env

@@ -10,6 +10,7 @@ that call the model servers through deployment handles.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 import weakref
@@ -54,6 +55,7 @@ class Prepared:
     stops: list[str]
     decision: Decision | None
     images: list[np.ndarray] = field(default_factory=list)  # preprocessed, in prompt order
+    deadline: float = math.inf  # time.monotonic() after which the request is cancelled (408)
 
 
 class OpenAIService:
@@ -318,7 +320,8 @@ class OpenAIService:
                 code="overloaded",
                 headers={"Retry-After": "1"},
             )
-        prep = Prepared(model, prompt, params, req.tier, req.stop_list, decision, images)
+        timeout = min(req.timeout or math.inf, self.config.request_timeout_s)
+        prep = Prepared(model, prompt, params, req.tier, req.stop_list, decision, images, time.monotonic() + timeout)
         self.in_flight[model.spec.name] += 1  # until the request is done with (its Prepared is freed)
         weakref.finalize(prep, self._release, model.spec.name)
         return prep
@@ -357,7 +360,7 @@ class OpenAIService:
         stream = prep.model.backend.generate(self._engine_request(prep, prep.params))
         scores: list = []  # of tokens whose text has not been yielded yet
         try:
-            async for out in stream:
+            async for out in until(prep.deadline, stream):
                 text = detokenizer.push(out["new_tokens"])
                 if out["finished"]:
                     text += detokenizer.flush()
@@ -397,7 +400,7 @@ class OpenAIService:
         tokens: list[list[int]] = [[] for _ in lengths]
         scores: list[list] = [[] for _ in lengths]
         nfe = [0] * len(lengths)
-        async for i, out in merge_streams(streams):
+        async for i, out in until(prep.deadline, merge_streams(streams)):
             tokens[i] += out["new_tokens"]
             scores[i] += out.get("new_logprobs") or []
             nfe[i] = out["nfe"]
@@ -472,6 +475,30 @@ async def merge_streams(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tupl
                 running -= 1
             else:
                 yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def until(deadline: float, stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """The stream's items until ``deadline`` (time.monotonic()); past it, a 408 (the caller closes the
+    stream, which cancels the request and frees its pages)."""
+    items = aiter(stream)
+    while True:
+        left = max(deadline - time.monotonic(), 0.0) if math.isfinite(deadline) else None
+        try:
+            yield await asyncio.wait_for(anext(items), left)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise APIError(408, "the request ran past its deadline", type="timeout_error", code="timeout") from None
+
+
+async def gather_or_cancel(*awaitables: Awaitable[Any]) -> list[Any]:
+    """``asyncio.gather``, except that when one fails the others are cancelled, not left running."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return await asyncio.gather(*tasks)
     finally:
         for task in tasks:
             task.cancel()

@@ -105,6 +105,7 @@ class CommonRequest(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     decoding: Decoding | None = None
+    timeout: float | None = Field(default=None, gt=0.0, le=86400.0)  # seconds; the server's limit caps it
     service_tier: str | None = None
     latency_tier: str | None = None
     user: str | None = None

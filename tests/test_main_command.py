@@ -1,4 +1,6 @@
-"""The README's main command: `triserve serve` with the default config answers a documented call."""
+"""The README's main command: `make serve` (`triserve serve` with the default config) answers the
+documented calls, and a SIGTERM to make (what systemd, Docker and Kubernetes send) ends it cleanly:
+an in-flight stream ends (finished, or with an error event), every process it started exits."""
 
 from __future__ import annotations
 
@@ -7,13 +9,17 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
 from deployments.config import DEFAULT_CONFIG, load_config
+
+REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.ray
 
@@ -26,20 +32,28 @@ def test_triserve_serve_default_config(tmp_path):
         port = s.getsockname()[1]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "", "TRISERVE_API_KEY": ""}
     env.pop("RAY_ADDRESS")
+    log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "deployments.cli", "serve", "--port", str(port)],
-        stdout=subprocess.PIPE,
+        [
+            "make",
+            "-s",
+            "-C",
+            str(REPO),
+            "serve",
+            f"SERVE_ARGS=--port {port}",
+            f"VENV={Path(sys.executable).parent.parent}",
+        ],
+        stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
-        start_new_session=True,
-        cwd=tmp_path,  # a separate Ray: its own session directory, stopped with the process
+        start_new_session=True,  # make and everything it starts in one process group, checked at the end
     )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 240
         while time.time() < deadline:
-            assert proc.poll() is None, proc.stdout.read()
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
             try:
                 if httpx.get(f"{base}/v1/models", timeout=5).status_code == 200:
                     break
@@ -71,10 +85,36 @@ def test_triserve_serve_default_config(tmp_path):
             extra_body={"decoding": {"mode": "linear_spec"}},
         )
         assert chat.choices[0].message.content is not None and chat.model_extra["triserve"]["mode"] == "linear_spec"
+        # SIGTERM to make alone, while a stream is being decoded
+        events: list[str] = []
+        body = {"model": "tiny", "prompt": "def main():", "max_tokens": 400, "stream": True, "temperature": 0}
+
+        def read_stream() -> None:
+            with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:
+                events.extend(line for line in r.iter_lines() if line.startswith("data: "))
+
+        reader = threading.Thread(target=read_stream)
+        reader.start()
+        while not events and reader.is_alive():
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGTERM)
+        reader.join(timeout=90)
+        assert not reader.is_alive(), "the in-flight stream hung after SIGTERM"
+        assert events[-1] == "data: [DONE]" or '"error"' in events[-1], events[-3:]
+        gone = time.time() + 90
+        while time.time() < gone and _group_alive(proc.pid):
+            time.sleep(0.5)
+        assert not _group_alive(proc.pid), "processes of the server outlived SIGTERM"
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+        if _group_alive(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0
+        log.close()
+    assert "shutting down" in (tmp_path / "serve.log").read_text()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
