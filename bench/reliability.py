@@ -27,6 +27,7 @@ import random
 import socket
 import statistics
 import time
+import zlib
 from dataclasses import dataclass, field
 
 import httpx
@@ -134,9 +135,11 @@ def fuzz(base: str, headers: dict[str, str], examples: int, seed: int = 0) -> Ta
 
     schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
+    served = [m["id"] for m in httpx.get(f"{base}/v1/models", headers=headers, timeout=HANG_S).json()["data"]]
     tally = Tally()
-    per_operation = max(examples // len(operations), 1)
+    with_body = [op for op in operations if op.body]
     for operation in operations:
+        per_operation = max(examples // len(with_body), 1) if operation.body else 10
         strategy = operation.as_strategy(generation_mode=schemathesis.GenerationMode.POSITIVE) | operation.as_strategy(
             generation_mode=schemathesis.GenerationMode.NEGATIVE
         )
@@ -153,6 +156,9 @@ def fuzz(base: str, headers: dict[str, str], examples: int, seed: int = 0) -> Ta
         @hypothesis.given(strategy)
         def call(case) -> None:
             what = f"{case.operation.method.upper()} {case.operation.path}"
+            body = case.body
+            if isinstance(body, dict) and "model" in body and zlib.crc32(repr(body).encode()) % 2:
+                body["model"] = served[0]  # past the 404 for an unknown model, for about half of them
             try:
                 response = case.call(base_url=base, headers=headers, timeout=HANG_S)
             except Exception as exc:  # requests' own errors: a hang (timeout) or a broken connection

@@ -69,7 +69,15 @@ def _serve(args: argparse.Namespace) -> int:
     from deployments.config import load_config
 
     config = load_config(args.config)
+    stop = threading.Event()
+
+    def on_signal() -> None:  # also while starting: Ray's own handler would abort the process instead
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+
+    on_signal()
     ensure_ray()
+    on_signal()  # again: starting Ray installs its handlers
     from ray import serve
 
     from deployments.ingress import build_app
@@ -78,21 +86,37 @@ def _serve(args: argparse.Namespace) -> int:
     serve.run(build_app(config), name="triserve", route_prefix="/", blocking=False)
     names = ", ".join(m.name for m in config.models)
     print(f"triserve: serving {names} on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     if os.environ.get("MAKELEVEL"):
         # under `make serve` a SIGTERM (systemd, Docker, Kubernetes) reaches make, which dies without
         # passing it on: its death is the signal
         parent = os.getppid()
         threading.Thread(target=_stop_when_orphaned, args=(parent, stop), daemon=True).start()
     stop.wait()
+    _drain(config.shutdown_grace_s)
     print("triserve: shutting down", flush=True)
     serve.shutdown()
     import ray
 
     ray.shutdown()
     return 0
+
+
+def _drain(grace_s: float) -> None:
+    """Stop taking requests and let those in flight finish, for at most ``grace_s`` seconds."""
+    from ray import serve
+
+    ingress = serve.get_deployment_handle("ingress", app_name="triserve")
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            busy = ingress.drain.remote().result(timeout_s=5)
+        except Exception as exc:  # no ingress to ask (gone, or never started): nothing to wait for
+            print(f"triserve: could not drain the ingress ({exc})", flush=True)
+            return
+        if not busy:
+            return
+        print(f"triserve: waiting for {busy} request(s) in flight", flush=True)
+        time.sleep(0.5)
 
 
 def _stop_when_orphaned(parent: int, stop) -> None:

@@ -79,6 +79,7 @@ class AppConfig:
     explore: float = 0.05  # share of mode "auto" requests the router sends to another option to measure it
     max_body_bytes: int = 64 * 2**20  # larger request bodies get a 413 before they are read to the end
     request_timeout_s: float = 600.0  # a request still running after this is cancelled (its ``timeout`` may be shorter)
+    shutdown_grace_s: float = 30.0  # on SIGTERM / SIGINT, requests in flight get this long to finish
 
     @property
     def api_key(self) -> str | None:
@@ -98,7 +99,7 @@ def _tier(raw: dict[str, Any] | None) -> TierTarget:
     )
 
 
-INGRESS_FIELDS = {"num_cpus", "num_replicas", "max_body_mb", "request_timeout_s"}
+INGRESS_FIELDS = {"num_cpus", "num_replicas", "max_body_mb", "request_timeout_s", "shutdown_grace_s"}
 
 
 def parse_config(raw: dict[str, Any], base: Path | None = None) -> AppConfig:
@@ -127,8 +128,9 @@ def parse_config(raw: dict[str, Any], base: Path | None = None) -> AppConfig:
         raise ValueError(f"unknown ingress fields: {', '.join(sorted(set(ingress) - INGRESS_FIELDS))}")
     max_body_mb = float(ingress.get("max_body_mb", 64))
     timeout = float(ingress.get("request_timeout_s", 600.0))
-    if max_body_mb <= 0 or timeout <= 0:
-        raise ValueError("ingress.max_body_mb and ingress.request_timeout_s must be positive")
+    grace = float(ingress.get("shutdown_grace_s", 30.0))
+    if max_body_mb <= 0 or timeout <= 0 or grace < 0:
+        raise ValueError("ingress.max_body_mb and request_timeout_s must be positive, shutdown_grace_s not negative")
     router = dict(raw.get("router") or {})
     if set(router) - {"explore"}:
         raise ValueError(f"unknown router fields: {', '.join(sorted(set(router) - {'explore'}))}")
@@ -149,6 +151,7 @@ def parse_config(raw: dict[str, Any], base: Path | None = None) -> AppConfig:
         explore=explore,
         max_body_bytes=int(max_body_mb * 2**20),
         request_timeout_s=timeout,
+        shutdown_grace_s=grace,
     )
 
 

@@ -172,8 +172,9 @@ def build_api(resolve: Callable[[], OpenAIService]) -> FastAPI:
     @api.get("/health", responses={200: {"model": HealthResponse}, 503: {"model": HealthResponse}})
     async def health():
         """200 while a replica of some model answers (per model: "ok" or "unavailable"), else 503."""
-        models = await resolve().health()
-        healthy = any(state == "ok" for state in models.values())
+        service = resolve()
+        models = await service.health()
+        healthy = any(state == "ok" for state in models.values()) and not service.draining
         return JSONResponse({"status": "ok" if healthy else "unavailable", "models": models}, 200 if healthy else 503)
 
     @api.post("/tokenize", openapi_extra=_body(TokenizeRequest), responses=responses(TokenizeResponse))

@@ -93,6 +93,9 @@ class Ingress:
         for spec in config.models:
             tokenizer = load_tokenizer(spec.path)
             text_config, vision = read_config(spec.path)
+            if len(tokenizer) > text_config.vocab_size:  # its ids would index past the embedding (a 500 per request)
+                vocab = text_config.vocab_size
+                raise ValueError(f"model '{spec.name}': its tokenizer has {len(tokenizer)} tokens, the model {vocab}")
             if vision is not None:
                 vision.image_tokens(tokenizer)  # a VLM without placeholder ids fails here, at deploy time
             models[spec.name] = ServedModel(
@@ -103,6 +106,12 @@ class Ingress:
             router_metrics.decisions.inc(tags={"tier": tier, "model": decision.model, "mode": decision.mode})
 
         self.service = OpenAIService(config, models, on_decision=record)
+
+    def drain(self) -> int:
+        """Refuse new requests from now on (503, Retry-After) and say how many are still in flight:
+        a graceful shutdown waits for them (``triserve serve`` on SIGTERM)."""
+        self.service.draining = True
+        return sum(self.service.in_flight.values())
 
 
 def build_app(config: AppConfig):

@@ -74,9 +74,18 @@ class OpenAIService:
         # requests this ingress has prepared and not yet finished, per model: replicas report theirs
         # every half second, too late for a burst whose requests arrive together
         self.in_flight: Counter[str] = Counter()
+        self.draining = False  # shutting down: new requests are refused, those in flight finish
 
     # ----- auth and listing ------------------------------------------------------------------
     def check_auth(self, authorization: str | None) -> None:
+        if self.draining:
+            raise APIError(
+                503,
+                "the server is shutting down",
+                type="server_error",
+                code="shutting_down",
+                headers={"Retry-After": "1"},
+            )
         key = self.config.api_key
         if key is None:
             return

@@ -192,7 +192,9 @@ def app(serve_port, fixture_path, tmp_path_factory):
     os.environ["TRISERVE_TEST_API_KEY"] = API_KEY  # read by the ingress replica (same machine, inherited)
     folder = tmp_path_factory.mktemp("app")
     busy = folder / "busy"  # a small random model that admits one request at a time and queues one
-    save_model(random_model(seed=12, eos_token_id=None, max_position_embeddings=2048), busy)
+    # the fixture's tokenizer: its vocabulary (a random model's default of 64 tokens would be a
+    # model its tokenizer does not fit, which the ingress refuses)
+    save_model(random_model(seed=12, eos_token_id=None, max_position_embeddings=2048, vocab_size=4096), busy)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(fixture_path / name, busy / name)
     calibrated = folder / "calibrated"  # the fixture with calibration figures under which drafts pay at block 4

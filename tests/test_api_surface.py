@@ -53,7 +53,9 @@ def make_client(fixture_path, fixture_model):
             for spec, backend in zip(config.models, backends)
         }
         service = OpenAIService(config, served)
-        return TestClient(build_api(lambda: service))
+        client = TestClient(build_api(lambda: service))
+        client.service = service  # for tests that change its state
+        return client
 
     return make
 
@@ -112,3 +114,14 @@ def test_health_is_503_while_no_replica_answers(make_client):
     ModelList.model_validate(client.get("/v1/models").json())
     r = make_client(DeadBackend()).get("/health")
     assert r.status_code == 503 and HealthResponse.model_validate(r.json()).status == "unavailable"
+
+
+def test_a_draining_server_refuses_new_requests(make_client):
+    """While shutting down (SIGTERM) the ingress answers new requests with a retryable 503 and /health
+    with 503, so that balancers take it out of rotation."""
+    client = make_client(LiveBackend())
+    assert client.get("/health").status_code == 200
+    client.service.draining = True
+    r = client.post("/v1/completions", json={"model": "m0", "prompt": "x"})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "shutting_down"
+    assert client.get("/health").status_code == 503

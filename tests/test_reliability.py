@@ -36,7 +36,7 @@ def test_hostile_bodies_get_a_4xx(app, path, name):
     assert r.json()["error"]["message"]
 
 
-def test_large_bodies_are_refused_and_a_ten_megabyte_prompt_is_answered(app):
+def test_large_bodies_are_refused_and_a_long_prompt_is_answered(app):
     too_big = json.dumps({"model": "tiny", "prompt": "x" * (65 * 2**20)})
     r = _post(app, "/v1/completions", too_big, timeout=60)
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
@@ -50,7 +50,8 @@ def test_large_bodies_are_refused_and_a_ten_megabyte_prompt_is_answered(app):
     r = httpx.post(f"{app}/v1/completions", content=chunks(), headers=HEADERS, timeout=60)
     assert r.status_code == 413
     start = time.monotonic()
-    r = _post(app, "/v1/completions", json.dumps({"model": "tiny", "prompt": "def f():\n    pass\n" * 600_000}), 60)
+    # (bench/reliability.py sends 10 MB; 2 MB here keeps the suite short)
+    r = _post(app, "/v1/completions", json.dumps({"model": "tiny", "prompt": "def f():\n    pass\n" * 120_000}), 60)
     assert r.status_code == 413 and r.json()["error"]["code"] == "context_length_exceeded"
     assert time.monotonic() - start < 30
     ok = _post(app, "/v1/completions", json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 2}))
@@ -83,13 +84,13 @@ def test_hostile_images_get_a_4xx(app):
 
 
 def test_fuzzed_requests_get_no_server_error(app):
-    tally = fuzz(app, {"Authorization": f"Bearer {API_KEY}"}, examples=300)
-    assert tally.sent >= 250
+    tally = fuzz(app, {"Authorization": f"Bearer {API_KEY}"}, examples=200)
+    assert tally.sent >= 200
     assert (tally.server_errors, tally.hangs, tally.broken) == (0, 0, 0), tally.failures
 
 
 def test_dropped_streams_leave_nothing_behind(app):
-    tally = asyncio.run(storm(app, {"Authorization": f"Bearer {API_KEY}"}, count=120, concurrency=16))
-    assert tally.by_class.get("2xx") == 120 and tally.hangs == tally.broken == 0, tally.failures
+    tally = asyncio.run(storm(app, {"Authorization": f"Bearer {API_KEY}"}, count=80, concurrency=16))
+    assert tally.by_class.get("2xx") == 80 and tally.hangs == tally.broken == 0, tally.failures
     idle = engine_idle("tiny")
     assert idle["running"] == 0 and idle["used_pages"] == 0, idle

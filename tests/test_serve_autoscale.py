@@ -22,7 +22,7 @@ def test_scales_to_two_replicas_under_load(serve_port, fixture_path, tmp_path):
     from deployments.config import parse_config
     from deployments.ingress import build_app
 
-    model = random_model(seed=4, eos_token_id=None, max_position_embeddings=4096)
+    model = random_model(seed=4, eos_token_id=None, max_position_embeddings=4096, vocab_size=4096)  # the tokenizer's
     save_model(model, tmp_path / "rand")
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(fixture_path / name, tmp_path / "rand" / name)  # a cheap random model, a real tokenizer
