@@ -245,6 +245,7 @@ async def load(base: str, headers: dict[str, str], clients: int, seconds: float,
                     {"type": "image_url", "image_url": {"url": picture}},
                 ]
                 body.update(model="tiny-vlm", messages=[{"role": "user", "content": content}])
+                body["max_tokens"] = rng.randint(2, 12)  # the VLM's context is 32 tokens, the picture takes 16
                 path = "/v1/chat/completions"
             else:
                 body.update(model="tiny", prompt=f"def f_{c}_{rng.randint(0, 999)}(x):\n")
@@ -305,22 +306,20 @@ def _picture() -> str:
     return _image_url(buffer.getvalue())
 
 
-def _replicas(deployment: str) -> list:
-    """The live Serve replica actors of a deployment (Ray's actor states: name, pid)."""
-    from ray.util.state import list_actors
-
-    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-    return [a for a in actors if a.class_name.startswith("ServeReplica") and f"#{deployment}#" in (a.name or "")]
-
-
 def replica_pids(deployment: str) -> list[int]:
-    return [a.pid for a in _replicas(deployment)]
+    """Processes of a deployment's live Serve replicas (Ray titles them ray::ServeReplica:<app>:<name>)."""
+    import psutil
+
+    title = f"ServeReplica:triserve:{deployment}"
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if any(title in part for part in p.info["cmdline"] or ())]
 
 
 def kill_replica(deployment: str) -> None:
     import ray
 
-    ray.kill(ray.get_actor(_replicas(deployment)[0].name, namespace="serve"), no_restart=True)
+    names = ray.util.list_named_actors(all_namespaces=True)
+    replica = next(a for a in names if a["name"].startswith(f"SERVE_REPLICA::triserve#{deployment}#"))
+    ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
 
 
 async def replica_kill(base: str, headers: dict[str, str], seconds: float) -> tuple[Load, float | None]:
@@ -349,11 +348,17 @@ def rss_mb(pids: list[int]) -> float:
 
 
 def soak(base: str, headers: dict[str, str], minutes: float) -> tuple[Load, float, float, dict]:
+    """The load for ``minutes``; replica RSS once its first minute is over (caches and allocator
+    pools have grown to their working size by then) and at the end."""
     pids = replica_pids("model-tiny") + replica_pids("model-tiny-vlm")
-    start_rss = rss_mb(pids)
-    result = asyncio.run(load(base, headers, 32, minutes * 60, images=True, seed=2))
-    end_rss = rss_mb(pids)
-    return result, start_rss, end_rss, engine_idle()
+
+    async def run() -> tuple[Load, float]:
+        task = asyncio.create_task(load(base, headers, 32, minutes * 60, images=True, seed=2))
+        await asyncio.sleep(min(60.0, minutes * 60 / 2))
+        return await task, rss_mb(pids)
+
+    result, start_rss = asyncio.run(run())
+    return result, start_rss, rss_mb(pids), engine_idle()
 
 
 def per_minute(latencies: list[tuple[float, float]]) -> list[tuple[int, int, float, float]]:
@@ -408,7 +413,9 @@ def main() -> None:
     parser.add_argument("--kill-s", type=float, default=60.0, help="seconds of load around the replica kill")
     parser.add_argument("--soak-min", type=float, default=10.0)
     parser.add_argument("--long", action="store_true", help="a 30-minute soak")
+    parser.add_argument("--parts", default="hostile,fuzz,storm,kill,soak", help="which parts, comma-separated")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     base, headers = start_app(), {}
     print(f"app at {base}; {os.cpu_count()} CPUs")
     print("| part | requests | 2xx | 4xx | 5xx | hangs | broken | notes |")
@@ -422,11 +429,32 @@ def main() -> None:
             flush=True,
         )
 
-    row("hostile", hostile(base, headers))
-    row("fuzz (schemathesis)", fuzz(base, headers, args.fuzz))
-    tally = asyncio.run(storm(base, headers, args.storm))
-    idle = engine_idle()
-    row("disconnect storm", tally, f"after: running {idle['running']}, pages in use {idle['used_pages']}")
+    if "hostile" in parts:
+        row("hostile", hostile(base, headers))
+    if "fuzz" in parts:
+        row("fuzz (schemathesis)", fuzz(base, headers, args.fuzz))
+    if "storm" in parts:
+        tally = asyncio.run(storm(base, headers, args.storm))
+        idle = engine_idle()
+        row("disconnect storm", tally, f"after: running {idle['running']}, pages in use {idle['used_pages']}")
+    if "soak" in parts:  # before the kill: a replica that was just rebuilt has not warmed up
+        minutes = 30.0 if args.long else args.soak_min
+        result, start_rss, end_rss, idle = soak(base, headers, minutes)
+        print(f"\nsoak ({minutes:.0f} min, 32 clients, mixed modes, tiers, images)")
+        print("| minute | requests | p50 s | p99 s |")
+        print("|---|---|---|---|")
+        for minute, count, p50, p99 in per_minute(result.latencies):
+            print(f"| {minute} | {count} | {p50:.2f} | {p99:.2f} |")
+        growth = (end_rss / start_rss - 1) * 100 if start_rss else float("nan")
+        print(
+            f"errors: {len(result.other)} other ({'; '.join(result.other[:3])}), {result.retryable} retryable, "
+            f"{result.hangs} hangs; replica RSS after the first minute {start_rss:.0f} MiB, at the end "
+            f"{end_rss:.0f} MiB ({growth:+.1f}%); at the end: running {idle['running']}, pages in use "
+            f"{idle['used_pages']}",
+            flush=True,
+        )
+    if "kill" not in parts:
+        return
     killed, recovered = asyncio.run(replica_kill(base, headers, args.kill_s))
     print(
         f"\nreplica kill ({args.kill_s:.0f} s, 32 clients): {killed.ok} ok, {killed.retryable} clean retryable errors, "
@@ -435,19 +463,6 @@ def main() -> None:
         if recovered is not None
         else "NOT serving again",
         flush=True,
-    )
-    minutes = 30.0 if args.long else args.soak_min
-    result, start_rss, end_rss, idle = soak(base, headers, minutes)
-    print(f"\nsoak ({minutes:.0f} min, 32 clients, mixed modes, tiers, images)")
-    print("| minute | requests | p50 s | p99 s |")
-    print("|---|---|---|---|")
-    for minute, count, p50, p99 in per_minute(result.latencies):
-        print(f"| {minute} | {count} | {p50:.2f} | {p99:.2f} |")
-    growth = (end_rss / start_rss - 1) * 100 if start_rss else float("nan")
-    print(
-        f"errors: {len(result.other)} other, {result.retryable} retryable, {result.hangs} hangs; replica RSS "
-        f"{start_rss:.0f} -> {end_rss:.0f} MiB ({growth:+.1f}%); at the end: running {idle['running']}, "
-        f"pages in use {idle['used_pages']}"
     )
 
 
