@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import httpx
 
 HANG_S = 30.0  # no answer within this: a hang
+DEADLINE_S = 20.0  # the requests' own deadline (``timeout``): slow work is answered with a 408 before HANG_S
 DEEP = 5000
 
 # request bodies no client should send; each must get a 4xx (for chat, "prompt" becomes "messages")
@@ -159,6 +160,7 @@ def fuzz(base: str, headers: dict[str, str], examples: int, seed: int = 0) -> Ta
             body = case.body
             if isinstance(body, dict) and "model" in body and zlib.crc32(repr(body).encode()) % 2:
                 body["model"] = served[0]  # past the 404 for an unknown model, for about half of them
+                body.setdefault("timeout", DEADLINE_S)
             try:
                 response = case.call(base_url=base, headers=headers, timeout=HANG_S)
             except Exception as exc:  # requests' own errors: a hang (timeout) or a broken connection
@@ -220,7 +222,7 @@ def engine_idle(model: str = "tiny", within_s: float = 30.0) -> dict:
 @dataclass
 class Load:
     ok: int = 0
-    retryable: int = 0  # 503/429 with Retry-After, or a stream that ended with an error event
+    retryable: int = 0  # 503/429 with Retry-After, 408 past the deadline, or a stream ended by an error event
     other: list[str] = field(default_factory=list)
     hangs: int = 0
     latencies: list[tuple[float, float]] = field(default_factory=list)  # (finished at, seconds)
@@ -238,7 +240,12 @@ async def load(base: str, headers: dict[str, str], clients: int, seconds: float,
     async def client_loop(client: httpx.AsyncClient, c: int) -> None:
         while time.monotonic() < stop:
             stream = rng.random() < 0.5
-            body: dict = {"max_tokens": rng.randint(4, 48), "stream": stream, "service_tier": rng.choice(tiers)}
+            body: dict = {
+                "max_tokens": rng.randint(4, 48),
+                "stream": stream,
+                "service_tier": rng.choice(tiers),
+                "timeout": DEADLINE_S,
+            }
             if picture and rng.random() < 0.15:
                 content = [
                     {"type": "text", "text": "Describe it."},
@@ -281,13 +288,13 @@ async def _request(client: httpx.AsyncClient, url: str, body: dict, stream: bool
         r = await client.post(url, json=body)
         if r.status_code == 200:
             return "ok"
-        if r.status_code in (429, 503) and "retry-after" in r.headers:
+        if r.status_code == 408 or r.status_code in (429, 503) and "retry-after" in r.headers:
             return "retryable"
         return f"{r.status_code} {r.text[:120]}"
     async with client.stream("POST", url, json=body) as r:
         if r.status_code != 200:
             await r.aread()
-            retry = r.status_code in (429, 503) and "retry-after" in r.headers
+            retry = r.status_code == 408 or r.status_code in (429, 503) and "retry-after" in r.headers
             return "retryable" if retry else f"{r.status_code} {r.text[:120]}"
         last = ""
         async for line in r.aiter_lines():

@@ -87,8 +87,8 @@ def _serve(args: argparse.Namespace) -> int:
     names = ", ".join(m.name for m in config.models)
     print(f"triserve: serving {names} on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", flush=True)
     if os.environ.get("MAKELEVEL"):
-        # under `make serve` a SIGTERM (systemd, Docker, Kubernetes) reaches make, which dies without
-        # passing it on: its death is the signal
+        # under `make serve`: make passes SIGTERM on, but a make killed outright (SIGKILL) would
+        # leave the server running with no one to stop it: its death is the signal
         parent = os.getppid()
         threading.Thread(target=_stop_when_orphaned, args=(parent, stop), daemon=True).start()
     stop.wait()

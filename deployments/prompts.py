@@ -54,9 +54,14 @@ def chat_prompt(
         messages.append({"role": msg.role, "content": content or ""})
     tok = model.tokenizer
     template = getattr(tok, "chat_template", None) or CHAT_TEMPLATE  # checkpoints without one
-    text = tok.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    if not messages:
+        raise APIError(400, "messages must hold at least one message", param="messages")
+    try:
+        text = tok.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except Exception as exc:  # a template may refuse a conversation (roles out of order, ...): Jinja's own errors
+        raise APIError(400, f"the model's chat template refused these messages: {exc}", param="messages") from None
     ids = tok.encode(text, add_special_tokens=False)
     check_placeholders(model, ids, expected, "messages")
     return ids, images
