@@ -329,14 +329,24 @@ def kill_replica(deployment: str) -> None:
     ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
 
 
-async def replica_kill(base: str, headers: dict[str, str], seconds: float) -> tuple[Load, float | None]:
-    """32 clients for ``seconds``; a third of the way in the tiny model's replica is killed. Returns
-    the load's outcomes and the seconds from the kill until a request succeeds again."""
+def kill_rank() -> None:
+    """SIGKILL to a tensor-parallel rank actor's process (rank 1 of the tiny model's group)."""
+    import psutil
+
+    ranks = [
+        p for p in psutil.process_iter(["cmdline"]) if any("RankActor" in part for part in p.info["cmdline"] or ())
+    ]
+    ranks[0].kill()
+
+
+async def under_kill(base: str, headers: dict[str, str], seconds: float, kill) -> tuple[Load, float | None]:
+    """32 clients for ``seconds``; a third of the way in ``kill()`` runs (a replica or a rank dies).
+    Returns the load's outcomes and the seconds from the kill until a request succeeds again."""
     loop = asyncio.get_running_loop()
     task = asyncio.create_task(load(base, headers, 32, seconds, images=False, seed=1))
     await asyncio.sleep(seconds / 3)
     killed = time.monotonic()
-    await loop.run_in_executor(None, kill_replica, "model-tiny")
+    await loop.run_in_executor(None, kill)
     recovered = None
     async with httpx.AsyncClient(timeout=HANG_S, headers=headers) as client:
         while recovered is None and time.monotonic() - killed < seconds:
@@ -386,7 +396,8 @@ def per_minute(latencies: list[tuple[float, float]]) -> list[tuple[int, int, flo
 
 
 # ----- the run ----------------------------------------------------------------------------------------
-def start_app() -> str:
+def start_app(tensor_parallel: bool = False) -> str:
+    """The default app, or (``tensor_parallel``) cluster/serve-cpu.yaml's: the tiny model on a TP=2 group."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ["TRISERVE_API_KEY"] = ""
     from ray import serve
@@ -400,7 +411,16 @@ def start_app() -> str:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(load_config()), name="triserve", route_prefix="/")
+    if tensor_parallel:
+        import yaml
+
+        from deployments.config import REPO, parse_config
+
+        raw = yaml.safe_load((REPO / "cluster" / "serve-cpu.yaml").read_text())["applications"][0]["args"]["config"]
+        config = parse_config(raw, base=REPO)
+    else:
+        config = load_config()
+    serve.run(build_app(config), name="triserve", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -420,9 +440,16 @@ def main() -> None:
     parser.add_argument("--kill-s", type=float, default=60.0, help="seconds of load around the replica kill")
     parser.add_argument("--soak-min", type=float, default=10.0)
     parser.add_argument("--long", action="store_true", help="a 30-minute soak")
-    parser.add_argument("--parts", default="hostile,fuzz,storm,kill,soak", help="which parts, comma-separated")
+    parser.add_argument(
+        "--parts", default="hostile,fuzz,storm,kill,soak", help="which parts, comma-separated; rankkill alone"
+    )
     args = parser.parse_args()
     parts = set(args.parts.split(","))
+    if parts == {"rankkill"}:  # its own app: the tiny model on a TP=2 group
+        base = start_app(tensor_parallel=True)
+        killed, recovered = asyncio.run(under_kill(base, {}, args.kill_s, kill_rank))
+        report("rank kill (TP=2)", args.kill_s, killed, recovered)
+        return
     base, headers = start_app(), {}
     print(f"app at {base}; {os.cpu_count()} CPUs")
     print("| part | requests | 2xx | 4xx | 5xx | hangs | broken | notes |")
@@ -462,13 +489,15 @@ def main() -> None:
         )
     if "kill" not in parts:
         return
-    killed, recovered = asyncio.run(replica_kill(base, headers, args.kill_s))
+    killed, recovered = asyncio.run(under_kill(base, headers, args.kill_s, lambda: kill_replica("model-tiny")))
+    report("replica kill", args.kill_s, killed, recovered)
+
+
+def report(part: str, seconds: float, killed: Load, recovered: float | None) -> None:
+    again = f"serving again {recovered:.1f} s after the kill" if recovered is not None else "NOT serving again"
     print(
-        f"\nreplica kill ({args.kill_s:.0f} s, 32 clients): {killed.ok} ok, {killed.retryable} clean retryable errors, "
-        f"{len(killed.other)} other ({'; '.join(killed.other[:3])}), {killed.hangs} hangs; "
-        f"serving again {recovered:.1f} s after the kill"
-        if recovered is not None
-        else "NOT serving again",
+        f"\n{part} ({seconds:.0f} s, 32 clients): {killed.ok} ok, {killed.retryable} clean errors, "
+        f"{len(killed.other)} other ({'; '.join(killed.other[:3])}), {killed.hangs} hangs; {again}",
         flush=True,
     )
 

@@ -19,7 +19,7 @@ from deployments.metrics import RouterMetrics
 from deployments.openai_api import OpenAIService
 from deployments.protocol import APIError
 from deployments.served import ServedModel
-from deployments.server import model_server_deployment
+from deployments.server import ReplicaFailed, model_server_deployment
 from models.loading import load_tokenizer
 from models.vlm import read_config
 
@@ -46,6 +46,9 @@ def _api_error(exc: Exception, model: str) -> Exception:
         )
     if isinstance(exc, ray_exceptions.RayTaskError) and isinstance(exc.cause, ValueError):
         return APIError(400, str(exc.cause))
+    if isinstance(exc, ray_exceptions.RayTaskError) and isinstance(exc.cause, ReplicaFailed):
+        message = f"a replica of model '{model}' failed ({exc.cause}); retry shortly"
+        return APIError(503, message, type="server_error", code="replica_unavailable", headers=retry)
     unavailable = (
         ray_exceptions.RayActorError,
         serve_exceptions.DeploymentUnavailableError,

@@ -43,6 +43,7 @@ from models.modes.infill import infill_context
 
 DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 512}  # OpenAI's completions default; chat: context-bound
 STATS_TTL_S = 0.5
+STATS_TIMEOUT_S = 5.0
 HEALTH_TIMEOUT_S = 2.0
 
 
@@ -151,7 +152,13 @@ class OpenAIService:
         cached = self._stats.get(name)
         if cached and time.monotonic() - cached[0] < STATS_TTL_S:
             return cached[1]
-        stats = await self.models[name].backend.stats()
+        try:  # while a model has no live replica (one being replaced) the call would wait for one
+            stats = await asyncio.wait_for(self.models[name].backend.stats(), STATS_TIMEOUT_S)
+        except TimeoutError:
+            message = f"no replica of model '{name}' answers (one may be restarting); retry shortly"
+            raise APIError(
+                503, message, type="server_error", code="replica_unavailable", headers={"Retry-After": "1"}
+            ) from None
         self._stats[name] = (time.monotonic(), stats)
         return stats
 

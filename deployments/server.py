@@ -35,6 +35,10 @@ BOARD = "stats-board"
 logger = logging.getLogger("ray.serve")
 
 
+class ReplicaFailed(RuntimeError):
+    """This replica can no longer serve (its tensor-parallel group broke); the request may be retried."""
+
+
 class ModelServer:
     """A model replica. Its methods are called through deployment handles by the ingress."""
 
@@ -115,7 +119,8 @@ class ModelServer:
         start = time.monotonic()
         last = start
         tier = request.get("tier", "standard")
-        async for out in self.engine.generate(request["request_id"], request["prompt"], params, embeds, tier):
+        outputs = self.engine.generate(request["request_id"], request["prompt"], params, embeds, tier)
+        async for out in self._unless_broken(outputs):
             now = time.monotonic()
             if out.new_tokens:
                 if out.tokens == len(out.new_tokens):
@@ -132,8 +137,37 @@ class ModelServer:
                 self.metrics.engine(self.engine.engine.stats)
             yield dataclasses.asdict(out)
 
+    async def _unless_broken(self, outputs: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """The engine's outputs; when the engine fails because the tensor-parallel group broke (a rank
+        died), a ``ReplicaFailed`` instead of the collective's own error: the client's request was
+        fine and another replica can serve it (the health check has Serve replace this one)."""
+        try:
+            async for out in outputs:
+                yield out
+        except Exception as exc:
+            failure = self._failure(exc)
+            if failure is exc:
+                raise
+            raise failure from exc
+
+    def _failure(self, exc: Exception) -> Exception:
+        """``exc``, or a ``ReplicaFailed`` when the tensor-parallel group is broken."""
+        if self.group is None or isinstance(exc, ValueError):
+            return exc
+        try:
+            self.group.check(timeout_s=1.0)
+        except Exception:
+            return ReplicaFailed(f"{self.spec.name}: a tensor-parallel rank died ({exc})")
+        return exc
+
     async def score(self, token_ids: list[int], top: int) -> list[tuple[float, dict[int, float]]]:
-        return await self.engine.call(score_with_top, self.model, token_ids, top)
+        try:
+            return await self.engine.call(score_with_top, self.model, token_ids, top)
+        except Exception as exc:
+            failure = self._failure(exc)
+            if failure is exc:
+                raise
+            raise failure from exc
 
     def local_stats(self) -> dict[str, Any]:
         return replica_stats(self.engine.engine.stats, self.spec.max_step_tokens)

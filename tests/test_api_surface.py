@@ -5,6 +5,7 @@ turns 503 when no replica of any model answers."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -126,3 +127,13 @@ def test_a_draining_server_refuses_new_requests(make_client):
     r = client.post("/v1/completions", json={"model": "m0", "prompt": "x"})
     assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "shutting_down"
     assert client.get("/health").status_code == 503
+
+
+def test_a_model_without_a_live_replica_answers_503_not_a_hang(make_client):
+    """Found by bench/reliability.py's rank kill: while a model's only replica is being replaced, its
+    statistics call waited for the new one (over 30 s); now a retryable 503 within seconds."""
+    client = make_client(DeadBackend())
+    start = time.monotonic()
+    r = client.post("/v1/completions", json={"model": "m0", "prompt": "x", "max_tokens": 2})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["code"] == "replica_unavailable" and time.monotonic() - start < 10
