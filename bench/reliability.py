@@ -103,18 +103,28 @@ class Tally:
         return self.by_class.get("5xx", 0)
 
 
+def hostile_body(name: str, path: str) -> str | bytes:
+    """HOSTILE[name] as sent to ``path`` (a chat request has messages where completions have a prompt)."""
+    body = HOSTILE[name]
+    if path.endswith("chat/completions") and isinstance(body, str):
+        body = body.replace('"prompt"', '"messages"')
+    return body
+
+
+def image_request(model: str, url: str) -> dict:
+    """A chat request asking ``model`` about the image at ``url``."""
+    content = [{"type": "text", "text": "what is this"}, {"type": "image_url", "image_url": {"url": url}}]
+    return {"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": content}]}
+
+
 def hostile(base: str, headers: dict[str, str]) -> Tally:
     tally = Tally()
     with httpx.Client(timeout=HANG_S, headers={**headers, "content-type": "application/json"}) as client:
         for path in ("/v1/completions", "/v1/chat/completions"):
-            for name, body in HOSTILE.items():
-                if path.endswith("chat/completions") and isinstance(body, str):
-                    body = body.replace('"prompt"', '"messages"')
-                _send(tally, name, client.post, f"{base}{path}", content=body)
+            for name in HOSTILE:
+                _send(tally, name, client.post, f"{base}{path}", content=hostile_body(name, path))
         for name, url in hostile_images().items():
-            content = [{"type": "text", "text": "what is this"}, {"type": "image_url", "image_url": {"url": url}}]
-            body = {"model": "tiny-vlm", "max_tokens": 4, "messages": [{"role": "user", "content": content}]}
-            _send(tally, name, client.post, f"{base}/v1/chat/completions", json=body)
+            _send(tally, name, client.post, f"{base}/v1/chat/completions", json=image_request("tiny-vlm", url))
         huge = json.dumps({"model": "tiny", "prompt": "def f():\n    pass\n" * 600_000})  # 10 MB
         _send(tally, "10 MB prompt", client.post, f"{base}/v1/completions", content=huge)
     return tally
@@ -402,7 +412,7 @@ def start_app(tensor_parallel: bool = False) -> str:
     os.environ["TRISERVE_API_KEY"] = ""
     from ray import serve
 
-    from cluster.local import ensure_ray
+    from cluster.local import ensure_ray, wait_until_healthy
     from deployments.config import load_config
     from deployments.ingress import build_app
 
@@ -422,15 +432,8 @@ def start_app(tensor_parallel: bool = False) -> str:
         config = load_config()
     serve.run(build_app(config), name="triserve", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                return base
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError("the app did not become healthy within 300 s")
+    wait_until_healthy(base, 300)
+    return base
 
 
 def main() -> None:

@@ -7,6 +7,25 @@ import os
 STARTUP_ATTEMPTS = 3  # a loaded machine can keep a local raylet from registering within Ray's 30 s
 
 
+def wait_until_healthy(base: str, timeout_s: float, poll_s: float = 0.5) -> None:
+    """Wait for a served app's ``/health`` to answer 200 (Serve's proxy answers 404 until the routes
+    register, and nothing while it starts)."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):  # not up yet, 404 or 503
+            pass
+        time.sleep(poll_s)
+    raise TimeoutError(f"the app at {base} did not answer /health within {timeout_s:.0f} s")
+
+
 def ensure_ray(num_cpus: float | None = None, address: str | None = None, **kwargs) -> None:
     """Join ``address``/``RAY_ADDRESS`` when given, else start a local Ray bound to 127.0.0.1."""
     # also set when the cluster package is imported: it must precede Ray's own import

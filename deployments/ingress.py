@@ -17,7 +17,7 @@ from deployments.config import REPO, AppConfig, ModelSpec, load_config, parse_co
 from deployments.http import build_api
 from deployments.metrics import RouterMetrics
 from deployments.openai_api import OpenAIService
-from deployments.protocol import APIError
+from deployments.protocol import APIError, overloaded, unavailable
 from deployments.served import ServedModel
 from deployments.server import ReplicaFailed, model_server_deployment
 from models.loading import load_tokenizer
@@ -35,28 +35,19 @@ def _api_error(exc: Exception, model: str) -> Exception:
     """What a client is told when a call to a model's replicas fails: a replica that died or is
     unreachable, or a deployment that sheds load, is a retryable 503 / 429 (with Retry-After); a bad
     request the replica refused is a 400; anything else stays an internal error."""
-    retry = {"Retry-After": "1"}
     if isinstance(exc, serve_exceptions.BackPressureError):
-        return APIError(
-            429,
-            f"model '{model}' is overloaded; retry shortly",
-            type="rate_limit_error",
-            code="overloaded",
-            headers=retry,
-        )
+        return overloaded(model)
     if isinstance(exc, ray_exceptions.RayTaskError) and isinstance(exc.cause, ValueError):
         return APIError(400, str(exc.cause))
     if isinstance(exc, ray_exceptions.RayTaskError) and isinstance(exc.cause, ReplicaFailed):
-        message = f"a replica of model '{model}' failed ({exc.cause}); retry shortly"
-        return APIError(503, message, type="server_error", code="replica_unavailable", headers=retry)
-    unavailable = (
+        return unavailable(f"a replica of model '{model}' failed ({exc.cause}); retry shortly")
+    gone = (
         ray_exceptions.RayActorError,
         serve_exceptions.DeploymentUnavailableError,
         serve_exceptions.ReplicaUnavailableError,
     )
-    if isinstance(exc, unavailable):
-        message = f"a replica of model '{model}' failed or is unreachable; retry shortly"
-        return APIError(503, message, type="server_error", code="replica_unavailable", headers=retry)
+    if isinstance(exc, gone):
+        return unavailable(f"a replica of model '{model}' failed or is unreachable; retry shortly")
     return exc
 
 

@@ -30,7 +30,9 @@ from deployments.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
     new_id,
+    overloaded,
     triserve_info,
+    unavailable,
 )
 from deployments.responses import StopStrings, trace_view
 from deployments.router import ROUTABLE_MODES, Candidate, Decision, ReplicaStats, best, evaluate, explore
@@ -80,13 +82,7 @@ class OpenAIService:
     # ----- auth and listing ------------------------------------------------------------------
     def check_auth(self, authorization: str | None) -> None:
         if self.draining:
-            raise APIError(
-                503,
-                "the server is shutting down",
-                type="server_error",
-                code="shutting_down",
-                headers={"Retry-After": "1"},
-            )
+            raise unavailable("the server is shutting down", code="shutting_down")
         key = self.config.api_key
         if key is None:
             return
@@ -155,10 +151,7 @@ class OpenAIService:
         try:  # while a model has no live replica (one being replaced) the call would wait for one
             stats = await asyncio.wait_for(self.models[name].backend.stats(), STATS_TIMEOUT_S)
         except TimeoutError:
-            message = f"no replica of model '{name}' answers (one may be restarting); retry shortly"
-            raise APIError(
-                503, message, type="server_error", code="replica_unavailable", headers={"Retry-After": "1"}
-            ) from None
+            raise unavailable(f"no replica of model '{name}' answers (one may be restarting); retry shortly") from None
         self._stats[name] = (time.monotonic(), stats)
         return stats
 
@@ -329,13 +322,7 @@ class OpenAIService:
             )
         stats = await self._stats_of(model.spec.name)
         if stats.get("waiting", 0) >= model.spec.max_waiting:
-            raise APIError(
-                429,
-                f"model '{model.spec.name}' is overloaded; retry shortly",
-                type="rate_limit_error",
-                code="overloaded",
-                headers={"Retry-After": "1"},
-            )
+            raise overloaded(model.spec.name)
         timeout = min(req.timeout or math.inf, self.config.request_timeout_s)
         prep = Prepared(model, prompt, params, req.tier, req.stop_list, decision, images, time.monotonic() + timeout)
         self.in_flight[model.spec.name] += 1  # until the request is done with (its Prepared is freed)

@@ -35,6 +35,22 @@ class APIError(Exception):
         self.headers = headers or {}
 
 
+def unavailable(message: str, code: str = "replica_unavailable") -> APIError:
+    """A retryable 503: no replica can serve the request now (failed, restarting, shutting down)."""
+    return APIError(503, message, type="server_error", code=code, headers={"Retry-After": "1"})
+
+
+def overloaded(model: str) -> APIError:
+    """A retryable 429: the model's queue is full."""
+    return APIError(
+        429,
+        f"model '{model}' is overloaded; retry shortly",
+        type="rate_limit_error",
+        code="overloaded",
+        headers={"Retry-After": "1"},
+    )
+
+
 class Revise(BaseModel):
     """``decoding.revise``: re-mask decided diffusion tokens whose confidence falls below ``threshold``
     (``models.modes.diffusion``), in at most ``max_passes`` passes per block."""

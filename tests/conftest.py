@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
@@ -140,17 +138,12 @@ def run_app(app, name: str, route_prefix: str, port: int, timeout_s: float = 180
     """
     from ray import serve
 
+    from cluster.local import wait_until_healthy
+
     serve.run(app, name=name, route_prefix=route_prefix)
     base = f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}"
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                return base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"Serve app {name!r} did not answer at {base}/health within {timeout_s:.0f}s")
+    wait_until_healthy(base, timeout_s)
+    return base
 
 
 # ----- the served test app (tests/test_serve_http.py, test_playground.py, test_lm_eval_client.py) -----

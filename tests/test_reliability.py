@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from bench.reliability import HOSTILE, engine_idle, fuzz, hostile_images, storm
+from bench.reliability import HOSTILE, engine_idle, fuzz, hostile_body, hostile_images, image_request, storm
 from tests.conftest import API_KEY
 
 pytestmark = pytest.mark.ray
@@ -28,10 +28,7 @@ def _post(app: str, path: str, content: bytes | str, timeout: float = 30) -> htt
 @pytest.mark.parametrize("name", list(HOSTILE))
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_hostile_bodies_get_a_4xx(app, path, name):
-    body = HOSTILE[name]
-    if path.endswith("chat/completions") and isinstance(body, str):
-        body = body.replace('"prompt"', '"messages"')
-    r = _post(app, path, body)
+    r = _post(app, path, hostile_body(name, path))
     assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
     assert r.json()["error"]["message"]
 
@@ -77,9 +74,7 @@ def test_a_request_past_its_deadline_is_cancelled(app):
 def test_hostile_images_get_a_4xx(app):
     """The test app has no VLM: each image is refused before or while it is read, never a 5xx."""
     for name, url in hostile_images().items():
-        content = [{"type": "text", "text": "what is this"}, {"type": "image_url", "image_url": {"url": url}}]
-        body = {"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": content}]}
-        r = httpx.post(f"{app}/v1/chat/completions", json=body, headers=HEADERS, timeout=30)
+        r = httpx.post(f"{app}/v1/chat/completions", json=image_request("tiny", url), headers=HEADERS, timeout=30)
         assert 400 <= r.status_code < 500, (name, r.status_code, r.text[:200])
 
 

@@ -277,11 +277,13 @@ class Sampler:
         ]
         block_logits = _shaped(logits[rows_t.reshape(-1)], histories)
         revised = self._revised(logits, group, blocks_t)  # read before the commit changes blocks_t
-        allowed = block_logits.clone()
-        allowed[:, self.mask_id] = float("-inf")
-        if group[0].state.temperature <= 0:
+        greedy, scored = group[0].state.temperature <= 0, _wants_scores(group)
+        if not greedy or scored:  # the distribution drawn from (the greedy kernel excludes the mask itself)
+            allowed = block_logits.clone()
+            allowed[:, self.mask_id] = float("-inf")
+        if greedy:
             scores = None
-            if _wants_scores(group):
+            if scored:
                 log_dist = torch.log_softmax(allowed.float(), dim=-1)
                 scores = _scores(log_dist, log_dist.argmax(dim=-1), group, width)
             kernels.unmask(blocks_t, block_logits.view(len(group), width, -1), self.mask_id, thresholds, least_t)
@@ -300,7 +302,7 @@ class Sampler:
             thresholds,
             least_t,
         )
-        scores = _scores(probs.log(), candidates, group, width) if _wants_scores(group) else None
+        scores = _scores(probs.log(), candidates, group, width) if scored else None
         return self._remask(blocks_t, revised), scores
 
     def _revised(

@@ -180,10 +180,10 @@ class Scheduler:
         """Start the most urgent waiting request (its prefix-cache hits, then its first chunk)."""
         if not self.waiting or len(self.running) >= self.max_running:
             return False
-        ready = [r for r in sorted(self.waiting, key=lambda r: urgency[id(r)]) if not self._prefill_underway(r)]
-        if not ready:
+        by_urgency = sorted(self.waiting, key=lambda r: urgency[id(r)])
+        request = next((r for r in by_urgency if not self._prefill_underway(r)), None)
+        if request is None:
             return False
-        request = ready[0]
         state = request.state
         self.kv.add(request.seq_id)
         eligible = hits = 0
