@@ -150,8 +150,8 @@ class OpenAIService:
             return cached[1]
         try:  # while a model has no live replica (one being replaced) the call would wait for one
             stats = await asyncio.wait_for(self.models[name].backend.stats(), STATS_TIMEOUT_S)
-        except TimeoutError:
-            raise unavailable(f"no replica of model '{name}' answers (one may be restarting); retry shortly") from None
+        except TimeoutError:  # route on what was known (a slow replica is no reason to refuse); the
+            stats = cached[1] if cached else {}  # request's own deadline bounds its wait for a replica
         self._stats[name] = (time.monotonic(), stats)
         return stats
 
