@@ -1,11 +1,13 @@
-"""Reliability figures of the served app: fuzzed and hostile requests, a disconnect storm, a replica
-killed under load, a soak. Only 127.0.0.1; bounded in time.
+"""Reliability figures of the served app: fuzzed and hostile requests, a disconnect storm, a burst
+beyond the queue limits, a replica killed under load, a soak; with ``--parts rankkill``, a
+tensor-parallel rank killed under load. Only 127.0.0.1; bounded in time.
 
-    python bench/reliability.py [--fuzz 2000] [--storm 500] [--kill-s 60] [--soak-min 10] [--long]
+    python bench/reliability.py [--fuzz 2000] [--storm 500] [--burst 1000] [--kill-s 60] [--soak-min 10] [--long]
 
 Starts the default app (deployments/configs/default.yaml: tiny and tiny-vlm) in a local Ray and prints
 one table row per part. The test suite runs the fuzz, hostile and storm parts in a reduced size
-against its own app (tests/test_reliability.py).
+against its own app (tests/test_reliability.py), the rank kill in a reduced size
+(tests/test_tensor_parallel_cluster.py) and a burst at a small queue (tests/test_serve_http.py).
 """
 
 from __future__ import annotations
@@ -215,6 +217,71 @@ async def storm(base: str, headers: dict[str, str], count: int, concurrency: int
     return tally
 
 
+@dataclass
+class Overload:
+    """A burst's outcomes: answers, clean 429s, anything else; the most requests a replica queued."""
+
+    ok: int = 0
+    rejected: int = 0  # 429 with Retry-After and a rate_limit_error body
+    other: list[str] = field(default_factory=list)
+    hangs: int = 0
+    peak_waiting: int = 0  # the most requests the model's replicas held waiting, summed
+    peak_replicas: int = 0
+
+
+def stats_board(model: str):
+    """The model deployment's statistics board: every replica's report, read without going through the
+    (saturated) replicas."""
+    import ray
+
+    named = ray.util.list_named_actors(all_namespaces=True)
+    board = next(a for a in named if a["name"].startswith(f"SERVE_DEPLOYMENT_ACTOR::triserve::model-{model}::"))
+    return ray.get_actor(board["name"], namespace=board["namespace"])
+
+
+async def overload(
+    base: str, headers: dict[str, str], count: int, model: str = "tiny", deadline_s: float = 120.0
+) -> Overload:
+    """``count`` requests at once (far beyond what ``model`` runs and queues): each must be answered
+    or refused with a 429; meanwhile the replicas' waiting queues are sampled. The admitted ones wait
+    their turn (up to ``deadline_s``, their own deadline): a queue is not a hang."""
+    board = stats_board(model)
+    result = Overload()
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        while not done.is_set():
+            stats = await board.aggregate.remote()
+            result.peak_waiting = max(result.peak_waiting, stats["waiting"])
+            result.peak_replicas = max(result.peak_replicas, stats["replicas"])
+            await asyncio.sleep(0.1)
+
+    async def one(client: httpx.AsyncClient, i: int) -> None:
+        body = {"model": model, "prompt": f"def burst_{i}(x):\n", "max_tokens": 16, "timeout": deadline_s}
+        try:
+            r = await client.post(f"{base}/v1/completions", json=body)
+        except httpx.TimeoutException:
+            result.hangs += 1
+            return
+        except httpx.HTTPError as exc:
+            result.other.append(type(exc).__name__)
+            return
+        if r.status_code == 200:
+            result.ok += 1
+        elif r.status_code == 429 and "retry-after" in r.headers and r.json()["error"]["type"] == "rate_limit_error":
+            result.rejected += 1
+        else:
+            result.other.append(f"{r.status_code} {r.text[:120]}")
+
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=deadline_s + HANG_S, headers=headers, limits=limits) as client:
+        sampler = asyncio.create_task(sample())
+        await asyncio.gather(*(one(client, i) for i in range(count)))
+        done.set()
+        await sampler
+    return result
+
+
 def engine_idle(model: str = "tiny", within_s: float = 30.0) -> dict:
     """The model's engines once nothing runs there (waits up to ``within_s``): its merged statistics."""
     from ray import serve
@@ -349,11 +416,13 @@ def kill_rank() -> None:
     ranks[0].kill()
 
 
-async def under_kill(base: str, headers: dict[str, str], seconds: float, kill) -> tuple[Load, float | None]:
-    """32 clients for ``seconds``; a third of the way in ``kill()`` runs (a replica or a rank dies).
-    Returns the load's outcomes and the seconds from the kill until a request succeeds again."""
+async def under_kill(
+    base: str, headers: dict[str, str], seconds: float, kill, clients: int = 32
+) -> tuple[Load, float | None]:
+    """``clients`` clients for ``seconds``; a third of the way in ``kill()`` runs (a replica or a rank
+    dies). Returns the load's outcomes and the seconds from the kill until a request succeeds again."""
     loop = asyncio.get_running_loop()
-    task = asyncio.create_task(load(base, headers, 32, seconds, images=False, seed=1))
+    task = asyncio.create_task(load(base, headers, clients, seconds, images=False, seed=1))
     await asyncio.sleep(seconds / 3)
     killed = time.monotonic()
     await loop.run_in_executor(None, kill)
@@ -441,10 +510,11 @@ def main() -> None:
     parser.add_argument("--fuzz", type=int, default=2000, help="generated requests")
     parser.add_argument("--storm", type=int, default=500, help="streams dropped mid-way")
     parser.add_argument("--kill-s", type=float, default=60.0, help="seconds of load around the replica kill")
+    parser.add_argument("--burst", type=int, default=1000, help="requests sent at once (overload)")
     parser.add_argument("--soak-min", type=float, default=10.0)
     parser.add_argument("--long", action="store_true", help="a 30-minute soak")
     parser.add_argument(
-        "--parts", default="hostile,fuzz,storm,kill,soak", help="which parts, comma-separated; rankkill alone"
+        "--parts", default="hostile,fuzz,storm,overload,kill,soak", help="which parts, comma-separated; rankkill alone"
     )
     args = parser.parse_args()
     parts = set(args.parts.split(","))
@@ -474,6 +544,19 @@ def main() -> None:
         tally = asyncio.run(storm(base, headers, args.storm))
         idle = engine_idle()
         row("disconnect storm", tally, f"after: running {idle['running']}, pages in use {idle['used_pages']}")
+    if "overload" in parts:
+        from deployments.config import load_config
+
+        burst = asyncio.run(overload(base, headers, args.burst))
+        idle = engine_idle()
+        limit = load_config().models[0].max_waiting
+        print(
+            f"\noverload ({args.burst} requests at once): {burst.ok} answered, {burst.rejected} 429 with Retry-After, "
+            f"{len(burst.other)} other ({'; '.join(burst.other[:3])}), {burst.hangs} hangs; most waiting "
+            f"{burst.peak_waiting} over {burst.peak_replicas} replica(s) (max_waiting {limit} per replica); after: "
+            f"running {idle['running']}, pages in use {idle['used_pages']}",
+            flush=True,
+        )
     if "soak" in parts:  # before the kill: a replica that was just rebuilt has not warmed up
         minutes = 30.0 if args.long else args.soak_min
         result, start_rss, end_rss, idle = soak(base, headers, minutes)

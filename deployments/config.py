@@ -28,7 +28,7 @@ class ModelSpec:
     num_pages: int = 1024
     page_size: int = 16
     max_running: int = 32
-    max_waiting: int = 128  # beyond this many queued requests the model answers 429
+    max_waiting: int = 128  # queued requests per replica, and as many per ingress replica; beyond: 429
     max_step_tokens: int = 2048  # query tokens per engine step (decode steps are whole; prefills are chunked)
     prefill_chunk: int = 256  # prompt tokens of one request per step at most
     prefix_caching: bool = True

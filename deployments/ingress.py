@@ -51,6 +51,16 @@ def _api_error(exc: Exception, model: str) -> Exception:
     return exc
 
 
+def _cancel(stream) -> None:
+    """Cancel a streamed call. A call that failed before reaching a replica (refused by backpressure,
+    no replica) has nothing to cancel, and Ray's ``cancel`` raises that failure again: it was already
+    answered, so it is not raised twice (it would replace the client's 429 / 503 with Serve's own)."""
+    try:
+        stream.cancel()
+    except (ray_exceptions.RayError, serve_exceptions.RayServeException):
+        pass
+
+
 class HandleBackend:
     """Reaches a model's replicas through its deployment handle."""
 
@@ -66,7 +76,7 @@ class HandleBackend:
         except (ray_exceptions.RayError, serve_exceptions.BackPressureError) as exc:
             raise _api_error(exc, self.model) from exc
         finally:
-            stream.cancel()  # client gone or stop string: the replica cancels the request
+            _cancel(stream)  # client gone or stop string: the replica cancels the request
 
     async def score(self, token_ids: list[int], top: int):
         try:
@@ -75,7 +85,10 @@ class HandleBackend:
             raise _api_error(exc, self.model) from exc
 
     async def stats(self) -> dict[str, Any]:
-        return await self.handle.stats.remote()
+        try:
+            return await self.handle.stats.remote()
+        except (ray_exceptions.RayError, serve_exceptions.BackPressureError) as exc:
+            raise _api_error(exc, self.model) from exc
 
 
 @serve.ingress(api)

@@ -229,6 +229,7 @@ def model_server_deployment(spec: ModelSpec):
         **placement,
         autoscaling_config=dict(spec.autoscaling),
         max_ongoing_requests=max(spec.max_running + spec.max_waiting, 16),
+        max_queued_requests=spec.max_waiting,  # beyond this many queued at a caller: BackPressureError (429)
         health_check_period_s=10,
         health_check_timeout_s=30,
     )

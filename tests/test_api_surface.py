@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 
 import pytest
 from fastapi.testclient import TestClient
 from openapi_spec_validator import validate
+from ray.serve.exceptions import BackPressureError
 
 from deployments.config import parse_config
 from deployments.http import build_api
+from deployments.ingress import HandleBackend
 from deployments.openai_api import OpenAIService
 from deployments.response_models import (
     DetokenizeResponse,
@@ -146,3 +149,24 @@ def test_a_model_without_a_live_replica_does_not_hold_a_request(make_client):
     r = client.post("/v1/completions", json={"model": "m0", "prompt": "x", "max_tokens": 2, "timeout": 1.0})
     assert r.status_code == 408 and r.json()["error"]["type"] == "timeout_error"
     assert time.monotonic() - start < 10
+
+
+class SaturatedHandle:
+    """A deployment handle whose every call Serve's backpressure refuses (replicas busy, the caller's
+    queue at ``max_queued_requests``)."""
+
+    def __getattr__(self, method: str):
+        async def refused(*args):
+            raise BackPressureError(num_queued_requests=128, max_queued_requests=128)
+
+        return SimpleNamespace(remote=refused)
+
+
+def test_a_full_queue_answers_429_even_for_the_statistics_call(make_client):
+    """With the replicas saturated the statistics call waits in the same queue as requests, and Serve's
+    backpressure may refuse it: that is the model's queue being full (a 429), not a server error (before,
+    Serve answered its own plain-text 503)."""
+    client = make_client(HandleBackend(SaturatedHandle(), "m0"))
+    r = client.post("/v1/completions", json={"model": "m0", "prompt": "x", "max_tokens": 2})
+    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["type"] == "rate_limit_error"

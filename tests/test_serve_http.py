@@ -60,6 +60,27 @@ def test_overload_answers_429_with_retry_after(app):
     assert rejected.headers["retry-after"] == "1" and rejected.json()["error"]["type"] == "rate_limit_error"
 
 
+def test_a_burst_beyond_the_queue_gets_json_429s(app):
+    """Found by bench/reliability.py's overload burst: requests beyond what a model's replicas take
+    (``max_running + max_waiting``, at least 16) and queue at the ingress (``max_waiting``) got Serve's
+    plain-text 503 instead of the OpenAI-shaped 429."""
+    body = {"model": "busy", "prompt": [1, 5, 9], "max_tokens": 8, "temperature": 0, "decoding": {"mode": "ar"}}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+
+    async def main():
+        limits = httpx.Limits(max_connections=None)
+        async with httpx.AsyncClient(timeout=300, limits=limits) as http:
+            return await asyncio.gather(
+                *(http.post(f"{app}/v1/completions", json=body, headers=headers) for _ in range(40))
+            )
+
+    responses = asyncio.run(main())
+    codes = [r.status_code for r in responses]
+    assert set(codes) == {200, 429}, codes
+    for rejected in (r for r in responses if r.status_code == 429):
+        assert rejected.headers["retry-after"] == "1" and rejected.json()["error"]["type"] == "rate_limit_error"
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_completion_each_mode_matches_generate(client, fixture_model, tokenizer, mode):
     prompt = "import os\nimport sys\n\ndef main():\n"

@@ -1,5 +1,6 @@
 """Multi-node tensor parallelism: a TP=2 group spans the two nodes of a ``ray.cluster_utils.Cluster``,
-and killing its rank actor makes Serve replace the replica with a working one.
+and killing its rank actor under load fails the requests in flight cleanly (a retryable 503, or a
+stream's error event) and makes Serve replace the replica with a working one.
 
 The cluster cannot share the session's Ray inside one process, so tests/tp_multinode.py runs it
 in a subprocess with a hard timeout (it shuts its cluster down itself; the process group is
@@ -46,6 +47,10 @@ def test_tp2_group_spans_two_nodes_and_recovers_from_a_dead_rank():
     [nodes] = result["groups_before"].values()
     assert len(set(nodes)) == 2
     assert result["first"] == result["expected"]
+    # the requests in flight when the rank died completed or got a clean retryable error, none hung
+    # (before: 500s; and the surviving rank waited out gloo's 300 s timeout)
+    under_load = result["under_load"]
+    assert under_load["other"] == [] and under_load["hangs"] == 0 and under_load["ok"] > 0, under_load
     # the killed rank's replica was replaced: a new rank actor in a new group, still spanning both nodes
     assert result["killed"] not in [name for _, name in result["ranks_after"]] and result["ranks_after"]
     assert not set(result["groups_after"]) & set(result["groups_before"])

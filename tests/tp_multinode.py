@@ -2,12 +2,14 @@
 
 Each node has one CPU and one ``gpu_slot`` (a custom resource standing in for a GPU), and every
 rank's bundle asks for a slot, so the group must span both nodes. The script checks the answer,
-kills the rank actor, waits for Serve to replace the replica (and its group), and checks again.
+kills the rank actor while 8 clients send requests (each must complete or get a clean retryable error,
+none may hang), waits for Serve to replace the replica (and its group), and checks again.
 Everything binds to 127.0.0.1; the cluster is shut down at the end. Prints one JSON line.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -27,11 +29,13 @@ from ray import serve  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 import models  # noqa: E402
+from bench.reliability import under_kill  # noqa: E402
 from deployments.config import parse_config  # noqa: E402
 from deployments.ingress import build_app  # noqa: E402
 
 TINY = REPO / "models" / "bundled" / "tiny-code"
 PROMPT = [1, 271, 351, 380, 66, 410]
+KILL_LOAD_S = 45.0  # 8 clients' mixed requests; the rank is killed 15 s in
 NODE = {"num_cpus": 1, "resources": {"gpu_slot": 1}, "node_ip_address": "127.0.0.1"}
 
 
@@ -108,8 +112,11 @@ def main() -> None:
         result["groups_before"] = before
         result["ranks_before"] = rank_actors()
         namespace, name = result["ranks_before"][0]
-        ray.kill(ray.get_actor(name, namespace=namespace))
+        rank = ray.get_actor(name, namespace=namespace)
+        load, recovered = asyncio.run(under_kill(base, {}, KILL_LOAD_S, lambda: ray.kill(rank), clients=8))
         result["killed"] = name
+        result["under_load"] = {"ok": load.ok, "retryable": load.retryable, "other": load.other, "hangs": load.hangs}
+        result["recovered_s"] = recovered
         deadline = time.time() + 240
         while time.time() < deadline:  # Serve notices the unhealthy replica and builds a new one
             ranks = rank_actors()
