@@ -35,7 +35,7 @@ from deployments.ingress import build_app  # noqa: E402
 
 TINY = REPO / "models" / "bundled" / "tiny-code"
 PROMPT = [1, 271, 351, 380, 66, 410]
-KILL_LOAD_S = 45.0  # 8 clients' mixed requests; the rank is killed 15 s in
+KILL_LOAD_S = 30.0  # 8 clients' mixed requests; the rank is killed 10 s in
 NODE = {"num_cpus": 1, "resources": {"gpu_slot": 1}, "node_ip_address": "127.0.0.1"}
 
 
