@@ -67,7 +67,10 @@ class _Prepared:
 
 
 def _fingerprint(weights: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
-    return tuple(v for w in weights for v in (w.data_ptr(), w._version))
+    """Where the parameters live and how often they were written in place. Parameters loaded under
+    ``torch.inference_mode()`` keep no write counter (and cannot be written outside it): their address
+    alone identifies them."""
+    return tuple(v for w in weights for v in (w.data_ptr(), 0 if w.is_inference() else w._version))
 
 
 def _prepared(weights: tuple[torch.Tensor, ...]) -> _Prepared:

@@ -72,6 +72,16 @@ def test_prepared_weights_follow_parameter_changes():
         assert torch.equal(matmul.linear(x, weight), torch.zeros(5, 32))
 
 
+def test_a_model_loaded_under_inference_mode_decodes_the_golden_tokens(fixture_path, golden_records):
+    """Found running bench/engine_throughput.py: parameters created under ``torch.inference_mode()``
+    keep no version counter, and the prepared-weight cache's fingerprint crashed on them."""
+    record = next(r for r in golden_records if r["mode"] == "ar")
+    with torch.inference_mode():
+        model = models.load_model(fixture_path)
+        out = models.generate(model, record["prompt_ids"], mode="ar", max_new_tokens=16)
+    assert out.tokens == record["output_ids"][:16]
+
+
 def test_training_takes_the_differentiable_path():
     a, b = _weights((8, 6), (4, 6))
     x = torch.randn(3, 6, requires_grad=True)
