@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from models.config import ModelConfig
+from models.matmul import cpu_has_fast_half
 from models.model import LoraWeights, TriModeModel
 
 ADAPTER_DIR = "linear_spec_lora"
@@ -38,12 +39,6 @@ Selector = Callable[[str, object], torch.Tensor]
 
 class CheckpointError(ValueError):
     """A checkpoint folder that does not hold a loadable tri-mode model."""
-
-
-def cpu_has_fast_half() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX-512 BF16 or AMX); without it a bf16 forward
-    converts every operand and costs about twice an fp32 one."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def resolve_dtype(

@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 import models
 from models.config import ConfigError, ModelConfig
-from models.loading import CheckpointError, cpu_has_fast_half, save_model
+from models.loading import CheckpointError, save_model
+from models.matmul import cpu_has_fast_half
 from tests.conftest import random_model, tiny_config
 
 

@@ -7,9 +7,10 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
 
 import models
-from tests.conftest import random_model
+from tests.conftest import REPO, random_model
 
 BLOCK_LENGTHS = (4, 8, 16, 32)
 SPEC_MODES = ("linear_spec", "quadratic_spec")
@@ -34,6 +35,19 @@ def test_spec_equals_ar_on_fixture(fixture_model, block_length):
         ar = models.generate(fixture_model, prompt, mode="ar", max_new_tokens=40)
         for mode in SPEC_MODES:
             spec = models.generate(fixture_model, prompt, mode=mode, max_new_tokens=40, block_length=block_length)
+            assert spec.tokens == ar.tokens, (mode, block_length, prompt)
+
+
+@pytest.mark.parametrize("block_length", (8, 32))
+def test_spec_equals_ar_on_the_bundled_model_in_bf16(block_length):
+    """bf16 is what the default app computes on CPUs with bf16 instructions (oneDNN-packed bf16
+    products there; the padded reference elsewhere): verify rows must round like AR steps in it too."""
+    model = models.load_model(REPO / "models" / "bundled" / "tiny-code", dtype=torch.bfloat16)
+    rng = random.Random(block_length)
+    for prompt in _heldout_prompts(model.tokenizer, 2, rng):
+        ar = models.generate(model, prompt, mode="ar", max_new_tokens=40)
+        for mode in SPEC_MODES:
+            spec = models.generate(model, prompt, mode=mode, max_new_tokens=40, block_length=block_length)
             assert spec.tokens == ar.tokens, (mode, block_length, prompt)
 
 
