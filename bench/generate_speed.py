@@ -8,7 +8,8 @@ thread count, rows are measured interleaved, round after round (medians of the r
 
 - ``triserve``: this checkout, each mode and block length;
 - ``transformers``: AR with Hugging Face transformers' ``generate`` on the same weights
-  (``Ministral3ForCausalLM``, the tri-mode checkpoint renamed), in fp32;
+  (``Ministral3ForCausalLM``, the tri-mode checkpoint renamed), in the dtype triserve computes in
+  (the checkpoint's, except fp32 for a bf16 checkpoint on a CPU without bf16 instructions);
 - ``baseline``: the same rows from another checkout (``--baseline``, e.g. a ``git worktree`` of
   an older main), run exactly as that checkout runs them (its own default dtype).
 
@@ -53,7 +54,7 @@ torch.set_num_threads(spec["threads"])
 start = time.perf_counter()
 import models
 from bench.tpf import fixture_prompts, heldout_prompts
-model = models.load_model(spec["model"], **({"dtype": torch.float32} if spec["engine"] == "transformers" else {}))
+model = models.load_model(spec["model"])  # transformers runs in the dtype triserve computes in
 dtype = str(next(model.parameters()).dtype).replace("torch.", "")
 if spec["fixture"]:
     prompts = fixture_prompts()[: spec["prompts"]]
