@@ -77,9 +77,9 @@ class _Prepared:
 
 
 def _fingerprint(weights: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
-    """Where the parameters live and how often they were written in place. Parameters loaded under
-    ``torch.inference_mode()`` keep no write counter (and cannot be written outside it): their address
-    alone identifies them."""
+    """Where the parameters live and how often they were written in place. Parameters created under
+    ``torch.inference_mode()`` keep no write counter: their address alone identifies them (a reload
+    is noticed, an in-place write to them is not)."""
     return tuple(v for w in weights for v in (w.data_ptr(), 0 if w.is_inference() else w._version))
 
 
