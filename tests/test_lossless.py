@@ -28,14 +28,18 @@ def _heldout_prompts(tokenizer, count: int, rng: random.Random) -> list[list[int
     return prompts
 
 
+def _assert_spec_equals_ar_on_heldout(model, prompts: int, block_length: int) -> None:
+    rng = random.Random(block_length)
+    for prompt in _heldout_prompts(model.tokenizer, prompts, rng):
+        ar = models.generate(model, prompt, mode="ar", max_new_tokens=40)
+        for mode in SPEC_MODES:
+            spec = models.generate(model, prompt, mode=mode, max_new_tokens=40, block_length=block_length)
+            assert spec.tokens == ar.tokens, (mode, block_length, prompt)
+
+
 @pytest.mark.parametrize("block_length", BLOCK_LENGTHS)
 def test_spec_equals_ar_on_fixture(fixture_model, block_length):
-    rng = random.Random(block_length)
-    for prompt in _heldout_prompts(fixture_model.tokenizer, 3, rng):
-        ar = models.generate(fixture_model, prompt, mode="ar", max_new_tokens=40)
-        for mode in SPEC_MODES:
-            spec = models.generate(fixture_model, prompt, mode=mode, max_new_tokens=40, block_length=block_length)
-            assert spec.tokens == ar.tokens, (mode, block_length, prompt)
+    _assert_spec_equals_ar_on_heldout(fixture_model, 3, block_length)
 
 
 @pytest.mark.parametrize("block_length", (8, 32))
@@ -43,12 +47,7 @@ def test_spec_equals_ar_on_the_bundled_model_in_bf16(block_length):
     """bf16 is what the default app computes on CPUs with bf16 instructions (oneDNN-packed bf16
     products there; the padded reference elsewhere): verify rows must round like AR steps in it too."""
     model = models.load_model(REPO / "models" / "bundled" / "tiny-code", dtype=torch.bfloat16)
-    rng = random.Random(block_length)
-    for prompt in _heldout_prompts(model.tokenizer, 2, rng):
-        ar = models.generate(model, prompt, mode="ar", max_new_tokens=40)
-        for mode in SPEC_MODES:
-            spec = models.generate(model, prompt, mode=mode, max_new_tokens=40, block_length=block_length)
-            assert spec.tokens == ar.tokens, (mode, block_length, prompt)
+    _assert_spec_equals_ar_on_heldout(model, 2, block_length)
 
 
 def test_spec_equals_ar_random_prompts_random_model():
