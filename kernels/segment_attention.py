@@ -100,6 +100,7 @@ class _Bucket:
     count: int
     rows: int
     keys: int
+    in_order: bool  # its rows are the packed rows 0, 1, ... in order, no padding: no gather or scatter
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -154,6 +155,7 @@ def _buckets(meta: AttentionMetadata, group: int) -> list[_Bucket]:
                 count=count,
                 rows=qp,
                 keys=keys,
+                in_order=q_index == list(range(len(q_index))),
             )
         )
     return out
@@ -173,7 +175,12 @@ def _attend_blocked(
     blocks = k.shape[2] // KEY_BLOCK
     s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).add_(bias)
     m = s.amax(dim=-1, keepdim=True).clamp_(min=torch.finfo(s.dtype).min)  # fully masked (padding) rows
-    p = s.sub_(m).exp_().view(count, hkv, m_rows, blocks, KEY_BLOCK)
+    p = s.sub_(m).exp_()
+    if blocks == 1:
+        total = p.sum(dim=-1, keepdim=True)
+        acc = torch.matmul(p, v)
+        return acc.div_(total.clamp_(min=1.0))
+    p = p.view(count, hkv, m_rows, blocks, KEY_BLOCK)
     block_sums = p.sum(dim=-1)  # [P, Hkv, M, blocks]
     p_blocks = p.permute(0, 1, 3, 2, 4).reshape(count * hkv * blocks, m_rows, KEY_BLOCK)
     v_blocks = v.reshape(count * hkv * blocks, KEY_BLOCK, d)
@@ -203,16 +210,20 @@ def segment_attention_reference(
     hkv = k.shape[1]
     group = hq // hkv
     out = torch.empty((t_total, hq, d), dtype=q.dtype, device=q.device)
+    qf, kf, vf = q.float(), k.float(), v.float()
     for b in meta.derived(("reference", group), lambda: _buckets(meta, group)):
-        qs = q[b.q_index].float().view(b.count, b.rows, hkv, group, d)
+        direct = b.in_order and b.count * b.rows == t_total  # one bucket holding every row: no copies
+        qs = (qf if direct else qf[b.q_index]).view(b.count, b.rows, hkv, group, d)
         qs = qs.permute(0, 2, 3, 1, 4).reshape(b.count, hkv, group * b.rows, d)
         keys = k_cache[b.key_slots].float()
-        keys[b.own_dst] = k[b.own_src].float()
+        keys[b.own_dst] = kf[b.own_src]
         vals = v_cache[b.key_slots].float()
-        vals[b.own_dst] = v[b.own_src].float()
+        vals[b.own_dst] = vf[b.own_src]
         keys = keys.view(b.count, b.keys, hkv, d).transpose(1, 2)
         vals = vals.view(b.count, b.keys, hkv, d).transpose(1, 2).contiguous()
         res = _attend_blocked(qs, keys, vals, b.bias, scale)  # [P, Hkv, G*Qp, D]
         res = res.view(b.count, hkv, group, b.rows, d).permute(0, 3, 1, 2, 4).reshape(-1, hq, d)
+        if direct:
+            return res.to(q.dtype)
         out[b.out_rows] = res[b.valid].to(q.dtype)
     return out

@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 
 from kernels.row_stats import (  # noqa: E402
     MAX_BLOCK_V,
+    row_argmax,
     row_stats_reference,
     row_stats_triton,
     unmask_reference,
@@ -33,6 +34,19 @@ def _check_row_stats(logits: torch.Tensor, exclude_id: int | None) -> tuple[torc
     assert torch.equal(token, ref_token)
     torch.testing.assert_close(prob, ref_prob, rtol=1e-5, atol=1e-7)
     return prob, token
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize(("shape", "vocab"), [((40,), 4096), ((3, 7), 256), ((2,), 4096), ((9,), 100)])
+def test_row_argmax_is_torch_argmax(shape: tuple[int, ...], vocab: int, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(vocab)
+    logits = torch.randn((*shape, vocab), generator=gen).to(dtype)
+    flat = logits.view(-1, vocab)
+    flat[0] = float("-inf")  # nothing allowed: index 0, like torch
+    flat[1, [70 % vocab, 200 % vocab]] = 1e4  # a tie across chunks: the lower index
+    flat[-1, [130 % vocab, 131 % vocab]] = 1e4  # a tie inside a chunk
+    flat[-1, 3] = float("-inf")
+    assert torch.equal(row_argmax(logits), logits.argmax(dim=-1))
 
 
 @pytest.mark.parametrize("exclude_id", [MASK, None])

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 import kernels
+from kernels.row_stats import row_argmax
 from kernels.verify_accept import inverse_cdf
 from models.controls import RowsOf, shape_logits, truncate
 from models.modes import DecodeState, Draft, Unmask, Verify, Work
@@ -170,7 +171,7 @@ class Sampler:
         ]
         row_logits = _shaped(logits[rows_t.reshape(-1)], histories)
         if group[0].state.temperature <= 0:
-            ar = row_logits.argmax(dim=-1).view(len(group), width)
+            ar = row_argmax(row_logits).view(len(group), width)
             accepted, tokens, _ = kernels.verify_accept(draft_t, ar, None, lengths_t)
             log_dist = None
         else:
@@ -234,7 +235,7 @@ class Sampler:
         allowed[:, self.mask_id] = float("-inf")
         if group[0].state.temperature <= 0:
             q = torch.softmax(allowed, dim=-1) if any(i.work.choose for i in group) else None
-            tokens = allowed.argmax(dim=-1).view(len(group), width)
+            tokens = row_argmax(allowed).view(len(group), width)
         else:
             q = self._probs(allowed, group, width)
             u = torch.zeros((len(group), width), dtype=torch.float64)
@@ -285,7 +286,7 @@ class Sampler:
             scores = None
             if scored:
                 log_dist = torch.log_softmax(allowed.float(), dim=-1)
-                scores = _scores(log_dist, log_dist.argmax(dim=-1), group, width)
+                scores = _scores(log_dist, row_argmax(log_dist), group, width)
             kernels.unmask(blocks_t, block_logits.view(len(group), width, -1), self.mask_id, thresholds, least_t)
             return self._remask(blocks_t, revised), scores
         u = torch.zeros((len(group), width), dtype=torch.float64)
