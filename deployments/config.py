@@ -33,6 +33,7 @@ class ModelSpec:
     prefill_chunk: int = 256  # prompt tokens of one request per step at most
     prefix_caching: bool = True
     stream_interval_s: float = 0.1  # while requests share the engine, a stream sends at most this often
+    engine_process: bool = True  # step the engine in a process of its own (tensor parallel: always a thread)
     priority_ageing_s: float = 5.0  # a request waiting this long counts one tier more urgent
     num_cpus: float = 0.5
     threads: int | None = None  # torch CPU threads per replica / rank (default: its whole CPUs, at least 1)

@@ -23,9 +23,10 @@ from ray.serve.exceptions import RayServeException
 from deployments import metrics
 from deployments.config import ModelSpec
 from deployments.stats_board import StatsBoard, merge_stats, replica_stats
-from models.calibration import device_key, load_priors
-from models.engine import AsyncEngine, Engine
-from models.generate import score_with_top, warm_up
+from models.engine import AsyncEngine
+from models.engine.async_engine import StreamFront
+from models.engine.engine_process import ProcessEngine
+from models.engine.host import EngineSettings, build_engine, load_host, prompt_embeds, score_top
 from models.modes import DecodeParams
 
 STUCK_AFTER_S = 120.0
@@ -43,42 +44,41 @@ class ModelServer:
     """A model replica. Its methods are called through deployment handles by the ingress."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
-        from models.loading import load_model
-        from models.vlm import load_vlm, read_config
-
         self.spec = ModelSpec(**spec)
-        # compute on the CPUs the replica reserved: more threads than that fight the other processes
-        torch.set_num_threads(self.spec.cpu_threads)
-        self.vlm = None  # a VLM's encoder and projector; its language_model is what the engine runs
+        settings = EngineSettings(
+            self.spec.path,
+            dtype=self.spec.dtype,
+            device=self.spec.device,
+            threads=self.spec.cpu_threads,
+            engine={
+                "num_pages": self.spec.num_pages,
+                "page_size": self.spec.page_size,
+                "max_running": self.spec.max_running,
+                "max_step_tokens": self.spec.max_step_tokens,
+                "prefill_chunk": self.spec.prefill_chunk,
+                "prefix_caching": self.spec.prefix_caching,
+                "priority_ageing_s": self.spec.priority_ageing_s,
+            },
+        )
         self.group = None  # tensor parallel: the other ranks (this replica is rank 0)
-        if self.spec.tensor_parallel_size > 1:
+        if self.spec.tensor_parallel_size > 1:  # rank 0 steps on a thread here, beside its group's handles
+            torch.set_num_threads(self.spec.cpu_threads)
             self.group = self._start_group()
-            self.vlm, self.model = self.group.vlm, self.group.model
-        elif read_config(self.spec.path)[1] is not None:
-            self.vlm = load_vlm(self.spec.path, dtype=self.spec.dtype, device=self.spec.device, tokenizer=False)
-            self.model = self.vlm.language_model
+            engine, info = build_engine(self.group.model, settings, warm=False)  # ranks prepare on their first step
+            self.engine: StreamFront = AsyncEngine(engine, self.spec.stream_interval_s, vlm=self.group.vlm)
+            info["vlm"] = self.group.vlm is not None
+        elif self.spec.engine_process:
+            self.engine = ProcessEngine(settings, self.spec.stream_interval_s)
+            info = self.engine.info
         else:
-            self.model = load_model(self.spec.path, dtype=self.spec.dtype, device=self.spec.device, tokenizer=False)
-        if self.group is None:  # tensor-parallel ranks prepare on their first step
-            seconds = warm_up(self.model)
-            logger.info("%s: warmed up in %.2f s (%s)", self.spec.name, seconds, self.model.dtype)
-        device = device_key(self.spec.device, self.spec.cpu_threads, self.model.dtype)
-        priors = load_priors(self.spec.path, device)
-        logger.info(
-            "%s: %s", self.spec.name, f"router priors for {device}" if priors else f"not calibrated for {device}"
-        )
-        engine = Engine(
-            self.model,
-            num_pages=self.spec.num_pages,
-            page_size=self.spec.page_size,
-            max_running=self.spec.max_running,
-            max_step_tokens=self.spec.max_step_tokens,
-            prefill_chunk=self.spec.prefill_chunk,
-            prefix_caching=self.spec.prefix_caching,
-            priority_ageing_s=self.spec.priority_ageing_s,
-            priors=priors,
-        )
-        self.engine = AsyncEngine(engine, stream_interval_s=self.spec.stream_interval_s)
+            host = load_host(settings)
+            self.engine = AsyncEngine(host.engine, self.spec.stream_interval_s, vlm=host.vlm)
+            info = host.info
+        self.accepts_images = info["vlm"]
+        if "warm_up_s" in info:
+            logger.info("%s: warmed up in %.2f s (%s)", self.spec.name, info["warm_up_s"], info["dtype"])
+        priors = "router priors" if info["calibrated"] else "not calibrated"
+        logger.info("%s: %s for %s", self.spec.name, priors, info["device"])
         self.metrics = metrics.ModelMetrics(self.spec.name)
         self._gauges_at = 0.0
         self._board = None
@@ -113,9 +113,9 @@ class ModelServer:
         params = DecodeParams(**request["params"])
         embeds = None
         if request.get("images"):
-            if self.vlm is None:
+            if not self.accepts_images:
                 raise ValueError(f"model '{self.spec.name}' does not accept images")
-            embeds = await self.engine.call(self.vlm.prompt_embeds, request["prompt"], request["images"])
+            embeds = await self.engine.call(prompt_embeds, request["prompt"], request["images"])
         start = time.monotonic()
         last = start
         tier = request.get("tier", "standard")
@@ -134,7 +134,7 @@ class ModelServer:
                 self.metrics.finished(params.mode, tier, out, now - start)
             if now - self._gauges_at > GAUGE_PERIOD_S:  # engine gauges: not on every output of every request
                 self._gauges_at = now
-                self.metrics.engine(self.engine.engine.stats)
+                self.metrics.engine(self.engine.stats)
             yield dataclasses.asdict(out)
 
     async def _unless_broken(self, outputs: AsyncIterator[Any]) -> AsyncIterator[Any]:
@@ -162,7 +162,7 @@ class ModelServer:
 
     async def score(self, token_ids: list[int], top: int) -> list[tuple[float, dict[int, float]]]:
         try:
-            return await self.engine.call(score_with_top, self.model, token_ids, top)
+            return await self.engine.call(score_top, token_ids, top)
         except Exception as exc:
             failure = self._failure(exc)
             if failure is exc:
@@ -170,7 +170,7 @@ class ModelServer:
             raise failure from exc
 
     def local_stats(self) -> dict[str, Any]:
-        return replica_stats(self.engine.engine.stats, self.spec.max_step_tokens)
+        return replica_stats(self.engine.stats, self.spec.max_step_tokens)
 
     def _board_handle(self):
         if self._board is None:
@@ -200,6 +200,9 @@ class ModelServer:
             return merge_stats([local])
 
     def check_health(self) -> None:
+        failure = self.engine.failure()
+        if failure:
+            raise RuntimeError(failure)
         stuck = self.engine.stuck_for()
         if stuck > STUCK_AFTER_S:
             raise RuntimeError(f"engine loop made no progress for {stuck:.0f}s")

@@ -1,4 +1,5 @@
-"""The asyncio driver: streaming, cancellation when the consumer leaves, and the stuck-loop check."""
+"""The asyncio drivers (engine on a thread, engine in its own process): streaming, cancellation when
+the consumer leaves, calls between steps, and the health checks."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import pytest
 import models
 from deployments.config import ModelSpec
 from models.engine import AsyncEngine, Engine
+from models.engine.engine_process import ProcessEngine
+from models.engine.host import EngineSettings, score_top
+from models.generate import score_with_top
 from models.loading import save_model
 from models.modes import DecodeParams
 from tests.conftest import random_model
@@ -73,7 +77,7 @@ def test_check_health_fails_when_the_loop_is_stuck(tmp_path):
     from deployments.server import ModelServer
 
     save_model(random_model(seed=24), tmp_path / "m")
-    server = ModelServer(asdict(ModelSpec(name="m", path=str(tmp_path / "m"), num_pages=16)))
+    server = ModelServer(asdict(ModelSpec(name="m", path=str(tmp_path / "m"), num_pages=16, engine_process=False)))
     server.check_health()  # idle: healthy
     assert asyncio.run(server.stats())["replicas"] == 1  # outside Serve: its own stats, no board
     engine = server.engine.engine
@@ -112,3 +116,69 @@ def test_busy_streams_send_fewer_larger_messages_a_lone_one_every_step():
     driver.engine.step = slow_step
     messages, tokens = asyncio.run(one(7))
     assert messages == 30 and tokens == models.generate(model, [1, 11, 9], max_new_tokens=30).tokens
+
+
+def test_engine_process_streams_scores_refuses_and_cancels(tmp_path):
+    model = random_model(seed=26, eos_token_id=None)
+    save_model(model, tmp_path / "m")
+    settings = EngineSettings(str(tmp_path / "m"), dtype="float32", engine={"num_pages": 16, "page_size": 8})
+    driver = ProcessEngine(settings, stream_interval_s=0.05)
+    modes = ["ar", "linear_spec", "quadratic_spec", "diffusion"]
+
+    async def one(i):
+        tokens = []
+        params = DecodeParams(mode=modes[i], max_new_tokens=10, block_length=4)
+        async for out in driver.generate(f"r{i}", [1, 4 + i, 9, 11], params):
+            tokens.extend(out.new_tokens)
+        return tokens
+
+    async def refused():
+        async for _ in driver.generate("big", [1] * 20, DecodeParams(mode="ar", max_new_tokens=200)):
+            pass
+
+    async def cancelled():
+        stream = driver.generate("gone", [1, 5, 6], DecodeParams(mode="ar", max_new_tokens=100))
+        async for _ in stream:
+            break
+        await stream.aclose()
+        for _ in range(100):  # the engine process drops it and frees its pages
+            if driver.stats.running == 0 and driver.stats.pool_used_pages == 0:
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+    async def main():
+        streamed = await asyncio.gather(*(one(i) for i in range(4)))
+        return streamed, await driver.call(score_top, [1, 4, 9, 11, 12], 2)
+
+    try:
+        streamed, scores = asyncio.run(main())
+        for i, tokens in enumerate(streamed):
+            expected = models.generate(model, [1, 4 + i, 9, 11], mode=modes[i], max_new_tokens=10, block_length=4)
+            assert tokens == expected.tokens
+        assert scores == score_with_top(model, [1, 4, 9, 11, 12], 2)
+        with pytest.raises(ValueError, match="pool holds 128"):
+            asyncio.run(refused())
+        assert asyncio.run(cancelled())
+        assert driver.failure() is None and driver.stuck_for() == 0.0
+    finally:
+        driver.close()
+
+
+def test_a_dead_engine_process_fails_its_requests_and_the_health_check(tmp_path):
+    from deployments.server import ModelServer
+
+    save_model(random_model(seed=27, eos_token_id=None), tmp_path / "m")
+    server = ModelServer(asdict(ModelSpec(name="m", path=str(tmp_path / "m"), num_pages=64)))
+    assert isinstance(server.engine, ProcessEngine)
+    server.check_health()
+
+    async def main():
+        request = {"request_id": "r", "prompt": [1, 5, 6], "params": {"mode": "ar", "max_new_tokens": 200}}
+        async for _ in server.generate(request):
+            server.engine._process.kill()
+
+    with pytest.raises(RuntimeError, match="engine process exited"):
+        asyncio.run(main())
+    with pytest.raises(RuntimeError, match="engine process exited"):
+        server.check_health()

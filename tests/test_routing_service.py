@@ -19,7 +19,7 @@ from deployments.stats_board import merge_stats, replica_stats
 from models.calibration import device_key, save_calibration
 from models.engine import AsyncEngine, Engine
 from models.engine.costs import OptionStats
-from models.generate import score_with_top
+from models.engine.host import score_top
 from models.vlm import read_config
 
 # figures under which linear_spec at block 4 wins alone (4 ms a token against AR's 10) and AR wins
@@ -44,7 +44,7 @@ class EngineBackend:
             yield out.__dict__
 
     async def score(self, token_ids, top):
-        return await self.engine.call(score_with_top, self.engine.engine.model, token_ids, top)
+        return await self.engine.call(score_top, token_ids, top)
 
     async def stats(self):
         return merge_stats([replica_stats(self.engine.engine.stats, 512)])

@@ -1,12 +1,14 @@
-"""An asyncio front for the engine: the engine steps on its own thread, requests stream through queues.
+"""Asyncio fronts for the engine: requests stream through queues while the engine steps elsewhere.
 
-The stepping thread runs steps back to back while there is work and sleeps otherwise; every
-mutation of the engine (submit, cancel, step, a scoring pass) happens on it, so the engine needs
-no locks. The event loop only moves results: it never schedules a step, so a loop busy with many
-streams does not leave the model idle between steps. Each step's outputs reach their requests'
-queues in one thread-safe call. A consumer slower than the engine gets the outputs of the steps it
-missed merged into one (deltas concatenated), so a busy server sends fewer, larger messages rather
-than falling behind. Ray-free: the model-server deployment wraps it, tests drive it directly.
+``StreamFront`` is what every driver shares; ``AsyncEngine`` steps the engine on a thread of this
+process, ``models.engine.engine_process.ProcessEngine`` in a process of its own. The stepping
+thread runs steps back to back while there is work and sleeps otherwise; every mutation of the
+engine (submit, cancel, step, a scoring pass) happens on it, so the engine needs no locks. The
+event loop only moves results: it never schedules a step, so a loop busy with many streams does
+not leave the model idle between steps. Each step's outputs reach their requests' queues in one
+thread-safe call. A consumer slower than the engine gets the outputs of the steps it missed merged
+into one (deltas concatenated), so a busy server sends fewer, larger messages rather than falling
+behind. Ray-free: the model-server deployment wraps it, tests drive it directly.
 """
 
 from __future__ import annotations
@@ -19,33 +21,41 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import Any
 
-from models.engine.engine import Engine, StepOutput
+from models.engine.engine import Engine, EngineStats, StepOutput
+from models.engine.host import EngineHost
 from models.modes import DecodeParams
 from models.segments import PromptEmbeds
 
 
-class AsyncEngine:
-    def __init__(self, engine: Engine, stream_interval_s: float = 0.0) -> None:
-        self.engine = engine
+class StreamFront:
+    """What both engine drivers share: one asyncio queue per request, outputs a slow consumer missed
+    merged into one message, and the least time between two messages of a busy stream.
+
+    A driver implements ``_add`` (queue a request; may raise ValueError on bad input), ``_cancel``,
+    ``call`` and ``stats``, and hands outputs to ``_deliver`` from whatever thread produces them."""
+
+    def __init__(self, stream_interval_s: float = 0.0) -> None:
         self.stream_interval_s = stream_interval_s
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._ops: deque[Callable[[], None]] = deque()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
         self.last_progress = time.monotonic()
         self.error: BaseException | None = None
 
-    def _ensure_thread(self) -> None:
-        with self._start_lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
-                self._thread.start()
+    @property
+    def stats(self) -> EngineStats:
+        raise NotImplementedError
 
-    def _submit_op(self, op: Callable[[], None]) -> None:
-        self._ops.append(op)
-        self._ensure_thread()
-        self._wake.set()
+    def _add(
+        self, request_id: str, prompt: list[int], params: DecodeParams, embeds: PromptEmbeds | None, tier: str
+    ) -> None:
+        raise NotImplementedError
+
+    def _cancel(self, request_id: str) -> None:
+        raise NotImplementedError
+
+    async def call(self, fn: Callable, *args) -> Any:
+        """``fn(host, *args)`` where the engine runs (``host``: models.engine.host.EngineHost), between
+        steps: work that must not race one (a scoring pass, encoding images)."""
+        raise NotImplementedError
 
     async def generate(
         self,
@@ -56,20 +66,13 @@ class AsyncEngine:
         tier: str = "standard",
     ) -> AsyncIterator[StepOutput]:
         """Yield the request's step outputs until it finishes; cancel it if the consumer goes away."""
-        request = self.engine.prepare(request_id, prompt, params, embeds, tier)  # raises on bad input, before queueing
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = (asyncio.get_running_loop(), queue)
-
-        def submit() -> None:
-            try:
-                self.engine.submit(request)
-            except ValueError as exc:  # a duplicate id: that request fails, not the others
-                self._deliver([exc], [request_id])
-
-        self._submit_op(submit)
-        finished = False
+        added = finished = False
         sent_at: float | None = None
         try:
+            self._add(request_id, prompt, params, embeds, tier)
+            added = True
             while not finished:
                 item = await queue.get()
                 if sent_at is not None and not isinstance(item, BaseException) and not item.finished:
@@ -86,22 +89,83 @@ class AsyncEngine:
                 sent_at = time.monotonic()
         finally:
             self._queues.pop(request_id, None)
-            if not finished:
-                self._submit_op(lambda: self.engine.cancel(request_id))
+            if added and not finished:
+                self._cancel(request_id)
 
     def _interval(self) -> float:
         """Least time between two messages of one stream: ``stream_interval_s`` while other requests
         share the engine (messages cost CPU the batch needs), none for a lone request."""
-        return self.stream_interval_s if self.engine.stats.running > 1 else 0.0
+        return self.stream_interval_s if self.stats.running > 1 else 0.0
+
+    def _deliver(self, items: list[StepOutput | BaseException], request_ids: list[str] | None = None) -> None:
+        """Hand items to their requests' queues: one thread-safe call per event loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        ids = request_ids or [item.request_id for item in items]
+        for request_id, item in zip(ids, items):
+            entry = self._queues.get(request_id)
+            if entry is not None:
+                by_loop.setdefault(entry[0], []).append((entry[1], item))
+        for loop, pairs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, pairs)
+            except RuntimeError:  # that loop is closed: its consumers are gone
+                pass
+
+    def failure(self) -> str | None:
+        """Why the engine can no longer serve (None while it can)."""
+        return None
+
+
+class AsyncEngine(StreamFront):
+    """The engine stepping on a thread of this process."""
+
+    def __init__(self, engine: Engine, stream_interval_s: float = 0.0, vlm: Any = None) -> None:
+        super().__init__(stream_interval_s)
+        self.engine = engine
+        self.host = EngineHost(engine, vlm)
+        self._ops: deque[Callable[[], None]] = deque()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    @property
+    def stats(self) -> EngineStats:
+        return self.engine.stats
+
+    def _ensure_thread(self) -> None:
+        with self._start_lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+                self._thread.start()
+
+    def _submit_op(self, op: Callable[[], None]) -> None:
+        self._ops.append(op)
+        self._ensure_thread()
+        self._wake.set()
+
+    def _add(
+        self, request_id: str, prompt: list[int], params: DecodeParams, embeds: PromptEmbeds | None, tier: str
+    ) -> None:
+        request = self.engine.prepare(request_id, prompt, params, embeds, tier)  # raises on bad input, before queueing
+
+        def submit() -> None:
+            try:
+                self.engine.submit(request)
+            except ValueError as exc:  # a duplicate id: that request fails, not the others
+                self._deliver([exc], [request_id])
+
+        self._submit_op(submit)
+
+    def _cancel(self, request_id: str) -> None:
+        self._submit_op(lambda: self.engine.cancel(request_id))
 
     async def call(self, fn: Callable, *args) -> Any:
-        """Run ``fn`` on the stepping thread (e.g. a scoring pass that must not race a step)."""
         future: Future = Future()
 
         def op() -> None:
             if future.set_running_or_notify_cancel():
                 try:
-                    future.set_result(fn(*args))
+                    future.set_result(fn(self.host, *args))
                 except BaseException as exc:  # handed to the caller
                     future.set_exception(exc)
 
@@ -126,20 +190,6 @@ class AsyncEngine:
                 continue
             self.last_progress = time.monotonic()
             self._deliver(outputs)
-
-    def _deliver(self, items: list[StepOutput | BaseException], request_ids: list[str] | None = None) -> None:
-        """Hand items to their requests' queues: one thread-safe call per event loop."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
-        ids = request_ids or [item.request_id for item in items]
-        for request_id, item in zip(ids, items):
-            entry = self._queues.get(request_id)
-            if entry is not None:
-                by_loop.setdefault(entry[0], []).append((entry[1], item))
-        for loop, pairs in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, pairs)
-            except RuntimeError:  # that loop is closed: its consumers are gone
-                pass
 
     def _fail_all(self, exc: BaseException) -> None:
         ids = list(self._queues)

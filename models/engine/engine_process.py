@@ -1,0 +1,209 @@
+"""The engine in a process of its own (like vLLM v1's engine core), streamed to an asyncio front.
+
+Why: every torch operation releases Python's GIL, and a model replica's process also runs Ray
+Serve's event loops and serialisation threads. An engine stepping on a thread of that process
+waits for the GIL after each of its ~1,000 operations per step whenever one of those threads holds
+it: measured in-process, two threads doing short bursts of Python work 30% of the time cut a
+16-request engine's tokens/s by 60% while the process still used one core. In its own process the
+engine holds its own GIL; the replica only moves messages.
+
+Protocol (pickled tuples over a socket pair, ``multiprocessing.connection``): the front sends
+``("add", id, prompt, params, embeds, tier)``, ``("cancel", id)`` and ``("call", n, fn, args)``;
+the engine process answers ``("ready", info, stats)`` once loaded, then ``("outputs", [StepOutput],
+stats)`` after every step, ``("error", id, exc)`` for a request it refused, ``("result", n, ok,
+value)`` for a call, ``("stats", stats)`` after commands that changed no step, and
+``("failed", exc)`` when loading or a step failed (the step's requests fail, the process goes on).
+The process exits when the front's end of the socket closes (the replica stopped or died).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from multiprocessing.connection import Connection
+from typing import Any
+
+from models.engine.async_engine import StreamFront
+from models.engine.engine import EngineStats
+from models.engine.host import EngineHost, EngineSettings, load_host
+from models.modes import DecodeParams
+from models.segments import PromptEmbeds
+
+READY_TIMEOUT_S = 600.0
+
+
+class ProcessEngine(StreamFront):
+    """Start an engine process for ``settings`` and wait until it has loaded and warmed up."""
+
+    def __init__(self, settings: EngineSettings, stream_interval_s: float = 0.0) -> None:
+        super().__init__(stream_interval_s)
+        ours, theirs = socket.socketpair()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "models.engine.engine_process", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            env=env,
+        )
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        self._send_lock = threading.Lock()
+        self._calls: dict[int, Future] = {}
+        self._call_ids = itertools.count()
+        self._send(settings)
+        if not self._conn.poll(READY_TIMEOUT_S):
+            self.close()
+            raise RuntimeError(f"the engine process did not load {settings.path} in {READY_TIMEOUT_S:.0f} s")
+        try:
+            message = self._conn.recv()
+        except EOFError:
+            raise RuntimeError(f"the engine process exited while loading (code {self._process.wait()})") from None
+        if message[0] == "failed":
+            self.close()
+            raise message[1]
+        _, self.info, self._stats = message
+        threading.Thread(target=self._read, name="engine-reader", daemon=True).start()
+
+    @property
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def _send(self, message: Any) -> None:
+        with self._send_lock:
+            self._conn.send(message)
+
+    def _busy(self) -> bool:
+        return bool(self._queues or self._calls)
+
+    def _add(
+        self, request_id: str, prompt: list[int], params: DecodeParams, embeds: PromptEmbeds | None, tier: str
+    ) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"the engine process is gone: {self.error}")
+        if len(self._queues) == 1:  # was idle: time without messages so far is not being stuck
+            self.last_progress = time.monotonic()
+        self._send(("add", request_id, prompt, params, embeds, tier))
+
+    def _cancel(self, request_id: str) -> None:
+        if self.error is None:
+            self._send(("cancel", request_id))
+
+    async def call(self, fn: Callable, *args) -> Any:
+        if self.error is not None:
+            raise RuntimeError(f"the engine process is gone: {self.error}")
+        if not self._busy():
+            self.last_progress = time.monotonic()
+        number = next(self._call_ids)
+        future: Future = Future()
+        self._calls[number] = future
+        self._send(("call", number, fn, args))
+        return await asyncio.wrap_future(future)
+
+    def _read(self) -> None:
+        """The reader thread: messages from the engine process to the requests' queues and calls."""
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            self.last_progress = time.monotonic()
+            kind = message[0]
+            if kind == "outputs":
+                self._stats = message[2]
+                self._deliver(message[1])
+            elif kind == "stats":
+                self._stats = message[1]
+            elif kind == "error":
+                self._deliver([message[2]], [message[1]])
+            elif kind == "result":
+                future = self._calls.pop(message[1])
+                future.set_result(message[3]) if message[2] else future.set_exception(message[3])
+            elif kind == "failed":
+                ids = list(self._queues)
+                self._deliver([message[1]] * len(ids), ids)
+        self.error = RuntimeError(f"engine process exited (code {self._process.wait()})")
+        ids = list(self._queues)
+        self._deliver([self.error] * len(ids), ids)
+        for future in self._calls.values():
+            future.set_exception(self.error)
+        self._calls.clear()
+
+    def stuck_for(self) -> float:
+        """Seconds with requests or calls pending and no message from the engine process (0 when idle)."""
+        return time.monotonic() - self.last_progress if self._busy() else 0.0
+
+    def failure(self) -> str | None:
+        return None if self.error is None else str(self.error)
+
+    def close(self) -> None:
+        """Stop the engine process (it also stops on its own when this process goes away)."""
+        self._conn.close()
+        try:
+            self._process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+
+# ----- the engine process -----------------------------------------------------------------------------
+def serve(conn: Connection) -> None:
+    """Load the host the front asks for, then step it and answer commands until the front goes away."""
+    settings: EngineSettings = conn.recv()
+    try:
+        host = load_host(settings)
+    except BaseException as exc:
+        conn.send(("failed", exc))
+        return
+    engine = host.engine
+    conn.send(("ready", host.info, engine.stats))
+    while True:
+        try:
+            if not engine.has_work:
+                conn.poll(None)  # idle: wait for a command (or the front's end closing)
+            handled = False
+            while conn.poll():
+                _handle(conn, host, conn.recv())
+                handled = True
+        except (EOFError, OSError):
+            return
+        if not engine.has_work:
+            if handled:
+                conn.send(("stats", engine.stats))
+            continue
+        try:
+            outputs = engine.step()
+        except Exception as exc:  # a failed step fails its requests, not the process
+            for request_id in list(engine.running) + [r.request_id for r in engine.waiting]:
+                engine.cancel(request_id)
+            conn.send(("failed", exc))
+            continue
+        conn.send(("outputs", outputs, engine.stats))
+
+
+def _handle(conn: Connection, host: EngineHost, message: tuple) -> None:
+    kind = message[0]
+    if kind == "add":
+        _, request_id, prompt, params, embeds, tier = message
+        try:
+            host.engine.submit(host.engine.prepare(request_id, prompt, params, embeds, tier))
+        except ValueError as exc:  # refused (bad input, too long, a duplicate id): that request fails
+            conn.send(("error", request_id, exc))
+    elif kind == "cancel":
+        host.engine.cancel(message[1])
+    elif kind == "call":
+        _, number, fn, args = message
+        try:
+            conn.send(("result", number, True, fn(host, *args)))
+        except Exception as exc:
+            conn.send(("result", number, False, exc))
+
+
+if __name__ == "__main__":
+    serve(Connection(int(sys.argv[1])))

@@ -1,0 +1,85 @@
+"""What an engine driver runs beside the engine, and how a served model's engine is built.
+
+``EngineHost`` is the engine plus the VLM whose language model it drives (None for a text model).
+Work that must not race a step (a scoring pass, encoding a request's images) runs on the engine's
+thread or process as ``fn(host, *args)``: the functions here are module-level so that they can be
+sent to an engine process by name. ``load_host`` builds a host from an ``EngineSettings``, in the
+replica itself or in its engine process (models/engine/engine_process.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from models.engine.engine import Engine
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineHost:
+    engine: Engine
+    vlm: Any = None  # a VLM's encoder and projector; ``engine.model`` is its language model
+    info: dict[str, Any] = field(default_factory=dict)  # what loading found: dtype, warm-up seconds, priors
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How to load one served model and build its engine (picklable: sent to an engine process)."""
+
+    path: str
+    dtype: str | None = None
+    device: str = "cpu"
+    threads: int = 1
+    engine: dict[str, Any] = field(default_factory=dict)  # Engine keyword arguments (pages, limits, ...)
+
+
+def build_engine(model, settings: EngineSettings, warm: bool = True) -> tuple[Engine, dict[str, Any]]:
+    """The engine of a loaded model with the router's priors for this device (``triserve calibrate``),
+    after a warm-up decode (``warm``); and what was found, for the replica's log."""
+    from models.calibration import device_key, load_priors
+    from models.generate import warm_up
+
+    info: dict[str, Any] = {"dtype": str(model.dtype).removeprefix("torch.")}
+    if warm:
+        info["warm_up_s"] = warm_up(model)
+    device = device_key(settings.device, settings.threads, model.dtype)
+    priors = load_priors(settings.path, device)
+    info["device"], info["calibrated"] = device, bool(priors)
+    return Engine(model, **settings.engine, priors=priors), info
+
+
+def load_host(settings: EngineSettings) -> EngineHost:
+    """Load the checkpoint (a text model or a VLM) on the settings' device and threads, warm it up
+    and build its engine."""
+    from models.loading import load_model
+    from models.vlm import load_vlm, read_config
+
+    torch.set_num_threads(settings.threads)
+    vlm = None
+    if read_config(settings.path)[1] is not None:
+        vlm = load_vlm(settings.path, dtype=settings.dtype, device=settings.device, tokenizer=False)
+        model = vlm.language_model
+    else:
+        model = load_model(settings.path, dtype=settings.dtype, device=settings.device, tokenizer=False)
+    engine, info = build_engine(model, settings)
+    info["vlm"] = vlm is not None
+    return EngineHost(engine, vlm, info)
+
+
+def score_top(host: EngineHost, token_ids: list[int], top: int) -> list[tuple[float, dict[int, float]]]:
+    """AR log-probabilities of a prompt's tokens and the ``top`` alternatives (echo + logprobs)."""
+    from models.generate import score_with_top
+
+    return score_with_top(host.engine.model, token_ids, top)
+
+
+def prompt_embeds(host: EngineHost, prompt: list[int], images: list) -> Any:
+    """The embeddings a VLM request's prefill places on its image placeholders."""
+    if host.vlm is None:
+        raise ValueError("this model does not accept images")
+    return host.vlm.prompt_embeds(prompt, images)
