@@ -7,7 +7,8 @@ it: measured in-process, two threads doing short bursts of Python work 30% of th
 16-request engine's tokens/s by 60% while the process still used one core. In its own process the
 engine holds its own GIL; the replica only moves messages.
 
-Protocol (pickled tuples over a socket pair, ``multiprocessing.connection``): the front sends
+Protocol (tuples pickled by value over a socket pair: ``Connection.send`` would share tensors
+through file descriptors, which two unrelated processes cannot do): the front sends
 ``("add", id, prompt, params, embeds, tier)``, ``("cancel", id)`` and ``("call", n, fn, args)``;
 the engine process answers ``("ready", info, stats)`` once loaded, then ``("outputs", [StepOutput],
 stats)`` after every step, ``("error", id, exc)`` for a request it refused, ``("result", n, ok,
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -62,7 +64,7 @@ class ProcessEngine(StreamFront):
             self.close()
             raise RuntimeError(f"the engine process did not load {settings.path} in {READY_TIMEOUT_S:.0f} s")
         try:
-            message = self._conn.recv()
+            message = receive(self._conn)
         except EOFError:
             raise RuntimeError(f"the engine process exited while loading (code {self._process.wait()})") from None
         if message[0] == "failed":
@@ -77,7 +79,7 @@ class ProcessEngine(StreamFront):
 
     def _send(self, message: Any) -> None:
         with self._send_lock:
-            self._conn.send(message)
+            send(self._conn, message)
 
     def _busy(self) -> bool:
         return bool(self._queues or self._calls)
@@ -110,7 +112,7 @@ class ProcessEngine(StreamFront):
         """The reader thread: messages from the engine process to the requests' queues and calls."""
         while True:
             try:
-                message = self._conn.recv()
+                message = receive(self._conn)
             except (EOFError, OSError):
                 break
             self.last_progress = time.monotonic()
@@ -152,39 +154,47 @@ class ProcessEngine(StreamFront):
             self._process.wait()
 
 
+def send(conn: Connection, message: Any) -> None:
+    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def receive(conn: Connection) -> Any:
+    return pickle.loads(conn.recv_bytes())
+
+
 # ----- the engine process -----------------------------------------------------------------------------
 def serve(conn: Connection) -> None:
     """Load the host the front asks for, then step it and answer commands until the front goes away."""
-    settings: EngineSettings = conn.recv()
+    settings: EngineSettings = receive(conn)
     try:
         host = load_host(settings)
     except BaseException as exc:
-        conn.send(("failed", exc))
+        send(conn, ("failed", exc))
         return
     engine = host.engine
-    conn.send(("ready", host.info, engine.stats))
+    send(conn, ("ready", host.info, engine.stats))
     while True:
         try:
             if not engine.has_work:
                 conn.poll(None)  # idle: wait for a command (or the front's end closing)
             handled = False
             while conn.poll():
-                _handle(conn, host, conn.recv())
+                _handle(conn, host, receive(conn))
                 handled = True
         except (EOFError, OSError):
             return
         if not engine.has_work:
             if handled:
-                conn.send(("stats", engine.stats))
+                send(conn, ("stats", engine.stats))
             continue
         try:
             outputs = engine.step()
         except Exception as exc:  # a failed step fails its requests, not the process
             for request_id in list(engine.running) + [r.request_id for r in engine.waiting]:
                 engine.cancel(request_id)
-            conn.send(("failed", exc))
+            send(conn, ("failed", exc))
             continue
-        conn.send(("outputs", outputs, engine.stats))
+        send(conn, ("outputs", outputs, engine.stats))
 
 
 def _handle(conn: Connection, host: EngineHost, message: tuple) -> None:
@@ -194,15 +204,15 @@ def _handle(conn: Connection, host: EngineHost, message: tuple) -> None:
         try:
             host.engine.submit(host.engine.prepare(request_id, prompt, params, embeds, tier))
         except ValueError as exc:  # refused (bad input, too long, a duplicate id): that request fails
-            conn.send(("error", request_id, exc))
+            send(conn, ("error", request_id, exc))
     elif kind == "cancel":
         host.engine.cancel(message[1])
     elif kind == "call":
         _, number, fn, args = message
         try:
-            conn.send(("result", number, True, fn(host, *args)))
+            send(conn, ("result", number, True, fn(host, *args)))
         except Exception as exc:
-            conn.send(("result", number, False, exc))
+            send(conn, ("result", number, False, exc))
 
 
 if __name__ == "__main__":
