@@ -163,6 +163,7 @@ def test_engine_process_streams_scores_refuses_and_cancels(tmp_path):
         assert driver.failure() is None and driver.stuck_for() == 0.0
     finally:
         driver.close()
+    assert driver._process.returncode == 0  # it ended by itself when its front went away, not killed
 
 
 def test_a_dead_engine_process_fails_its_requests_and_the_health_check(tmp_path):
@@ -182,3 +183,8 @@ def test_a_dead_engine_process_fails_its_requests_and_the_health_check(tmp_path)
         asyncio.run(main())
     with pytest.raises(RuntimeError, match="engine process exited"):
         server.check_health()
+
+
+def test_engine_process_that_cannot_load_raises_its_error(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        ProcessEngine(EngineSettings(str(tmp_path / "missing")))

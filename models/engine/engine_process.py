@@ -55,10 +55,12 @@ class ProcessEngine(StreamFront):
             env=env,
         )
         theirs.close()
-        self._conn = Connection(ours.detach())
+        self._socket = ours  # kept to shut down: closing a descriptor another thread reads does not end the read
+        self._conn = Connection(os.dup(ours.fileno()))
         self._send_lock = threading.Lock()
         self._calls: dict[int, Future] = {}
         self._call_ids = itertools.count()
+        self._reader: threading.Thread | None = None
         self._send(settings)
         if not self._conn.poll(READY_TIMEOUT_S):
             self.close()
@@ -71,7 +73,8 @@ class ProcessEngine(StreamFront):
             self.close()
             raise message[1]
         _, self.info, self._stats = message
-        threading.Thread(target=self._read, name="engine-reader", daemon=True).start()
+        self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
+        self._reader.start()
 
     @property
     def stats(self) -> EngineStats:
@@ -130,6 +133,7 @@ class ProcessEngine(StreamFront):
             elif kind == "failed":
                 ids = list(self._queues)
                 self._deliver([message[1]] * len(ids), ids)
+        self._conn.close()
         self.error = RuntimeError(f"engine process exited (code {self._process.wait()})")
         ids = list(self._queues)
         self._deliver([self.error] * len(ids), ids)
@@ -146,7 +150,13 @@ class ProcessEngine(StreamFront):
 
     def close(self) -> None:
         """Stop the engine process (it also stops on its own when this process goes away)."""
-        self._conn.close()
+        try:
+            self._socket.shutdown(socket.SHUT_RDWR)  # the engine process and the reader thread see the end
+        except OSError:  # already shut down
+            pass
+        self._socket.close()
+        if self._reader is None:  # else the reader closes its descriptor when its read ends
+            self._conn.close()
         try:
             self._process.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -171,18 +181,22 @@ def serve(conn: Connection) -> None:
     except BaseException as exc:
         send(conn, ("failed", exc))
         return
+    send(conn, ("ready", host.info, host.engine.stats))
+    try:
+        _step_and_answer(conn, host)
+    except (EOFError, OSError):  # the front's end closed: the replica stopped or died
+        return
+
+
+def _step_and_answer(conn: Connection, host: EngineHost) -> None:
     engine = host.engine
-    send(conn, ("ready", host.info, engine.stats))
     while True:
-        try:
-            if not engine.has_work:
-                conn.poll(None)  # idle: wait for a command (or the front's end closing)
-            handled = False
-            while conn.poll():
-                _handle(conn, host, receive(conn))
-                handled = True
-        except (EOFError, OSError):
-            return
+        if not engine.has_work:
+            conn.poll(None)  # idle: wait for a command (or the front's end closing)
+        handled = False
+        while conn.poll():
+            _handle(conn, host, receive(conn))
+            handled = True
         if not engine.has_work:
             if handled:
                 send(conn, ("stats", engine.stats))
