@@ -4,7 +4,7 @@ Why: every torch operation releases Python's GIL, and a model replica's process 
 Serve's event loops and serialisation threads. An engine stepping on a thread of that process
 waits for the GIL after each of its ~1,000 operations per step whenever one of those threads holds
 it: measured in-process, two threads doing short bursts of Python work 30% of the time cut a
-16-request engine's tokens/s by 60% while the process still used one core. In its own process the
+16-request engine's tokens/s by about two thirds while the process still used one core. In its own process the
 engine holds its own GIL; the replica only moves messages.
 
 Protocol (tuples pickled by value over a socket pair: ``Connection.send`` would share tensors
@@ -81,8 +81,11 @@ class ProcessEngine(StreamFront):
         return self._stats
 
     def _send(self, message: Any) -> None:
-        with self._send_lock:
-            send(self._conn, message)
+        try:
+            with self._send_lock:
+                send(self._conn, message)
+        except OSError as exc:  # the engine process died (the reader thread is about to say so)
+            raise RuntimeError(f"the engine process is gone ({exc})") from exc
 
     def _busy(self) -> bool:
         return bool(self._queues or self._calls)
@@ -98,7 +101,10 @@ class ProcessEngine(StreamFront):
 
     def _cancel(self, request_id: str) -> None:
         if self.error is None:
-            self._send(("cancel", request_id))
+            try:
+                self._send(("cancel", request_id))
+            except RuntimeError:  # gone: nothing left to cancel
+                pass
 
     async def call(self, fn: Callable, *args) -> Any:
         if self.error is not None:
