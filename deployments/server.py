@@ -1,4 +1,5 @@
-"""``ModelServer``: one engine per replica, an asyncio loop stepping it, results streamed back.
+"""``ModelServer``: one engine per replica, stepping in a process of its own (a thread for tensor
+parallelism, or with ``engine_process: false``), results streamed back through the replica's loop.
 
 Each replica loads the router's priors for its device (``triserve calibrate``), reports its
 statistics to the deployment's shared ``StatsBoard`` every ``REPORT_PERIOD_S`` and answers ``stats``
