@@ -111,6 +111,11 @@ class StreamFront:
             except RuntimeError:  # that loop is closed: its consumers are gone
                 pass
 
+    def _fail_streams(self, exc: BaseException) -> None:
+        """Every open stream ends with ``exc``."""
+        ids = list(self._queues)
+        self._deliver([exc] * len(ids), ids)
+
     def failure(self) -> str | None:
         """Why the engine can no longer serve (None while it can)."""
         return None
@@ -186,16 +191,11 @@ class AsyncEngine(StreamFront):
                 outputs = self.engine.step() if self.engine.has_work else []
             except Exception as exc:  # a failed step fails its requests, not the server
                 self.error = exc
-                self._fail_all(exc)
+                self._fail_streams(exc)
+                self.engine.cancel_all()
                 continue
             self.last_progress = time.monotonic()
             self._deliver(outputs)
-
-    def _fail_all(self, exc: BaseException) -> None:
-        ids = list(self._queues)
-        self._deliver([exc] * len(ids), ids)
-        for request_id in list(self.engine.running) + [r.request_id for r in self.engine.waiting]:
-            self.engine.cancel(request_id)
 
     def stuck_for(self) -> float:
         """Seconds the loop has had work without finishing a step (0 when idle)."""

@@ -187,6 +187,11 @@ class Engine:
         self._refresh_stats()
         return True
 
+    def cancel_all(self) -> None:
+        """Drop every running and waiting request (a step failed: none of them can go on)."""
+        for request_id in list(self.running) + [r.request_id for r in self.waiting]:
+            self.cancel(request_id)
+
     @property
     def has_work(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)

@@ -137,12 +137,10 @@ class ProcessEngine(StreamFront):
                 future = self._calls.pop(message[1])
                 future.set_result(message[3]) if message[2] else future.set_exception(message[3])
             elif kind == "failed":
-                ids = list(self._queues)
-                self._deliver([message[1]] * len(ids), ids)
+                self._fail_streams(message[1])
         self._conn.close()
         self.error = RuntimeError(f"engine process exited (code {self._process.wait()})")
-        ids = list(self._queues)
-        self._deliver([self.error] * len(ids), ids)
+        self._fail_streams(self.error)
         for future in self._calls.values():
             future.set_exception(self.error)
         self._calls.clear()
@@ -210,8 +208,7 @@ def _step_and_answer(conn: Connection, host: EngineHost) -> None:
         try:
             outputs = engine.step()
         except Exception as exc:  # a failed step fails its requests, not the process
-            for request_id in list(engine.running) + [r.request_id for r in engine.waiting]:
-                engine.cancel(request_id)
+            engine.cancel_all()
             send(conn, ("failed", exc))
             continue
         send(conn, ("outputs", outputs, engine.stats))

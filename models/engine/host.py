@@ -9,15 +9,12 @@ replica itself or in its engine process (models/engine/engine_process.py).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from models.engine.engine import Engine
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,7 +76,6 @@ def score_top(host: EngineHost, token_ids: list[int], top: int) -> list[tuple[fl
 
 
 def prompt_embeds(host: EngineHost, prompt: list[int], images: list) -> Any:
-    """The embeddings a VLM request's prefill places on its image placeholders."""
-    if host.vlm is None:
-        raise ValueError("this model does not accept images")
+    """The embeddings a VLM request's prefill places on its image placeholders (the replica has checked
+    that the model is a VLM)."""
     return host.vlm.prompt_embeds(prompt, images)
