@@ -31,8 +31,8 @@ def kv_write_reference(
 ) -> None:
     """k_cache/v_cache [S, Hkv, D] (one layer's slot arrays) receive k/v [T, Hkv, D] rows ``rows`` [W]
     at slots ``slots`` [W], in place. Slots must be distinct (a step writes a position once)."""
-    k_cache.index_copy_(0, slots, k[rows])
-    v_cache.index_copy_(0, slots, v[rows])
+    k_cache.index_copy_(0, slots, k.index_select(0, rows))
+    v_cache.index_copy_(0, slots, v.index_select(0, rows))
 
 
 @functools.cache

@@ -213,17 +213,15 @@ def segment_attention_reference(
     qf, kf, vf = q.float(), k.float(), v.float()
     for b in meta.derived(("reference", group), lambda: _buckets(meta, group)):
         direct = b.in_order and b.count * b.rows == t_total  # one bucket holding every row: no copies
-        qs = (qf if direct else qf[b.q_index]).view(b.count, b.rows, hkv, group, d)
+        qs = (qf if direct else qf.index_select(0, b.q_index)).view(b.count, b.rows, hkv, group, d)
         qs = qs.permute(0, 2, 3, 1, 4).reshape(b.count, hkv, group * b.rows, d)
-        keys = k_cache[b.key_slots].float()
-        keys[b.own_dst] = kf[b.own_src]
-        vals = v_cache[b.key_slots].float()
-        vals[b.own_dst] = vf[b.own_src]
+        keys = k_cache.index_select(0, b.key_slots).float().index_copy_(0, b.own_dst, kf.index_select(0, b.own_src))
+        vals = v_cache.index_select(0, b.key_slots).float().index_copy_(0, b.own_dst, vf.index_select(0, b.own_src))
         keys = keys.view(b.count, b.keys, hkv, d).transpose(1, 2)
         vals = vals.view(b.count, b.keys, hkv, d).transpose(1, 2).contiguous()
         res = _attend_blocked(qs, keys, vals, b.bias, scale)  # [P, Hkv, G*Qp, D]
         res = res.view(b.count, hkv, group, b.rows, d).permute(0, 3, 1, 2, 4).reshape(-1, hq, d)
         if direct:
             return res.to(q.dtype)
-        out[b.out_rows] = res[b.valid].to(q.dtype)
+        out.index_copy_(0, b.out_rows, res.index_select(0, b.valid).to(q.dtype))
     return out

@@ -95,7 +95,7 @@ class Rotary(nn.Module):
             size = 1 << (size - 1).bit_length()
             table = self._table = self(torch.arange(size, device=positions.device), dtype)
         cos, sin, scale = table
-        return cos[positions], sin[positions], scale[positions]
+        return cos.index_select(0, positions), sin.index_select(0, positions), scale.index_select(0, positions)
 
 
 class SwiGLU(nn.Module):

@@ -148,15 +148,16 @@ class TriModeModel(nn.Module):
             o = kernels.segment_attention(q, k, v, cache.k[index], cache.v[index], batch.attention, attn.scale)
             x = x + attn.output(o.reshape(o.shape[0], -1), adapter_rows)
             x = x + layer.mlp.reduce(layer.mlp(layer.post_attention_layernorm(x)))
-        self.deferred = None if batch.deferred_rows is None else self.encoder.norm(x[batch.deferred_rows])
-        hidden = self.encoder.norm(x[batch.logit_rows])
+        deferred = batch.deferred_rows
+        self.deferred = None if deferred is None else self.encoder.norm(x.index_select(0, deferred))
+        hidden = self.encoder.norm(x.index_select(0, batch.logit_rows))
         return self.head(hidden)
 
     @torch.inference_mode()
     def deferred_logits(self, index: torch.Tensor) -> torch.Tensor:
         """Logits [len(index), vocab] of the last forward's deferred rows picked by ``index`` (positions
         in ``batch.deferred_rows``): the head runs only on rows a step turned out to read."""
-        return self.head(self.deferred[index])
+        return self.head(self.deferred.index_select(0, index))
 
     # ----- dense path (training) ---------------------------------------------------------------
     def forward_dense(

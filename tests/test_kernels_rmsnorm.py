@@ -80,10 +80,12 @@ def test_row_result_does_not_depend_on_batch() -> None:
         assert torch.equal(rmsnorm_triton(x[i : i + 1], weight, EPS), full[i : i + 1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(1, 8), (7, 40), (4, 256), (300, 256), (5, 130), (3, 4096)])
-def test_fp32_reference_uses_the_fused_op_bit_identically(shape: tuple[int, ...]) -> None:
-    """In fp32 the reference calls torch's fused rms_norm; it must equal the spelled-out formula."""
-    x, weight = _inputs(shape, torch.float32, torch.float32)
-    spelled = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS))
+def test_reference_uses_the_fused_op_bit_identically(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """At inference the reference calls torch's fused rms_norm; it must equal the spelled-out formula."""
+    x, weight = _inputs(shape, dtype, dtype)
+    h = x.float()
+    spelled = weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)).to(dtype)
     with torch.inference_mode():
         assert torch.equal(rmsnorm_reference(x, weight, EPS), spelled)

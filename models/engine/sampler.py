@@ -169,7 +169,7 @@ class Sampler:
         histories = [
             _rows_of(i.state, [-1, *d], i.state.tokens + i.state.pending_output()) for i, d in zip(group, drafts)
         ]
-        row_logits = _shaped(logits[rows_t.reshape(-1)], histories)
+        row_logits = _shaped(logits.index_select(0, rows_t.reshape(-1)), histories)
         if group[0].state.temperature <= 0:
             ar = row_argmax(row_logits).view(len(group), width)
             accepted, tokens, _ = kernels.verify_accept(draft_t, ar, None, lengths_t)
@@ -223,7 +223,7 @@ class Sampler:
         start_t, cols_t, count_t = _to_device(device, starts, cols, counts)
         drafted = None
         if accepted is None:
-            rows = logits[(start_t[:, None] + cols_t).reshape(-1)]
+            rows = logits.index_select(0, (start_t[:, None] + cols_t).reshape(-1))
         else:
             widest = max(len(i.work.branches) for i in group)
             (branches,) = _to_device(device, [i.work.branches + [-1] * (widest - len(i.work.branches)) for i in group])
@@ -276,7 +276,7 @@ class Sampler:
             _rows_of(i.state, [-1] + [-1 if t == self.mask_id else t for t in b[:-1]], i.state.tokens)
             for i, b in zip(group, blocks)
         ]
-        block_logits = _shaped(logits[rows_t.reshape(-1)], histories)
+        block_logits = _shaped(logits.index_select(0, rows_t.reshape(-1)), histories)
         revised = self._revised(logits, group, blocks_t)  # read before the commit changes blocks_t
         greedy, scored = group[0].state.temperature <= 0, _wants_scores(group)
         if not greedy or scored:  # the distribution drawn from (the greedy kernel excludes the mask itself)
@@ -325,7 +325,7 @@ class Sampler:
             return None
         items_t, slots_t, rows_t = _to_device(logits.device, items, slots, rows)
         tokens = blocks[items_t, slots_t]
-        prob = torch.softmax(logits[rows_t].float(), dim=-1).gather(1, tokens[:, None]).squeeze(1)
+        prob = torch.softmax(logits.index_select(0, rows_t).float(), dim=-1).gather(1, tokens[:, None]).squeeze(1)
         low = prob < torch.tensor(limits, dtype=torch.float32).to(logits.device)
         return items_t[low], slots_t[low]
 
