@@ -1,12 +1,12 @@
 """Hot-pass kernels, each a PyTorch reference plus (on CUDA) a Triton implementation.
 
 One dispatch point per kernel: Triton on CUDA devices, the reference elsewhere;
-``TRISERVE_KERNELS=triton|torch`` forces either (``triton`` on CPU needs ``TRITON_INTERPRET=1``).
+``TRISERVE_KERNELS=triton|torch`` (read at import) forces either (``triton`` on CPU needs
+``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -38,19 +38,21 @@ __all__ = [
 ]
 
 
-@functools.cache
-def _forced(value: str) -> str | None:
+def _parse_forced(value: str) -> str | None:
     forced = value.strip().lower()
     if forced and forced not in ("triton", "torch"):
         raise ValueError(f"TRISERVE_KERNELS must be 'triton' or 'torch', not {forced!r}")
     return forced or None
 
 
-def backend(device: torch.device) -> str:
-    """Which implementation runs for tensors on ``device``: 'triton' or 'torch'.
+# read once: the dispatch runs dozens of times per forward and an environment lookup costs about
+# as much as a small tensor operation; tests switch backends by setting this attribute
+FORCED: str | None = _parse_forced(os.environ.get("TRISERVE_KERNELS", ""))
 
-    Read on every call (tests switch it) but parsed once per value: it runs several times per layer."""
-    return _forced(os.environ.get("TRISERVE_KERNELS", "")) or ("triton" if device.type == "cuda" else "torch")
+
+def backend(device: torch.device) -> str:
+    """Which implementation runs for tensors on ``device``: 'triton' or 'torch'."""
+    return FORCED or ("triton" if device.type == "cuda" else "torch")
 
 
 def _triton_for(x: torch.Tensor) -> bool:

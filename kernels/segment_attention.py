@@ -92,11 +92,10 @@ class _Bucket:
 
     q_index: torch.Tensor  # [P * Qp] packed query row of each (segment, row); padding repeats a real row
     key_slots: torch.Tensor  # [P * K] cache slot of each (segment, key); 0 where the key is an own row or padding
-    own_dst: torch.Tensor  # positions in [P * K] that hold the segment's own rows ...
-    own_src: torch.Tensor  # ... and those rows in the packed batch
+    own_dst: torch.Tensor  # positions in [P * K] that hold the segment's own rows (packed rows out_rows)
     bias: torch.Tensor  # [P, 1, G * Qp, K] 0 where a key is visible, -inf elsewhere; GQA row order (g * Qp + q)
     valid: torch.Tensor  # positions in [P * Qp] that are real rows ...
-    out_rows: torch.Tensor  # ... and the packed rows they are written to
+    out_rows: torch.Tensor  # ... and the packed rows they are written to (segment after segment)
     count: int
     rows: int
     keys: int
@@ -113,49 +112,59 @@ def _buckets(meta: AttentionMetadata, group: int) -> list[_Bucket]:
     by_rows: dict[int, list[tuple[int, AttentionSegment]]] = defaultdict(list)
     for s, seg in enumerate(meta.segments):
         by_rows[_round_up(seg.q_len, row_step)].append((s, seg))
-    device = meta.prefix_slots.device
-    out = []
+    # every bucket's index lists go to the device in one copy (a step builds this once, before layer 0)
+    shapes: list[tuple[int, list[tuple[int, AttentionSegment]], int, bool]] = []
+    lists: list[list[int]] = []
     for qp, members in sorted(by_rows.items()):
         keys = _round_up(max(seg.prefix_len + seg.q_len for _, seg in members), KEY_BLOCK)
         q_index: list[int] = []
         limits: list[int] = []
         own_dst: list[int] = []
-        own_src: list[int] = []
         valid: list[int] = []
         out_rows: list[int] = []
         for p, (_, seg) in enumerate(members):
-            absolute = list(range(seg.q_start, seg.q_start + seg.q_len))
+            absolute = range(seg.q_start, seg.q_start + seg.q_len)
             pad = qp - seg.q_len
-            q_index += absolute + [absolute[0]] * pad
-            limits += seg.limits() + [0] * pad
+            q_index += absolute
+            q_index += [seg.q_start] * pad
+            limits += seg.limits()
+            limits += [0] * pad
             valid += range(p * qp, p * qp + seg.q_len)
             out_rows += absolute
             base = p * keys + seg.prefix_len
             own_dst += range(base, base + seg.q_len)
-            own_src += absolute
+        in_order = q_index == list(range(len(q_index)))
+        shapes.append((qp, members, keys, in_order))
+        seg_index = [s for s, _ in members]
+        prefix = [seg.prefix_len for _, seg in members]
+        lists += [q_index, limits, own_dst, valid, out_rows, seg_index, prefix]
+    device = meta.prefix_slots.device
+    flat = torch.tensor([v for values in lists for v in values], dtype=torch.long).to(device)
+    parts = iter(flat.split_with_sizes([len(values) for values in lists]))
+    widest = max(keys for _, _, keys, _ in shapes)
+    table = meta.prefix_slots
+    if table.shape[1] < widest:
+        table = F.pad(table, (0, widest - table.shape[1]))
+    cols = torch.arange(widest, device=device)
+    zero = torch.zeros((), device=device)
+    out = []
+    for qp, members, keys, in_order in shapes:
+        q_index, limits, own_dst, valid, out_rows, seg_index, prefix = (next(parts) for _ in range(7))
         count = len(members)
-        seg_index = torch.tensor([s for s, _ in members], dtype=torch.long, device=device)
-        prefix = torch.tensor([seg.prefix_len for _, seg in members], dtype=torch.long, device=device)
-        cols = torch.arange(keys, device=device)
-        table = meta.prefix_slots
-        if table.shape[1] < keys:
-            table = F.pad(table, (0, keys - table.shape[1]))
-        key_slots = table[seg_index, :keys].masked_fill(cols[None, :] >= prefix[:, None], 0)
-        as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
-        limit = as_long(limits).view(count, 1, qp).expand(count, group, qp).reshape(count, 1, group * qp, 1)
+        key_slots = table[seg_index, :keys].masked_fill(cols[None, :keys] >= prefix[:, None], 0)
+        limit = limits.view(count, 1, qp).expand(count, group, qp).reshape(count, 1, group * qp, 1)
         out.append(
             _Bucket(
-                q_index=as_long(q_index),
+                q_index=q_index,
                 key_slots=key_slots.reshape(-1),
-                own_dst=as_long(own_dst),
-                own_src=as_long(own_src),
-                bias=torch.zeros((), device=device).masked_fill(cols.view(1, 1, 1, keys) >= limit, float("-inf")),
-                valid=as_long(valid),
-                out_rows=as_long(out_rows),
+                own_dst=own_dst,
+                bias=zero.masked_fill(cols[:keys].view(1, 1, 1, keys) >= limit, float("-inf")),
+                valid=valid,
+                out_rows=out_rows,
                 count=count,
                 rows=qp,
                 keys=keys,
-                in_order=q_index == list(range(len(q_index))),
+                in_order=in_order,
             )
         )
     return out
@@ -215,8 +224,8 @@ def segment_attention_reference(
         direct = b.in_order and b.count * b.rows == t_total  # one bucket holding every row: no copies
         qs = (qf if direct else qf.index_select(0, b.q_index)).view(b.count, b.rows, hkv, group, d)
         qs = qs.permute(0, 2, 3, 1, 4).reshape(b.count, hkv, group * b.rows, d)
-        keys = k_cache.index_select(0, b.key_slots).float().index_copy_(0, b.own_dst, kf.index_select(0, b.own_src))
-        vals = v_cache.index_select(0, b.key_slots).float().index_copy_(0, b.own_dst, vf.index_select(0, b.own_src))
+        keys = k_cache.index_select(0, b.key_slots).float().index_copy_(0, b.own_dst, kf.index_select(0, b.out_rows))
+        vals = v_cache.index_select(0, b.key_slots).float().index_copy_(0, b.own_dst, vf.index_select(0, b.out_rows))
         keys = keys.view(b.count, b.keys, hkv, d).transpose(1, 2)
         vals = vals.view(b.count, b.keys, hkv, d).transpose(1, 2).contiguous()
         res = _attend_blocked(qs, keys, vals, b.bias, scale)  # [P, Hkv, G*Qp, D]

@@ -80,7 +80,7 @@ def pack(items: list[tuple[int, Segment]], kv: KVCacheManager, device: torch.dev
     sizes += [len(logit_rows), len(deferred_rows), len(segment_rows), len(prefix_lens), len(embed_rows)]
     flat = tokens + positions + token_rows + write_rows + adapter_rows + logit_rows + deferred_rows
     flat += segment_rows + prefix_lens + embed_rows
-    parts = torch.tensor(flat, dtype=torch.long).to(device).split(sizes)
+    parts = torch.tensor(flat, dtype=torch.long).to(device).split_with_sizes(sizes)
     tok, pos, tok_row, write, adapter, logit, deferred, seg_row, prefix_len, embed = parts
     table = kv.block_table
     page_size = kv.page_size

@@ -65,10 +65,13 @@ class Rotary(nn.Module):
         self.attention_factor = rope.yarn_attention_factor
         self.beta = rope.llama_4_scaling_beta
         self.original_max = rope.original_max_position_embeddings
-        self._table: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._table: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """positions [T] -> cos, sin [T, 1, D] and query scale [T, 1, 1], in ``dtype``."""
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """positions [T] -> cos, sin [T, 1, D] and query scale [T, 1, 1], in ``dtype``; the scale is
+        None for a model without Llama-4 query scaling (a product with 1 would change no bit)."""
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
@@ -76,14 +79,13 @@ class Rotary(nn.Module):
         cos = (emb.cos() * self.attention_factor).to(dtype)[:, None, :]
         sin = (emb.sin() * self.attention_factor).to(dtype)[:, None, :]
         if self.beta is None or self.original_max is None:
-            scale = torch.ones_like(positions, dtype=dtype)
-        else:
-            scale = (1 + self.beta * torch.log(1 + torch.floor(positions.float() / self.original_max))).to(dtype)
+            return cos, sin, None
+        scale = (1 + self.beta * torch.log(1 + torch.floor(positions.float() / self.original_max))).to(dtype)
         return cos, sin, scale[:, None, None]
 
     def lookup(
         self, positions: torch.Tensor, dtype: torch.dtype, upto: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``forward(positions, dtype)`` read from a table of every position below ``upto`` (or more).
 
         The table is ``forward`` of consecutive positions, so each row is bit-identical to computing
@@ -95,7 +97,8 @@ class Rotary(nn.Module):
             size = 1 << (size - 1).bit_length()
             table = self._table = self(torch.arange(size, device=positions.device), dtype)
         cos, sin, scale = table
-        return cos.index_select(0, positions), sin.index_select(0, positions), scale.index_select(0, positions)
+        scale = None if scale is None else scale.index_select(0, positions)
+        return cos.index_select(0, positions), sin.index_select(0, positions), scale
 
 
 class SwiGLU(nn.Module):
@@ -107,5 +110,6 @@ class SwiGLU(nn.Module):
         self.reduce = identity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x, self.gate_proj.weight, self.up_proj.weight).split(self.up_proj.out_features, dim=-1)
+        width = self.up_proj.out_features
+        gate, up = linear(x, self.gate_proj.weight, self.up_proj.weight).split_with_sizes([width, width], -1)
         return linear(F.silu(gate) * up, self.down_proj.weight)

@@ -43,12 +43,12 @@ class Attention(nn.Module):
         self.lora: LoraWeights | None = None
         self.reduce = identity  # tensor parallelism replaces this with an all-reduce
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qscale: torch.Tensor):
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qscale: torch.Tensor | None):
         """x [T, H] -> roped, scaled q [T, Hq, D] and roped k, plain v [T, Hkv, D]."""
         t = x.shape[0]
         qkv = linear(x, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = qkv.split_with_sizes([q_size, kv_size, kv_size], -1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)

@@ -8,6 +8,7 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
+import kernels  # noqa: E402
 import models  # noqa: E402
 
 MODES = ["ar", "diffusion", "linear_spec", "quadratic_spec"]
@@ -18,8 +19,8 @@ MODES = ["ar", "diffusion", "linear_spec", "quadratic_spec"]
 def test_forced_triton_kernels_give_the_reference_tokens(fixture_model, monkeypatch, mode):
     prompt = fixture_model.tokenizer.encode("def main():\n    ")
     kwargs = {"mode": mode, "max_new_tokens": 8, "block_length": 4}
-    monkeypatch.setenv("TRISERVE_KERNELS", "torch")
+    monkeypatch.setattr(kernels, "FORCED", "torch")
     reference = models.generate(fixture_model, prompt, **kwargs)
-    monkeypatch.setenv("TRISERVE_KERNELS", "triton")
+    monkeypatch.setattr(kernels, "FORCED", "triton")
     triton = models.generate(fixture_model, prompt, **kwargs)
     assert triton.tokens == reference.tokens and triton.nfe == reference.nfe

@@ -74,7 +74,7 @@ def _to_device(device: torch.device, *arrays: list) -> list[torch.Tensor]:
             shapes.append((len(array),))
             flat += array
     sizes = [math.prod(shape) for shape in shapes]
-    parts = torch.tensor(flat, dtype=torch.long).to(device).split(sizes)
+    parts = torch.tensor(flat, dtype=torch.long).to(device).split_with_sizes(sizes)
     return [part.view(shape) for part, shape in zip(parts, shapes)]
 
 
