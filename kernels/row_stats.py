@@ -44,12 +44,13 @@ def row_argmax(x: torch.Tensor) -> torch.Tensor:
 def row_stats_reference(logits: torch.Tensor, exclude_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [..., V] -> (probability [...] fp32, token [...] int64): the argmax over V without
     ``exclude_id`` (None: no exclusion) and its softmax probability over the whole row."""
-    wide = logits.double()
-    allowed = wide.clone()
+    allowed = logits
     if exclude_id is not None:
+        allowed = logits.clone()
         allowed[..., exclude_id] = float("-inf")
+    # in the logits' own dtype: widening to float64 is exact and keeps the order, so it is the same argmax
     token = row_argmax(allowed)
-    prob = torch.softmax(wide, dim=-1).gather(-1, token.unsqueeze(-1)).squeeze(-1)
+    prob = torch.softmax(logits.double(), dim=-1).gather(-1, token.unsqueeze(-1)).squeeze(-1)
     return prob.float(), token
 
 
