@@ -94,6 +94,8 @@ class _Bucket:
     key_slots: torch.Tensor  # [P * K] cache slot of each (segment, key); 0 where the key is an own row or padding
     own_dst: torch.Tensor  # positions in [P * K] that hold the segment's own rows (packed rows out_rows)
     bias: torch.Tensor  # [P, 1, G * Qp, K] 0 where a key is visible, -inf elsewhere; GQA row order (g * Qp + q)
+    floor: torch.Tensor  # [P, 1, G * Qp, K] -inf where a key is visible, 0 elsewhere ...
+    visible: torch.Tensor  # ... and 1.0 where it is visible, 0.0 elsewhere (see _attend_blocked)
     valid: torch.Tensor  # positions in [P * Qp] that are real rows ...
     out_rows: torch.Tensor  # ... and the packed rows they are written to (segment after segment)
     count: int
@@ -153,12 +155,15 @@ def _buckets(meta: AttentionMetadata, group: int) -> list[_Bucket]:
         count = len(members)
         key_slots = table[seg_index, :keys].masked_fill(cols[None, :keys] >= prefix[:, None], 0)
         limit = limits.view(count, 1, qp).expand(count, group, qp).reshape(count, 1, group * qp, 1)
+        hidden = cols[:keys].view(1, 1, 1, keys) >= limit
         out.append(
             _Bucket(
                 q_index=q_index,
                 key_slots=key_slots.reshape(-1),
                 own_dst=own_dst,
-                bias=zero.masked_fill(cols[:keys].view(1, 1, 1, keys) >= limit, float("-inf")),
+                bias=zero.masked_fill(hidden, float("-inf")),
+                floor=zero.masked_fill(~hidden, float("-inf")),
+                visible=(~hidden).float(),
                 valid=valid,
                 out_rows=out_rows,
                 count=count,
@@ -170,11 +175,9 @@ def _buckets(meta: AttentionMetadata, group: int) -> list[_Bucket]:
     return out
 
 
-def _attend_blocked(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """q [P, Hkv, M, D] (GQA heads of one KV head packed), k/v [P, Hkv, blocks*KEY_BLOCK, D],
-    bias (0 or -inf) broadcastable to [P, Hkv, M, keys] -> [P, Hkv, M, D].
+def _attend_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: _Bucket, scale: float) -> torch.Tensor:
+    """q [P, Hkv, M, D] (GQA heads of one KV head packed), k/v [P, Hkv, blocks*KEY_BLOCK, D], and the
+    bucket's masks (broadcast over Hkv) -> [P, Hkv, M, D].
 
     Scores come from one product (a row's dot products do not depend on the number of keys);
     the softmax sums and the probability-value products run per fixed-size key block and are
@@ -182,9 +185,12 @@ def _attend_blocked(
     """
     count, hkv, m_rows, d = q.shape
     blocks = k.shape[2] // KEY_BLOCK
-    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).add_(bias)
+    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).add_(b.bias)
     m = s.amax(dim=-1, keepdim=True).clamp_(min=torch.finfo(s.dtype).min)  # fully masked (padding) rows
-    p = s.sub_(m).exp_()
+    # Hidden keys get an exact 0 without an exponential of -inf: on CPUs an exponential that is of
+    # -inf or underflows takes a slow path (2-7x the cost of the whole call when 15-50% of the keys
+    # are hidden). They are raised to 0 (visible ones are unchanged), exponentiated, then zeroed.
+    p = s.sub_(m).clamp_(min=b.floor).exp_().mul_(b.visible)
     if blocks == 1:
         total = p.sum(dim=-1, keepdim=True)
         acc = torch.matmul(p, v)
@@ -228,7 +234,7 @@ def segment_attention_reference(
         vals = v_cache.index_select(0, b.key_slots).float().index_copy_(0, b.own_dst, vf.index_select(0, b.out_rows))
         keys = keys.view(b.count, b.keys, hkv, d).transpose(1, 2)
         vals = vals.view(b.count, b.keys, hkv, d).transpose(1, 2).contiguous()
-        res = _attend_blocked(qs, keys, vals, b.bias, scale)  # [P, Hkv, G*Qp, D]
+        res = _attend_blocked(qs, keys, vals, b, scale)  # [P, Hkv, G*Qp, D]
         res = res.view(b.count, hkv, group, b.rows, d).permute(0, 3, 1, 2, 4).reshape(-1, hq, d)
         if direct:
             return res.to(q.dtype)
