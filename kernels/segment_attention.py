@@ -187,9 +187,10 @@ def _attend_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: _Bucke
     blocks = k.shape[2] // KEY_BLOCK
     s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).add_(b.bias)
     m = s.amax(dim=-1, keepdim=True).clamp_(min=torch.finfo(s.dtype).min)  # fully masked (padding) rows
-    # Hidden keys get an exact 0 without an exponential of -inf: on CPUs an exponential that is of
-    # -inf or underflows takes a slow path (2-7x the cost of the whole call when 15-50% of the keys
-    # are hidden). They are raised to 0 (visible ones are unchanged), exponentiated, then zeroed.
+    # Hidden keys get an exact 0 without an exponential of -inf: PyTorch's CPU exp takes a slow path
+    # for -inf and for underflowing values (measured on [12, 2, 32, 64] scores: 4x the time with 14%
+    # of the keys hidden, 9x with half). They are raised to 0 (visible ones are unchanged),
+    # exponentiated, then zeroed.
     p = s.sub_(m).clamp_(min=b.floor).exp_().mul_(b.visible)
     if blocks == 1:
         total = p.sum(dim=-1, keepdim=True)
