@@ -17,14 +17,14 @@ _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
 def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., H], weight [H] -> [..., H] in the promoted dtype of x and weight (as the model computes it)."""
-    if not (torch.is_grad_enabled() and x.requires_grad):
-        # torch's fused op: one call instead of five, bit-identical in fp32 (tests/test_kernels_rmsnorm.py);
-        # other dtypes normalise in fp32 with it and then round and scale as below
-        if x.dtype == weight.dtype == torch.float32:
-            return F.rms_norm(x, weight.shape, weight, eps)
-        return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if torch.is_grad_enabled() and x.requires_grad:  # training: the spelled-out formula autograd knows
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    elif x.dtype == weight.dtype == torch.float32:
+        # torch's fused op: one call instead of five, bit-identical (tests/test_kernels_rmsnorm.py)
+        return F.rms_norm(x, weight.shape, weight, eps)
+    else:  # the same fused op normalises in fp32, bit-identical to the formula above
+        h = F.rms_norm(x.float(), weight.shape, None, eps)
     return weight * h.to(x.dtype)
 
 
