@@ -26,8 +26,16 @@ def wait_until_healthy(base: str, timeout_s: float, poll_s: float = 0.5) -> None
     raise TimeoutError(f"the app at {base} did not answer /health within {timeout_s:.0f} s")
 
 
-def ensure_ray(num_cpus: float | None = None, address: str | None = None, **kwargs) -> None:
-    """Join ``address``/``RAY_ADDRESS`` when given, else start a local Ray bound to 127.0.0.1."""
+def ensure_ray(
+    num_cpus: float | None = None, address: str | None = None, worker_niceness: int | None = None, **kwargs
+) -> None:
+    """Join ``address``/``RAY_ADDRESS`` when given, else start a local Ray bound to 127.0.0.1.
+
+    ``worker_niceness``: the niceness a local Ray gives its worker processes (and what they start,
+    such as engine processes) unless ``RAY_worker_niceness`` is set; None keeps Ray's default of 15,
+    under which any busy process at the usual 0 (Ray's own, a client on the same machine) takes the
+    CPU from the workers. A joined cluster's nodes set it themselves (cluster/*.yaml).
+    """
     # also set when the cluster package is imported: it must precede Ray's own import
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
@@ -38,6 +46,8 @@ def ensure_ray(num_cpus: float | None = None, address: str | None = None, **kwar
     if address:
         ray.init(address=address, **kwargs)
         return
+    if worker_niceness is not None:  # read by the raylet this starts
+        os.environ.setdefault("RAY_worker_niceness", str(worker_niceness))
     for attempt in range(1, STARTUP_ATTEMPTS + 1):
         try:
             ray.init(

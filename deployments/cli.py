@@ -76,7 +76,9 @@ def _serve(args: argparse.Namespace) -> int:
             signal.signal(sig, lambda *_: stop.set())
 
     on_signal()
-    ensure_ray()
+    # the workers are the work here: at Ray's default niceness (15) a served model's engine gave way to
+    # every busy process at 0 (Ray's own, a client): 5-40% of the tokens/s of 16 concurrent requests (bench/RESULTS.md)
+    ensure_ray(worker_niceness=0)
     on_signal()  # again: starting Ray installs its handlers
     from ray import serve
 

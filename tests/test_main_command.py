@@ -60,6 +60,9 @@ def test_triserve_serve_default_config(tmp_path):
             except httpx.HTTPError:
                 pass
             time.sleep(1)
+        # the engines run at this process's niceness, not at Ray's 15 for workers (they are the work)
+        engines = _engine_niceness(proc.pid)
+        assert engines and set(engines) == {os.nice(0)}, engines
         # the README's curl call
         curl = subprocess.run(
             [
@@ -115,6 +118,12 @@ def test_triserve_serve_default_config(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
     assert "shutting down" in (tmp_path / "serve.log").read_text()
+
+
+def _engine_niceness(pgid: int) -> list[int]:
+    """The niceness of every engine process in the process group ``pgid``."""
+    listing = subprocess.run(["ps", "-o", "ni=,args=", "-g", str(pgid)], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in listing.splitlines() if "models.engine.engine_process" in line]
 
 
 def _group_alive(pgid: int) -> bool:
