@@ -8,7 +8,7 @@ prefix ends with the token that holds the line's leading newline and indentation
 line's own tokens, the suffix starts with the next line's newline token (so both arms see the
 tokenisation the model was trained on). Up to 192 tokens of prefix, 64 of suffix.
 
-Per case: ``models.infill`` (diffusion, threshold 0.9, lengths 1..max-middle, the likeliest kept)
+Per case: ``models.infill`` (diffusion, threshold 0.9, lengths 1..max-middle, the best rated kept)
 and AR greedy from the prefix alone (its first line). Prints the mean difflib ratio of the restored
 line to the true one and how many lines each restores exactly (whitespace-stripped).
 """

@@ -39,7 +39,7 @@ from deployments.router import ROUTABLE_MODES, Candidate, Decision, ReplicaStats
 from deployments.served import ServedModel
 from models.engine.costs import OptionStats, option_key, split_option
 from models.engine.detokenizer import IncrementalDetokenizer
-from models.infill import Middle, likeliest, middle_lengths, middle_of, scored_text
+from models.infill import Middle, best_rated, middle_lengths, middle_of, scored_text
 from models.modes import DecodeParams, kv_tokens_needed
 from models.modes.infill import infill_context
 
@@ -391,8 +391,8 @@ class OpenAIService:
 
     async def _run_infill(self, prep: Prepared) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """Infilling (``models.infill``): one engine request per middle length tried, all at once;
-        their trace events as they come (marked with the ``candidate`` length); then the middle after
-        which the AR model finds the suffix likeliest, as one delta (and a ``chosen`` trace event)."""
+        their trace events as they come (marked with the ``candidate`` length); then the best rated middle
+        (``models.infill.Middle.rate``), as one delta (and a ``chosen`` trace event)."""
         model, params = prep.model, prep.params
         tok = model.tokenizer
         lengths = middle_lengths(params.max_new_tokens)
@@ -414,12 +414,12 @@ class OpenAIService:
         candidates = [Middle(m, middle_of(t, eos), n) for m, t, n in zip(lengths, tokens, nfe)]
         block = params.block_length or model.config.block_size
 
-        async def likelihood(candidate: Middle) -> None:
-            ids, first = scored_text(prep.prompt, candidate.tokens, list(params.suffix), block)
-            candidate.logprob = sum(lp for lp, _ in (await model.backend.score(ids, 0))[first - 1 :])
+        async def rate(candidate: Middle) -> None:
+            ids = scored_text(prep.prompt, candidate.tokens, list(params.suffix), block)
+            candidate.rate(len(prep.prompt), [lp for lp, _ in await model.backend.score(ids, 0)])
 
-        await asyncio.gather(*(likelihood(c) for c in candidates))
-        chosen = likeliest(candidates)
+        await asyncio.gather(*(rate(c) for c in candidates))
+        chosen = best_rated(candidates)
         text, _ = StopStrings(prep.stops).feed(tok.decode(chosen.tokens, skip_special_tokens=True), final=True)
         out = {
             "new_tokens": chosen.tokens,

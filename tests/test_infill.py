@@ -1,6 +1,6 @@
 """Infilling, revision and the decoding trace in the Ray-free core (the HTTP side is in
 test_serve_http.py): an infill window equals a dense computation of the same attention, the kept
-middle is the likeliest candidate, revision stays within its pass bound and is seeded, and the
+middle is the best rated candidate, revision stays within its pass bound and is seeded, and the
 trace of every mode adds up to what the request emitted."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import models
 from kernels.row_stats import unmask_reference
 from models.engine import Engine, RequestRejected
-from models.infill import infill, middle_lengths, scored_text
+from models.infill import MIDDLE_WEIGHT, infill, middle_lengths, scored_text
 from models.modes import DecodeParams
 from models.modes.infill import visible_suffix
 from models.training import draw_noise
@@ -66,15 +66,17 @@ def test_an_infill_window_equals_a_dense_computation(fixture_model, middle):
     assert result.tokens == (expected[: expected.index(eos)] if eos in expected else expected)
 
 
-def test_infill_keeps_the_likeliest_middle(fixture_model):
+def test_infill_keeps_the_best_rated_middle(fixture_model):
     prefix, suffix = ids(fixture_model)
     result = infill(fixture_model, prefix, suffix, 5)
     assert [c.length for c in result.candidates] == [1, 2, 3, 4, 5]
     for c in result.candidates:
         assert len(c.tokens) <= c.length and c.nfe >= 1
-        text, first = scored_text(prefix, c.tokens, suffix, fixture_model.config.block_size)
-        assert c.logprob == pytest.approx(sum(models.score(fixture_model, text)[first - 1 :]), abs=1e-4)
-    best = max(result.candidates, key=lambda c: c.logprob)
+        logprobs = models.score(fixture_model, scored_text(prefix, c.tokens, suffix, fixture_model.config.block_size))
+        first = len(prefix) + len(c.tokens)  # logprobs[i] is the id at i + 1
+        assert c.logprob == pytest.approx(sum(logprobs[first - 1 :]), abs=1e-4)
+        assert c.fluency == pytest.approx(sum(logprobs[len(prefix) - 1 : first]) / (len(c.tokens) + 1), abs=1e-5)
+    best = max(result.candidates, key=lambda c: c.logprob + MIDDLE_WEIGHT * c.fluency)
     assert result.tokens == best.tokens and result.nfe == sum(c.nfe for c in result.candidates)
 
 

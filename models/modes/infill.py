@@ -10,7 +10,7 @@ a block, are ordinary diffusion blocks (committed causally, the suffix out of th
 never sees the blocks after it in training). The window is never committed: nothing follows it.
 
 The middle's length is ``max_new_tokens`` exactly (an EOS ends it early); ``models.infill`` tries
-several lengths and keeps the likeliest text.
+several lengths and keeps the best rated middle.
 """
 
 from __future__ import annotations
