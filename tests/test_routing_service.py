@@ -109,7 +109,8 @@ def test_exploration_runs_another_option_and_refreshes_its_figures(service):
     service.config.explore = 1.0
 
     async def main():
-        prep = await service.prepare(request(max_tokens=12), "completion")
+        # greedy: at the default temperature a sampled first token can be EOS, leaving no text
+        prep = await service.prepare(request(max_tokens=12, temperature=0), "completion")
         text = "".join([delta async for delta, _ in service.run(prep)])
         return prep, text
 
