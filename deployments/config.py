@@ -32,6 +32,7 @@ class ModelSpec:
     max_step_tokens: int = 2048  # query tokens per engine step (decode steps are whole; prefills are chunked)
     prefill_chunk: int = 256  # prompt tokens of one request per step at most
     prefix_caching: bool = True
+    affinity_imbalance: int = 8  # prompts that start alike share a replica unless it queues this many more
     stream_interval_s: float = 0.1  # while requests share the engine, a stream sends at most this often
     engine_process: bool = True  # step the engine in a process of its own (tensor parallel: always a thread)
     priority_ageing_s: float = 5.0  # a request waiting this long counts one tier more urgent
@@ -46,6 +47,8 @@ class ModelSpec:
     )
 
     def __post_init__(self) -> None:
+        if not isinstance(self.affinity_imbalance, int) or self.affinity_imbalance < 0:
+            raise ValueError(f"model {self.name}: affinity_imbalance must be a non-negative integer")
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ValueError(f"model {self.name}: tensor_parallel_size must be a positive integer")
         if self.placement_strategy not in PLACEMENT_STRATEGIES:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from deployments.affinity import AFFINITY_FIELD, affinity_key
 from deployments.config import AppConfig
 from deployments.prompts import chat_prompt, encode_prompt
 from deployments.protocol import (
@@ -385,6 +386,9 @@ class OpenAIService:
 
     def _engine_request(self, prep: Prepared, params: DecodeParams) -> dict[str, Any]:
         request = {"request_id": new_id("req"), "prompt": prep.prompt, "params": params.__dict__, "tier": prep.tier}
+        key = affinity_key(prep.prompt, prep.model.spec.page_size)
+        if key is not None:
+            request[AFFINITY_FIELD] = key
         if prep.images:
             request["images"] = prep.images
         return request

@@ -18,10 +18,11 @@ from typing import Any
 import ray
 import torch
 from ray import serve
-from ray.serve.config import DeploymentActorConfig
+from ray.serve.config import DeploymentActorConfig, RequestRouterConfig
 from ray.serve.exceptions import RayServeException
 
 from deployments import metrics
+from deployments.affinity_router import PrefixAffinityRouter
 from deployments.config import ModelSpec
 from deployments.stats_board import StatsBoard, merge_stats, replica_stats
 from models.engine import AsyncEngine
@@ -229,6 +230,10 @@ def model_server_deployment(spec: ModelSpec):
         ModelServer,
         name=f"model-{spec.name}",
         deployment_actors=[board],
+        request_router_config=RequestRouterConfig(
+            request_router_class=PrefixAffinityRouter,
+            request_router_kwargs={"imbalance": spec.affinity_imbalance},
+        ),
         ray_actor_options=actor_options,
         **placement,
         autoscaling_config=dict(spec.autoscaling),

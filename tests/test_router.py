@@ -138,3 +138,16 @@ def test_predict_uses_the_per_request_cost_of_the_option():
     tpot = predict(c, "linear_spec@32", 10)[1]
     assert tpot == pytest.approx((0.016 + 0.0064 * 5) / 2.6)
     assert math.isfinite(predict(c, "diffusion@8", 10)[0])
+
+
+def test_affinity_key_is_the_prompts_shareable_leading_pages():
+    """Prompts that start with the same (at most four) full pages share a key; a prompt whose pages the
+    prefix cache could not share (its last token always computed) has none."""
+    from deployments.affinity import affinity_key
+
+    system = list(range(64))
+    assert affinity_key(system + [1, 2], 16) == affinity_key(system + [7] * 30, 16) is not None
+    assert affinity_key(list(range(33)), 16) == affinity_key(list(range(40)), 16)  # two pages each
+    assert affinity_key(list(range(33)), 16) != affinity_key(list(range(32)), 16)  # 32 tokens: one page shareable
+    assert affinity_key(list(range(16)), 16) is None and affinity_key([], 16) is None
+    assert affinity_key([5] + system, 16) != affinity_key(system + [5], 16)

@@ -1,5 +1,6 @@
-"""Autoscaling: under sustained load a model deployment with max 2 replicas scales to 2, and the
-statistics the router reads then cover both replicas."""
+"""Autoscaling: under sustained load a model deployment with max 2 replicas scales to 2, the
+statistics the router reads then cover both replicas, and the sequences of an ``n`` request still
+share one replica's prompt pages (prefix affinity)."""
 
 from __future__ import annotations
 
@@ -79,18 +80,43 @@ def test_scales_to_two_replicas_under_load(serve_port, fixture_path, tmp_path):
         assert replicas == 2
         # any replica answers stats with the aggregate over both (each reports to the shared board)
         handle = serve.get_deployment_handle("model-rand", "autoscale")
-        deadline, stats = time.time() + 30, {}
-        while time.time() < deadline:
-            stats = handle.stats.remote().result()
-            if stats["replicas"] == 2:
-                break
-            time.sleep(0.5)
+        stats = _settled_stats(handle, lambda s: s["replicas"] == 2)
         assert stats["replicas"] == 2 and stats["pages"] == 2 * 256, stats
-    finally:
         stop.set()
         for w in workers:
             w.join(timeout=150)
+        _assert_n_shares_one_prompt(handle, port)
+    finally:
+        stop.set()
         serve.delete("autoscale")
+
+
+def _settled_stats(handle, until) -> dict:
+    """The model's aggregate statistics once ``until`` holds for them (replicas report every 0.5 s)."""
+    deadline, stats = time.time() + 30, {}
+    while time.time() < deadline:
+        stats = handle.stats.remote().result()
+        if until(stats):
+            return stats
+        time.sleep(0.5)
+    return stats
+
+
+def _assert_n_shares_one_prompt(handle, port) -> None:
+    """Four sequences of a 40-token prompt (two full pages the prefix cache can share): with both
+    replicas idle, power-of-two-choices routing would spread them over the two (each replica computing
+    the prompt); the affinity router sends them to one, which computes it once."""
+    before = _settled_stats(handle, lambda s: s["running"] == 0 and s["waiting"] == 0)
+    assert before["running"] == 0, before
+    r = httpx.post(
+        f"http://127.0.0.1:{port}/autoscale/v1/completions",
+        timeout=120,
+        json={"model": "rand", "prompt": list(range(100, 140)), "max_tokens": 4, "n": 4, "temperature": 1},
+    )
+    assert r.status_code == 200 and len(r.json()["choices"]) == 4, r.text
+    shared = 3 * 32  # three of the four sequences take both pages from the cache
+    after = _settled_stats(handle, lambda s: s["prefix_cache_hits"] - before["prefix_cache_hits"] >= shared)
+    assert after["prefix_cache_hits"] - before["prefix_cache_hits"] == shared, (before, after)
 
 
 def test_ray_serve_cli_builder_accepts_the_default_config():
