@@ -23,13 +23,6 @@ REPO = Path(__file__).resolve().parent.parent
 FIXTURE = Path(os.environ.get("TRISERVE_FIXTURE", REPO.parent / "shared" / "fixtures" / "tiny-trimode-code"))
 
 
-def pytest_collection_modifyitems(items):
-    """Tests that start Ray share one xdist worker (one local Ray at a time on two cores)."""
-    for item in items:
-        if item.get_closest_marker("ray"):
-            item.add_marker(pytest.mark.xdist_group("ray"))
-
-
 def fixture_or_skip() -> Path:
     if not (FIXTURE / "config.json").is_file():
         pytest.skip(f"official fixture not found at {FIXTURE} (set TRISERVE_FIXTURE to its folder)")
@@ -102,13 +95,16 @@ def tiny_model() -> TriModeModel:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the session, on loopback, without dashboard or token auth."""
+    """One local Ray for the session, on loopback, without dashboard or token auth. Its workers run
+    at the tests' niceness, as under ``triserve serve``: at Ray's default of 15 the other xdist
+    worker's CPU-bound tests took the CPU from the served app's replicas for tens of seconds (streams
+    that stalled past the reliability tests' 30 s hang limit, a proxy that missed its health check)."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
     from cluster.local import ensure_ray  # sets the loopback variable before Ray is imported
 
-    ensure_ray(num_cpus=2)
+    ensure_ray(num_cpus=2, worker_niceness=0)
     yield ray
     ray.shutdown()
 

@@ -32,6 +32,7 @@ def test_triserve_serve_default_config(tmp_path):
         port = s.getsockname()[1]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "", "TRISERVE_API_KEY": ""}
     env.pop("RAY_ADDRESS")
+    env.pop("RAY_worker_niceness", None)  # the session's Ray sets it; the command must set it itself
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen(
         [
