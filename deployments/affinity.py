@@ -1,6 +1,6 @@
 """Prefix affinity keys: a model's requests whose prompts begin with the same pages should run on the
 same replica, where that replica's prefix cache holds the pages they share — the ``n`` / ``best_of``
-sequences of one request, infilling's candidate middle lengths, prompts behind one system prompt.
+sequences of one request, infilling's candidate middle lengths, prompts behind one long system prompt.
 The ingress marks each engine request with its key; ``deployments.affinity_router`` routes by it.
 Ray-free, like the OpenAI layer that uses it.
 """
@@ -11,7 +11,9 @@ import hashlib
 from collections.abc import Sequence
 
 AFFINITY_FIELD = "affinity"
-AFFINITY_PAGES = 4  # pages of the prompt's start that make its key: a shared system prompt counts, the question not
+# pages of the prompt's start that make its key (64 tokens at the default page size): prompts behind a common
+# system prompt at least that long share a key whatever follows it; shorter ones differ by what follows
+AFFINITY_PAGES = 4
 
 
 def affinity_key(prompt: Sequence[int], page_size: int, pages: int = AFFINITY_PAGES) -> str | None:
