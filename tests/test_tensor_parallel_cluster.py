@@ -22,25 +22,26 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-def test_tp2_group_spans_two_nodes_and_recovers_from_a_dead_rank():
+def test_tp2_group_spans_two_nodes_and_recovers_from_a_dead_rank(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TRISERVE_API_KEY": ""}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "tests" / "tp_multinode.py")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=420)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
+    with (tmp_path / "stderr.log").open("w") as err:  # Ray's logs: read only when the script gives no result
+        proc = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "tp_multinode.py")],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+        try:
+            out, _ = proc.communicate(timeout=420)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
     lines = [line for line in out.splitlines() if line.startswith("{")]
-    assert lines, out[-2000:]
+    assert lines, out[-2000:] + (tmp_path / "stderr.log").read_text(errors="replace")[-4000:]
     result = json.loads(lines[-1])
     assert proc.returncode == 0, result
     # one two-bundle group, its bundles on two different nodes
