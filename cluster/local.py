@@ -3,8 +3,27 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 STARTUP_ATTEMPTS = 3  # a loaded machine can keep a local raylet from registering within Ray's 30 s
+T = TypeVar("T")
+
+
+def start_with_retries(start: Callable[[], T], undo: Callable[[], None]) -> T:
+    """``start()``, which starts local Ray processes; when it fails because a raylet missed Ray's fixed
+    30 s to register (Ray raises a bare Exception), ``undo()`` and start again, ``STARTUP_ATTEMPTS``
+    times in all. Any other failure is raised at once."""
+    attempt = 1
+    while True:
+        try:
+            return start()
+        except Exception as exc:
+            if "timed out during startup" not in str(exc) or attempt == STARTUP_ATTEMPTS:
+                raise
+            print(f"Ray did not start within its 30 s on a busy machine; trying again ({attempt}/{STARTUP_ATTEMPTS})")
+            undo()
+            attempt += 1
 
 
 def wait_until_healthy(base: str, timeout_s: float, poll_s: float = 0.5) -> None:
@@ -48,18 +67,13 @@ def ensure_ray(
         return
     if worker_niceness is not None:  # read by the raylet this starts
         os.environ.setdefault("RAY_worker_niceness", str(worker_niceness))
-    for attempt in range(1, STARTUP_ATTEMPTS + 1):
-        try:
-            ray.init(
-                num_cpus=num_cpus,
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
-                configure_logging=False,
-                **kwargs,
-            )
-            return
-        except Exception as exc:  # Ray raises a bare Exception when its raylet misses a fixed 30 s
-            if "timed out during startup" not in str(exc) or attempt == STARTUP_ATTEMPTS:
-                raise
-            print(f"Ray did not start within its 30 s on a busy machine; trying again ({attempt}/{STARTUP_ATTEMPTS})")
-            ray.shutdown()
+    start_with_retries(
+        lambda: ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            configure_logging=False,
+            **kwargs,
+        ),
+        ray.shutdown,
+    )

@@ -30,7 +30,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 import models  # noqa: E402
 from bench.reliability import under_kill  # noqa: E402
-from cluster.local import STARTUP_ATTEMPTS  # noqa: E402
+from cluster.local import start_with_retries  # noqa: E402
 from deployments.config import parse_config  # noqa: E402
 from deployments.ingress import build_app  # noqa: E402
 
@@ -78,21 +78,19 @@ def rank_actors() -> list[tuple[str, str]]:
 
 
 def start_cluster() -> Cluster:
-    """The two-node cluster; started again when a loaded machine keeps a raylet from registering
-    within Ray's fixed 30 s (as ``cluster.local.ensure_ray`` does for a local Ray)."""
-    attempt = 1
-    while True:
+    """The two-node cluster, started again when a loaded machine keeps a raylet past Ray's 30 s."""
+
+    def start() -> Cluster:
         cluster = Cluster()
         try:
             cluster.add_node(**NODE, include_dashboard=False)  # the first node is the head
             cluster.add_node(**NODE)
-            return cluster
-        except Exception as exc:
-            cluster.shutdown()
-            if "timed out during startup" not in str(exc) or attempt == STARTUP_ATTEMPTS:
-                raise
-            print(f"the cluster missed Ray's 30 s start-up; again ({attempt}/{STARTUP_ATTEMPTS})", file=sys.stderr)
-            attempt += 1
+        except Exception:
+            cluster.shutdown()  # the nodes that did start
+            raise
+        return cluster
+
+    return start_with_retries(start, undo=lambda: None)
 
 
 def main() -> None:
