@@ -8,9 +8,10 @@ shapes and split-K by the problem's shape.
 - Reference (CPU): ``F.linear`` on rows padded to a multiple that depends on the CPU. MKL takes
   other micro-kernels for small calls and, with two threads, splits row counts unevenly: on this
   project's AVX2 machines every multiple of 4 rounds a row alike, on an AVX-512/AMX Xeon fp32
-  calls of fewer than 16 rows differ from larger ones. So the multiple (4, 8, 16, 32 or 64) is
-  probed once per dtype, shape and thread count (``row_multiple``); ``tests/test_kernels_matmul.py``
-  checks the result.
+  calls of fewer than 16 rows differ from larger ones, and with 768 or more inputs calls of more
+  than 32 or 64 rows take yet other kernels. So inference calls are split into pieces of at most 64
+  rows, and the multiple (4, 8, 16, 32 or 64) they are padded to is probed once per dtype, shape
+  and thread count (``row_multiple``); ``tests/test_kernels_matmul.py`` checks the result.
 - Triton (CUDA): one fixed tiling for every shape (``BLOCK_M`` x ``BLOCK_N`` output tiles, the
   reduction in ``BLOCK_K`` steps from k = 0 upward, accumulated in fp32, no split-K), so each output
   element is the same sequence of operations whatever the row count or the row's place in a tile.
@@ -30,6 +31,7 @@ _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
 
 PROBED_MULTIPLES = (4, 8, 16, 32, 64)
+PIECE_ROWS = 64  # the most rows one product call takes (inference)
 
 
 def pad_rows(x: torch.Tensor, multiple: int = ROW_MULTIPLE) -> torch.Tensor:
@@ -43,26 +45,36 @@ def pad_rows(x: torch.Tensor, multiple: int = ROW_MULTIPLE) -> torch.Tensor:
 @functools.cache
 def row_multiple(dtype: torch.dtype, k: int, n: int, threads: int) -> int:
     """The smallest of ``PROBED_MULTIPLES`` under which ``F.linear`` on padded rows gives every row of
-    a [*, k] x [n, k] product the same bits in any call (alone, at any offset, beside others) on this
-    CPU with this many threads: calls of 1 .. 2m+1 rows and a few larger ones against one of 160."""
+    a [*, k] x [n, k] product the same bits in any call of up to ``PIECE_ROWS`` rows (alone, at any
+    offset, beside others) on this CPU with this many threads: calls of 1 .. 2m+1 rows and a few
+    larger ones against one of ``PIECE_ROWS``. At the largest multiple every call has the same shape."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn((160, k), generator=gen).to(dtype)
     w = (torch.randn((n, k), generator=gen) / k**0.5).to(dtype)
-    full = F.linear(x, w)
+    # rounding differences between kernels are rare in bf16 outputs (about one in ten thousand on an AMX
+    # Xeon), so the calls are compared on several batches
+    batches = [torch.randn((PIECE_ROWS, k), generator=gen).to(dtype) for _ in range(4)]
+    fulls = [F.linear(x, w) for x in batches]
     for m in PROBED_MULTIPLES:
-        counts = [r for r in [*range(1, 2 * m + 2), 3 * m + 1, 5 * m - 1] if r < 160]
+        counts = [r for r in [*range(1, 2 * m + 2), 3 * m + 1, 5 * m - 1] if r < PIECE_ROWS]
         if all(
-            torch.equal(F.linear(pad_rows(x[s : s + r], m), w)[:r], full[s : s + r]) for r in counts for s in (0, 1)
+            torch.equal(F.linear(pad_rows(x[s : s + r], m), w)[:r], full[s : s + r])
+            for x, full in zip(batches, fulls)
+            for r in counts
+            for s in (0, 1)
         ):
             return m
     return PROBED_MULTIPLES[-1]
 
 
 def matmul_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [M, K], weight [N, K] -> [M, N] in x's dtype; rows padded so MKL rounds every row alike."""
+    """x [M, K], weight [N, K] -> [M, N] in x's dtype; rows padded so MKL rounds every row alike, and,
+    without gradients, calls of more than ``PIECE_ROWS`` rows split (kernels for large calls round
+    otherwise). Training's large calls are not split: it needs no invariance."""
     n, k = x.shape
     multiple = row_multiple(x.dtype, k, weight.shape[0], torch.get_num_threads())
-    return F.linear(pad_rows(x, multiple), weight)[:n]
+    if n <= PIECE_ROWS or torch.is_grad_enabled():
+        return F.linear(pad_rows(x, multiple), weight)[:n]
+    return torch.cat([F.linear(pad_rows(piece, multiple), weight)[: piece.shape[0]] for piece in x.split(PIECE_ROWS)])
 
 
 @functools.cache

@@ -6,13 +6,15 @@ through ``kernels.linear`` (MKL on padded rows on CPU, a fixed-tiling Triton ker
 kernels/matmul.py), except on the CPU fast path:
 
 - **oneDNN with a pre-packed weight** (on CPU, inference; fp32, and bf16 where the CPU computes it
-  in hardware): every row count from 4 up gives bit-identical rows, with one thread or two
-  (measured on this project's AVX2 machines in fp32 and on an AMX Xeon in both dtypes, checked by
-  tests/test_fast_path.py). Below 4 rows oneDNN may take other kernels on other CPUs; on this
-  project's machines it does not, and a lone AR row unpadded costs about 0.8x of four padded rows.
-  So each packed weight is probed once, when it is packed: if rows 1 to 7 of a probe come out
-  bit-identical alone and in one call of 8, calls are never padded; otherwise calls of fewer
-  than 4 rows are. Packing once also skips the per-call weight packing MKL does: a forward's
+  in hardware). oneDNN picks kernels by row count, and some round differently: on an AMX Xeon, bf16
+  products reducing over 768 or more inputs give other bits in calls of more than 32 rows (some
+  sizes only, and where the switch happens depends on the thread count); below 4 rows other CPUs
+  may take other kernels (this project's do not, and a lone AR row unpadded costs about 0.8x of
+  four padded rows). So each packed weight is probed once, when it is packed, on batches of 64
+  rows against the same rows computed in calls of 8: calls are padded to 4 rows unless rows 1 to
+  7 agree alone, and split into pieces of at most ``max_rows`` rows (8, 16, 32 or 64: the largest
+  up to which every call agreed; larger calls are never trusted unprobed). Packing once also skips the
+  per-call weight packing MKL does: a forward's
   products ran 1.6x faster at 4 rows and 1.25x at 32 than ``F.linear`` on the same rows. It costs
   a second copy of the weights in memory. On the AMX Xeon packed bf16 products take 0.5-0.9x the
   time of packed fp32 ones at 1 row and 0.3x at 164 rows (the bundled model's shapes, one thread).
@@ -33,6 +35,8 @@ import kernels
 from kernels.matmul import ROW_MULTIPLE, pad_rows
 
 FAST_PATH = os.environ.get("TRISERVE_FAST_PATH", "1").strip() != "0"
+PROBE_ROWS = 64  # row counts probed per packed weight; larger calls are split into probed pieces
+PROBE_BATCHES = 4
 
 
 def _can_pack(weight: torch.Tensor) -> bool:
@@ -55,25 +59,42 @@ class _Prepared:
         fused = weights[0] if len(weights) == 1 else torch.cat([w.detach() for w in weights])
         self.weight = fused.detach()
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, ROW_MULTIPLE) if _can_pack(fused) else None
-        self.min_rows = 1 if self.packed is not None and self._small_calls_agree() else ROW_MULTIPLE
+        self.min_rows, self.max_rows = self._probe() if self.packed is not None else (ROW_MULTIPLE, PROBE_ROWS)
+        if not self.max_rows:  # a backend that rounds calls of 4..7 rows otherwise: the padded reference instead
+            self.packed = None
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
 
-    def _small_calls_agree(self) -> bool:
-        """Whether calls of 1..7 rows round every row exactly as one call of 8 does (this CPU, this
-        thread count): a different kernel for small calls shows up as a differing bit."""
-        probe = torch.randn((8, self.weight.shape[1]), generator=torch.Generator().manual_seed(0)).to(self.weight.dtype)
-        full = self._product(probe)
-        return all(torch.equal(self._product(probe[:n]), full[:n]) for n in range(1, 8))
+    def _probe(self) -> tuple[int, int]:
+        """(min_rows, max_rows) on this CPU with this thread count: whether calls of 1..7 rows round every
+        row as calls of 8 do (else such calls are padded to 4), and the largest of 8, 16, 32 and 64 up
+        to which every call of ``min_rows`` or more rows does (larger calls are split). A kernel that
+        rounds otherwise shows up as differing bits, but rarely (about one output in ten thousand for
+        the bf16 products above), so several batches of random rows are compared."""
+        # not seed 0: a weight drawn from the same stream (tests make such) hides the differences
+        gen = torch.Generator().manual_seed(1234)
+        agrees = set(range(1, PROBE_ROWS + 1))
+        for _ in range(PROBE_BATCHES):
+            probe = torch.randn((PROBE_ROWS, self.weight.shape[1]), generator=gen).to(self.weight.dtype)
+            reference = torch.cat([self._product(probe[i : i + 8]) for i in range(0, PROBE_ROWS, 8)])
+            agrees -= {n for n in agrees if not torch.equal(self._product(probe[:n]), reference[:n])}
+        min_rows = 1 if agrees >= set(range(1, 8)) else ROW_MULTIPLE
+        ok = [limit for limit in (8, 16, 32, PROBE_ROWS) if agrees >= set(range(min_rows, limit + 1))]
+        return min_rows, max(ok, default=0)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None:
-            return kernels.linear(x, self.weight)
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         if n >= self.min_rows:
             return self._product(x)
         return self._product(pad_rows(x))[:n]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return kernels.linear(x, self.weight)
+        if x.shape[0] <= self.max_rows:
+            return self._call(x)
+        return torch.cat([self._call(piece) for piece in x.split(self.max_rows)])
 
 
 def _fingerprint(weights: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
