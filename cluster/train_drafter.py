@@ -34,8 +34,10 @@ class DrafterSettings:
     workdir: str | None = None  # data, checkpoints, history (default: output + ".run")
     corpus: str | None = None
     resume: bool = False
-    rank: int = 128
-    alpha: float = 128.0
+    rank: int = 128  # of o_proj's factors
+    alpha: float = 128.0  # scale alpha / rank, shared by every projection
+    mlp_rank: int = 32  # of the MLP's gate/up/down factors (0: o_proj only, like the official drafter)
+    adapter_dtype: str = "bfloat16"  # of the saved factors (fp32 ones of this recipe would pass the 3 MB cap)
     sequences: int = 3072  # self-distilled training continuations
     heldout_sequences: int = 64
     prefix_min: int = 80  # corpus tokens before the continuation starts (like a prompt)
@@ -44,7 +46,7 @@ class DrafterSettings:
     blocks: str = "8,16,32"  # draft block lengths, one drawn per step
     decay: float = 0.85  # weight of the i-th draft token: decay ** i
     batch_size: int = 16
-    steps: int = 1200
+    steps: int = 2000
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup: int = 30
@@ -130,7 +132,7 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(s.seed + rank)
     torch.set_num_threads(s.threads)
     model = models.load_model(s.model, dtype=torch.float32, adapter=False, tokenizer=False)
-    adapter = DraftAdapter(model, s.rank, s.alpha, seed=s.seed)
+    adapter = DraftAdapter(model, s.rank, s.alpha, seed=s.seed, mlp_rank=s.mlp_rank)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=s.lr, betas=(0.9, 0.95), weight_decay=s.weight_decay)
     start_step, history = 0, []
     state = resume_state(s.run_dir, s.resume, ray.train.get_checkpoint())
@@ -167,7 +169,7 @@ def train_loop(config: dict) -> None:
             save_checkpoint(adapter, optimizer, done, history, metrics, s.run_dir, rank)
     bar.close()
     if rank == 0:
-        adapter.save(Path(s.output), base_model=Path(s.model).name)
+        adapter.save(Path(s.output), base_model=Path(s.model).name, dtype=getattr(torch, s.adapter_dtype))
 
 
 # ----- driver ---------------------------------------------------------------------------------

@@ -226,7 +226,7 @@ def _add_train_parsers(sub) -> None:
         train_drafter.DrafterSettings,
         train_drafter.run,
         "draft adapter",
-        help="train a self-distilled linear-spec draft adapter (LoRA on o_proj) for a model on Ray Train",
+        help="train a self-distilled linear-spec draft adapter (LoRA on o_proj and the MLP) for a model on Ray Train",
         description="Targets are the model's own greedy continuations of training-corpus prefixes; "
         "--output is the adapter folder (MODEL/linear_spec_lora to have the model load it).",
     )

@@ -1,4 +1,4 @@
-"""Training the linear-spec drafter: a LoRA adapter on o_proj, on for draft rows only.
+"""Training the linear-spec drafter: a LoRA adapter on o_proj (and optionally the MLP), on for draft rows only.
 
 The drafter is trained by self-distillation. Its targets are the base model's own greedy AR
 continuations, so it learns to predict what the verifier will accept; the base weights stay frozen
@@ -22,58 +22,73 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from models.model import LoraWeights, TriModeModel
+from models.model import ADAPTER_MODULES, LoraWeights, TriModeModel
+
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 
 
 class DraftAdapter(nn.Module):
-    """Trainable LoRA factors for every layer's o_proj: ``o += (alpha / r) * B(A(x))`` on draft rows.
+    """Trainable LoRA factors on every layer's o_proj and, with ``mlp_rank``, on its MLP's gate, up and down
+    projections: ``out += (alpha / r) * B(A(x))`` on draft rows (one scale for every projection).
 
     A starts random and B at zero (PEFT's initialisation), so training starts from the base drafter."""
 
-    def __init__(self, model: TriModeModel, rank: int, alpha: float, seed: int = 0) -> None:
+    def __init__(self, model: TriModeModel, rank: int, alpha: float, seed: int = 0, mlp_rank: int = 0) -> None:
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
-        self.rank, self.alpha = rank, alpha
-        self.a = nn.ParameterList()
-        self.b = nn.ParameterList()
+        self.ranks = {"o_proj": rank} | {name: mlp_rank for name in MLP_MODULES if mlp_rank}
+        self.alpha = alpha
+        self.factors = nn.ModuleList()
         for layer in model.encoder.layers:
-            out_features, in_features = layer.self_attn.o_proj.weight.shape
-            self.a.append(nn.Parameter(torch.randn(rank, in_features, generator=gen) / math.sqrt(in_features)))
-            self.b.append(nn.Parameter(torch.zeros(out_features, rank)))
+            factors = nn.ParameterDict()
+            for module, r in self.ranks.items():
+                out_features, in_features = layer.get_submodule(ADAPTER_MODULES[module]).weight.shape
+                a = torch.randn(r, in_features, generator=gen) / math.sqrt(in_features)
+                factors[f"{module}_A"] = nn.Parameter(a)
+                factors[f"{module}_B"] = nn.Parameter(torch.zeros(out_features, r))
+            self.factors.append(factors)
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        return self.alpha / self.ranks["o_proj"]
 
     def attach(self, model: TriModeModel) -> None:
         """Make the model's draft rows use these factors (and the base weights frozen)."""
         for param in model.parameters():
             param.requires_grad_(False)
-        for layer, a, b in zip(model.encoder.layers, self.a, self.b):
-            layer.self_attn.lora = LoraWeights(a=a, b=b, scale=self.scale)
+        for layer, factors in zip(model.encoder.layers, self.factors):
+            for module in self.ranks:
+                a, b = factors[f"{module}_A"], factors[f"{module}_B"]
+                layer.set_lora(module, LoraWeights(a=a, b=b, scale=self.scale))
 
-    def save(self, folder: Path, base_model: str) -> None:
-        """The official layout: PEFT's ``adapter_config.json`` and ``adapter_model.safetensors``."""
+    def save(self, folder: Path, base_model: str, dtype: torch.dtype = torch.float32) -> None:
+        """The official layout: PEFT's ``adapter_config.json`` and ``adapter_model.safetensors`` (the MLP's
+        ranks and alphas in ``rank_pattern``/``alpha_pattern``), factors stored in ``dtype``."""
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {}
-        for index, (a, b) in enumerate(zip(self.a, self.b)):
-            prefix = f"base_model.model.encoder.layers.{index}.self_attn.o_proj"
-            tensors[f"{prefix}.lora_A.weight"] = a.detach().float().contiguous()
-            tensors[f"{prefix}.lora_B.weight"] = b.detach().float().contiguous()
+        for index, factors in enumerate(self.factors):
+            for module in self.ranks:
+                prefix = f"base_model.model.encoder.layers.{index}.{ADAPTER_MODULES[module]}"
+                tensors[f"{prefix}.lora_A.weight"] = factors[f"{module}_A"].detach().to(dtype).contiguous()
+                tensors[f"{prefix}.lora_B.weight"] = factors[f"{module}_B"].detach().to(dtype).contiguous()
         save_file(tensors, folder / "adapter_model.safetensors")
+        others = {module: r for module, r in self.ranks.items() if module != "o_proj"}
         config = {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
             "base_model_name_or_path": base_model,
-            "r": self.rank,
+            "r": self.ranks["o_proj"],
             "lora_alpha": self.alpha,
+            "target_modules": list(self.ranks),
             "lora_dropout": 0.0,
-            "target_modules": ["o_proj"],
             "bias": "none",
             "use_rslora": False,
             "fan_in_fan_out": False,
             "inference_mode": True,
         }
+        if others:
+            config["rank_pattern"] = others
+            config["alpha_pattern"] = {module: self.scale * r for module, r in others.items()}
         (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 

@@ -7,6 +7,7 @@ matrix products (``models.matmul``) give a row the same result however many rows
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +102,22 @@ class Rotary(nn.Module):
         return cos.index_select(0, positions), sin.index_select(0, positions), scale
 
 
+@dataclass
+class LoraWeights:
+    """A low-rank update of one projection, applied to draft tokens only: ``out += scale * B(A(x))``."""
+
+    a: torch.Tensor  # [r, in]
+    b: torch.Tensor  # [out, r]
+    scale: float
+
+    def apply(self, out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """``out`` with the update added on ``rows`` (the draft rows; None: none), from those rows of ``x``."""
+        if rows is None:
+            return out
+        delta = linear(linear(x.index_select(0, rows), self.a), self.b) * self.scale
+        return out.index_add(0, rows, delta.to(out.dtype))
+
+
 class SwiGLU(nn.Module):
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
@@ -108,8 +125,19 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
         self.reduce = identity
+        self.lora: dict[str, LoraWeights] = {}  # a draft adapter's LoraWeights by projection ("gate_proj", ...)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, adapter_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``adapter_rows``: the rows a draft adapter applies to (None: none)."""
         width = self.up_proj.out_features
         gate, up = linear(x, self.gate_proj.weight, self.up_proj.weight).split_with_sizes([width, width], -1)
-        return linear(F.silu(gate) * up, self.down_proj.weight)
+        if self.lora:
+            gate = self._adapted("gate_proj", gate, x, adapter_rows)
+            up = self._adapted("up_proj", up, x, adapter_rows)
+        hidden = F.silu(gate) * up
+        out = linear(hidden, self.down_proj.weight)
+        return self._adapted("down_proj", out, hidden, adapter_rows) if self.lora else out
+
+    def _adapted(self, name: str, out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        lora = self.lora.get(name)
+        return out if lora is None else lora.apply(out, x, rows)

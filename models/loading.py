@@ -10,6 +10,7 @@ import json
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -18,7 +19,7 @@ from tqdm import tqdm
 
 from models.config import ModelConfig
 from models.matmul import cpu_has_fast_half
-from models.model import LoraWeights, TriModeModel
+from models.model import ADAPTER_MODULES, LoraWeights, TriModeModel
 
 ADAPTER_DIR = "linear_spec_lora"
 PROGRESS_MIN_BYTES = 256 * 2**20  # show a progress bar for checkpoints larger than this
@@ -169,11 +170,23 @@ def load_weights(
     bar.close()
 
 
-_LORA_KEY = re.compile(r"layers\.(\d+)\.self_attn\.o_proj\.lora_([AB])(?:\.default)?\.weight$")
+_LORA_KEY = re.compile(
+    r"layers\.(\d+)\.(self_attn\.o_proj|mlp\.(?:gate|up|down)_proj)\.lora_([AB])(?:\.default)?\.weight$"
+)
+
+
+def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup for one projection's short name (``down_proj``):
+    a key applies when the module's name ends with it (as PEFT matches keys against module names)."""
+    for key, value in pattern.items():
+        if re.fullmatch(rf"(.*\.)?{key}", ADAPTER_MODULES[module]):
+            return value
+    return default
 
 
 def load_adapter(model: TriModeModel, folder: Path, *, dtype: torch.dtype, select: Selector | None = None) -> None:
-    """Attach a PEFT LoRA adapter on o_proj (the linear-spec drafter)."""
+    """Attach a PEFT LoRA draft adapter: on o_proj (the official linear-spec drafter), and optionally on the
+    MLP's projections (``target_modules`` any of ``ADAPTER_MODULES``; per-module ranks via ``rank_pattern``)."""
     config_file = folder / "adapter_config.json"
     weights_file = folder / "adapter_model.safetensors"
     if not config_file.is_file() or not weights_file.is_file():
@@ -182,35 +195,39 @@ def load_adapter(model: TriModeModel, folder: Path, *, dtype: torch.dtype, selec
     targets = cfg.get("target_modules") or []
     if isinstance(targets, str):
         targets = [targets]
-    if list(targets) != ["o_proj"]:
-        raise CheckpointError(f"draft adapter must target o_proj only, found target_modules={targets}")
-    rank = int(cfg["r"])
-    alpha = float(cfg.get("lora_alpha", rank))
-    scale = alpha / rank**0.5 if cfg.get("use_rslora") else alpha / rank
-    found: dict[int, dict[str, torch.Tensor]] = {}
+    if not targets or not set(targets) <= set(ADAPTER_MODULES):
+        raise CheckpointError(
+            f"draft adapter must target some of {sorted(ADAPTER_MODULES)}, found target_modules={targets}"
+        )
+    by_path = {path: name for name, path in ADAPTER_MODULES.items()}
+    found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     with safe_open(weights_file, framework="pt") as f:
         for name in f.keys():
             match = _LORA_KEY.search(name)
-            if not match:
+            if not match or by_path[match.group(2)] not in targets:
                 raise CheckpointError(f"unexpected tensor in adapter: {name}")
-            layer, which = int(match.group(1)), match.group(2)
-            # lora_B of a row-parallel o_proj is full; lora_A is split along its input like o_proj
+            layer, module, which = int(match.group(1)), by_path[match.group(2)], match.group(3)
+            # row-parallel projections (o, down) split lora_A along its input; column-parallel ones lora_B
             tensor = select(f"adapter.{which}.{name}", f.get_slice(name)) if select else f.get_tensor(name)
-            found.setdefault(layer, {})[which] = tensor.to(device=model.device, dtype=dtype)
+            found.setdefault((layer, module), {})[which] = tensor.to(device=model.device, dtype=dtype)
     layers = model.encoder.layers
-    for index, layer in enumerate(layers):
-        pair = found.get(index, {})
-        if set(pair) != {"A", "B"}:
-            raise CheckpointError(f"adapter is missing lora_A/lora_B for layer {index}")
-        a, b = pair["A"], pair["B"]
-        o = layer.self_attn.o_proj.weight
-        if a.shape != (rank, o.shape[1]) or b.shape != (o.shape[0], rank):
-            raise CheckpointError(
-                f"adapter shape mismatch at layer {index}: "
-                f"A {tuple(a.shape)}, B {tuple(b.shape)} for o_proj {tuple(o.shape)}"
-            )
-        layer.self_attn.lora = LoraWeights(a=a, b=b, scale=scale)
-    extra = sorted(set(found) - set(range(len(layers))))
+    for module in targets:
+        rank = int(_pattern_value(cfg.get("rank_pattern") or {}, module, cfg["r"]))
+        alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", rank)))
+        scale = alpha / rank**0.5 if cfg.get("use_rslora") else alpha / rank
+        for index, layer in enumerate(layers):
+            pair = found.get((index, module), {})
+            if set(pair) != {"A", "B"}:
+                raise CheckpointError(f"adapter is missing lora_A/lora_B of {module} for layer {index}")
+            a, b = pair["A"], pair["B"]
+            weight = layer.get_submodule(ADAPTER_MODULES[module]).weight
+            if a.shape != (rank, weight.shape[1]) or b.shape != (weight.shape[0], rank):
+                raise CheckpointError(
+                    f"adapter shape mismatch at layer {index}: "
+                    f"A {tuple(a.shape)}, B {tuple(b.shape)} for {module} {tuple(weight.shape)} at rank {rank}"
+                )
+            layer.set_lora(module, LoraWeights(a=a, b=b, scale=scale))
+    extra = sorted({index for index, _ in found} - set(range(len(layers))))
     if extra:
         raise CheckpointError(f"adapter has layers the model does not: {extra}")
 

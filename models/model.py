@@ -7,8 +7,6 @@ scoring tests). Both use the same modules, so a checkpoint loads once and serves
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,16 +15,16 @@ import kernels
 from models.batch import StepBatch
 from models.config import ModelConfig
 from models.kv_cache import PagedKVCache
-from models.layers import RMSNorm, Rotary, SwiGLU, identity, linear
+from models.layers import LoraWeights, RMSNorm, Rotary, SwiGLU, identity, linear
 
-
-@dataclass
-class LoraWeights:
-    """A low-rank update of o_proj, applied to draft tokens only: ``o += scale * B(A(x))``."""
-
-    a: torch.Tensor  # [r, in]
-    b: torch.Tensor  # [out, r]
-    scale: float
+# Projections a draft adapter may target (PEFT's short names) and where they sit in a decoder layer.
+# The official drafter targets o_proj only; triserve's own may add the MLP's three.
+ADAPTER_MODULES = {
+    "o_proj": "self_attn.o_proj",
+    "gate_proj": "mlp.gate_proj",
+    "up_proj": "mlp.up_proj",
+    "down_proj": "mlp.down_proj",
+}
 
 
 class Attention(nn.Module):
@@ -57,10 +55,8 @@ class Attention(nn.Module):
 
     def output(self, attn: torch.Tensor, adapter_rows: torch.Tensor | None) -> torch.Tensor:
         out = linear(attn, self.o_proj.weight)
-        if self.lora is not None and adapter_rows is not None and adapter_rows.numel():
-            sel = attn[adapter_rows]
-            delta = linear(linear(sel, self.lora.a), self.lora.b) * self.lora.scale
-            out = out.index_add(0, adapter_rows, delta.to(out.dtype))
+        if self.lora is not None:
+            out = self.lora.apply(out, attn, adapter_rows)
         return self.reduce(out)
 
 
@@ -71,6 +67,13 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def set_lora(self, module: str, weights: LoraWeights) -> None:
+        """Attach a draft adapter's factors to one of ``ADAPTER_MODULES``."""
+        if module == "o_proj":
+            self.self_attn.lora = weights
+        else:
+            self.mlp.lora[module] = weights
 
 
 class Encoder(nn.Module):
@@ -115,7 +118,8 @@ class TriModeModel(nn.Module):
 
     @property
     def has_adapter(self) -> bool:
-        return self.encoder.layers[0].self_attn.lora is not None
+        first = self.encoder.layers[0]
+        return first.self_attn.lora is not None or bool(first.mlp.lora)
 
     def new_cache(self, num_pages: int, page_size: int = 16) -> PagedKVCache:
         """A KV pool sized for this model (kv heads as held by this process)."""
@@ -147,7 +151,7 @@ class TriModeModel(nn.Module):
             kernels.kv_write(cache.k[index], cache.v[index], k, v, batch.write_rows, batch.write_slots)
             o = kernels.segment_attention(q, k, v, cache.k[index], cache.v[index], batch.attention, attn.scale)
             x = x + attn.output(o.reshape(o.shape[0], -1), adapter_rows)
-            x = x + layer.mlp.reduce(layer.mlp(layer.post_attention_layernorm(x)))
+            x = x + layer.mlp.reduce(layer.mlp(layer.post_attention_layernorm(x), adapter_rows))
         deferred = batch.deferred_rows
         self.deferred = None if deferred is None else self.encoder.norm(x.index_select(0, deferred))
         hidden = self.encoder.norm(x.index_select(0, batch.logit_rows))
@@ -189,5 +193,5 @@ class TriModeModel(nn.Module):
             q, k, v = (t.view(bsz, n, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale, enable_gqa=True)
             x = x + attn.output(o.transpose(1, 2).reshape(bsz * n, -1), adapter_rows)
-            x = x + layer.mlp.reduce(layer.mlp(layer.post_attention_layernorm(x)))
+            x = x + layer.mlp.reduce(layer.mlp(layer.post_attention_layernorm(x), adapter_rows))
         return self.head(self.encoder.norm(x)).view(bsz, n, -1)

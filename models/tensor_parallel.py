@@ -10,8 +10,9 @@ Sharding follows the Megatron layout, so each decoder layer costs two all-reduce
   gathers them on rank 0 only (the modes need whole fp32 rows there: softmax confidence, sampling
   and speculative rejection all read the full distribution, and the rows are few: only the
   positions a step asks logits for);
-- the draft adapter is sharded like o_proj (lora_A split along its input, lora_B whole), so its
-  update joins o_proj's partial sum before the same all-reduce.
+- the draft adapter is sharded like the projections it updates: on o_proj and down_proj lora_A is
+  split along its input and lora_B whole, so the update joins the partial sum before the same
+  all-reduce; on gate_proj and up_proj lora_A is whole and lora_B split like their outputs.
 
 Execution: rank 0 owns everything that decides (scheduler, page tables, modes). Each forward it
 broadcasts one small command (the ``StepBatch`` and a cache id) to every other rank, which runs
@@ -95,9 +96,12 @@ def slice_selector(config: ModelConfig, rank: int, world: int, prefix: str = "")
             return tensor_slice[:]
         if not name.startswith("adapter."):
             name = name[len(prefix) :]
-        if name.startswith("adapter.B."):  # the draft adapter's output side is replicated
-            return tensor_slice[:]
-        if name.startswith("adapter.A.") or name.endswith(_ROW_PARALLEL):
+        if name.startswith("adapter."):  # sharded like the projection it updates
+            row_parallel = any(f"{module}.lora_" in name for module in ("o_proj", "down_proj"))
+            if name.startswith("adapter.A."):  # input side: split where the projection's input is
+                return tensor_slice[:, even(shape[1])] if row_parallel else tensor_slice[:]
+            return tensor_slice[:] if row_parallel else tensor_slice[even(shape[0])]
+        if name.endswith(_ROW_PARALLEL):
             return tensor_slice[:, even(shape[1])]
         if name in _VOCAB_PARALLEL:
             return tensor_slice[vocab_start:vocab_stop]

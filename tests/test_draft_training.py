@@ -20,10 +20,11 @@ def test_draft_mask_is_a_causal_prefix_then_a_bidirectional_block():
 
 def test_training_draft_logits_equal_the_serving_draft():
     model = random_model(seed=5)
-    adapter = DraftAdapter(model, rank=4, alpha=8.0, seed=1)
+    adapter = DraftAdapter(model, rank=4, alpha=8.0, seed=1, mlp_rank=2)  # o_proj and the MLP
     with torch.no_grad():
-        for b in adapter.b:
-            b.normal_(0.0, 0.5)  # a trained-looking adapter, so it changes the drafts
+        for name, factor in adapter.named_parameters():
+            if name.endswith("_B"):
+                factor.normal_(0.0, 0.5)  # a trained-looking adapter, so it changes the drafts
     adapter.attach(model)
     seq = torch.randint(4, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(2))
     cut, block = 11, 6
@@ -43,13 +44,15 @@ def test_training_draft_logits_equal_the_serving_draft():
 
 def test_loss_trains_the_adapter_only_and_counts_accepted_prefixes():
     model = random_model(seed=6)
-    adapter = DraftAdapter(model, rank=2, alpha=2.0)
+    adapter = DraftAdapter(model, rank=2, alpha=2.0, mlp_rank=2)
     adapter.attach(model)
     seq = torch.randint(4, model.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(3))
     loss, accepted = draft_loss(model, seq, cut=5, block=8, decay=0.9)
     loss.backward()
     assert all(p.grad is None for p in model.parameters())  # the base model is frozen
-    assert adapter.b[0].grad is not None and adapter.b[0].grad.abs().sum() > 0
+    b_factors = [f for name, f in adapter.named_parameters() if name.endswith("_B")]
+    assert len(b_factors) == 4 * model.config.num_hidden_layers  # o_proj, gate, up, down in every layer
+    assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in b_factors)
     assert accepted.shape == (3,) and bool(((accepted >= 0) & (accepted <= 7)).all())
     logits = torch.full((2, 4, 10), -5.0)
     targets = torch.tensor([[1, 2, 3, 4], [1, 9, 3, 4]])

@@ -145,28 +145,57 @@ def test_fixture_tokenizer_loads_without_remote_code(fixture_model):
     assert tok.encode("def f():")[0] == tok.bos_token_id
 
 
-def _write_adapter(folder, model, rank=4, alpha=8, scale_b=0.5):
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _write_adapter(folder, model, rank=4, alpha=8, scale_b=0.5, mlp_rank=0):
+    """A random PEFT draft adapter on o_proj (as the official one) and, with ``mlp_rank``, on the MLP's
+    projections too (their ranks and alphas in ``rank_pattern``/``alpha_pattern``, scale 1)."""
     adapter = folder / "linear_spec_lora"
     adapter.mkdir()
-    cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": ["o_proj"]}
+    ranks = {"o_proj": rank} | {name: mlp_rank for name in MLP_PROJECTIONS if mlp_rank}
+    cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": list(ranks)}
+    if mlp_rank:
+        cfg["rank_pattern"] = {name: mlp_rank for name in MLP_PROJECTIONS}
+        cfg["alpha_pattern"] = {name: mlp_rank for name in MLP_PROJECTIONS}
     (adapter / "adapter_config.json").write_text(json.dumps(cfg))
     torch.manual_seed(5)
     tensors = {}
     for i, layer in enumerate(model.encoder.layers):
-        o = layer.self_attn.o_proj.weight
-        prefix = f"base_model.model.encoder.layers.{i}.self_attn.o_proj"
-        tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, o.shape[1]) * 0.3
-        tensors[f"{prefix}.lora_B.weight"] = torch.randn(o.shape[0], rank) * scale_b
+        for name, r in ranks.items():
+            path = f"self_attn.{name}" if name == "o_proj" else f"mlp.{name}"
+            weight = layer.get_submodule(path).weight
+            prefix = f"base_model.model.encoder.layers.{i}.{path}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(r, weight.shape[1]) * 0.3
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(weight.shape[0], r) * scale_b
     save_file(tensors, adapter / "adapter_model.safetensors")
     return adapter
 
 
-def test_adapter_changes_drafts_only(saved):
+def _draft_logits(model, prompt: list[int], block: int = 4) -> torch.Tensor:
+    """Logits of a linear-spec draft block (adapter rows) after ``prompt``."""
+    from models.draft_training import draft_logits
+
+    sequence = torch.tensor([prompt + [0] * (block - 1)])
+    with torch.no_grad():
+        return draft_logits(model, sequence, len(prompt) - 1, block)
+
+
+@pytest.mark.parametrize("mlp_rank", [0, 2], ids=["o_proj", "o_proj+mlp"])
+def test_adapter_changes_drafts_only(saved, mlp_rank):
     base = models.load_model(saved)
-    _write_adapter(saved, base)
+    _write_adapter(saved, base, mlp_rank=mlp_rank)
     with_adapter = models.load_model(saved)
     assert with_adapter.has_adapter and with_adapter.encoder.layers[0].self_attn.lora.scale == 2.0
+    mlp_lora = with_adapter.encoder.layers[0].mlp.lora
+    assert sorted(mlp_lora) == (sorted(MLP_PROJECTIONS) if mlp_rank else [])
+    assert all(w.a.shape[0] == mlp_rank and w.scale == 1.0 for w in mlp_lora.values())
     prompt = [1, 7, 9, 13, 21]
+    assert not torch.equal(_draft_logits(base, prompt), _draft_logits(with_adapter, prompt))  # drafts change
+    if mlp_rank:  # and the MLP's factors are part of that change
+        for layer in with_adapter.encoder.layers:
+            layer.mlp.lora = {}
+        assert not torch.equal(_draft_logits(with_adapter, prompt), _draft_logits(models.load_model(saved), prompt))
     ar_base = models.generate(base, prompt, mode="ar", max_new_tokens=12)
     ar_lora = models.generate(with_adapter, prompt, mode="ar", max_new_tokens=12)
     assert ar_base.tokens == ar_lora.tokens  # verification and AR never use the adapter
@@ -183,13 +212,23 @@ def test_adapter_errors(saved):
     adapter = _write_adapter(saved, base)
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["q_proj", "o_proj"]}))
-    with pytest.raises(CheckpointError, match="must target o_proj only"):
+    with pytest.raises(CheckpointError, match="must target some of"):
         models.load_model(saved)
     (adapter / "adapter_config.json").write_text(json.dumps(cfg))
     tensors = load_file(adapter / "adapter_model.safetensors")
     tensors.pop("base_model.model.encoder.layers.1.self_attn.o_proj.lora_B.weight")
     save_file(tensors, adapter / "adapter_model.safetensors")
-    with pytest.raises(CheckpointError, match="missing lora_A/lora_B for layer 1"):
+    with pytest.raises(CheckpointError, match="missing lora_A/lora_B of o_proj for layer 1"):
         models.load_model(saved)
     shutil.rmtree(adapter)
     assert not models.load_model(saved).has_adapter
+    adapter = _write_adapter(saved, base, mlp_rank=2)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["o_proj"]}))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor in adapter: .*\.mlp\.(gate|up|down)_proj"):
+        models.load_model(saved)
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({**cfg, "rank_pattern": {**cfg["rank_pattern"], "down_proj": 3}})
+    )
+    with pytest.raises(CheckpointError, match="shape mismatch at layer 0: .* down_proj .* at rank 3"):
+        models.load_model(saved)

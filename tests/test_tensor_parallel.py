@@ -103,11 +103,12 @@ def run_group(world: int, cases: dict, tmp_path) -> dict:
 
 @pytest.fixture(scope="module")
 def adapter_model(tmp_path_factory):
-    """A random model whose heads allow TP=4, with a draft adapter and a vocabulary of 66 (uneven over 4)."""
+    """A random model whose heads allow TP=4, with a draft adapter on o_proj and the MLP (each projection
+    sharded its own way) and a vocabulary of 66 (uneven over 4)."""
     folder = tmp_path_factory.mktemp("tp4")
     model = random_model(seed=3, num_attention_heads=8, num_key_value_heads=4, vocab_size=66)
     save_model(model, folder)
-    _write_adapter(folder, model)
+    _write_adapter(folder, model, mlp_rank=2)
     return folder
 
 

@@ -202,6 +202,7 @@ def test_train_drafter_writes_an_adapter_that_keeps_ar_and_resumes(tmp_path, ray
         corpus=str(_corpus(tmp_path)),
         rank=4,
         alpha=8.0,
+        mlp_rank=2,
         sequences=6,
         heldout_sequences=2,
         prefix_min=4,
@@ -225,6 +226,8 @@ def test_train_drafter_writes_an_adapter_that_keeps_ar_and_resumes(tmp_path, ray
     assert drafter.has_adapter and not base.has_adapter
     lora = drafter.encoder.layers[0].self_attn.lora
     assert lora.a.shape == (4, base.config.q_size) and lora.b.abs().sum() > 0  # trained away from B = 0
+    down = drafter.encoder.layers[0].mlp.lora["down_proj"]
+    assert down.a.shape == (2, base.config.intermediate_size) and down.b.abs().sum() > 0
     ids = base.tokenizer.encode("def add(a, b):\n    return")
     assert models.score(base, ids) == models.score(drafter, ids)  # AR rows never see the adapter
     ar = models.generate(base, ids, mode="ar", max_new_tokens=16)
