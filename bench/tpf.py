@@ -1,12 +1,14 @@
 """Tokens per forward, speed and agreement with AR for every decoding mode.
 
-    python bench/tpf.py --model PATH [--heldout] [--max-new-tokens 128] [--prompts N]
+    python bench/tpf.py --model PATH [--heldout] [--max-new-tokens 128] [--prompts N] [--rounds R]
 
 Default prompts: the fixture's public prompts. ``--heldout`` cuts prompts from held-out standard
 library modules (names starting with t-z), and also prints the AR loss in bits per byte over
 those modules and the distinct-4-gram ratio of each mode's output (a repetitive model makes TPF
 look good while meaning nothing). The speculative modes also report their mean accepted length
 (tokens emitted per verified draft, the bonus token included); ``--branches`` sets quadratic's.
+With ``--rounds R`` every option runs once per round, interleaved; tok/s and its ratio to AR in the
+same round ("x AR") are medians over the rounds, and every round must decode the same tokens.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ import argparse
 import json
 import math
 import random
+import statistics
 import sysconfig
 import time
+from dataclasses import dataclass
 
 import models
 
@@ -93,6 +97,7 @@ def main() -> None:
     parser.add_argument("--branches", type=int, default=None, help="quadratic_spec: acceptance lengths drafted ahead")
     parser.add_argument("--bpb-bytes", type=int, default=200_000, help="held-out bytes scored for bits/byte")
     parser.add_argument("--modes", nargs="+", default=None, help="only these modes (ar always runs: the reference)")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds (tok/s and x AR: medians)")
     args = parser.parse_args()
 
     model = models.load_model(args.model)
@@ -102,39 +107,60 @@ def main() -> None:
             print(f"held-out AR loss: {bits_per_byte(model, args.bpb_bytes):.3f} bits/byte")
     else:
         prompts = fixture_prompts()
-    print(f"model {args.model}: {len(prompts)} prompts, max_new_tokens {args.max_new_tokens}")
-    header = f"{'mode':<24}{'TPF':>7}{'tok/s':>9}{'agree w/ AR':>13}{'distinct-4':>12}{'accepted':>10}"
+    print(f"model {args.model}: {len(prompts)} prompts, max_new_tokens {args.max_new_tokens}, {args.rounds} round(s)")
+    configs = [(m, e) for m, e in CONFIGS if args.modes is None or m == "ar" or m in args.modes]
+    runs: dict[int, list[Run]] = {i: [] for i in range(len(configs))}
+    for _ in range(args.rounds):  # every option once per round, so that the machine's drift hits all alike
+        for i, (mode, extra) in enumerate(configs):
+            knobs = {**extra, **({"branches": args.branches} if mode == "quadratic_spec" else {})}
+            runs[i].append(run_option(model, prompts, mode, knobs, args))
+    header = f"{'mode':<24}{'TPF':>7}{'tok/s':>9}{'x AR':>7}{'agree w/ AR':>13}{'distinct-4':>12}{'accepted':>10}"
     print(header)
     print("-" * len(header))
-    ar_outputs: list[list[int]] = []
-    configs = [(m, e) for m, e in CONFIGS if args.modes is None or m == "ar" or m in args.modes]
-    for mode, extra in configs:
-        tokens = nfe = 0
-        elapsed = agree = compared = 0.0
-        d4, accepted = [], []
-        knobs = {**extra, **({"branches": args.branches} if mode == "quadratic_spec" else {})}
-        for i, prompt in enumerate(prompts):
-            start = time.perf_counter()
-            out = models.generate(
-                model, prompt, mode=mode, max_new_tokens=args.max_new_tokens, block_length=args.block_length, **knobs
-            )
-            accepted += out.accepted_lengths
-            elapsed += time.perf_counter() - start
-            tokens += len(out.tokens)
-            nfe += out.nfe
-            d4.append(distinct4(out.tokens))
-            if mode == "ar":
-                ar_outputs.append(out.tokens)
-            ref = ar_outputs[i]
-            n = min(len(ref), len(out.tokens))
-            agree += sum(a == b for a, b in zip(ref[:n], out.tokens[:n]))
-            compared += max(len(ref), len(out.tokens))
+    ar_runs = runs[0]
+    for i, (mode, extra) in enumerate(configs):
+        first = runs[i][0]
+        if any(r.outputs != first.outputs for r in runs[i]):
+            raise SystemExit(f"{mode}: rounds decoded different tokens")
+        agree = compared = 0
+        for ref, out in zip(ar_runs[0].outputs, first.outputs):
+            agree += sum(a == b for a, b in zip(ref, out))
+            compared += max(len(ref), len(out))
+        speed = statistics.median(r.tokens / r.seconds for r in runs[i])
+        ratio = statistics.median((r.tokens / r.seconds) / (a.tokens / a.seconds) for r, a in zip(runs[i], ar_runs))
+        d4 = statistics.mean(distinct4(out) for out in first.outputs)
         name = mode + (f" t={extra['threshold']}" if extra else "")
-        mean_accepted = f"{sum(accepted) / len(accepted):.2f}" if accepted else "-"
+        mean_accepted = f"{statistics.mean(first.accepted):.2f}" if first.accepted else "-"
         print(
-            f"{name:<24}{tokens / nfe:>7.2f}{tokens / elapsed:>9.1f}{agree / compared:>13.1%}{sum(d4) / len(d4):>12.2f}"
-            f"{mean_accepted:>10}"
+            f"{name:<24}{first.tokens / first.nfe:>7.2f}{speed:>9.1f}{ratio:>7.2f}{agree / compared:>13.1%}"
+            f"{d4:>12.2f}{mean_accepted:>10}"
         )
+
+
+@dataclass
+class Run:
+    """One option over every prompt: its outputs and what they cost."""
+
+    outputs: list[list[int]]
+    tokens: int
+    nfe: int
+    seconds: float
+    accepted: list[int]
+
+
+def run_option(model, prompts: list[list[int]], mode: str, knobs: dict, args: argparse.Namespace) -> Run:
+    run = Run([], 0, 0, 0.0, [])
+    for prompt in prompts:
+        start = time.perf_counter()
+        out = models.generate(
+            model, prompt, mode=mode, max_new_tokens=args.max_new_tokens, block_length=args.block_length, **knobs
+        )
+        run.seconds += time.perf_counter() - start
+        run.outputs.append(out.tokens)
+        run.tokens += len(out.tokens)
+        run.nfe += out.nfe
+        run.accepted += out.accepted_lengths
+    return run
 
 
 if __name__ == "__main__":
