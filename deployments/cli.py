@@ -151,9 +151,15 @@ def _calibrate(args: argparse.Namespace) -> int:
         )
 
     options = calibrate(
-        model, blocks=blocks, prompts=args.prompts, max_new_tokens=args.max_new_tokens, batch=args.batch, progress=show
+        model,
+        blocks=blocks,
+        prompts=args.prompts,
+        max_new_tokens=args.max_new_tokens,
+        batch=args.batch,
+        rounds=args.rounds,
+        progress=show,
     )
-    meta = {"prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "batch": args.batch}
+    meta = {"prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "batch": args.batch, "rounds": args.rounds}
     print(f"written to {save_calibration(args.model, key, options, **meta)}")
     return 0
 
@@ -175,6 +181,7 @@ def _add_calibrate_parser(sub) -> None:
     cal.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"built-in prompts to use (1-{len(PROMPTS)})")
     cal.add_argument("--max-new-tokens", type=int, default=64)
     cal.add_argument("--batch", type=int, default=8, help="requests decoded at once for the per-request cost")
+    cal.add_argument("--rounds", type=int, default=2, help="rounds the options take turns in (a drifting machine)")
     cal.set_defaults(func=_calibrate)
 
 

@@ -17,6 +17,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -102,11 +103,16 @@ def calibrate(
     prompts: int = len(PROMPTS),
     max_new_tokens: int = 64,
     batch: int = 8,
+    rounds: int = 2,
     progress: Callable[[str, OptionStats], None] | None = None,
 ) -> dict[str, OptionStats]:
-    """Measure every option; ``progress`` hears about each as it is done."""
+    """Measure every option, the options interleaved over ``rounds`` (at most one per prompt);
+    ``progress`` hears about each at the end."""
     if not 1 <= prompts <= len(PROMPTS):
         raise ValueError(f"prompts must be between 1 and {len(PROMPTS)}")
+    if rounds < 1:
+        raise ValueError("rounds must be at least 1")
+    rounds = min(rounds, prompts)
     if batch < 1 or max_new_tokens < 1 or not blocks or min(blocks) < 2:
         raise ValueError("batch and max_new_tokens must be positive and block lengths at least 2")
     from models.engine import Engine
@@ -117,24 +123,32 @@ def calibrate(
     crowd = [ids[i % len(ids)] for i in range(batch)]
     pages = batch * (-(-(max(map(len, ids)) + max_new_tokens + 2 * max(blocks) + 1) // 16) + 1)
     engine = Engine(model, num_pages=pages, max_running=batch, max_step_tokens=1 << 16, prefix_caching=False)
+    keys = options_for(blocks)
+    lone: dict[str, list[tuple[int, float]]] = {key: [] for key in keys}
+    crowded: dict[str, list[tuple[int, float]]] = {key: [] for key in keys}
+    tpfs: dict[str, list[float]] = {key: [] for key in keys}
+    # Options take turns, round after round, each round a share of the prompts and of the crowd's
+    # tokens: measured one after another, a machine whose speed drifts (a shared VM's does, by up to
+    # 2x) made AR look as slow as a 16-row draft and sent speculation to a loaded replica.
+    for r in range(rounds):
+        for key in keys:
+            mode, block = split_option(key)
+            params = DecodeParams(mode=mode, max_new_tokens=max_new_tokens, block_length=block)
+            for prompt in ids[r::rounds]:
+                steps, tpf = _decode(engine, [prompt], params)
+                lone[key] += steps
+                tpfs[key] += tpf
+            share = replace(params, max_new_tokens=max(1, max_new_tokens // rounds))
+            crowded[key] += _decode(engine, crowd, share)[0]
     results = {}
-    for key in options_for(blocks):
-        mode, block = split_option(key)
-        params = DecodeParams(mode=mode, max_new_tokens=max_new_tokens, block_length=block)
-        lone, tpfs = [], []
-        for prompt in ids:
-            steps, tpf = _decode(engine, [prompt], params)
-            lone += steps
-            tpfs += tpf
-        crowded, _ = _decode(engine, crowd, params)
-        stats = OptionStats(
-            tpf=statistics.fmean(tpfs),
-            step_s=statistics.median(s for _, s in lone),
-            per_request_s=_slope(lone + crowded),
+    for key in keys:
+        results[key] = OptionStats(
+            tpf=statistics.fmean(tpfs[key]),
+            step_s=statistics.median(s for _, s in lone[key]),
+            per_request_s=_slope(lone[key] + crowded[key]),
         )
-        results[key] = stats
         if progress:
-            progress(key, stats)
+            progress(key, results[key])
     return results
 
 

@@ -97,6 +97,8 @@ def test_bad_calibration_arguments_are_refused(calibrated):
         calibrate(model, prompts=0)
     with pytest.raises(ValueError):
         calibrate(model, blocks=(1,))
+    with pytest.raises(ValueError, match="rounds"):
+        calibrate(model, rounds=0)
 
 
 def test_merge_sums_load_and_weights_figures_by_observations():
