@@ -81,6 +81,7 @@ class AppConfig:
     ingress_replicas: int = 1
     images: ImageLimits = field(default_factory=ImageLimits)  # limits on image inputs (VLMs)
     explore: float = 0.05  # share of mode "auto" requests the router sends to another option to measure it
+    load_window_s: float = 5.0  # the router plans for the most requests in flight during this window
     max_body_bytes: int = 64 * 2**20  # larger request bodies get a 413 before they are read to the end
     request_timeout_s: float = 600.0  # a request still running after this is cancelled (its ``timeout`` may be shorter)
     shutdown_grace_s: float = 30.0  # on SIGTERM / SIGINT, requests in flight get this long to finish
@@ -104,6 +105,7 @@ def _tier(raw: dict[str, Any] | None) -> TierTarget:
 
 
 INGRESS_FIELDS = {"num_cpus", "num_replicas", "max_body_mb", "request_timeout_s", "shutdown_grace_s"}
+ROUTER_FIELDS = {"explore", "load_window_s"}
 
 
 def parse_config(raw: dict[str, Any], base: Path | None = None) -> AppConfig:
@@ -136,11 +138,14 @@ def parse_config(raw: dict[str, Any], base: Path | None = None) -> AppConfig:
     if max_body_mb <= 0 or timeout <= 0 or grace < 0:
         raise ValueError("ingress.max_body_mb and request_timeout_s must be positive, shutdown_grace_s not negative")
     router = dict(raw.get("router") or {})
-    if set(router) - {"explore"}:
-        raise ValueError(f"unknown router fields: {', '.join(sorted(set(router) - {'explore'}))}")
+    if set(router) - ROUTER_FIELDS:
+        raise ValueError(f"unknown router fields: {', '.join(sorted(set(router) - ROUTER_FIELDS))}")
     explore = float(router.get("explore", 0.05))
     if not 0.0 <= explore <= 1.0:
         raise ValueError("router.explore must be between 0 and 1")
+    load_window = float(router.get("load_window_s", 5.0))
+    if load_window < 0:
+        raise ValueError("router.load_window_s must not be negative")
     images = dict(raw.get("images") or {})
     unknown = set(images) - set(ImageLimits.__dataclass_fields__)
     if unknown:
@@ -153,6 +158,7 @@ def parse_config(raw: dict[str, Any], base: Path | None = None) -> AppConfig:
         ingress_replicas=int(ingress.get("num_replicas", 1)),
         images=ImageLimits(**images),
         explore=explore,
+        load_window_s=load_window,
         max_body_bytes=int(max_body_mb * 2**20),
         request_timeout_s=timeout,
         shutdown_grace_s=grace,

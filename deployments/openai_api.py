@@ -14,7 +14,7 @@ import math
 import random
 import time
 import weakref
-from collections import Counter
+from collections import Counter, defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -78,6 +78,8 @@ class OpenAIService:
         # requests this ingress has prepared and not yet finished, per model: replicas report theirs
         # every half second, too late for a burst whose requests arrive together
         self.in_flight: Counter[str] = Counter()
+        # (time, in flight) after each change, for the last ``load_window_s``: see ``recent_load``
+        self._load_history: dict[str, deque[tuple[float, int]]] = defaultdict(deque)
         self.draining = False  # shutting down: new requests are refused, those in flight finish
 
     # ----- auth and listing ------------------------------------------------------------------
@@ -171,7 +173,7 @@ class OpenAIService:
                 fixed, per_token = 0.01 * model.size / 1e9 + 0.005, 0.0
         replicas = max(stats.get("replicas", 1), 1)
         waiting = stats.get("waiting", 0)
-        running = max(stats.get("running", 0), self.in_flight[model.spec.name] - waiting)
+        running = max(stats.get("running", 0), self.recent_load(model.spec.name) - waiting)
         replica = ReplicaStats(
             fixed_step_s=fixed,
             per_token_s=per_token or 0.0,
@@ -327,11 +329,29 @@ class OpenAIService:
         timeout = min(req.timeout or math.inf, self.config.request_timeout_s)
         prep = Prepared(model, prompt, params, req.tier, req.stop_list, decision, images, time.monotonic() + timeout)
         self.in_flight[model.spec.name] += 1  # until the request is done with (its Prepared is freed)
+        self._note_load(model.spec.name)
         weakref.finalize(prep, self._release, model.spec.name)
         return prep
 
     def _release(self, name: str) -> None:
         self.in_flight[name] -= 1
+        self._note_load(name)
+
+    def _note_load(self, name: str) -> None:
+        history = self._load_history[name]
+        now = time.monotonic()
+        history.append((now, self.in_flight[name]))
+        while history and history[0][0] < now - self.config.load_window_s:
+            history.popleft()
+
+    def recent_load(self, name: str) -> int:
+        """Requests this ingress plans a new one of ``name`` to run beside: the most in flight at any
+        time in the last ``load_window_s`` (or now). Requests that arrive together are routed one by
+        one, each seeing only those before it, yet they run together for their whole lives: planned
+        for the instantaneous count, the first half of a burst of 16 took self-speculation and then
+        decoded in a crowded batch at 0.6x AR's throughput. Load is assumed to stay at its recent peak."""
+        self._note_load(name)  # drops what fell out of the window
+        return max(n for _, n in self._load_history[name])
 
     @staticmethod
     def fan_out(prep: Prepared, count: int) -> list[Prepared]:

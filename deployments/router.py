@@ -28,6 +28,7 @@ from models.modes.quadratic_spec import DEFAULT_BRANCHES
 # distribution above it), so that routing changes the speed of an answer and never the answer.
 # Diffusion commits tokens AR would not have chosen; a client asks for it by name.
 ROUTABLE_MODES = ("ar", "linear_spec", "quadratic_spec")
+EXPLORE_SLOWDOWN = 3.0  # exploration tries no option predicted slower than this times the choice
 
 
 @dataclass(frozen=True)
@@ -131,14 +132,19 @@ def explore(
 ) -> Decision:
     """With probability ``fraction``, another option of the chosen model instead: the one with the
     fewest live observations (so each gets its turn), among those meeting the tier when the chosen
-    one does. Without this, an option predicted worse is never measured again, and a stale or
-    uncalibrated figure would never be corrected."""
+    one does and predicted at most ``EXPLORE_SLOWDOWN`` times its time per output token. Without
+    this, an option predicted worse is never measured again, and a stale or uncalibrated figure would
+    never be corrected; without the bound, at high load one explored request in a 32-token quadratic
+    cycle (eight times AR's predicted cost there) slowed every request batched with it."""
     if fraction <= 0 or rng.random() >= fraction:
         return chosen
     others = [
         d
         for d in options
-        if d.model == chosen.model and d.option != chosen.option and (d.meets_targets or not chosen.meets_targets)
+        if d.model == chosen.model
+        and d.option != chosen.option
+        and (d.meets_targets or not chosen.meets_targets)
+        and d.tpot <= EXPLORE_SLOWDOWN * chosen.tpot
     ]
     if not others:
         return chosen

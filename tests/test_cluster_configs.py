@@ -108,3 +108,12 @@ def test_model_spec_rejects_bad_tensor_parallel_settings():
         parse_config({"models": [{"name": "m", "path": "x", "tensor_parallel_size": 0}]})
     with pytest.raises(ValueError, match="unknown model fields: tp"):
         parse_config({"models": [{"name": "m", "path": "x", "tp": 2}]})
+
+
+def test_router_settings_are_validated():
+    model = {"name": "m", "path": "x"}
+    assert parse_config({"models": [model], "router": {"load_window_s": 2}}).load_window_s == 2.0
+    with pytest.raises(ValueError, match="router.load_window_s must not be negative"):
+        parse_config({"models": [model], "router": {"load_window_s": -1}})
+    with pytest.raises(ValueError, match="unknown router fields: window"):
+        parse_config({"models": [model], "router": {"window": 1}})

@@ -7,7 +7,17 @@ import random
 
 import pytest
 
-from deployments.router import Candidate, Decision, ReplicaStats, TierTarget, best, evaluate, explore, predict
+from deployments.router import (
+    EXPLORE_SLOWDOWN,
+    Candidate,
+    Decision,
+    ReplicaStats,
+    TierTarget,
+    best,
+    evaluate,
+    explore,
+    predict,
+)
 from models.engine.costs import OptionStats
 
 # calibrated figures shaped like a model whose drafts are accepted: a lone AR step 10 ms, a block
@@ -151,3 +161,13 @@ def test_affinity_key_is_the_prompts_shareable_leading_pages():
     assert affinity_key(list(range(33)), 16) != affinity_key(list(range(32)), 16)  # 32 tokens: one page shareable
     assert affinity_key(list(range(16)), 16) is None and affinity_key([], 16) is None
     assert affinity_key([5] + system, 16) != affinity_key(system + [5], 16)
+
+
+def test_exploration_at_high_load_skips_options_predicted_far_slower():
+    # at 64 requests in flight the 32-token options would slow every request batched with them
+    options = evaluate(TierTarget(), [cand(running=64)], 10)
+    chosen = best(options)
+    far = [d.option for d in options if d.tpot > EXPLORE_SLOWDOWN * chosen.tpot]
+    assert chosen.option == "ar" and far  # the bound has something to exclude
+    picks = {explore(chosen, options, {}, 1.0, random.Random(i)).option for i in range(200)}
+    assert picks and not picks & set(far) and chosen.option not in picks

@@ -84,6 +84,16 @@ def test_a_burst_turns_the_choice_from_speculation_to_ar(service):
     gc.collect()
     assert service.in_flight["m"] == 0  # every prepared request released its place
 
+    def next_mode() -> str:
+        return asyncio.run(service.prepare(request(), "completion")).params.mode
+
+    # the burst is over, but within the load window the router plans for its peak: the next burst
+    # does not start with speculation
+    assert service.recent_load("m") == 8 and next_mode() == "ar"
+    service.config.load_window_s = 0.0  # a window of nothing: the instantaneous count alone
+    gc.collect()
+    assert service.recent_load("m") == 0 and next_mode() == "linear_spec"
+
 
 def test_auto_never_trades_the_answer_for_speed(fixture_path, tmp_path):
     # diffusion predicted eight times faster than anything else: auto still keeps to the modes whose
