@@ -27,6 +27,7 @@ unchanged) and rebuilt when a parameter changes (a training step, a reload).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -51,6 +52,31 @@ def cpu_has_fast_half() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+@functools.cache
+def probe_rows(out_features: int, in_features: int, dtype: torch.dtype, threads: int) -> tuple[int, int]:
+    """(min_rows, max_rows) of packed products of this shape and dtype on this CPU with this thread count:
+    whether calls of 1..7 rows round every row as calls of 8 do (else such calls are padded to 4), and
+    the largest of 8, 16, 32 and 64 up to which every call of ``min_rows`` or more rows does (larger
+    calls are split). oneDNN chooses kernels by shape, not values, so one probe serves every weight of
+    the shape. A kernel that rounds otherwise shows up as differing bits, but rarely (about one output
+    in ten thousand for the bf16 products above), so several batches of random rows are compared."""
+    weight = (torch.randn((out_features, in_features), generator=torch.Generator().manual_seed(99))).to(dtype)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, ROW_MULTIPLE)
+
+    def product(x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+    gen = torch.Generator().manual_seed(1234)  # not the weight's stream: rows equal to weight rows hide differences
+    agrees = set(range(1, PROBE_ROWS + 1))
+    for _ in range(PROBE_BATCHES):
+        probe = torch.randn((PROBE_ROWS, in_features), generator=gen).to(dtype)
+        reference = torch.cat([product(probe[i : i + 8]) for i in range(0, PROBE_ROWS, 8)])
+        agrees -= {n for n in agrees if not torch.equal(product(probe[:n]), reference[:n])}
+    min_rows = 1 if agrees >= set(range(1, 8)) else ROW_MULTIPLE
+    ok = [limit for limit in (8, 16, 32, PROBE_ROWS) if agrees >= set(range(min_rows, limit + 1))]
+    return min_rows, max(ok, default=0)
+
+
 class _Prepared:
     """A fused weight (and its oneDNN packing) plus the fingerprint of the parameters it came from."""
 
@@ -59,29 +85,15 @@ class _Prepared:
         fused = weights[0] if len(weights) == 1 else torch.cat([w.detach() for w in weights])
         self.weight = fused.detach()
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, ROW_MULTIPLE) if _can_pack(fused) else None
-        self.min_rows, self.max_rows = self._probe() if self.packed is not None else (ROW_MULTIPLE, PROBE_ROWS)
+        if self.packed is not None:
+            self.min_rows, self.max_rows = probe_rows(*fused.shape, fused.dtype, torch.get_num_threads())
+        else:
+            self.min_rows, self.max_rows = ROW_MULTIPLE, PROBE_ROWS
         if not self.max_rows:  # a backend that rounds calls of 4..7 rows otherwise: the padded reference instead
             self.packed = None
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
-
-    def _probe(self) -> tuple[int, int]:
-        """(min_rows, max_rows) on this CPU with this thread count: whether calls of 1..7 rows round every
-        row as calls of 8 do (else such calls are padded to 4), and the largest of 8, 16, 32 and 64 up
-        to which every call of ``min_rows`` or more rows does (larger calls are split). A kernel that
-        rounds otherwise shows up as differing bits, but rarely (about one output in ten thousand for
-        the bf16 products above), so several batches of random rows are compared."""
-        # not seed 0: a weight drawn from the same stream (tests make such) hides the differences
-        gen = torch.Generator().manual_seed(1234)
-        agrees = set(range(1, PROBE_ROWS + 1))
-        for _ in range(PROBE_BATCHES):
-            probe = torch.randn((PROBE_ROWS, self.weight.shape[1]), generator=gen).to(self.weight.dtype)
-            reference = torch.cat([self._product(probe[i : i + 8]) for i in range(0, PROBE_ROWS, 8)])
-            agrees -= {n for n in agrees if not torch.equal(self._product(probe[:n]), reference[:n])}
-        min_rows = 1 if agrees >= set(range(1, 8)) else ROW_MULTIPLE
-        ok = [limit for limit in (8, 16, 32, PROBE_ROWS) if agrees >= set(range(min_rows, limit + 1))]
-        return min_rows, max(ok, default=0)
 
     def _call(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]

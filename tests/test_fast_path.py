@@ -50,7 +50,8 @@ def test_small_calls_are_padded_unless_the_probe_shows_the_backend_agrees(monkey
         prepared = matmul._prepared((weight,))
         if prepared.packed is None:
             pytest.skip("no oneDNN on this build")
-        assert (prepared.min_rows, prepared.max_rows) == prepared._probe()
+        probe = matmul.probe_rows(*weight.shape, weight.dtype, torch.get_num_threads())
+        assert (prepared.min_rows, prepared.max_rows) == probe
         full = prepared(x)
         padded = []
         product = _counting(torch.ops.mkldnn._linear_pointwise, padded)
