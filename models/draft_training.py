@@ -24,7 +24,7 @@ from torch import nn
 
 from models.model import ADAPTER_MODULES, LoraWeights, TriModeModel
 
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+MLP_MODULES = tuple(name for name, path in ADAPTER_MODULES.items() if path.startswith("mlp."))
 
 
 class DraftAdapter(nn.Module):

@@ -10,10 +10,11 @@ kernels/matmul.py), except on the CPU fast path:
   products reducing over 768 or more inputs give other bits in calls of more than 32 rows (some
   sizes only, and where the switch happens depends on the thread count); below 4 rows other CPUs
   may take other kernels (this project's do not, and a lone AR row unpadded costs about 0.8x of
-  four padded rows). So each packed weight is probed once, when it is packed, on batches of 64
-  rows against the same rows computed in calls of 8: calls are padded to 4 rows unless rows 1 to
-  7 agree alone, and split into pieces of at most ``max_rows`` rows (8, 16, 32 or 64: the largest
-  up to which every call agreed; larger calls are never trusted unprobed). Packing once also skips the
+  four padded rows). So each shape, dtype and thread count is probed once, when a weight of it is
+  first packed, on batches of 64 rows against the same rows computed in calls of 8: calls are
+  padded to 4 rows unless rows 1 to 7 agree alone, and split into pieces of at most ``max_rows``
+  rows (8, 16, 32 or 64: the largest up to which every call agreed; larger calls are never trusted
+  unprobed). Packing once also skips the
   per-call weight packing MKL does: a forward's
   products ran 1.6x faster at 4 rows and 1.25x at 32 than ``F.linear`` on the same rows. It costs
   a second copy of the weights in memory. On the AMX Xeon packed bf16 products take 0.5-0.9x the
@@ -33,10 +34,10 @@ import os
 import torch
 
 import kernels
-from kernels.matmul import ROW_MULTIPLE, pad_rows
+from kernels.matmul import PIECE_ROWS, ROW_MULTIPLE, pad_rows
 
 FAST_PATH = os.environ.get("TRISERVE_FAST_PATH", "1").strip() != "0"
-PROBE_ROWS = 64  # row counts probed per packed weight; larger calls are split into probed pieces
+PROBE_ROWS = PIECE_ROWS  # row counts probed per shape, as the padded reference's pieces; larger calls are split
 PROBE_BATCHES = 4
 
 

@@ -47,7 +47,8 @@ from models.model import TriModeModel
 from models.vlm import VisionLanguageModel, load_vlm, read_config
 
 _COLUMN_PARALLEL = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight")
-_ROW_PARALLEL = ("o_proj.weight", "down_proj.weight")
+_ROW_PARALLEL_MODULES = ("o_proj", "down_proj")
+_ROW_PARALLEL = tuple(f"{module}.weight" for module in _ROW_PARALLEL_MODULES)
 _VOCAB_PARALLEL = ("encoder.embed_tokens.weight", "diffusion_head.weight")
 
 
@@ -97,7 +98,7 @@ def slice_selector(config: ModelConfig, rank: int, world: int, prefix: str = "")
         if not name.startswith("adapter."):
             name = name[len(prefix) :]
         if name.startswith("adapter."):  # sharded like the projection it updates
-            row_parallel = any(f"{module}.lora_" in name for module in ("o_proj", "down_proj"))
+            row_parallel = any(f"{module}.lora_" in name for module in _ROW_PARALLEL_MODULES)
             if name.startswith("adapter.A."):  # input side: split where the projection's input is
                 return tensor_slice[:, even(shape[1])] if row_parallel else tensor_slice[:]
             return tensor_slice[:] if row_parallel else tensor_slice[even(shape[0])]

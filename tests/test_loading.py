@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import models
 from models.config import ConfigError, ModelConfig
+from models.draft_training import MLP_MODULES
 from models.loading import CheckpointError, save_model
 from models.matmul import cpu_has_fast_half
 from tests.conftest import random_model, tiny_config
@@ -145,19 +146,16 @@ def test_fixture_tokenizer_loads_without_remote_code(fixture_model):
     assert tok.encode("def f():")[0] == tok.bos_token_id
 
 
-MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-
-
 def _write_adapter(folder, model, rank=4, alpha=8, scale_b=0.5, mlp_rank=0):
     """A random PEFT draft adapter on o_proj (as the official one) and, with ``mlp_rank``, on the MLP's
     projections too (their ranks and alphas in ``rank_pattern``/``alpha_pattern``, scale 1)."""
     adapter = folder / "linear_spec_lora"
     adapter.mkdir()
-    ranks = {"o_proj": rank} | {name: mlp_rank for name in MLP_PROJECTIONS if mlp_rank}
+    ranks = {"o_proj": rank} | {name: mlp_rank for name in MLP_MODULES if mlp_rank}
     cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": list(ranks)}
     if mlp_rank:
-        cfg["rank_pattern"] = {name: mlp_rank for name in MLP_PROJECTIONS}
-        cfg["alpha_pattern"] = {name: mlp_rank for name in MLP_PROJECTIONS}
+        cfg["rank_pattern"] = {name: mlp_rank for name in MLP_MODULES}
+        cfg["alpha_pattern"] = {name: mlp_rank for name in MLP_MODULES}
     (adapter / "adapter_config.json").write_text(json.dumps(cfg))
     torch.manual_seed(5)
     tensors = {}
@@ -188,7 +186,7 @@ def test_adapter_changes_drafts_only(saved, mlp_rank):
     with_adapter = models.load_model(saved)
     assert with_adapter.has_adapter and with_adapter.encoder.layers[0].self_attn.lora.scale == 2.0
     mlp_lora = with_adapter.encoder.layers[0].mlp.lora
-    assert sorted(mlp_lora) == (sorted(MLP_PROJECTIONS) if mlp_rank else [])
+    assert sorted(mlp_lora) == (sorted(MLP_MODULES) if mlp_rank else [])
     assert all(w.a.shape[0] == mlp_rank and w.scale == 1.0 for w in mlp_lora.values())
     prompt = [1, 7, 9, 13, 21]
     assert not torch.equal(_draft_logits(base, prompt), _draft_logits(with_adapter, prompt))  # drafts change
