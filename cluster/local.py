@@ -69,6 +69,7 @@ def ensure_ray(
         os.environ.setdefault("RAY_worker_niceness", str(worker_niceness))
     start_with_retries(
         lambda: ray.init(
+            address="local",  # without it Ray joins the newest cluster on this machine (any other process's)
             num_cpus=num_cpus,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",

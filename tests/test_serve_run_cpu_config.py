@@ -67,9 +67,10 @@ def test_serve_run_deploys_the_cpu_config(tmp_path):
         expected = models.generate(reference, reference.tokenizer.encode(body["prompt"]), max_new_tokens=16)
         assert answer["choices"][0]["text"] == reference.tokenizer.decode(expected.tokens, skip_special_tokens=True)
     finally:
-        os.killpg(proc.pid, signal.SIGINT)  # serve run shuts Serve down; Ray stops with the process
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc.poll() is None:  # it may have exited already: the assertion above says why
+            os.killpg(proc.pid, signal.SIGINT)  # serve run shuts Serve down; Ray stops with the process
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
