@@ -43,7 +43,7 @@ def test_tp2_group_spans_two_nodes_and_recovers_from_a_dead_rank(tmp_path):
     lines = [line for line in out.splitlines() if line.startswith("{")]
     assert lines, out[-2000:] + (tmp_path / "stderr.log").read_text(errors="replace")[-4000:]
     result = json.loads(lines[-1])
-    assert proc.returncode == 0, result
+    assert proc.returncode == 0, (result, (tmp_path / "stderr.log").read_text(errors="replace")[-4000:])
     # one two-bundle group, its bundles on two different nodes
     [nodes] = result["groups_before"].values()
     assert len(set(nodes)) == 2
