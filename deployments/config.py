@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from deployments.router import TierTarget
+from models.engine.engine import check_speculation_max_batch
 from vision.loading import ImageLimits
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,6 +37,9 @@ class ModelSpec:
     stream_interval_s: float = 0.1  # while requests share the engine, a stream sends at most this often
     engine_process: bool = True  # step the engine in a process of its own (tensor parallel: always a thread)
     priority_ageing_s: float = 5.0  # a request waiting this long counts one tier more urgent
+    # above this many requests speculative ones take AR steps ("auto": where the calibration says
+    # speculation stops paying; null: never; models/engine/engine.py)
+    speculation_max_batch: int | str | None = "auto"
     num_cpus: float = 0.5
     threads: int | None = None  # torch CPU threads per replica / rank (default: its whole CPUs, at least 1)
     num_gpus: float = 0.0
@@ -51,6 +55,10 @@ class ModelSpec:
             raise ValueError(f"model {self.name}: affinity_imbalance must be a non-negative integer")
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ValueError(f"model {self.name}: tensor_parallel_size must be a positive integer")
+        try:
+            check_speculation_max_batch(self.speculation_max_batch)
+        except ValueError as exc:
+            raise ValueError(f"model {self.name}: {exc}") from None
         if self.placement_strategy not in PLACEMENT_STRATEGIES:
             raise ValueError(
                 f"model {self.name}: placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "

@@ -60,6 +60,7 @@ class ModelServer:
                 "prefill_chunk": self.spec.prefill_chunk,
                 "prefix_caching": self.spec.prefix_caching,
                 "priority_ageing_s": self.spec.priority_ageing_s,
+                "speculation_max_batch": self.spec.speculation_max_batch,
             },
         )
         self.group = None  # tensor parallel: the other ranks (this replica is rank 0)

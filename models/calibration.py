@@ -122,7 +122,14 @@ def calibrate(
     ids = [[tok.bos_token_id] + tok.encode(text, add_special_tokens=False) for text in PROMPTS[:prompts]]
     crowd = [ids[i % len(ids)] for i in range(batch)]
     pages = batch * (-(-(max(map(len, ids)) + max_new_tokens + 2 * max(blocks) + 1) // 16) + 1)
-    engine = Engine(model, num_pages=pages, max_running=batch, max_step_tokens=1 << 16, prefix_caching=False)
+    engine = Engine(
+        model,
+        num_pages=pages,
+        max_running=batch,
+        max_step_tokens=1 << 16,
+        prefix_caching=False,
+        speculation_max_batch=None,  # every option is measured as it is, crowded too
+    )
     keys = options_for(blocks)
     lone: dict[str, list[tuple[int, float]]] = {key: [] for key in keys}
     crowded: dict[str, list[tuple[int, float]]] = {key: [] for key in keys}

@@ -10,11 +10,14 @@ after the prefill only drafts.
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
 
 import models
+from models.engine import Engine
+from models.modes import DecodeParams
 from tests.conftest import random_model
 
 PROMPT = [1, 9, 4, 11]
@@ -105,3 +108,25 @@ def test_biased_acceptance_would_be_caught(small_vocab_model, exact, monkeypatch
     monkeypatch.setattr("kernels.verify_accept_sampled", accept_all)
     counts, _ = sample_counts(small_vocab_model, mode)
     assert chi_square_p_value(counts[position], exact[position]) < 1e-3
+
+
+@pytest.mark.parametrize("mode", ["linear_spec", "quadratic_spec"])
+def test_ar_distribution_holds_whatever_the_steps_are(small_vocab_model, exact, mode):
+    """At temperature 1, requests whose steps are cycles or AR steps at random (any interleaving a
+    changing load can cause) still sample the first three tokens from AR's distribution."""
+    model = small_vocab_model
+    engine = Engine(model, num_pages=4 * SAMPLES, page_size=4, max_running=SAMPLES, speculation_max_batch=None)
+    coin = random.Random(0)
+    engine.scheduler.speculate = lambda request, load: coin.random() < 0.5
+    params = [DecodeParams(mode=mode, max_new_tokens=3, temperature=1.0, seed=s) for s in range(SAMPLES)]
+    states = [engine.add_request(f"s{s}", PROMPT, p).state for s, p in enumerate(params)]
+    while engine.has_work:
+        engine.step()
+    counts = [torch.zeros(model.config.vocab_size, dtype=torch.float64) for _ in range(3)]
+    for state in states:
+        for position, token in enumerate(state.tokens):
+            counts[position][token] += 1
+    for observed, expected in zip(counts, exact):
+        assert chi_square_p_value(observed, expected) > 1e-3
+    assert sum(s.demoted_steps > 0 for s in states) > SAMPLES // 4
+    assert sum(any(n > 1 for n in s.accepted_lengths) for s in states) > SAMPLES // 20

@@ -93,16 +93,32 @@ class OptionCosts:
         stats.tpf = _ema(stats.tpf, tpf, self.ema)
         stats.samples += 1
 
+    def figures(self, key: str) -> OptionStats | None:
+        """An option's current figures, calibrated step costs scaled by the live factor."""
+        stats = self.options.get(key)
+        prior = self.priors.get(key)
+        if stats is not None and prior is not None and prior.step_s:
+            per_request = prior.per_request_s and prior.per_request_s * self.scale
+            stats = replace(stats, step_s=prior.step_s * self.scale, per_request_s=per_request)
+        return stats
+
     def snapshot(self) -> dict[str, dict[str, float | int | None]]:
-        """Every option's current figures, calibrated step costs scaled by the live factor."""
-        out = {}
-        for key, stats in list(self.options.items()):
-            prior = self.priors.get(key)
-            if prior is not None and prior.step_s:
-                per_request = prior.per_request_s and prior.per_request_s * self.scale
-                stats = replace(stats, step_s=prior.step_s * self.scale, per_request_s=per_request)
-            out[key] = stats.to_dict()
-        return out
+        """Every option's current figures (``figures``)."""
+        return {key: self.figures(key).to_dict() for key in list(self.options)}
+
+    def speculation_pays(self, key: str, requests: int) -> bool:
+        """Whether ``requests`` requests decoding in option ``key`` are predicted to emit tokens
+        faster than as many AR requests (a step of n requests in an option costs ``step_s +
+        per_request_s * (n - 1)`` and yields ``n * tpf`` tokens). True when either option lacks a
+        figure: without calibration nothing is known to be lost by speculating."""
+        spec, ar = self.figures(key), self.figures("ar")
+        if spec is None or ar is None:
+            return True
+        if None in (spec.tpf, spec.step_s, spec.per_request_s, ar.step_s, ar.per_request_s):
+            return True
+        extra = requests - 1
+        spec_s = (spec.step_s + spec.per_request_s * extra) / spec.tpf
+        return spec_s < ar.step_s + ar.per_request_s * extra
 
 
 @dataclass

@@ -14,7 +14,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-from models.engine.costs import OptionCosts, OptionStats, StepCost, request_option
+from models.engine.costs import OptionCosts, OptionStats, StepCost, option_key, request_option
 from models.engine.kv_manager import KVCacheManager
 from models.engine.runner import ModelRunner
 from models.engine.scheduler import TIER_PRIORITY, Request, RequestStats, Scheduler
@@ -23,6 +23,12 @@ from models.modes.base import Score
 from models.segments import PromptEmbeds
 
 MAX_BLOCK_LENGTH = 1024  # DecodeParams' bound: a request writes at most one block past its output
+
+
+def check_speculation_max_batch(value: object) -> None:
+    """``Engine``'s ``speculation_max_batch`` is "auto", None or a positive integer."""
+    if not (value in (None, "auto") or (type(value) is int and value >= 1)):
+        raise ValueError(f"speculation_max_batch must be 'auto', null or a positive integer, not {value!r}")
 
 
 class RequestRejected(ValueError):
@@ -100,7 +106,14 @@ class Engine:
         prefix_caching: bool = True,
         priority_ageing_s: float = 5.0,
         priors: dict[str, OptionStats] | None = None,
+        speculation_max_batch: int | str | None = "auto",
     ) -> None:
+        """``speculation_max_batch``: above this many requests (running and waiting) speculative
+        requests take AR steps instead of new cycles (vLLM's ``disable_by_batch_size``); "auto":
+        wherever the option's figures (``priors``, refreshed live) predict speculation to emit fewer
+        tokens per second than AR for that many requests; None: never."""
+        check_speculation_max_batch(speculation_max_batch)
+        self.speculation_max_batch = speculation_max_batch
         self.model = model
         self.cache = model.new_cache(num_pages, page_size)
         longest = model.config.max_position_embeddings + MAX_BLOCK_LENGTH + 1
@@ -118,6 +131,7 @@ class Engine:
             max_step_tokens=max_step_tokens,
             prefill_chunk=prefill_chunk,
             ageing_s=priority_ageing_s,
+            speculate=self._may_speculate,
         )
         self.runner = ModelRunner(model, self.cache, self.kv)
         self._seq_ids = itertools.count()
@@ -204,6 +218,16 @@ class Engine:
     def waiting(self) -> list[Request]:
         return list(self.scheduler.waiting)
 
+    def _may_speculate(self, request: Request, load: int) -> bool:
+        """Whether a speculative request may start a cycle among ``load`` requests; a lone request
+        always may (its mode is what it asked for)."""
+        limit, state = self.speculation_max_batch, request.state
+        if not state.speculative or load <= 1 or limit is None:
+            return True
+        if limit == "auto":
+            return self.stats.options.speculation_pays(option_key(state.mode, state.block_length), load)
+        return load <= limit
+
     # ----- stepping ------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         """Run one step; report the requests that emitted tokens or finished."""
@@ -218,7 +242,7 @@ class Engine:
         elapsed = now - start
         self.stats.batch_tokens = sum(plan.num_tokens for _, plan in scheduled)
         self.stats.cost.add(self.stats.batch_tokens, elapsed)
-        options = {request.option for request, _ in scheduled}
+        options = {"ar" if plan.demoted else request.option for request, plan in scheduled}
         if not prefilling and len(options) == 1 and None not in options:
             self.stats.options.observe_step(options.pop(), len(scheduled), elapsed)
         outputs = []
@@ -234,7 +258,7 @@ class Engine:
                 request.stats.finished = now
                 self.scheduler.remove(request.request_id)
                 self._ids.discard(request.request_id)
-                if request.option is not None and state.tpf:
+                if request.option is not None and state.tpf and not state.demoted_steps:  # its own TPF
                     self.stats.options.observe_finished(request.option, state.tpf)
             trace = state.trace or []  # handed out with this output, so the state keeps only new events
             if trace:

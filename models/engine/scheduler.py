@@ -13,6 +13,10 @@ Policy (one step):
    the budget. Prefills take chunks of what is left (at most ``prefill_chunk``).
 3. Then waiting requests are admitted in tier order while the budget and ``max_running`` allow.
 
+Before a decoding request plans its step, ``speculate(request, load)`` (the engine's policy; load:
+the requests running and waiting) decides whether a speculative request may start a new cycle or
+takes an AR step instead (``DecodeState.speculate``).
+
 Tier order is ``interactive`` before ``standard`` before ``batch``, with ageing: every
 ``ageing_s`` seconds a request has waited since it arrived count as one tier up, so batch
 requests still finish under a stream of interactive ones. Ties go to the earlier arrival.
@@ -92,6 +96,7 @@ class Scheduler:
         prefill_chunk: int,
         ageing_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        speculate: Callable[[Request, int], bool] = lambda request, load: True,
     ) -> None:
         if max_step_tokens < 1 or prefill_chunk < 1 or max_running < 1:
             raise ValueError("max_step_tokens, prefill_chunk and max_running must be positive")
@@ -101,6 +106,7 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.ageing_s = ageing_s
         self.clock = clock
+        self.speculate = speculate
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.stats = SchedulerStats()
@@ -138,6 +144,7 @@ class Scheduler:
         urgency = {id(r): self._urgency(r, now) for r in self.running + self.waiting}
         chosen: list[tuple[Request, Plan]] = []
         budget = self.max_step_tokens
+        load = len(self.running) + len(self.waiting)
 
         def take(request: Request, must: bool, admit: bool = False) -> bool:
             nonlocal budget
@@ -149,6 +156,7 @@ class Scheduler:
                     return False
                 plan = state.plan(min(self.prefill_chunk, room))
             else:
+                state.speculate = self.speculate(request, load)
                 plan = state.plan(budget)
                 if not must and plan.num_tokens > budget:
                     request.skipped += 1

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from models.modes.base import DecodeState, Plan, Score, Verify
-from models.segments import causal_segment
+from models.modes.base import DecodeState, Plan, Score, ar_step
 
 
 class ARState(DecodeState):
@@ -16,7 +15,7 @@ class ARState(DecodeState):
         return self.emit([token], scores)
 
     def plan_decode(self) -> Plan:
-        return Plan([causal_segment([self.tokens[-1]], self.cached_len, write=True)], Verify())
+        return ar_step(self.tokens[-1], self.cached_len)
 
     def advance_decode(self, plan: Plan, result: list[int]) -> list[int]:
         self.cached_len += 1

@@ -139,6 +139,12 @@ class Unmask:
 Work = Verify | Draft | Unmask
 
 
+def ar_step(token: int, cached_len: int, demoted: bool = False) -> Plan:
+    """One causal row behind ``token``, written to the cache: an AR step, which is also the verify
+    of an empty draft (result ``[0, next token]``)."""
+    return Plan([causal_segment([token], cached_len, write=True)], Verify(), demoted=demoted)
+
+
 def unmask_changes(before: list[int], after: list[int], mask_id: int) -> tuple[list[int], list[int]]:
     """The slots a denoise pass committed (masked before, not after) and re-masked (the reverse)."""
     committed = [i for i, (b, a) in enumerate(zip(before, after)) if b == mask_id != a]
@@ -153,6 +159,7 @@ class Plan:
     segments: list[Segment]
     work: Work | None
     prefill_stop: int | None = None  # a prefill chunk: the cache length it reaches
+    demoted: bool = False  # a speculative request's plain AR step, taken in a crowded batch (``speculate``)
 
     @property
     def num_tokens(self) -> int:
@@ -170,6 +177,7 @@ class DecodeState(ABC):
 
     mode: str = ""
     prefill_counts_as_forward = False  # the official accounting counts it for the spec modes only
+    speculative = False  # drafts and verifies: honours ``speculate``
 
     def __init__(
         self, prompt: list[int], params: DecodeParams, config: ModelConfig, embeds: PromptEmbeds | None = None
@@ -200,6 +208,11 @@ class DecodeState(ABC):
         self.started = False  # the prompt's logits have been read
         self.nfe = 0
         self.accepted_lengths: list[int] = []  # tokens emitted per speculative cycle
+        # Set by the scheduler before each step. False in a crowded batch, where a speculative mode's
+        # rows cost more than its accepted tokens save: it then finishes the cycle under way and
+        # takes plain AR steps (lossless by construction) until the batch thins.
+        self.speculate = True
+        self.demoted_steps = 0  # AR steps taken for that reason
         self.finished = False
         self.finish_reason: str | None = None
         # with params.trace: one event per forward (``trace_event``), taken away by whoever reports them
@@ -243,6 +256,7 @@ class DecodeState(ABC):
         return emitted
 
     def _advance(self, plan: Plan, result: list[int]) -> list[int]:
+        self.demoted_steps += plan.demoted
         if plan.prefill_stop is not None:
             self.cached_len = plan.prefill_stop
             if self.prefilling or self.started:
@@ -299,6 +313,15 @@ class DecodeState(ABC):
             elif len(self.tokens) >= self.params.max_new_tokens:
                 self.finish("length")
         return out
+
+    def accept(self, draft: list[int], accepted: int, bonus: int, scores: list[Score] | None) -> list[int]:
+        """A verify's outcome (``draft`` empty: an AR step): emit the accepted drafts and the bonus
+        token, and commit the cache up to them (the verify block's first token is committed too)."""
+        emitted = self.emit([*draft[:accepted], bonus], scores)
+        if draft:
+            self.accepted_lengths.append(accepted + 1)
+        self.cached_len += accepted + 1
+        return emitted
 
     def finish(self, reason: str) -> None:
         self.finished = True

@@ -3,20 +3,22 @@
 Per cycle: draft ``[next, M x (L-1)]`` (adapter on, cache read-only), verify ``[next, d_1..d_{L-1}]``
 (adapter off, keys/values written), accept the longest prefix the AR pass agrees with, emit it plus
 one bonus token, and roll the cache back to what was accepted. Lossless at temperature 0; above
-it, rejection sampling keeps the AR distribution. NFE = prefill + drafts + verifies.
+it, rejection sampling keeps the AR distribution. NFE = prefill + drafts + verifies. In a crowded
+batch (``speculate`` False) a new cycle is not started: the request takes AR steps instead.
 """
 
 from __future__ import annotations
 
 import torch
 
-from models.modes.base import DecodeState, Draft, Plan, Score, Verify
+from models.modes.base import DecodeState, Draft, Plan, Score, Verify, ar_step
 from models.segments import bidirectional_segment, causal_segment
 
 
 class LinearSpecState(DecodeState):
     mode = "linear_spec"
     prefill_counts_as_forward = True
+    speculative = True
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -30,6 +32,8 @@ class LinearSpecState(DecodeState):
 
     def plan_decode(self) -> Plan:
         length = self.block_length
+        if self.draft is None and not self.speculate:
+            return ar_step(self.next_token, self.cached_len, demoted=True)
         if self.draft is None:
             block = [self.next_token] + [self.mask_id] * (length - 1)
             segment = bidirectional_segment(block, self.cached_len, adapter=True, logit_rows=list(range(1, length)))
@@ -39,13 +43,11 @@ class LinearSpecState(DecodeState):
 
     def advance_decode(self, plan: Plan, result: list[int]) -> list[int]:
         self.nfe += 1
-        if self.draft is None:
+        if isinstance(plan.work, Draft):
             self.draft, self.draft_probs = result, plan.work.q_out
             return []
         accepted, bonus = result
-        emitted = self.emit([*self.draft[:accepted], bonus], plan.work.scores)
-        self.accepted_lengths.append(accepted + 1)
-        self.cached_len += accepted + 1  # next_token and the accepted drafts are now committed
+        emitted = self.accept(plan.work.draft, accepted, bonus, plan.work.scores)
         self.next_token = bonus
         self.draft = self.draft_probs = None
         return emitted

@@ -19,7 +19,9 @@ length a: ``c_1 * .. * c_a * (1 - c_{a+1})``), L * (branches + 1) rows; when the
 accepts a length that was not drafted, the next cycle has no draft and is a plain draft cycle
 (one token, like the first cycle after the prefill). The emitted tokens are the AR tokens either
 way (temperature 0) or follow the AR distribution (temperature > 0): the branch choice only
-decides whether the next cycle has a draft to verify. NFE = prefill + cycles.
+decides whether the next cycle has a draft to verify. NFE = prefill + cycles. In a crowded batch
+(``speculate`` False) a cycle drafts nothing ahead: the current draft is verified alone, and then
+the request takes AR steps (verifies of an empty draft) until it may speculate again.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def cycle_segments(verify: list[int], start: int, length: int, branches: list[in
 class QuadraticSpecState(DecodeState):
     mode = "quadratic_spec"
     prefill_counts_as_forward = True
+    speculative = True
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -61,6 +64,9 @@ class QuadraticSpecState(DecodeState):
         return self.emit(self.verify, scores)
 
     def plan_decode(self) -> Plan:
+        if not self.speculate:  # the verify block alone: with no draft to verify, an AR step
+            segments = cycle_segments(self.verify, self.cached_len, self.block_length, [], self.mask_id)
+            return Plan(segments, Verify(self.verify[1:], self.draft_probs), demoted=len(self.verify) == 1)
         segments = cycle_segments(self.verify, self.cached_len, self.block_length, self.branches, self.mask_id)
         work = Draft(
             self.block_length - 1,
@@ -73,13 +79,10 @@ class QuadraticSpecState(DecodeState):
     def advance_decode(self, plan: Plan, result: list[int]) -> list[int]:
         self.nfe += 1
         accepted, bonus, *rest = result
-        count = plan.work.count
+        verify = plan.work if isinstance(plan.work, Verify) else plan.work.verify
+        emitted = self.accept(verify.draft, accepted, bonus, verify.scores)
+        count = plan.work.count if isinstance(plan.work, Draft) else 0
         next_draft, lengths = rest[:count], rest[count:]
-        draft = self.verify[1:]
-        emitted = self.emit([*draft[:accepted], bonus], plan.work.verify.scores)
-        if draft:
-            self.accepted_lengths.append(accepted + 1)
-        self.cached_len += accepted + 1
         if next_draft and next_draft[0] >= 0:
             self.verify, self.branches, self.draft_probs = [bonus, *next_draft], lengths, plan.work.q_out
         else:  # the accepted length had no branch drafted: draft from scratch behind the bonus token
