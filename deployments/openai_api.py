@@ -181,6 +181,7 @@ class OpenAIService:
             running=running / replicas,
             options=options,
             prefill_chunk=model.spec.prefill_chunk,
+            speculation_max_batch=model.spec.speculation_max_batch,
         )
         modes = ROUTABLE_MODES if mode == "auto" else (mode,)
         calibrated = sorted({b for k in options if (b := split_option(k)[1])})

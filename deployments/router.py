@@ -12,7 +12,10 @@ option being considered (the router makes the same choice for the requests aroun
 requests in flight the time per output token is ``(step_s + per_request_s * n) / tpf``. At low
 load the lone step and the TPF decide (self-speculation wins where its drafts are accepted); at
 high concurrency ``per_request_s`` dominates and an option that puts L or L(b+1) query tokens into
-every forward (quadratic with b branches) loses to AR.
+every forward (quadratic with b branches) loses to AR. Where the replica makes speculative requests
+take AR steps in a crowded batch (``speculation_max_batch``, models/engine/costs.py::may_speculate),
+a speculative option is predicted as AR there; ties go to the option fastest alone, which gains
+when the batch thins during the request.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import math
 import random
 from dataclasses import dataclass, field, replace
 
-from models.engine.costs import OptionStats, split_option
+from models.engine.costs import OptionStats, may_speculate, split_option
+from models.modes import SPECULATIVE_MODES
 from models.modes.quadratic_spec import DEFAULT_BRANCHES
 
 # The modes ``auto`` chooses among: those whose output is AR's (the same tokens at temperature 0, AR's
@@ -49,6 +53,7 @@ class ReplicaStats:
     running: int = 0
     options: dict[str, OptionStats] = field(default_factory=dict)  # calibrated and live, per option
     prefill_chunk: int = 256
+    speculation_max_batch: int | str | None = None  # the replica's rule for crowded speculation (None: none)
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,7 @@ class Decision:
     tpot: float
     meets_targets: bool
     explored: bool = False  # chosen to refresh its figures, not because it is predicted best
+    lone_tpot: float = 0.0  # time per output token were the request alone (breaks ties)
 
     @property
     def mode(self) -> str:
@@ -90,6 +96,11 @@ def predict(candidate: Candidate, option: str, prompt_tokens: int) -> tuple[floa
     """(time to first token, time per output token) for one more request in ``option``."""
     s = candidate.stats
     mode, block = split_option(option)
+    requests = round(s.running + s.waiting) + 1
+    if mode in SPECULATIVE_MODES and not may_speculate(
+        s.speculation_max_batch, s.options.get(option), s.options.get("ar"), requests
+    ):
+        return predict(candidate, "ar", prompt_tokens)
     figures = s.options.get(option) or OptionStats()
     q = query_tokens(mode, block or 1)
     lone = figures.step_s if figures.step_s is not None else s.fixed_step_s + s.per_token_s * q
@@ -109,22 +120,29 @@ def evaluate(target: TierTarget, candidates: list[Candidate], prompt_tokens: int
         raise ValueError("no model to route to")
     options = []
     for cand in sorted(candidates, key=lambda c: -c.size):
+        alone = replace(cand, stats=replace(cand.stats, running=0, waiting=0))
         for option in cand.options:
             ttft, tpot = predict(cand, option, prompt_tokens)
-            options.append(Decision(cand.model, option, ttft, tpot, ttft <= target.ttft and tpot <= target.tpot))
+            meets = ttft <= target.ttft and tpot <= target.tpot
+            options.append(Decision(cand.model, option, ttft, tpot, meets, lone_tpot=predict(alone, option, 0)[1]))
     return options
 
 
 def best(options: list[Decision]) -> Decision:
     """The largest model with an option that meets the tier; within it, the fastest such option.
 
-    When nothing meets the targets, the option with the lowest time per output token.
+    When nothing meets the targets, the option with the lowest time per output token. Ties (a
+    speculative option predicted as AR in a crowded batch) go to the option fastest alone.
     """
+
+    def fastest(d: Decision) -> tuple[float, float]:
+        return d.tpot, d.lone_tpot
+
     for model in dict.fromkeys(d.model for d in options):  # largest first
         meeting = [d for d in options if d.model == model and d.meets_targets]
         if meeting:
-            return min(meeting, key=lambda d: d.tpot)
-    return min(options, key=lambda d: d.tpot)
+            return min(meeting, key=fastest)
+    return min(options, key=fastest)
 
 
 def explore(

@@ -12,7 +12,7 @@ import torch
 import models
 from deployments.config import ModelSpec
 from models.engine import Engine
-from models.engine.costs import OptionCosts, OptionStats
+from models.engine.costs import OptionStats, may_speculate
 from models.modes import DecodeParams
 from tests.conftest import REPO, random_model
 
@@ -67,18 +67,17 @@ def test_a_crowded_batch_takes_ar_steps_and_resumes_speculating_when_it_thins(bu
         assert any(e["kind"] == "verify" and "next_draft" not in e for e in events)
 
 
-def test_speculation_pays_where_calibrated_costs_say_so():
-    costs = OptionCosts(
-        {
-            "ar": OptionStats(tpf=1.0, step_s=0.010, per_request_s=0.001),
-            "linear_spec@8": OptionStats(tpf=1.5, step_s=0.012, per_request_s=0.004),
-        }
-    )
+def test_the_rule_follows_the_limit_or_the_calibrated_costs():
+    ar = OptionStats(tpf=1.0, step_s=0.010, per_request_s=0.001)
+    spec = OptionStats(tpf=1.5, step_s=0.012, per_request_s=0.004)
     # n requests: speculation (0.012 + 0.004 (n-1)) / 1.5 per token against AR's 0.010 + 0.001 (n-1)
-    assert costs.speculation_pays("linear_spec@8", 1) and costs.speculation_pays("linear_spec@8", 2)
-    assert not costs.speculation_pays("linear_spec@8", 4) and not costs.speculation_pays("linear_spec@8", 16)
-    assert costs.speculation_pays("quadratic_spec@8", 16), "an option without figures is not demoted"
-    assert OptionCosts().speculation_pays("linear_spec@8", 16), "without calibration nothing is demoted"
+    assert may_speculate("auto", spec, ar, 1) and may_speculate("auto", spec, ar, 2)
+    assert not may_speculate("auto", spec, ar, 4) and not may_speculate("auto", spec, ar, 16)
+    assert may_speculate("auto", None, ar, 16), "an option without figures is not demoted"
+    assert may_speculate("auto", OptionStats(tpf=1.5), ar, 16), "nor one without step costs"
+    assert may_speculate(None, spec, ar, 16), "None: never demoted"
+    assert may_speculate(3, None, None, 3) and not may_speculate(3, None, None, 4)
+    assert may_speculate(1, spec, ar, 1), "a lone request always speculates"
 
 
 def test_auto_demotes_by_the_priors_and_counts_demoted_steps_as_ar():

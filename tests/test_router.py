@@ -171,3 +171,23 @@ def test_exploration_at_high_load_skips_options_predicted_far_slower():
     assert chosen.option == "ar" and far  # the bound has something to exclude
     picks = {explore(chosen, options, {}, 1.0, random.Random(i)).option for i in range(200)}
     assert picks and not picks & set(far) and chosen.option not in picks
+
+
+def test_where_the_replica_demotes_crowded_speculation_it_is_predicted_as_ar_and_chosen_on_ties():
+    """With ``speculation_max_batch`` the replica's rule is the router's: a speculative option that
+    would take AR steps at this load is predicted as AR, and of the options tied with AR the one
+    fastest alone wins (it gains when the batch thins); at low load speculation wins outright."""
+    crowded = cand(running=64)
+    crowded.stats.speculation_max_batch = "auto"
+    decisions = {d.option: d for d in evaluate(TierTarget(), [crowded], 100)}
+    assert decisions["linear_spec@8"].tpot == decisions["ar"].tpot == decisions["quadratic_spec@8"].tpot
+    assert best(list(decisions.values())).option == "quadratic_spec@8"  # the fastest alone
+    assert decisions["diffusion@8"].tpot > decisions["ar"].tpot, "diffusion never takes AR steps"
+    limited = cand(running=3)
+    limited.stats.speculation_max_batch = 4  # 3 in flight and this one: 4, not above the limit
+    assert predict(limited, "linear_spec@8", 100) != predict(limited, "ar", 100)
+    limited.stats.running = 4
+    assert predict(limited, "linear_spec@8", 100) == predict(limited, "ar", 100)
+    idle = cand(running=0)
+    idle.stats.speculation_max_batch = "auto"
+    assert choose(TierTarget(), [idle], 100).option == "quadratic_spec@8"

@@ -50,7 +50,7 @@ class EngineBackend:
         return merge_stats([replica_stats(self.engine.engine.stats, 512)])
 
 
-def make_service(fixture_path, tmp_path, figures: dict[str, OptionStats]) -> OpenAIService:
+def make_service(fixture_path, tmp_path, figures: dict[str, OptionStats], **spec) -> OpenAIService:
     folder = tmp_path / "model"
     shutil.copytree(fixture_path, folder)
     model = models.load_model(folder)
@@ -58,8 +58,9 @@ def make_service(fixture_path, tmp_path, figures: dict[str, OptionStats]) -> Ope
     from models.calibration import load_priors
 
     priors = load_priors(folder, device_key("cpu", 1, model.dtype))
-    engine = Engine(model, num_pages=128, page_size=16, priors=priors)
-    config = parse_config({"models": [{"name": "m", "path": str(folder)}], "router": {"explore": 0.0}})
+    config = parse_config({"models": [{"name": "m", "path": str(folder), **spec}], "router": {"explore": 0.0}})
+    limit = config.models[0].speculation_max_batch
+    engine = Engine(model, num_pages=128, page_size=16, priors=priors, speculation_max_batch=limit)
     text_config, _ = read_config(folder)
     served = ServedModel(config.models[0], text_config, model.tokenizer, EngineBackend(engine))
     return OpenAIService(config, {"m": served}, rng=random.Random(3))
@@ -74,7 +75,10 @@ def request(**extra):
     return CompletionRequest.model_validate({"model": "m", "prompt": "def f(x):", "max_tokens": 8, **extra})
 
 
-def test_a_burst_turns_the_choice_from_speculation_to_ar(service):
+def test_a_burst_turns_the_choice_from_speculation_to_ar(fixture_path, tmp_path):
+    """On a replica whose speculative requests never step aside (``speculation_max_batch: null``)."""
+    service = make_service(fixture_path, tmp_path, FIGURES, speculation_max_batch=None)
+
     async def main():
         held = [await service.prepare(request(), "completion") for _ in range(8)]
         return [(p.params.mode, p.params.block_length) for p in held]
@@ -93,6 +97,17 @@ def test_a_burst_turns_the_choice_from_speculation_to_ar(service):
     service.config.load_window_s = 0.0  # a window of nothing: the instantaneous count alone
     gc.collect()
     assert service.recent_load("m") == 0 and next_mode() == "linear_spec"
+
+
+def test_a_burst_keeps_speculation_where_crowded_requests_take_ar_steps(service):
+    """Under the default ``speculation_max_batch: auto`` a crowded speculative request takes AR steps,
+    so the router predicts it as AR under load and, on the tie, keeps the option fastest alone."""
+
+    async def main():
+        held = [await service.prepare(request(), "completion") for _ in range(8)]
+        return {(p.params.mode, p.params.block_length) for p in held}
+
+    assert asyncio.run(main()) == {("linear_spec", 4)}
 
 
 def test_auto_never_trades_the_answer_for_speed(fixture_path, tmp_path):

@@ -47,6 +47,23 @@ def request_option(params: DecodeParams, block_size: int) -> str | None:
     return option_key(params.mode, params.block_length or block_size)
 
 
+def may_speculate(limit: int | str | None, spec: OptionStats | None, ar: OptionStats | None, requests: int) -> bool:
+    """The engine's rule for a speculative request among ``requests`` (running and waiting, itself
+    included): a lone one always speculates; above ``limit`` none does ("auto": where ``spec``, the
+    option's figures, predicts fewer tokens per second than ``ar``'s for that many requests; None:
+    never). A step of n requests in an option costs ``step_s + per_request_s * (n - 1)`` and yields
+    ``n * tpf`` tokens. Under "auto" an option that lacks a figure speculates: without calibration
+    nothing is known to be lost by it."""
+    if requests <= 1 or limit is None:
+        return True
+    if limit != "auto":
+        return requests <= limit
+    if spec is None or ar is None or None in (spec.tpf, spec.step_s, spec.per_request_s, ar.step_s, ar.per_request_s):
+        return True
+    extra = requests - 1
+    return (spec.step_s + spec.per_request_s * extra) / spec.tpf < ar.step_s + ar.per_request_s * extra
+
+
 @dataclass
 class OptionStats:
     tpf: float | None = None  # tokens per forward of one request
@@ -105,20 +122,6 @@ class OptionCosts:
     def snapshot(self) -> dict[str, dict[str, float | int | None]]:
         """Every option's current figures (``figures``)."""
         return {key: self.figures(key).to_dict() for key in list(self.options)}
-
-    def speculation_pays(self, key: str, requests: int) -> bool:
-        """Whether ``requests`` requests decoding in option ``key`` are predicted to emit tokens
-        faster than as many AR requests (a step of n requests in an option costs ``step_s +
-        per_request_s * (n - 1)`` and yields ``n * tpf`` tokens). True when either option lacks a
-        figure: without calibration nothing is known to be lost by speculating."""
-        spec, ar = self.figures(key), self.figures("ar")
-        if spec is None or ar is None:
-            return True
-        if None in (spec.tpf, spec.step_s, spec.per_request_s, ar.step_s, ar.per_request_s):
-            return True
-        extra = requests - 1
-        spec_s = (spec.step_s + spec.per_request_s * extra) / spec.tpf
-        return spec_s < ar.step_s + ar.per_request_s * extra
 
 
 @dataclass

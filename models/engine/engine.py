@@ -14,7 +14,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-from models.engine.costs import OptionCosts, OptionStats, StepCost, option_key, request_option
+from models.engine.costs import OptionCosts, OptionStats, StepCost, may_speculate, option_key, request_option
 from models.engine.kv_manager import KVCacheManager
 from models.engine.runner import ModelRunner
 from models.engine.scheduler import TIER_PRIORITY, Request, RequestStats, Scheduler
@@ -219,14 +219,12 @@ class Engine:
         return list(self.scheduler.waiting)
 
     def _may_speculate(self, request: Request, load: int) -> bool:
-        """Whether a speculative request may start a cycle among ``load`` requests; a lone request
-        always may (its mode is what it asked for)."""
-        limit, state = self.speculation_max_batch, request.state
-        if not state.speculative or load <= 1 or limit is None:
+        """Whether a speculative request may start a cycle among ``load`` requests (costs.may_speculate)."""
+        state, costs = request.state, self.stats.options
+        if not state.speculative:
             return True
-        if limit == "auto":
-            return self.stats.options.speculation_pays(option_key(state.mode, state.block_length), load)
-        return load <= limit
+        spec = costs.figures(option_key(state.mode, state.block_length))
+        return may_speculate(self.speculation_max_batch, spec, costs.figures("ar"), load)
 
     # ----- stepping ------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:

@@ -18,8 +18,11 @@ STATES: dict[str, type[DecodeState]] = {
     "quadratic_spec": QuadraticSpecState,
 }
 
+SPECULATIVE_MODES = tuple(mode for mode, state in STATES.items() if state.speculative)
+
 __all__ = [
     "MODES",
+    "SPECULATIVE_MODES",
     "DecodeParams",
     "DecodeState",
     "Draft",
