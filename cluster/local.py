@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 from typing import TypeVar
 
-STARTUP_ATTEMPTS = 3  # a loaded machine can keep a local raylet from registering within Ray's 30 s
+STARTUP_ATTEMPTS = 5  # a loaded machine can keep a local raylet from registering within Ray's 30 s
 T = TypeVar("T")
 
 

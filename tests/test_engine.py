@@ -3,7 +3,9 @@ preemption, prefix caching, a scheduler that cannot starve, tiers, chunked prefi
 
 from __future__ import annotations
 
+import gc
 import random
+import weakref
 
 import pytest
 
@@ -265,3 +267,18 @@ def test_stats_report_ttft_nfe_tpf():
     assert last.tpf == pytest.approx(10 / last.nfe) and sum(cycles) >= 9
     figures = engine.stats.options.options["linear_spec@4"]  # a lone request: every decode step counts
     assert figures.tpf == pytest.approx(last.tpf) and figures.step_s > 0 and figures.samples > 1
+
+
+def test_an_engine_is_freed_as_soon_as_it_is_dropped():
+    """No reference cycle keeps a dropped engine (and its KV cache) alive until the garbage collector
+    runs: a tensor-parallel group's ranks free their caches only when rank 0's is freed."""
+    engine = Engine(random_model(), num_pages=8)
+    engine.add_request("r", [1, 5, 9], DecodeParams(mode="linear_spec", max_new_tokens=4, block_length=4))
+    _drain(engine)
+    gc.disable()
+    try:
+        ref = weakref.ref(engine)
+        del engine
+        assert ref() is None
+    finally:
+        gc.enable()

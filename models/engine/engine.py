@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from models.engine.costs import OptionCosts, OptionStats, StepCost, may_speculate, option_key, request_option
@@ -29,6 +30,22 @@ def check_speculation_max_batch(value: object) -> None:
     """``Engine``'s ``speculation_max_batch`` is "auto", None or a positive integer."""
     if not (value in (None, "auto") or (type(value) is int and value >= 1)):
         raise ValueError(f"speculation_max_batch must be 'auto', null or a positive integer, not {value!r}")
+
+
+def speculation_rule(limit: int | str | None, costs: OptionCosts) -> Callable[[Request, int], bool]:
+    """The scheduler's ``speculate``: whether a request may start a cycle among ``load`` requests
+    (costs.may_speculate on its option's current figures). A closure over the figures, not a method
+    of the engine: the scheduler would hold the engine in a reference cycle, and an engine freed only
+    by the garbage collector keeps its KV cache (and a tensor-parallel group's shards) alive."""
+
+    def speculate(request: Request, load: int) -> bool:
+        state = request.state
+        if not state.speculative:
+            return True
+        spec = costs.figures(option_key(state.mode, state.block_length))
+        return may_speculate(limit, spec, costs.figures("ar"), load)
+
+    return speculate
 
 
 class RequestRejected(ValueError):
@@ -113,7 +130,6 @@ class Engine:
         wherever the option's figures (``priors``, refreshed live) predict speculation to emit fewer
         tokens per second than AR for that many requests; None: never."""
         check_speculation_max_batch(speculation_max_batch)
-        self.speculation_max_batch = speculation_max_batch
         self.model = model
         self.cache = model.new_cache(num_pages, page_size)
         longest = model.config.max_position_embeddings + MAX_BLOCK_LENGTH + 1
@@ -125,18 +141,19 @@ class Engine:
             device=model.device,
             prefix_caching=prefix_caching,
         )
+        costs = OptionCosts(priors)
         self.scheduler = Scheduler(
             self.kv,
             max_running=max_running,
             max_step_tokens=max_step_tokens,
             prefill_chunk=prefill_chunk,
             ageing_s=priority_ageing_s,
-            speculate=self._may_speculate,
+            speculate=speculation_rule(speculation_max_batch, costs),
         )
         self.runner = ModelRunner(model, self.cache, self.kv)
         self._seq_ids = itertools.count()
         self._ids: set[str] = set()
-        self.stats = EngineStats(pool_pages=num_pages, options=OptionCosts(priors))
+        self.stats = EngineStats(pool_pages=num_pages, options=costs)
 
     # ----- requests ------------------------------------------------------------------------------
     def add_request(
@@ -217,14 +234,6 @@ class Engine:
     @property
     def waiting(self) -> list[Request]:
         return list(self.scheduler.waiting)
-
-    def _may_speculate(self, request: Request, load: int) -> bool:
-        """Whether a speculative request may start a cycle among ``load`` requests (costs.may_speculate)."""
-        state, costs = request.state, self.stats.options
-        if not state.speculative:
-            return True
-        spec = costs.figures(option_key(state.mode, state.block_length))
-        return may_speculate(self.speculation_max_batch, spec, costs.figures("ar"), load)
 
     # ----- stepping ------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
