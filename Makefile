@@ -25,7 +25,7 @@ serve: $(VENV)/.installed
 	$(VENV)/bin/triserve serve $(SERVE_ARGS)
 
 test: $(VENV)/.installed browser
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
+	$(PY) -m pytest -q -n 2 --durations=15
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

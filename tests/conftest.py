@@ -93,16 +93,6 @@ def tiny_model() -> TriModeModel:
     return random_model()
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests on the session's Ray all run in one xdist worker (``--dist loadgroup``): one local Ray
-    and one copy of each served app for the whole run instead of one per worker. A second cluster,
-    with its idle Serve controller, proxies and replicas and each app deployed again, cost a 2-core
-    machine a large share of the suite's CPU time."""
-    for item in items:
-        if "ray_local" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("session-ray"))
-
-
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for the session, on loopback, without dashboard or token auth. Its workers run
@@ -177,7 +167,7 @@ def tokenizer(fixture_model):
     return fixture_model.tokenizer
 
 
-@pytest.fixture(scope="session")  # the HTTP, playground and lm-eval tests share it
+@pytest.fixture(scope="session")  # one per xdist worker: the HTTP, playground and lm-eval tests share it
 def app(serve_port, fixture_path, tmp_path_factory):
     """The default test app (models tiny, busy, calibrated) at / with API_KEY; its base URL."""
     import shutil
