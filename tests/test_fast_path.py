@@ -15,6 +15,7 @@ from models.config import RopeConfig
 from models.layers import Rotary
 from tests.conftest import random_model
 from tests.test_lossless import SPEC_MODES, _heldout_prompts
+from tests.test_parity import ALONE, decoding_of, mismatch, record_id
 
 
 def _weights(*shapes: tuple[int, int], seed: int = 0) -> list[torch.Tensor]:
@@ -127,24 +128,12 @@ def fast_path_off(monkeypatch):
     monkeypatch.setattr(matmul, "FAST_PATH", False)
 
 
-def test_golden_parity_with_the_fast_path_off(fast_path_off, fixture_model, golden_records):
-    """One record per mode and threshold (test_parity runs all of them with the fast path on)."""
-    seen = set()
-    for record in golden_records:
-        params = record["params"]
-        key = (record["mode"], params.get("threshold"))
-        if key in seen:
-            continue
-        seen.add(key)
-        kwargs = {"mode": record["mode"], "max_new_tokens": params["max_new_tokens"]}
-        if record["mode"] in ("diffusion", "linear_spec"):
-            kwargs["block_length"] = params["block_length"]
-        if record["mode"] == "diffusion":
-            kwargs["threshold"] = params["threshold"]
-        out = models.generate(fixture_model, record["prompt_ids"], **kwargs)
-        assert out.tokens == record["output_ids"][: params["max_new_tokens"]], key
-        assert out.nfe == record["nfe"], key
-    assert len(seen) >= 4
+def test_golden_parity_with_the_fast_path_off(fast_path_off, fixture_model):
+    """The records test_parity decodes alone with the fast path on (one per mode and threshold)."""
+    for record in ALONE.values():
+        out = models.generate(fixture_model, record["prompt_ids"], **decoding_of(record))
+        assert mismatch(record, out.tokens, out.nfe) is None, (record_id(record), mismatch(record, out.tokens, out.nfe))
+    assert len(ALONE) >= 4
 
 
 @pytest.mark.parametrize("block_length", [4, 32])

@@ -27,13 +27,13 @@ def _records() -> list[dict]:
     return [json.loads(line) for line in golden.read_text().splitlines() if line]
 
 
-def _record_id(record: dict) -> str:
+def record_id(record: dict) -> str:
     p = record["params"]
     extra = f"-t{p['threshold']}" if record["mode"] == "diffusion" else ""
     return f"{record['prompt_id']}-{record['mode']}{extra}-{p['max_new_tokens']}"
 
 
-def _decoding(record: dict) -> dict:
+def decoding_of(record: dict) -> dict:
     """The record's decoding parameters as ``models.generate`` / ``DecodeParams`` take them."""
     params = record["params"]
     kwargs = {"mode": record["mode"], "max_new_tokens": params["max_new_tokens"]}
@@ -44,7 +44,7 @@ def _decoding(record: dict) -> dict:
     return kwargs
 
 
-def _mismatch(record: dict, tokens: list[int], nfe: int) -> str | None:
+def mismatch(record: dict, tokens: list[int], nfe: int) -> str | None:
     """Why an output differs from the record (None: it does not)."""
     # the official linear-spec code may overshoot max_new_tokens by up to L-1 tokens; triserve does not
     expected = record["output_ids"][: record["params"]["max_new_tokens"]]
@@ -83,23 +83,23 @@ def test_golden_records_of_a_prompt_in_one_batch(fixture_model, prompt_id):
         speculation_max_batch=None,
     )
     states = {
-        _record_id(r): engine.add_request(_record_id(r), r["prompt_ids"], DecodeParams(**_decoding(r))).state
+        record_id(r): engine.add_request(record_id(r), r["prompt_ids"], DecodeParams(**decoding_of(r))).state
         for r in records
     }
     while engine.has_work:
         engine.step()
     failures = {}
     for record in records:
-        state = states[_record_id(record)]
-        why = _mismatch(record, state.tokens, state.nfe)
+        state = states[record_id(record)]
+        why = mismatch(record, state.tokens, state.nfe)
         if why:
-            failures[_record_id(record)] = why
+            failures[record_id(record)] = why
     assert not failures, failures
     assert len(records) >= 10
 
 
-@pytest.mark.parametrize("record", ALONE.values(), ids=[_record_id(r) for r in ALONE.values()])
+@pytest.mark.parametrize("record", ALONE.values(), ids=[record_id(r) for r in ALONE.values()])
 def test_golden_record_alone(fixture_model, record):
-    out = models.generate(fixture_model, record["prompt_ids"], **_decoding(record))
-    assert _mismatch(record, out.tokens, out.nfe) is None, _mismatch(record, out.tokens, out.nfe)
+    out = models.generate(fixture_model, record["prompt_ids"], **decoding_of(record))
+    assert mismatch(record, out.tokens, out.nfe) is None, mismatch(record, out.tokens, out.nfe)
     assert out.tpf == pytest.approx(len(out.tokens) / out.nfe)
