@@ -132,7 +132,8 @@ def test_golden_parity_with_the_fast_path_off(fast_path_off, fixture_model):
     """The records test_parity decodes alone with the fast path on (one per mode and threshold)."""
     for record in ALONE.values():
         out = models.generate(fixture_model, record["prompt_ids"], **decoding_of(record))
-        assert mismatch(record, out.tokens, out.nfe) is None, (record_id(record), mismatch(record, out.tokens, out.nfe))
+        why = mismatch(record, out.tokens, out.nfe)
+        assert why is None, (record_id(record), why)
     assert len(ALONE) >= 4
 
 

@@ -10,21 +10,12 @@ about 2.7.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 import models
 from models.engine import Engine
 from models.modes import DecodeParams
-from tests.conftest import FIXTURE
-
-
-def _records() -> list[dict]:
-    golden = FIXTURE / "golden_public.jsonl"
-    if not golden.is_file():
-        return []
-    return [json.loads(line) for line in golden.read_text().splitlines() if line]
+from tests.conftest import FIXTURE, read_golden
 
 
 def record_id(record: dict) -> str:
@@ -56,7 +47,7 @@ def mismatch(record: dict, tokens: list[int], nfe: int) -> str | None:
     return None
 
 
-RECORDS = _records()
+RECORDS = read_golden(FIXTURE)
 ALONE: dict[tuple, dict] = {}  # per mode and threshold, the first record (test_fast_path decodes the same ones)
 for _record in RECORDS:
     ALONE.setdefault((_record["mode"], _record["params"].get("threshold")), _record)
@@ -82,24 +73,17 @@ def test_golden_records_of_a_prompt_in_one_batch(fixture_model, prompt_id):
         prefix_caching=False,
         speculation_max_batch=None,
     )
-    states = {
-        record_id(r): engine.add_request(record_id(r), r["prompt_ids"], DecodeParams(**decoding_of(r))).state
-        for r in records
-    }
+    states = [engine.add_request(record_id(r), r["prompt_ids"], DecodeParams(**decoding_of(r))).state for r in records]
     while engine.has_work:
         engine.step()
-    failures = {}
-    for record in records:
-        state = states[record_id(record)]
-        why = mismatch(record, state.tokens, state.nfe)
-        if why:
-            failures[record_id(record)] = why
-    assert not failures, failures
+    failures = {record_id(r): mismatch(r, s.tokens, s.nfe) for r, s in zip(records, states)}
+    assert not any(failures.values()), failures
     assert len(records) >= 10
 
 
 @pytest.mark.parametrize("record", ALONE.values(), ids=[record_id(r) for r in ALONE.values()])
 def test_golden_record_alone(fixture_model, record):
     out = models.generate(fixture_model, record["prompt_ids"], **decoding_of(record))
-    assert mismatch(record, out.tokens, out.nfe) is None, mismatch(record, out.tokens, out.nfe)
+    why = mismatch(record, out.tokens, out.nfe)
+    assert why is None, why
     assert out.tpf == pytest.approx(len(out.tokens) / out.nfe)
