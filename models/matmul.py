@@ -3,33 +3,38 @@
 That invariance is what keeps self-speculation lossless (a verify row must round exactly like the
 AR step it replaces) and lets a request compute the same thing alone or in any batch. Products go
 through ``kernels.linear`` (MKL on padded rows on CPU, a fixed-tiling Triton kernel on CUDA; see
-kernels/matmul.py), except on the CPU fast path:
+kernels/matmul.py), except on the CPU fast path (inference), where each weight gets one of two
+backends for every call, whatever its row count:
 
-- **oneDNN with a pre-packed weight** (on CPU, inference; fp32, and bf16 where the CPU computes it
-  in hardware). oneDNN picks kernels by row count, and some round differently: on an AMX Xeon, bf16
-  products reducing over 768 or more inputs give other bits in calls of more than 32 rows (some
-  sizes only, and where the switch happens depends on the thread count); below 4 rows other CPUs
-  may take other kernels (this project's do not, and a lone AR row unpadded costs about 0.8x of
-  four padded rows). So each shape, dtype and thread count is probed once, when a weight of it is
-  first packed, on batches of 64 rows against the same rows computed in calls of 8: calls are
-  padded to 4 rows unless rows 1 to 7 agree alone, and split into pieces of at most ``max_rows``
-  rows (8, 16, 32 or 64: the largest up to which every call agreed; larger calls are never trusted
-  unprobed). Packing once also skips the
-  per-call weight packing MKL does: a forward's
-  products ran 1.6x faster at 4 rows and 1.25x at 32 than ``F.linear`` on the same rows. It costs
-  a second copy of the weights in memory. On the AMX Xeon packed bf16 products take 0.5-0.9x the
-  time of packed fp32 ones at 1 row and 0.3x at 164 rows (the bundled model's shapes, one thread).
+- **BLAS on a transposed copy** (fp32): ``torch.mm(x, weight.T)`` with the transpose made contiguous
+  once. Measured on an AMX Xeon (one thread, the bundled model's shapes), it takes 1.6-16 us a call
+  at 1 row where oneDNN's packed product takes 15-45 us (oneDNN spends about 15 us on any call), and
+  less at 32 rows too; on an AVX2 EPYC a token's 25 products took 3.0-3.5 ms against 4.8-5.3.
+- **oneDNN with a pre-packed weight** (bf16 where the CPU computes it in hardware; fp32 where BLAS
+  does not probe invariant). In bf16 BLAS has no such edge (about 20 us a call either way) and
+  oneDNN's packed products are 2-3x faster at 32 rows and more.
+
+Backends pick kernels by row count, and some round differently: one thread of MKL rounds a lone row
+otherwise than two or more; on an AMX Xeon, oneDNN's bf16 products reducing over 768 or more inputs
+give other bits in calls of more than 32 rows (some sizes only, and where the switch happens depends
+on the thread count). So each backend, shape, dtype and thread count is probed once, when a weight
+of it is first prepared, on batches of 64 rows against the same rows computed in calls of 8: calls of
+fewer rows than the smallest count from which all agree are padded to it, and calls are split into
+pieces of at most ``max_rows`` rows (8, 16, 32 or 64: the largest up to which every call agreed;
+larger calls are never trusted unprobed). A backend none of whose calls of 8 rows or fewer agree is
+not used. Either backend keeps a second copy of the weights in memory.
 
 The fast path also fuses projections that read the same input (q/k/v, gate/up) into one call.
-Fused and packed weights are derived from the model's own parameters (the checkpoint format is
+Fused and prepared weights are derived from the model's own parameters (the checkpoint format is
 unchanged) and rebuilt when a parameter changes (a training step, a reload).
-``TRISERVE_FAST_PATH=0`` turns packing and fusion off; training (gradients on) never uses them.
+``TRISERVE_FAST_PATH=0`` turns the backends and fusion off; training (gradients on) never uses them.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -40,11 +45,7 @@ FAST_PATH = os.environ.get("TRISERVE_FAST_PATH", "1").strip() != "0"
 PROBE_ROWS = PIECE_ROWS  # row counts probed per shape, as the padded reference's pieces; larger calls are split
 PROBE_BATCHES = 4
 
-
-def _can_pack(weight: torch.Tensor) -> bool:
-    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and cpu_has_fast_half())
+Product = Callable[[torch.Tensor], torch.Tensor]
 
 
 def cpu_has_fast_half() -> bool:
@@ -53,57 +54,78 @@ def cpu_has_fast_half() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-@functools.cache
-def probe_rows(out_features: int, in_features: int, dtype: torch.dtype, threads: int) -> tuple[int, int]:
-    """(min_rows, max_rows) of packed products of this shape and dtype on this CPU with this thread count:
-    whether calls of 1..7 rows round every row as calls of 8 do (else such calls are padded to 4), and
-    the largest of 8, 16, 32 and 64 up to which every call of ``min_rows`` or more rows does (larger
-    calls are split). oneDNN chooses kernels by shape, not values, so one probe serves every weight of
-    the shape. A kernel that rounds otherwise shows up as differing bits, but rarely (about one output
-    in ten thousand for the bf16 products above), so several batches of random rows are compared."""
-    weight = (torch.randn((out_features, in_features), generator=torch.Generator().manual_seed(99))).to(dtype)
+def _blas(weight: torch.Tensor) -> Product:
+    transposed = weight.t().contiguous()
+    return lambda x: torch.mm(x, transposed)
+
+
+def _packed(weight: torch.Tensor) -> Product:
     packed = torch.ops.mkldnn._reorder_linear_weight(weight, ROW_MULTIPLE)
+    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
-    def product(x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
+BACKENDS: dict[str, Callable[[torch.Tensor], Product]] = {"blas": _blas, "packed": _packed}
+
+
+def backends_for(weight: torch.Tensor) -> list[str]:
+    """The fast path's backends for ``weight``, preferred first (none: the padded reference)."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return []
+    if weight.dtype == torch.float32:
+        return ["blas", "packed"]
+    return ["packed"] if weight.dtype == torch.bfloat16 and cpu_has_fast_half() else []
+
+
+@functools.cache
+def probe_rows(backend: str, out_features: int, in_features: int, dtype: torch.dtype, threads: int) -> tuple[int, int]:
+    """(min_rows, max_rows) of ``backend``'s products of this shape and dtype on this CPU with this thread
+    count: the fewest rows from which every call of up to 8 rows rounds each row as calls of 8 do (smaller
+    calls are padded to it), and the largest of 8, 16, 32 and 64 up to which every call of ``min_rows`` or
+    more rows does (larger calls are split; 0: no call agrees, the backend is not used). Backends choose
+    kernels by shape, not values, so one probe serves every weight of the shape. A kernel that rounds
+    otherwise shows up as differing bits, but rarely (about one output in ten thousand for the bf16
+    products above), so several batches of random rows are compared."""
+    weight = (torch.randn((out_features, in_features), generator=torch.Generator().manual_seed(99))).to(dtype)
+    product = BACKENDS[backend](weight)
     gen = torch.Generator().manual_seed(1234)  # not the weight's stream: rows equal to weight rows hide differences
     agrees = set(range(1, PROBE_ROWS + 1))
     for _ in range(PROBE_BATCHES):
         probe = torch.randn((PROBE_ROWS, in_features), generator=gen).to(dtype)
         reference = torch.cat([product(probe[i : i + 8]) for i in range(0, PROBE_ROWS, 8)])
         agrees -= {n for n in agrees if not torch.equal(product(probe[:n]), reference[:n])}
-    min_rows = 1 if agrees >= set(range(1, 8)) else ROW_MULTIPLE
+    min_rows = min((m for m in range(1, 9) if agrees >= set(range(m, 9))), default=0)
+    if not min_rows:
+        return 0, 0
     ok = [limit for limit in (8, 16, 32, PROBE_ROWS) if agrees >= set(range(min_rows, limit + 1))]
     return min_rows, max(ok, default=0)
 
 
 class _Prepared:
-    """A fused weight (and its oneDNN packing) plus the fingerprint of the parameters it came from."""
+    """A fused weight, the backend chosen for it (``product``, None: the padded reference) and the
+    fingerprint of the parameters it came from."""
 
     def __init__(self, weights: tuple[torch.Tensor, ...]) -> None:
         self.fingerprint = _fingerprint(weights)
         fused = weights[0] if len(weights) == 1 else torch.cat([w.detach() for w in weights])
         self.weight = fused.detach()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, ROW_MULTIPLE) if _can_pack(fused) else None
-        if self.packed is not None:
-            self.min_rows, self.max_rows = probe_rows(*fused.shape, fused.dtype, torch.get_num_threads())
-        else:
-            self.min_rows, self.max_rows = ROW_MULTIPLE, PROBE_ROWS
-        if not self.max_rows:  # a backend that rounds calls of 4..7 rows otherwise: the padded reference instead
-            self.packed = None
-
-    def _product(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
+        self.backend: str | None = None
+        self.product: Product | None = None
+        self.min_rows, self.max_rows = ROW_MULTIPLE, PROBE_ROWS
+        for backend in backends_for(self.weight):
+            min_rows, max_rows = probe_rows(backend, *fused.shape, fused.dtype, torch.get_num_threads())
+            if max_rows:
+                self.backend, self.product = backend, BACKENDS[backend](self.weight)
+                self.min_rows, self.max_rows = min_rows, max_rows
+                break
 
     def _call(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         if n >= self.min_rows:
-            return self._product(x)
-        return self._product(pad_rows(x))[:n]
+            return self.product(x.contiguous())
+        return self.product(pad_rows(x, self.min_rows))[:n]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None:
+        if self.product is None:
             return kernels.linear(x, self.weight)
         if x.shape[0] <= self.max_rows:
             return self._call(x)

@@ -44,31 +44,38 @@ def test_a_row_is_the_same_alone_and_in_any_batch(shapes, dtype):
     torch.testing.assert_close(full.float(), reference, rtol=tolerance, atol=tolerance)
 
 
-def test_small_calls_are_padded_unless_the_probe_shows_the_backend_agrees(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_calls_are_padded_unless_the_probe_shows_the_backend_agrees(dtype):
     (weight,) = _weights((64, 32))
-    x = torch.randn(9, 32, generator=torch.Generator().manual_seed(2))
+    weight = torch.nn.Parameter(weight.detach().to(dtype))
+    x = torch.randn(9, 32, generator=torch.Generator().manual_seed(2)).to(dtype)
     with torch.inference_mode():
         prepared = matmul._prepared((weight,))
-        if prepared.packed is None:
-            pytest.skip("no oneDNN on this build")
-        probe = matmul.probe_rows(*weight.shape, weight.dtype, torch.get_num_threads())
+        if prepared.product is None:
+            pytest.skip(f"no fast-path backend for {dtype} on this CPU")
+        assert prepared.backend == matmul.backends_for(weight)[0]  # the preferred one probes invariant here
+        probe = matmul.probe_rows(prepared.backend, *weight.shape, dtype, torch.get_num_threads())
         assert (prepared.min_rows, prepared.max_rows) == probe
         full = prepared(x)
-        padded = []
-        product = _counting(torch.ops.mkldnn._linear_pointwise, padded)
-        monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", product)
+        seen: list[int] = []
+        product = prepared.product
+        prepared.product = lambda rows: seen.append(rows.shape[0]) or product(rows)
         prepared.min_rows = 4  # what a CPU whose small-call kernels round differently gets
         for rows in (1, 2, 3):
             assert torch.equal(prepared(x[:rows]), full[:rows])
-    assert padded == [4, 4, 4]
+    assert seen == [4, 4, 4]
 
 
-def _counting(product, seen: list[int]):
-    def wrapped(x, *args):
-        seen.append(x.shape[0])
-        return product(x, *args)
-
-    return wrapped
+def test_fp32_products_prefer_blas_on_a_transposed_copy():
+    """BLAS on a transposed copy costs a fraction of oneDNN's packed product at the row counts decoding
+    uses (models/matmul.py); a CPU where it does not probe invariant falls back to packing."""
+    (weight,) = _weights((96, 64))
+    with torch.inference_mode():
+        prepared = matmul._prepared((weight,))
+        if not matmul.backends_for(weight):
+            pytest.skip("no oneDNN on this build")
+        blas = matmul.probe_rows("blas", 96, 64, torch.float32, torch.get_num_threads())
+        assert prepared.backend == ("blas" if blas[1] else "packed")
 
 
 def test_prepared_weights_follow_parameter_changes():
