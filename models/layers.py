@@ -104,18 +104,28 @@ class Rotary(nn.Module):
 
 @dataclass
 class LoraWeights:
-    """A low-rank update of one projection, applied to draft tokens only: ``out += scale * B(A(x))``."""
+    """A low-rank update of one projection, applied to draft tokens only: ``out += scale * B(A(x))``.
+
+    The factors are fp32 and the update is computed and added in fp32, then rounded to ``out``'s
+    dtype, as PEFT does by default for a bf16 or fp16 base model (``autocast_adapter_dtype``); on a
+    CPU its small products are also cheaper in fp32 (models/matmul.py)."""
 
     a: torch.Tensor  # [r, in]
     b: torch.Tensor  # [out, r]
     scale: float
 
     def apply(self, out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        """``out`` with the update added on ``rows`` (the draft rows; None: none), from those rows of ``x``."""
+        """``out`` with the update added on ``rows`` (the draft rows; None: none), from those rows of ``x``.
+        When every row is a draft row (a lone request's draft) no row is gathered or scattered; each
+        row's result is the same either way."""
         if rows is None:
             return out
-        delta = linear(linear(x.index_select(0, rows), self.a), self.b) * self.scale
-        return out.index_add(0, rows, delta.to(out.dtype))
+        every_row = rows.numel() == x.shape[0]
+        inputs = x if every_row else x.index_select(0, rows)
+        delta = linear(linear(inputs.float(), self.a), self.b).mul_(self.scale)
+        if every_row:
+            return delta.add_(out).to(out.dtype)
+        return out.index_copy(0, rows, delta.add_(out.index_select(0, rows)).to(out.dtype))
 
 
 class SwiGLU(nn.Module):

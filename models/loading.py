@@ -110,7 +110,7 @@ def load_model(
     model.to_empty(device=device)
     load_weights(model, folder, dtype=torch_dtype, select=select)
     if adapter and (folder / ADAPTER_DIR).is_dir():
-        load_adapter(model, folder / ADAPTER_DIR, dtype=torch_dtype, select=select)
+        load_adapter(model, folder / ADAPTER_DIR, select=select)
     if tokenizer and any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         model.tokenizer = load_tokenizer(folder)
     model.source = str(folder)
@@ -184,9 +184,10 @@ def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
-def load_adapter(model: TriModeModel, folder: Path, *, dtype: torch.dtype, select: Selector | None = None) -> None:
+def load_adapter(model: TriModeModel, folder: Path, *, select: Selector | None = None) -> None:
     """Attach a PEFT LoRA draft adapter: on o_proj (the official linear-spec drafter), and optionally on the
-    MLP's projections (``target_modules`` any of ``ADAPTER_MODULES``; per-module ranks via ``rank_pattern``)."""
+    MLP's projections (``target_modules`` any of ``ADAPTER_MODULES``; per-module ranks via ``rank_pattern``).
+    Its factors are held in fp32 whatever the model's dtype (see ``LoraWeights``)."""
     config_file = folder / "adapter_config.json"
     weights_file = folder / "adapter_model.safetensors"
     if not config_file.is_file() or not weights_file.is_file():
@@ -209,7 +210,7 @@ def load_adapter(model: TriModeModel, folder: Path, *, dtype: torch.dtype, selec
             layer, module, which = int(match.group(1)), by_path[match.group(2)], match.group(3)
             # row-parallel projections (o, down) split lora_A along its input; column-parallel ones lora_B
             tensor = select(f"adapter.{which}.{name}", f.get_slice(name)) if select else f.get_tensor(name)
-            found.setdefault((layer, module), {})[which] = tensor.to(device=model.device, dtype=dtype)
+            found.setdefault((layer, module), {})[which] = tensor.to(device=model.device, dtype=torch.float32)
     layers = model.encoder.layers
     for module in targets:
         rank = int(_pattern_value(cfg.get("rank_pattern") or {}, module, cfg["r"]))

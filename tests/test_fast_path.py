@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import models
 from models import matmul
 from models.config import RopeConfig
-from models.layers import Rotary
+from models.layers import LoraWeights, Rotary
 from tests.conftest import random_model
 from tests.test_lossless import SPEC_MODES, _heldout_prompts
 from tests.test_parity import ALONE, decoding_of, mismatch, record_id
@@ -76,6 +76,20 @@ def test_fp32_products_prefer_blas_on_a_transposed_copy():
             pytest.skip("no oneDNN on this build")
         blas = matmul.probe_rows("blas", 96, 64, torch.float32, torch.get_num_threads())
         assert prepared.backend == ("blas" if blas[1] else "packed")
+
+
+def test_a_draft_adapter_adds_in_fp32_and_rounds_a_row_alike_in_any_batch():
+    gen = torch.Generator().manual_seed(4)
+    lora = LoraWeights(a=torch.randn(4, 16, generator=gen), b=torch.randn(8, 4, generator=gen), scale=0.5)
+    out = torch.randn(6, 8, generator=gen).bfloat16()
+    x = torch.randn(6, 16, generator=gen).bfloat16()
+    with torch.inference_mode():
+        every = lora.apply(out, x, torch.arange(6))  # a lone request's draft: no gather
+        some = lora.apply(out, x, torch.tensor([4, 1]))
+    assert torch.equal(some[[4, 1]], every[[4, 1]])
+    assert torch.equal(some[[0, 2, 3, 5]], out[[0, 2, 3, 5]])
+    expected = (out.float() + 0.5 * (x.float() @ lora.a.T @ lora.b.T)).bfloat16()
+    torch.testing.assert_close(every, expected, rtol=1e-2, atol=1e-2)
 
 
 def test_prepared_weights_follow_parameter_changes():

@@ -188,6 +188,8 @@ def test_adapter_changes_drafts_only(saved, mlp_rank):
     mlp_lora = with_adapter.encoder.layers[0].mlp.lora
     assert sorted(mlp_lora) == (sorted(MLP_MODULES) if mlp_rank else [])
     assert all(w.a.shape[0] == mlp_rank and w.scale == 1.0 for w in mlp_lora.values())
+    in_bf16 = models.load_model(saved, dtype="bfloat16").encoder.layers[0].self_attn.lora
+    assert in_bf16.a.dtype == in_bf16.b.dtype == torch.float32  # PEFT's default for a half-precision base
     prompt = [1, 7, 9, 13, 21]
     assert not torch.equal(_draft_logits(base, prompt), _draft_logits(with_adapter, prompt))  # drafts change
     if mlp_rank:  # and the MLP's factors are part of that change
