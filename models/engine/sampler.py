@@ -223,16 +223,15 @@ class Sampler:
         start_t, cols_t, count_t = _to_device(device, starts, cols, counts)
         drafted = None
         if accepted is None:
-            rows = logits.index_select(0, (start_t[:, None] + cols_t).reshape(-1))
+            allowed = logits.index_select(0, (start_t[:, None] + cols_t).reshape(-1))
         else:
             widest = max(len(i.work.branches) for i in group)
             (branches,) = _to_device(device, [i.work.branches + [-1] * (widest - len(i.work.branches)) for i in group])
             hit = branches == accepted[:, None]
             drafted = hit.any(dim=1)
             start_t = start_t + hit.long().argmax(dim=1) * count_t
-            rows = self.model.deferred_logits((start_t[:, None] + cols_t).reshape(-1))
-        allowed = rows.clone()
-        allowed[:, self.mask_id] = float("-inf")
+            allowed = self.model.deferred_logits((start_t[:, None] + cols_t).reshape(-1))
+        allowed[:, self.mask_id] = float("-inf")  # a copy of the logits either way (gathered, or the head's output)
         if group[0].state.temperature <= 0:
             q = torch.softmax(allowed, dim=-1) if any(i.work.choose for i in group) else None
             tokens = row_argmax(allowed).view(len(group), width)
