@@ -41,14 +41,16 @@ def test_auto_model_routes_to_the_largest_that_meets_the_tier(client):
 
 
 def test_overload_answers_429_with_retry_after(app):
-    body = {"model": "busy", "prompt": [1, 5, 9], "max_tokens": 600, "temperature": 0, "decoding": {"mode": "ar"}}
+    # the first request must still run when the third arrives: 2,000 tokens take the busy model about
+    # 2.5 s alone (600, as before, took 0.7 s once its products got cheaper, and no request was refused)
+    body = {"model": "busy", "prompt": [1, 5, 9], "max_tokens": 2000, "temperature": 0, "decoding": {"mode": "ar"}}
     headers = {"Authorization": f"Bearer {API_KEY}"}
 
     async def main():
         async with httpx.AsyncClient(timeout=300) as http:
 
             async def late(i):
-                await asyncio.sleep(0.8 * i)  # let the server see the queue build up
+                await asyncio.sleep(0.4 * i)  # let the server see the queue build up
                 return await http.post(f"{app}/v1/completions", json=body, headers=headers)
 
             return await asyncio.gather(*(late(i) for i in range(5)))

@@ -8,8 +8,6 @@ single device-to-host copy.
 
 from __future__ import annotations
 
-import torch
-
 from models.batch import pack
 from models.engine.kv_manager import KVCacheManager
 from models.engine.sampler import Item, Sampler
@@ -24,11 +22,8 @@ class ModelRunner:
         self.kv = kv
         self.sampler = Sampler(model, model.config.mask_token_id)
 
-    @torch.inference_mode()
     def execute(self, scheduled: list[tuple[int, Plan, DecodeState]]) -> list[list[int]]:
-        """Run one step for ``(sequence id, plan, state)`` triples; return each one's result integers.
-
-        In inference mode as a whole, so that the sampler may work in place on the forward's outputs."""
+        """Run one step for ``(sequence id, plan, state)`` triples; return each one's result integers."""
         items = [(seq_id, seg) for seq_id, plan, _ in scheduled for seg in plan.segments]
         batch = pack(items, self.kv, self.model.device)
         logits = self.model(batch, self.cache)  # stays on the device: the sampler reduces it there

@@ -87,9 +87,11 @@ class Sampler:
         self.model = model  # for deferred logits (quadratic drafts)
         self.mask_id = mask_id
 
+    @torch.inference_mode()
     def run(self, logits: torch.Tensor, items: list[Item]) -> list[list[int]]:
         """Each item's result integers (see the work classes), with one device-to-host copy; with
-        logprobs, the work's ``scores`` are set too (their floats travel in the same copy)."""
+        logprobs, the work's ``scores`` are set too (their floats travel in the same copy). In
+        inference mode, so that it may work in place on copies of the forward's outputs."""
         device = logits.device
         uniforms = {id(item): _uniforms(item) for item in items}
         pieces: list[torch.Tensor] = []  # device int64 [B, width] each (floats as their bits)
