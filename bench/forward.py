@@ -8,8 +8,12 @@ default branch count: L * 2 rows) and a dense one (every acceptance length: L * 
 is reported in ms and relative to the AR token: on a compute-bound CPU a block costs many AR
 steps, on a bandwidth-bound GPU about one, which is why block length is chosen per device.
 
-CPU (default without a GPU): the bundled ``tiny-code`` model unless ``--model`` names another,
-computed in fp32, ``--threads`` threads, medians of ``--reps`` runs. GPU: an 8B-shaped model with
+CPU (default without a GPU): the bundled ``tiny-code`` model unless ``--model`` names another, in
+the dtype serving computes it in (the loader's rule: the checkpoint's bf16 where the CPU computes
+bf16 in hardware, fp32 elsewhere) unless ``--dtype`` forces one, ``--threads`` threads, medians of
+``--reps`` runs. Draft blocks (and quadratic cycles' branches) run through the model's draft
+adapter where it has one, as served; the draft block's logits are those of its rows after the
+first, as a linear-spec draft reads them. GPU: an 8B-shaped model with
 random weights (``--layers``) in bf16, timed with ``triton.testing.do_bench``, plus the bandwidth
 floor (weight bytes read once divided by the measured copy bandwidth).
 """
@@ -83,6 +87,7 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=34, help="GPU: layers of the 8B-shaped model")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads")
     parser.add_argument("--reps", type=int, default=20, help="CPU: timed runs per case")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="CPU: force a dtype (default: the loader's)")
     args = parser.parse_args()
 
     import models
@@ -102,7 +107,7 @@ def main() -> int:
         timer = partial(triton.testing.do_bench, warmup=5, rep=30)
     else:
         torch.set_num_threads(args.threads)
-        model = models.load_model(args.model or BUNDLED, dtype=torch.float32)
+        model = models.load_model(args.model or BUNDLED, dtype=args.dtype)
         context = args.context or 96
         timer = partial(cpu_time_ms, reps=args.reps)
     longest = context + 2 * max(args.blocks) + 1
@@ -120,7 +125,14 @@ def main() -> int:
     for block in args.blocks:
         sparse = list(range(min(DEFAULT_BRANCHES, block)))
         cases += [
-            (f"draft block ({block})", [bidirectional_segment([mask] * block, context)]),
+            (
+                f"draft block ({block})",
+                [
+                    bidirectional_segment(
+                        [5] + [mask] * (block - 1), context, adapter=model.has_adapter, logit_rows=list(range(1, block))
+                    )
+                ],
+            ),
             (f"verify block ({block})", [causal_segment([5] * block, context, write=True)]),
             (
                 f"quadratic cycle ({block}, sparse)",
@@ -141,7 +153,8 @@ def main() -> int:
         header += f", copy {bandwidth / 1e12:.2f} TB/s, floor {floor_ms:.2f} ms per forward"
         header += f" ({torch.cuda.get_device_name()})"
     else:
-        header += f", {args.threads} thread(s)"
+        header += f", {args.threads} thread(s), {str(model.dtype).removeprefix('torch.')}"
+        header += ", draft adapter" if model.has_adapter else ""
     print(header)
     print("| case | query rows | ms per forward | x AR token |")
     print("|---|---|---|---|")
