@@ -105,7 +105,7 @@ class _Prepared:
     fingerprint of the parameters it came from."""
 
     def __init__(self, weights: tuple[torch.Tensor, ...]) -> None:
-        self.fingerprint = _fingerprint(weights)
+        self.fingerprint = fingerprint(weights)
         fused = weights[0] if len(weights) == 1 else torch.cat([w.detach() for w in weights])
         self.weight = fused.detach()
         self.backend: str | None = None
@@ -132,7 +132,7 @@ class _Prepared:
         return torch.cat([self._call(piece) for piece in x.split(self.max_rows)])
 
 
-def _fingerprint(weights: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
+def fingerprint(weights: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
     """Where the parameters live and how often they were written in place. Parameters created under
     ``torch.inference_mode()`` keep no write counter: their address alone identifies them (a reload
     is noticed, an in-place write to them is not)."""
@@ -142,7 +142,7 @@ def _fingerprint(weights: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
 def _prepared(weights: tuple[torch.Tensor, ...]) -> _Prepared:
     # kept on the first weight itself, so it lives and dies with the parameter
     entry = getattr(weights[0], "_triserve_prepared", None)
-    if entry is None or entry.fingerprint != _fingerprint(weights):
+    if entry is None or entry.fingerprint != fingerprint(weights):
         entry = _Prepared(weights)
         weights[0]._triserve_prepared = entry
     return entry

@@ -15,7 +15,7 @@ import kernels
 from models.batch import StepBatch
 from models.config import ModelConfig
 from models.kv_cache import PagedKVCache
-from models.layers import LoraWeights, RMSNorm, Rotary, SwiGLU, identity, linear
+from models.layers import LoraWeights, RMSNorm, Rotary, SwiGLU, adapted_linear, identity, linear
 
 # Projections a draft adapter may target (PEFT's short names) and where they sit in a decoder layer.
 # The official drafter targets o_proj only; triserve's own may add the MLP's three.
@@ -54,10 +54,7 @@ class Attention(nn.Module):
         return q, k, v
 
     def output(self, attn: torch.Tensor, adapter_rows: torch.Tensor | None) -> torch.Tensor:
-        out = linear(attn, self.o_proj.weight)
-        if self.lora is not None:
-            out = self.lora.apply(out, attn, adapter_rows)
-        return self.reduce(out)
+        return self.reduce(adapted_linear(attn, (self.o_proj.weight,), (self.lora,), adapter_rows))
 
 
 class DecoderLayer(nn.Module):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import models
 from models import matmul
 from models.config import RopeConfig
-from models.layers import LoraWeights, Rotary
+from models.layers import LoraWeights, Rotary, adapted_linear, merge_drafts
 from tests.conftest import random_model
 from tests.test_lossless import SPEC_MODES, _heldout_prompts
 from tests.test_parity import ALONE, decoding_of, mismatch, record_id
@@ -90,6 +90,28 @@ def test_a_draft_adapter_adds_in_fp32_and_rounds_a_row_alike_in_any_batch():
     assert torch.equal(some[[0, 2, 3, 5]], out[[0, 2, 3, 5]])
     expected = (out.float() + 0.5 * (x.float() @ lora.a.T @ lora.b.T)).bfloat16()
     torch.testing.assert_close(every, expected, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merged_draft_rows_round_alike_alone_and_beside_other_rows(dtype):
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.nn.Parameter((torch.randn(24, 16, generator=gen) / 4).to(dtype))
+    lora = LoraWeights(a=torch.randn(4, 16, generator=gen), b=torch.randn(24, 4, generator=gen) / 4, scale=0.5)
+    x = torch.randn(6, 16, generator=gen).to(dtype)
+    with torch.inference_mode():
+        assert merge_drafts(x)
+        alone = adapted_linear(x[[4, 1]], (weight,), (lora,), torch.arange(2))  # a lone request's draft
+        mixed = adapted_linear(x, (weight,), (lora,), torch.tensor([4, 1]))
+        assert torch.equal(mixed[[4, 1]], alone)
+        assert torch.equal(mixed[[0, 2, 3, 5]], matmul.linear(x, weight)[[0, 2, 3, 5]])
+        updated = x[[4, 1]].float() @ weight.float().T + 0.5 * x[[4, 1]].float() @ lora.a.T @ lora.b.T
+        tolerance = 1e-5 if dtype == torch.float32 else 5e-2
+        torch.testing.assert_close(alone.float(), updated, rtol=tolerance, atol=tolerance)
+    lora.b.mul_(2)  # a changed factor (an optimizer step) is merged again
+    with torch.inference_mode():
+        again = adapted_linear(x[[4, 1]], (weight,), (lora,), torch.arange(2))
+    updated = x[[4, 1]].float() @ weight.float().T + 0.5 * x[[4, 1]].float() @ lora.a.T @ lora.b.T
+    torch.testing.assert_close(again.float(), updated, rtol=tolerance, atol=tolerance)
 
 
 def test_prepared_weights_follow_parameter_changes():
