@@ -138,7 +138,7 @@ class LoraWeights:
 
 def merge_drafts(x: torch.Tensor) -> bool:
     """Whether draft rows multiply ``LoraWeights.merged`` weights (one product per projection) rather than
-    the base weights plus the update (two more products and about five small operations per projection).
+    the base weight plus the update (two more products and four small operations per projection).
     On a CPU those small operations cost more than the products (a bundled-model draft of 32 rows: 6.5
     ms with the update against 4.8 for a verify of the same rows); the merged weights cost a second
     copy of every adapted projection, which a GPU, where the update is cheap, does not pay. Inference on
