@@ -97,7 +97,7 @@ def probe_rows(backend: str, out_features: int, in_features: int, dtype: torch.d
     if not min_rows:
         return 0, 0
     ok = [limit for limit in (8, 16, 32, PROBE_ROWS) if agrees >= set(range(min_rows, limit + 1))]
-    return min_rows, max(ok, default=0)
+    return min_rows, max(ok)  # 8 at least: min_rows is chosen so that every call of min_rows..8 agrees
 
 
 class _Prepared:
