@@ -93,7 +93,7 @@ def test_a_draft_adapter_adds_in_fp32_and_rounds_a_row_alike_in_any_batch():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_merged_draft_rows_round_alike_alone_and_beside_other_rows(dtype):
+def test_merged_draft_rows_round_alike_alone_and_beside_other_rows(fast_path_on, dtype):
     gen = torch.Generator().manual_seed(5)
     weight = torch.nn.Parameter((torch.randn(24, 16, generator=gen) / 4).to(dtype))
     lora = LoraWeights(a=torch.randn(4, 16, generator=gen), b=torch.randn(24, 4, generator=gen) / 4, scale=0.5)
@@ -164,6 +164,12 @@ def test_rope_table_rows_equal_direct_computation():
         assert torch.equal(a, b)
     far = torch.tensor([1000])
     assert all(torch.equal(a, b) for a, b in zip(rotary(far, torch.float32), rotary.lookup(far, torch.float32, 1001)))
+
+
+@pytest.fixture
+def fast_path_on(monkeypatch):
+    """For tests of the fast path itself, whatever ``TRISERVE_FAST_PATH`` the suite runs under."""
+    monkeypatch.setattr(matmul, "FAST_PATH", True)
 
 
 @pytest.fixture
