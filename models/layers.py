@@ -143,7 +143,7 @@ def merge_drafts(x: torch.Tensor) -> bool:
     ms with the update against 4.8 for a verify of the same rows); the merged weights cost a second
     copy of every adapted projection, which a GPU, where the update is cheap, does not pay. Inference on
     the fast path only: training differentiates the factors."""
-    return matmul.FAST_PATH and x.device.type == "cpu" and not torch.is_grad_enabled()
+    return matmul.fast_path_on() and x.device.type == "cpu"
 
 
 def adapted_linear(

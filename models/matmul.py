@@ -148,10 +148,15 @@ def _prepared(weights: tuple[torch.Tensor, ...]) -> _Prepared:
     return entry
 
 
+def fast_path_on() -> bool:
+    """Whether products take the fast path now: it is on and nothing is being differentiated."""
+    return FAST_PATH and not torch.is_grad_enabled()
+
+
 def linear(x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
     """``x @ cat(weights).T`` (one weight, or several that read the same input, fused), with the
     same rounding for a row whether it comes alone or in a batch."""
-    if FAST_PATH and not torch.is_grad_enabled():
+    if fast_path_on():
         return _prepared(weights)(x)
     if len(weights) == 1:
         return kernels.linear(x, weights[0])
