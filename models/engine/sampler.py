@@ -174,7 +174,10 @@ class Sampler:
         row_logits = _shaped(logits.index_select(0, rows_t.reshape(-1)), histories)
         if group[0].state.temperature <= 0:
             ar = row_argmax(row_logits).view(len(group), width)
-            accepted, tokens, _ = kernels.verify_accept(draft_t, ar, None, lengths_t)
+            if width == 1:  # AR steps only: nothing to accept, each token is its row's argmax
+                accepted, tokens = torch.zeros(len(group), dtype=torch.long, device=device), ar
+            else:
+                accepted, tokens, _ = kernels.verify_accept(draft_t, ar, None, lengths_t)
             log_dist = None
         else:
             probs = self._probs(row_logits, group, width, histories)
