@@ -71,8 +71,8 @@ def measure(url: str, model: str, options: list[str], c: int, args, key: str | N
     tokens: collections.Counter[str] = collections.Counter()
     seconds: collections.Counter[str] = collections.Counter()
     texts: dict[str, list[tuple[str, str]]] = {o: [] for o in options}  # per option: (served option, text)
-    for r in range(args.rounds):
-        turn = r * len(options) // args.rounds
+    for round_index in range(args.rounds):
+        turn = round_index * len(options) // args.rounds
         for option in options[turn:] + options[:turn]:  # interleaved: every option once per round
             bodies = [body(model, option, i, args.max_tokens) for i in range(count)]
             results, took = asyncio.run(load(url, bodies, c, key))
