@@ -140,7 +140,7 @@ def distilled(s: TrainSettings, train: torch.Tensor) -> torch.Tensor:
         raise ValueError("distill_fraction needs init_from: the model whose continuations are the targets")
     if not 0 < s.distill_fraction < 1 or not 0 < s.distill_prefix < s.seq_len:
         raise ValueError("distill_fraction must be in (0, 1) and distill_prefix in (0, seq_len)")
-    model = load_model(s.init_from, dtype=torch.float32, adapter=False)
+    model = load_model(s.init_from, dtype=torch.float32, adapter=False, warm_up=False)
     gen = torch.Generator().manual_seed(s.seed)
     prefixes = cut_prefixes(train, s.distill_sequences, s.distill_prefix, s.distill_prefix, gen)
     rows = continue_greedily(model, prefixes, s.seq_len, "distill")
@@ -195,7 +195,7 @@ def initialise_from(model: TriModeModel, folder: Path) -> None:
     converts an AR model: its ``lm_head`` becomes the one ``diffusion_head``)."""
     raw = json.loads((folder / "config.json").read_text())
     if raw.get("model_type") == "nemotron_labs_diffusion":
-        model.load_state_dict(load_model(folder, dtype=torch.float32, tokenizer=False).state_dict())
+        model.load_state_dict(load_model(folder, dtype=torch.float32, tokenizer=False, warm_up=False).state_dict())
     else:
         load_weights(model, folder, dtype=torch.float32, rename=ar_checkpoint_name)
 

@@ -76,7 +76,7 @@ def prepare_data(s: DrafterSettings) -> Path:
     data = s.run_dir / "data" / "continuations.pt"
     if data.is_file():
         return data
-    model = models.load_model(s.model, dtype=torch.float32, adapter=False)
+    model = models.load_model(s.model, dtype=torch.float32, adapter=False, warm_up=False)
     torch.set_num_threads(s.threads)
     train_files, heldout_files = corpus_files(Path(s.corpus) if s.corpus else default_corpus())
     gen = torch.Generator().manual_seed(s.seed)
@@ -131,7 +131,7 @@ def train_loop(config: dict) -> None:
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     torch.manual_seed(s.seed + rank)
     torch.set_num_threads(s.threads)
-    model = models.load_model(s.model, dtype=torch.float32, adapter=False, tokenizer=False)
+    model = models.load_model(s.model, dtype=torch.float32, adapter=False, tokenizer=False, warm_up=False)
     adapter = DraftAdapter(model, s.rank, s.alpha, seed=s.seed, mlp_rank=s.mlp_rank)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=s.lr, betas=(0.9, 0.95), weight_decay=s.weight_decay)
     start_step, history = 0, []

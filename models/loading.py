@@ -7,6 +7,7 @@ plus one tensor. ``select`` lets a tensor-parallel rank read only its own slice 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from models.model import ADAPTER_MODULES, LoraWeights, TriModeModel
 
 ADAPTER_DIR = "linear_spec_lora"
 PROGRESS_MIN_BYTES = 256 * 2**20  # show a progress bar for checkpoints larger than this
+logger = logging.getLogger(__name__)
 
 _DTYPES = {
     "float32": torch.float32,
@@ -96,11 +98,17 @@ def load_model(
     adapter: bool = True,
     tokenizer: bool = True,
     build: Callable[[ModelConfig], TriModeModel] | None = None,
+    warm_up: bool = True,
 ) -> TriModeModel:
     """Load a checkpoint folder into a ready-to-run model (eval mode, on ``device``).
 
     ``select`` and ``build`` are the tensor-parallel hooks: ``build`` makes a model whose linears
-    are already sharded, ``select`` reads each tensor's slice for this rank.
+    are already sharded, ``select`` reads each tensor's slice for this rank. ``warm_up``: run
+    ``models.generate.warm_up`` before returning, so that what a first forward prepares (the products'
+    backends for this thread count, the RoPE table, a draft adapter's merged weights) is not paid by
+    the first request (about 0.4 s of a first 128-token decode of the bundled model, otherwise); its
+    seconds are logged. Training turns it off, and so do tensor-parallel ranks, which can only run a
+    forward together.
     """
     folder = _check_folder(path)
     config = ModelConfig.from_file(folder)
@@ -114,7 +122,12 @@ def load_model(
     if tokenizer and any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         model.tokenizer = load_tokenizer(folder)
     model.source = str(folder)
-    return model.eval()
+    model.eval()
+    if warm_up:
+        from models.generate import warm_up as run_warm_up
+
+        logger.info("warmed up %s in %.2f s", folder.name, run_warm_up(model))
+    return model
 
 
 def ar_checkpoint_name(name: str) -> str:

@@ -101,11 +101,12 @@ def probe_rows(backend: str, out_features: int, in_features: int, dtype: torch.d
 
 
 class _Prepared:
-    """A fused weight, the backend chosen for it (``product``, None: the padded reference) and the
-    fingerprint of the parameters it came from."""
+    """A fused weight, the backend chosen for it (``product``, None: the padded reference), the
+    fingerprint of the parameters it came from and the thread count it was chosen for."""
 
     def __init__(self, weights: tuple[torch.Tensor, ...]) -> None:
         self.fingerprint = fingerprint(weights)
+        self.threads = torch.get_num_threads()  # the probes hold for this many threads
         fused = weights[0] if len(weights) == 1 else torch.cat([w.detach() for w in weights])
         self.weight = fused.detach()
         self.backend: str | None = None
@@ -140,9 +141,10 @@ def fingerprint(weights: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
 
 
 def _prepared(weights: tuple[torch.Tensor, ...]) -> _Prepared:
-    # kept on the first weight itself, so it lives and dies with the parameter
+    # kept on the first weight itself, so it lives and dies with the parameter; prepared again when the
+    # parameters or the thread count changed (a model warmed up at load, then run with more threads)
     entry = getattr(weights[0], "_triserve_prepared", None)
-    if entry is None or entry.fingerprint != fingerprint(weights):
+    if entry is None or entry.fingerprint != fingerprint(weights) or entry.threads != torch.get_num_threads():
         entry = _Prepared(weights)
         weights[0]._triserve_prepared = entry
     return entry

@@ -216,7 +216,7 @@ def load_shard(
         select = slice_selector(config, rank, world, prefix="language_model.")
         return load_vlm(path, dtype=dtype, device=device, tokenizer=tokenizer, select=select, build_text=build)
     select = slice_selector(config, rank, world)
-    return load_model(path, dtype=dtype, device=device, select=select, build=build, tokenizer=tokenizer)
+    return load_model(path, dtype=dtype, device=device, select=select, build=build, tokenizer=tokenizer, warm_up=False)
 
 
 def decoder(shard: TriModeModel | VisionLanguageModel) -> TriModeModel:

@@ -3,6 +3,7 @@ current when weights change, and the model still matches the official outputs wi
 
 from __future__ import annotations
 
+import logging
 import random
 
 import pytest
@@ -123,6 +124,35 @@ def test_prepared_weights_follow_parameter_changes():
         torch.testing.assert_close(matmul.linear(x, weight), 2 * before)
         weight.data = torch.zeros(32, 16)  # a rebinding (a reload)
         assert torch.equal(matmul.linear(x, weight), torch.zeros(5, 32))
+
+
+def test_prepared_weights_follow_the_thread_count(fast_path_on):
+    """A model warmed up at load and then run with another thread count prepares its products again:
+    the probes that chose a backend and its row padding hold for the thread count they ran with."""
+    (weight,) = _weights((32, 16))
+    x = torch.randn(5, 16)
+    threads = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            torch.set_num_threads(1)
+            matmul.linear(x, weight)
+            assert weight._triserve_prepared.threads == 1
+            torch.set_num_threads(2)
+            matmul.linear(x, weight)
+            assert weight._triserve_prepared.threads == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_load_model_warms_up_unless_told_not_to(fixture_path, caplog):
+    """What a first forward prepares is prepared at load, not by the first request."""
+    with caplog.at_level(logging.INFO, logger="models.loading"):
+        warm = models.load_model(fixture_path)
+    assert any("warmed up" in record.getMessage() for record in caplog.records)
+    cold = models.load_model(fixture_path, warm_up=False)
+    assert getattr(cold.encoder.layers[0].mlp.down_proj.weight, "_triserve_prepared", None) is None
+    if matmul.fast_path_on():
+        assert warm.encoder.layers[0].mlp.down_proj.weight._triserve_prepared is not None
 
 
 def test_a_model_loaded_under_inference_mode_decodes_the_golden_tokens(fixture_path, golden_records):

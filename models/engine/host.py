@@ -62,7 +62,9 @@ def load_host(settings: EngineSettings) -> EngineHost:
         vlm = load_vlm(settings.path, dtype=settings.dtype, device=settings.device, tokenizer=False)
         model = vlm.language_model
     else:
-        model = load_model(settings.path, dtype=settings.dtype, device=settings.device, tokenizer=False)
+        model = load_model(
+            settings.path, dtype=settings.dtype, device=settings.device, tokenizer=False, warm_up=False
+        )  # build_engine warms it up
     engine, info = build_engine(model, settings)
     info["vlm"] = vlm is not None
     return EngineHost(engine, vlm, info)
