@@ -142,7 +142,7 @@ def train(s: TrainSettings) -> Path:
     with torch.no_grad():  # every RMSNorm starts at one, the encoder's ``ln_pre`` too (not named "norm")
         model.vision_tower.ln_pre.weight.fill_(1.0)
     if s.init_from:  # continue from an exported tiny VLM (its tokenizer is the same word list)
-        model.load_state_dict(load_vlm(s.init_from, dtype=torch.float32, tokenizer=False).state_dict())
+        model.load_state_dict(load_vlm(s.init_from, dtype=torch.float32, tokenizer=False, warm_up=False).state_dict())
     tokens = config.image_tokens()
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.95), weight_decay=s.weight_decay)
     rng = random.Random(s.seed)

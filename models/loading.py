@@ -124,10 +124,16 @@ def load_model(
     model.source = str(folder)
     model.eval()
     if warm_up:
-        from models.generate import warm_up as run_warm_up
-
-        logger.info("warmed up %s in %.2f s", folder.name, run_warm_up(model))
+        warm_up_loaded(model)
     return model
+
+
+def warm_up_loaded(model: TriModeModel) -> None:
+    """``models.generate.warm_up`` on a model just loaded (``load_model`` and ``models.vlm.load_vlm``
+    with ``warm_up``), its seconds logged."""
+    from models.generate import warm_up
+
+    logger.info("warmed up %s in %.2f s", Path(model.source).name, warm_up(model))
 
 
 def ar_checkpoint_name(name: str) -> str:

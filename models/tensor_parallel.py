@@ -214,7 +214,9 @@ def load_shard(
 
     if vision is not None:
         select = slice_selector(config, rank, world, prefix="language_model.")
-        return load_vlm(path, dtype=dtype, device=device, tokenizer=tokenizer, select=select, build_text=build)
+        return load_vlm(
+            path, dtype=dtype, device=device, tokenizer=tokenizer, select=select, build_text=build, warm_up=False
+        )
     select = slice_selector(config, rank, world)
     return load_model(path, dtype=dtype, device=device, select=select, build=build, tokenizer=tokenizer, warm_up=False)
 

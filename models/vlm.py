@@ -32,6 +32,7 @@ from models.loading import (
     load_weights,
     resolve_dtype,
     save_model,
+    warm_up_loaded,
     weight_files,
 )
 from models.model import TriModeModel
@@ -245,11 +246,12 @@ def load_vlm(
     tokenizer: bool = True,
     select: Selector | None = None,
     build_text: Callable[[ModelConfig], TriModeModel] | None = None,
+    warm_up: bool = True,
 ) -> VisionLanguageModel:
     """Load a VLM checkpoint folder (eval mode). ``model.language_model`` is what the engine runs.
 
-    ``select`` and ``build_text`` are the tensor-parallel hooks, as in ``load_model`` (``select``
-    sees the model's tensor names, ``language_model.*`` for the decoder)."""
+    ``select`` and ``build_text`` are the tensor-parallel hooks, and ``warm_up`` warms the decoder up,
+    as in ``load_model`` (``select`` sees the model's tensor names, ``language_model.*`` for the decoder)."""
     folder = _check_folder(path)
     _, config = read_config(folder)
     if config is None:
@@ -265,7 +267,10 @@ def load_vlm(
     if tokenizer and (folder / "tokenizer.json").is_file():
         model.language_model.tokenizer = load_tokenizer(folder)
     model.language_model.source = str(folder)
-    return model.eval()
+    model.eval()
+    if warm_up:
+        warm_up_loaded(model.language_model)
+    return model
 
 
 def save_vlm(model: VisionLanguageModel, path: str | Path, *, dtype: torch.dtype | None = None) -> None:

@@ -59,7 +59,7 @@ def load_host(settings: EngineSettings) -> EngineHost:
     torch.set_num_threads(settings.threads)
     vlm = None
     if read_config(settings.path)[1] is not None:
-        vlm = load_vlm(settings.path, dtype=settings.dtype, device=settings.device, tokenizer=False)
+        vlm = load_vlm(settings.path, dtype=settings.dtype, device=settings.device, tokenizer=False, warm_up=False)
         model = vlm.language_model
     else:
         model = load_model(
