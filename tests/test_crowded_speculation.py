@@ -100,7 +100,10 @@ def test_auto_demotes_by_the_priors_and_counts_demoted_steps_as_ar():
     lone = Engine(model, num_pages=128, priors=priors)
     state = lone.add_request("alone", prompts[0], params).state
     _drain(lone)
-    assert state.demoted_steps == 0 and state.accepted_lengths, "a lone request always speculates"
+    # alone it is not demoted by the crowd rule: it speculates until its own cycles are judged (these
+    # random weights' drafts do not pay: tests/test_own_record.py), and every AR step it took was a hold
+    assert state.accepted_lengths, "a lone request speculates"
+    assert state.demoted_steps <= state.record.hold_until
 
 
 @pytest.mark.parametrize("value", [0, -1, True, "sometimes", 2.5])

@@ -64,6 +64,24 @@ def may_speculate(limit: int | str | None, spec: OptionStats | None, ar: OptionS
     return (spec.step_s + spec.per_request_s * extra) / spec.tpf < ar.step_s + ar.per_request_s * extra
 
 
+OWN_MARGIN = 0.9  # a request's own cycles must promise this share of AR's tokens/s, or it takes AR steps
+
+
+def record_pays(tpf: float, spec: OptionStats | None, ar: OptionStats | None, requests: int) -> bool:
+    """Whether a speculative request whose own recent cycles yield ``tpf`` tokens per forward is
+    predicted at least ``OWN_MARGIN`` of AR's tokens/s among ``requests`` requests, from the step costs
+    of its option (``spec``) and of AR (True when a step cost is unknown: nothing is known to be lost).
+    The margin keeps a request that is about even from flipping between the two on noise: in
+    simulations of held-out greedy decodes (bench/RESULTS.md) it left requests whose drafts pay as fast
+    as before and brought the fixture's linear_spec at block 32 from 0.69x to 0.95x AR."""
+    if spec is None or ar is None or spec.step_s is None or ar.step_s is None:
+        return True
+    extra = requests - 1
+    spec_s = spec.step_s + (spec.per_request_s or 0.0) * extra
+    ar_s = ar.step_s + (ar.per_request_s or 0.0) * extra
+    return tpf / spec_s >= OWN_MARGIN / ar_s
+
+
 @dataclass
 class OptionStats:
     tpf: float | None = None  # tokens per forward of one request
@@ -109,6 +127,11 @@ class OptionCosts:
         stats = self.options.setdefault(key, OptionStats())
         stats.tpf = _ema(stats.tpf, tpf, self.ema)
         stats.samples += 1
+
+    def calibrated(self, key: str) -> bool:
+        """Whether the option's step cost comes from calibration (``priors``), not live steps alone."""
+        prior = self.priors.get(key)
+        return prior is not None and prior.step_s is not None
 
     def figures(self, key: str) -> OptionStats | None:
         """An option's current figures, calibrated step costs scaled by the live factor."""

@@ -15,7 +15,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from models.engine.costs import OptionCosts, OptionStats, StepCost, may_speculate, option_key, request_option
+from models.engine.costs import (
+    OptionCosts,
+    OptionStats,
+    StepCost,
+    may_speculate,
+    option_key,
+    record_pays,
+    request_option,
+)
 from models.engine.kv_manager import KVCacheManager
 from models.engine.runner import ModelRunner
 from models.engine.scheduler import TIER_PRIORITY, Request, RequestStats, Scheduler
@@ -34,16 +42,29 @@ def check_speculation_max_batch(value: object) -> None:
 
 def speculation_rule(limit: int | str | None, costs: OptionCosts) -> Callable[[Request, int], bool]:
     """The scheduler's ``speculate``: whether a request may start a cycle among ``load`` requests
-    (costs.may_speculate on its option's current figures). A closure over the figures, not a method
-    of the engine: the scheduler would hold the engine in a reference cycle, and an engine freed only
+    (costs.may_speculate on its option's current figures), and, under "auto" with calibrated costs
+    for its option and AR, whether its own recent cycles pay (``SpeculationRecord.allows`` with
+    costs.record_pays). Without calibration nothing is judged (as the crowd rule demotes nothing):
+    lone step times learned live are noisy, and ``models.generate`` then runs each mode as asked. A
+    seeded sampled request is not judged by its own cycles: which steps speculate would then depend
+    on measured step times, and at temperature > 0 that changes which random draws its tokens come
+    from, so the seed would no longer reproduce them. A closure over the figures, not a method of
+    the engine: the scheduler would hold the engine in a reference cycle, and an engine freed only
     by the garbage collector keeps its KV cache (and a tensor-parallel group's shards) alive."""
 
     def speculate(request: Request, load: int) -> bool:
         state = request.state
         if not state.speculative:
             return True
-        spec = costs.figures(option_key(state.mode, state.block_length))
-        return may_speculate(limit, spec, costs.figures("ar"), load)
+        option = option_key(state.mode, state.block_length)
+        spec, ar = costs.figures(option), costs.figures("ar")
+        if not may_speculate(limit, spec, ar, load):
+            return False
+        if limit != "auto" or not (costs.calibrated(option) and costs.calibrated("ar")):
+            return True
+        if state.temperature > 0 and state.params.seed is not None:
+            return True
+        return state.record.allows(state.demoted_steps, lambda tpf: record_pays(tpf, spec, ar, load))
 
     return speculate
 
@@ -128,7 +149,8 @@ class Engine:
         """``speculation_max_batch``: above this many requests (running and waiting) speculative
         requests take AR steps instead of new cycles (vLLM's ``disable_by_batch_size``); "auto":
         wherever the option's figures (``priors``, refreshed live) predict speculation to emit fewer
-        tokens per second than AR for that many requests; None: never."""
+        tokens per second than AR for that many requests, and also, for one request, while its own
+        recent cycles predict less than 0.9x AR's (``SpeculationRecord``); None: never."""
         check_speculation_max_batch(speculation_max_batch)
         self.model = model
         self.cache = model.new_cache(num_pages, page_size)

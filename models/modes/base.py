@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -138,6 +139,56 @@ class Unmask:
 
 Work = Verify | Draft | Unmask
 
+MAX_HOLD = 64  # AR steps a request whose own cycles do not pay waits, at most, before it tries one again
+
+
+@dataclass
+class SpeculationRecord:
+    """What a speculative request's own cycles have yielded lately, and when it may speculate again.
+
+    An option's figures say what speculation yields on average; one request's drafts may be accepted
+    far less (a model whose drafter fits other text, a stretch of text no draft guesses). The
+    engine's rule (models/engine/costs.py::record_pays) compares the request's recent tokens per
+    forward with AR's step cost; when its cycles do not pay, the request takes AR steps (lossless by
+    construction) for ``backoff`` of them and then tries one cycle, the wait doubling while cycles
+    keep failing (up to ``MAX_HOLD``) and reset by one that pays. Tokens and forwards are averaged
+    per cycle with weight ``WEIGHT`` on the latest, so a stretch where drafts start to land is seen
+    after a cycle or two."""
+
+    WEIGHT = 0.5
+
+    tokens: float | None = None  # tokens a cycle emitted (the bonus and any draft-less forward's token too)
+    forwards: float | None = None  # forwards it took (a linear cycle: 2; a quadratic cycle: 1, or 2 after a miss)
+    cycles: int = 0
+    judged: int = 0  # cycles seen by the last judgement
+    hold_until: int = 0  # the request's demoted-step count from which it may try a cycle again
+    backoff: int = 1
+
+    def observe(self, tokens: int, forwards: int) -> None:
+        w = self.WEIGHT
+        self.tokens = tokens if self.tokens is None else (1 - w) * self.tokens + w * tokens
+        self.forwards = forwards if self.forwards is None else (1 - w) * self.forwards + w * forwards
+        self.cycles += 1
+
+    @property
+    def tpf(self) -> float | None:
+        return None if not self.forwards else self.tokens / self.forwards
+
+    def allows(self, demoted_steps: int, pays: Callable[[float], bool]) -> bool:
+        """Whether the request may start a cycle now: not while it holds; otherwise the latest cycles
+        are judged once by ``pays(tpf)`` (a request without a finished cycle may always try)."""
+        if demoted_steps < self.hold_until:
+            return False
+        if self.tpf is None or self.judged == self.cycles:
+            return True
+        self.judged = self.cycles
+        if pays(self.tpf):
+            self.backoff = 1
+            return True
+        self.hold_until = demoted_steps + self.backoff
+        self.backoff = min(2 * self.backoff, MAX_HOLD)
+        return False
+
 
 def ar_step(token: int, cached_len: int, demoted: bool = False) -> Plan:
     """One causal row behind ``token``, written to the cache: an AR step, which is also the verify
@@ -209,10 +260,12 @@ class DecodeState(ABC):
         self.nfe = 0
         self.accepted_lengths: list[int] = []  # tokens emitted per speculative cycle
         # Set by the scheduler before each step. False in a crowded batch, where a speculative mode's
-        # rows cost more than its accepted tokens save: it then finishes the cycle under way and
-        # takes plain AR steps (lossless by construction) until the batch thins.
+        # rows cost more than its accepted tokens save, or while its own cycles do not pay (``record``):
+        # it then finishes the cycle under way and takes plain AR steps (lossless by construction).
         self.speculate = True
-        self.demoted_steps = 0  # AR steps taken for that reason
+        self.demoted_steps = 0  # AR steps taken for that reason (or because its own cycles did not pay)
+        self.record = SpeculationRecord()  # what its own cycles yield (the engine's rule reads it)
+        self._cycle_start = (0, 0)  # (nfe, tokens) where the cycle under way began
         self.finished = False
         self.finish_reason: str | None = None
         # with params.trace: one event per forward (``trace_event``), taken away by whoever reports them
@@ -263,8 +316,16 @@ class DecodeState(ABC):
                 return []
             self.started = True
             self.nfe += int(self.prefill_counts_as_forward)
-            return self.after_prefill(result[1], plan.work.scores)
-        return self.advance_decode(plan, result)
+            emitted = self.after_prefill(result[1], plan.work.scores)
+            self._cycle_start = (self.nfe, len(self.tokens))
+            return emitted
+        cycles = len(self.accepted_lengths)
+        emitted = self.advance_decode(plan, result)
+        if len(self.accepted_lengths) > cycles:  # a cycle ended: what it took since the last one ended
+            self.record.observe(len(self.tokens) - self._cycle_start[1], self.nfe - self._cycle_start[0])
+        if plan.demoted or len(self.accepted_lengths) > cycles:
+            self._cycle_start = (self.nfe, len(self.tokens))
+        return emitted
 
     def preempt(self) -> None:
         """The request's cache was dropped: recompute it before decoding resumes."""

@@ -4,7 +4,8 @@ Per cycle: draft ``[next, M x (L-1)]`` (adapter on, cache read-only), verify ``[
 (adapter off, keys/values written), accept the longest prefix the AR pass agrees with, emit it plus
 one bonus token, and roll the cache back to what was accepted. Lossless at temperature 0; above
 it, rejection sampling keeps the AR distribution. NFE = prefill + drafts + verifies. In a crowded
-batch (``speculate`` False) a new cycle is not started: the request takes AR steps instead.
+batch, or while its own cycles do not pay (``speculate`` False), a new cycle is not started: the
+request takes AR steps instead.
 """
 
 from __future__ import annotations

@@ -19,9 +19,10 @@ length a: ``c_1 * .. * c_a * (1 - c_{a+1})``), L * (branches + 1) rows; when the
 accepts a length that was not drafted, the next cycle has no draft and is a plain draft cycle
 (one token, like the first cycle after the prefill). The emitted tokens are the AR tokens either
 way (temperature 0) or follow the AR distribution (temperature > 0): the branch choice only
-decides whether the next cycle has a draft to verify. NFE = prefill + cycles. In a crowded batch
-(``speculate`` False) a cycle drafts nothing ahead: the current draft is verified alone, and then
-the request takes AR steps (verifies of an empty draft) until it may speculate again.
+decides whether the next cycle has a draft to verify. NFE = prefill + cycles. In a crowded batch,
+or while its own cycles do not pay (``speculate`` False), a cycle drafts nothing ahead: the current
+draft is verified alone, and then the request takes AR steps (verifies of an empty draft) until it
+may speculate again.
 """
 
 from __future__ import annotations
