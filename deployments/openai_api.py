@@ -300,6 +300,7 @@ class OpenAIService:
             trace=bool(dec and dec.trace),
             controls=controls,
             logprobs=logprobs,
+            explored=bool(decision and decision.explored),
         )
         try:
             params.validate()

@@ -74,6 +74,12 @@ def test_only_auto_judges_a_request_by_its_own_cycles(model, prompt, rule):
     assert state.demoted_steps == 0 and state.record.cycles > 0
 
 
+def test_a_router_exploration_is_not_judged(model, prompt):
+    """It runs to refresh its option's figures: AR steps would measure AR."""
+    state = _alone(model, prompt, "linear_spec", _priors("linear_spec", spec_step_s=0.016), explored=True)
+    assert state.demoted_steps == 0 and state.record.cycles > 0
+
+
 def test_a_seeded_sampled_request_is_not_judged_but_an_unseeded_one_is(model, prompt):
     priors = _priors("linear_spec", spec_step_s=0.016)
     seeded = _alone(model, prompt, "linear_spec", priors, temperature=1.0, seed=7)

@@ -141,5 +141,6 @@ def test_exploration_runs_another_option_and_refreshes_its_figures(service):
 
     prep, text = asyncio.run(main())
     assert prep.decision.explored and prep.decision.option != "linear_spec@4"
+    assert prep.params.explored, "the engine is not told to run the explored option as asked"
     explored = service.models["m"].backend.engine.engine.stats.options.options[prep.decision.option]
     assert explored.samples > 0 and text  # the run counted towards the explored option's figures

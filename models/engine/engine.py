@@ -48,9 +48,12 @@ def speculation_rule(limit: int | str | None, costs: OptionCosts) -> Callable[[R
     lone step times learned live are noisy, and ``models.generate`` then runs each mode as asked. A
     seeded sampled request is not judged by its own cycles: which steps speculate would then depend
     on measured step times, and at temperature > 0 that changes which random draws its tokens come
-    from, so the seed would no longer reproduce them. A closure over the figures, not a method of
-    the engine: the scheduler would hold the engine in a reference cycle, and an engine freed only
-    by the garbage collector keeps its KV cache (and a tensor-parallel group's shards) alive."""
+    from, so the seed would no longer reproduce them. Nor is a router exploration: it runs to
+    refresh its option's figures, which AR steps would not (and an option whose requests mostly
+    took them would keep the fewest observations and draw every exploration). A closure over the
+    figures, not a method of the engine: the scheduler would hold the engine in a reference cycle,
+    and an engine freed only by the garbage collector keeps its KV cache (and a tensor-parallel
+    group's shards) alive."""
 
     def speculate(request: Request, load: int) -> bool:
         state = request.state
@@ -62,7 +65,7 @@ def speculation_rule(limit: int | str | None, costs: OptionCosts) -> Callable[[R
             return False
         if limit != "auto" or not (costs.calibrated(option) and costs.calibrated("ar")):
             return True
-        if state.temperature > 0 and state.params.seed is not None:
+        if state.params.explored or (state.temperature > 0 and state.params.seed is not None):
             return True
         return state.record.allows(state.demoted_steps, lambda tpf: record_pays(tpf, spec, ar, load))
 

@@ -48,6 +48,7 @@ class DecodeParams:
     trace: bool = False  # record what every forward did (``DecodeState.trace``)
     controls: SamplingControls = NO_CONTROLS  # top_p, penalties, logit_bias, ... (models/controls.py)
     logprobs: int | None = None  # record each output token's log-probability and this many alternatives
+    explored: bool = False  # a router exploration: speculate as asked, never judged by its own cycles
 
     def validate(self) -> None:
         if self.mode not in MODES:
