@@ -60,6 +60,21 @@ def test_cycles_that_do_not_pay_give_way_to_ar_steps_until_drafts_land(model, pr
     assert state.accepted_lengths[-3:] == [BLOCK] * 3 and state.record.backoff == 1, "it did not speculate again"
 
 
+def test_ar_steps_of_an_option_count_as_observations_of_it(model, prompt):
+    """The router explores the options with the fewest observations: one whose requests took AR steps
+    must not look unseen (it would draw every exploration). The figures stay as they were."""
+    engine = Engine(model, num_pages=64, priors=_priors("linear_spec", spec_step_s=0.016))
+    state = engine.add_request(
+        "r", prompt, DecodeParams(mode="linear_spec", max_new_tokens=60, block_length=BLOCK)
+    ).state
+    while engine.has_work:
+        engine.step()
+    figures = engine.stats.options.options
+    assert state.demoted_steps > 0
+    assert figures["linear_spec@4"].samples >= state.demoted_steps
+    assert figures["linear_spec@4"].tpf == 1.5, "a request that took AR steps changed its option's TPF"
+
+
 @pytest.mark.parametrize("mode", SPEC_MODES)
 def test_cycles_that_pay_are_not_held(model, prompt, mode):
     """The same drafts where a cycle's forward is cheap enough (a GPU's block costs about an AR step)."""

@@ -87,7 +87,7 @@ class OptionStats:
     tpf: float | None = None  # tokens per forward of one request
     step_s: float | None = None  # a step carrying one request of this option
     per_request_s: float | None = None  # what each further request of the option adds to that step
-    samples: int = 0  # live observations (steps and finished requests) since the replica started
+    samples: int = 0  # live observations (steps, its requests' AR steps, finished requests) since start
 
     def to_dict(self) -> dict[str, float | int | None]:
         return {"tpf": self.tpf, "step_s": self.step_s, "per_request_s": self.per_request_s, "samples": self.samples}
@@ -122,6 +122,13 @@ class OptionCosts:
         else:
             return
         stats.samples += 1
+
+    def observe_demoted(self, key: str) -> None:
+        """A step in which a request of option ``key`` took an AR step (in a crowd, or while its own
+        cycles did not pay). The step's time is AR's, so no figure of the option changes, but its
+        traffic was seen: the router gives exploration turns to the options with the fewest
+        observations, and one whose requests mostly take AR steps would otherwise draw them all."""
+        self.options.setdefault(key, OptionStats()).samples += 1
 
     def observe_finished(self, key: str, tpf: float) -> None:
         stats = self.options.setdefault(key, OptionStats())

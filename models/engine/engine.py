@@ -49,11 +49,10 @@ def speculation_rule(limit: int | str | None, costs: OptionCosts) -> Callable[[R
     seeded sampled request is not judged by its own cycles: which steps speculate would then depend
     on measured step times, and at temperature > 0 that changes which random draws its tokens come
     from, so the seed would no longer reproduce them. Nor is a router exploration: it runs to
-    refresh its option's figures, which AR steps would not (and an option whose requests mostly
-    took them would keep the fewest observations and draw every exploration). A closure over the
-    figures, not a method of the engine: the scheduler would hold the engine in a reference cycle,
-    and an engine freed only by the garbage collector keeps its KV cache (and a tensor-parallel
-    group's shards) alive."""
+    refresh its option's figures, which AR steps would not. A closure over the figures, not a
+    method of the engine: the scheduler would hold the engine in a reference cycle, and an engine
+    freed only by the garbage collector keeps its KV cache (and a tensor-parallel group's shards)
+    alive."""
 
     def speculate(request: Request, load: int) -> bool:
         state = request.state
@@ -277,6 +276,9 @@ class Engine:
         options = {"ar" if plan.demoted else request.option for request, plan in scheduled}
         if not prefilling and len(options) == 1 and None not in options:
             self.stats.options.observe_step(options.pop(), len(scheduled), elapsed)
+        for request, plan in scheduled:
+            if plan.demoted and request.option is not None:
+                self.stats.options.observe_demoted(request.option)
         outputs = []
         for (request, plan), result in zip(scheduled, results):
             state = request.state
