@@ -11,7 +11,7 @@ import pytest
 
 import models
 from models.engine import Engine
-from models.engine.costs import OptionStats, record_pays
+from models.engine.costs import OptionStats, effective_tpf, record_pays
 from models.modes import DecodeParams
 from models.modes.base import MAX_HOLD, SpeculationRecord
 from tests.conftest import random_model
@@ -60,9 +60,10 @@ def test_cycles_that_do_not_pay_give_way_to_ar_steps_until_drafts_land(model, pr
     assert state.accepted_lengths[-3:] == [BLOCK] * 3 and state.record.backoff == 1, "it did not speculate again"
 
 
-def test_ar_steps_of_an_option_count_as_observations_of_it(model, prompt):
+def test_ar_steps_of_an_option_count_as_its_observations_and_its_tpf_as_they_cost(model, prompt):
     """The router explores the options with the fewest observations: one whose requests took AR steps
-    must not look unseen (it would draw every exploration). The figures stay as they were."""
+    must not look unseen (it would draw every exploration). And the request's TPF refreshes its
+    option's, each AR step it held counted as the share of an option step it costs."""
     engine = Engine(model, num_pages=64, priors=_priors("linear_spec", spec_step_s=0.016))
     state = engine.add_request(
         "r", prompt, DecodeParams(mode="linear_spec", max_new_tokens=60, block_length=BLOCK)
@@ -72,7 +73,9 @@ def test_ar_steps_of_an_option_count_as_observations_of_it(model, prompt):
     figures = engine.stats.options.options
     assert state.demoted_steps > 0
     assert figures["linear_spec@4"].samples >= state.demoted_steps
-    assert figures["linear_spec@4"].tpf == 1.5, "a request that took AR steps changed its option's TPF"
+    assert state.held_steps == state.demoted_steps, "alone, every AR step was a hold"
+    own = len(state.tokens) / (state.nfe - state.held_steps + state.held_steps * 0.010 / 0.016)
+    assert figures["linear_spec@4"].tpf == pytest.approx(0.8 * 1.5 + 0.2 * own)
 
 
 @pytest.mark.parametrize("mode", SPEC_MODES)
@@ -123,6 +126,13 @@ def test_record_pays_by_both_step_costs():
     assert record_pays(0.5, spec, OptionStats(tpf=1.0), 1)
     assert not record_pays(0.5, spec, OptionStats(step_s=0.010), 1)
     assert record_pays(1.5, spec, OptionStats(step_s=0.010), 1)  # 1.5 / 16 ms >= 0.9 / 10 ms
+
+
+def test_effective_tpf_counts_held_ar_steps_at_their_cost():
+    spec, ar = OptionStats(step_s=0.016), OptionStats(step_s=0.010)
+    assert effective_tpf(10, 6, 2, spec, ar) == pytest.approx(10 / (4 + 2 * 0.010 / 0.016))
+    assert effective_tpf(10, 6, 0, spec, ar) == pytest.approx(10 / 6)
+    assert effective_tpf(10, 6, 2, spec, OptionStats()) == pytest.approx(10 / 6), "unknown cost: a whole step"
 
 
 def test_the_record_holds_doubles_its_wait_and_resets_when_a_cycle_pays():

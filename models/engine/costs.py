@@ -82,6 +82,17 @@ def record_pays(tpf: float, spec: OptionStats | None, ar: OptionStats | None, re
     return tpf / spec_s >= OWN_MARGIN / ar_s
 
 
+def effective_tpf(tokens: int, forwards: int, held: int, spec: OptionStats | None, ar: OptionStats | None) -> float:
+    """A finished request's tokens per forward as the router reads the figure (tokens/s = TPF / the
+    option's step time): its ``forwards`` include ``held`` AR steps taken while its own cycles did
+    not pay, and each of those counts as the fraction of an option step that it costs (a whole one
+    when a step cost is unknown)."""
+    share = 1.0
+    if held and spec is not None and ar is not None and spec.step_s and ar.step_s:
+        share = ar.step_s / spec.step_s
+    return tokens / (forwards - held + held * share)
+
+
 @dataclass
 class OptionStats:
     tpf: float | None = None  # tokens per forward of one request

@@ -19,6 +19,7 @@ from models.engine.costs import (
     OptionCosts,
     OptionStats,
     StepCost,
+    effective_tpf,
     may_speculate,
     option_key,
     record_pays,
@@ -292,8 +293,18 @@ class Engine:
                 request.stats.finished = now
                 self.scheduler.remove(request.request_id)
                 self._ids.discard(request.request_id)
-                if request.option is not None and state.tpf and not state.demoted_steps:  # its own TPF
-                    self.stats.options.observe_finished(request.option, state.tpf)
+                # its TPF counts unless a crowd made it take AR steps (then it is the crowd's, not the
+                # option's); AR steps it took because its own cycles did not pay are how the option runs
+                if request.option is not None and state.tpf and state.demoted_steps == state.held_steps:
+                    figures = self.stats.options
+                    tpf = effective_tpf(
+                        len(state.tokens),
+                        state.nfe,
+                        state.held_steps,
+                        figures.figures(request.option),
+                        figures.figures("ar"),
+                    )
+                    figures.observe_finished(request.option, tpf)
             trace = state.trace or []  # handed out with this output, so the state keeps only new events
             if trace:
                 state.trace = []

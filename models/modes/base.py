@@ -264,7 +264,8 @@ class DecodeState(ABC):
         # rows cost more than its accepted tokens save, or while its own cycles do not pay (``record``):
         # it then finishes the cycle under way and takes plain AR steps (lossless by construction).
         self.speculate = True
-        self.demoted_steps = 0  # AR steps taken for that reason (or because its own cycles did not pay)
+        self.demoted_steps = 0  # AR steps taken for that reason or because its own cycles did not pay ...
+        self.held_steps = 0  # ... these for the latter (within a hold of ``record``)
         self.record = SpeculationRecord()  # what its own cycles yield (the engine's rule reads it)
         self._cycle_start = (0, 0)  # (nfe, tokens) where the cycle under way began
         self.finished = False
@@ -310,7 +311,9 @@ class DecodeState(ABC):
         return emitted
 
     def _advance(self, plan: Plan, result: list[int]) -> list[int]:
-        self.demoted_steps += plan.demoted
+        if plan.demoted:
+            self.held_steps += self.demoted_steps < self.record.hold_until
+            self.demoted_steps += 1
         if plan.prefill_stop is not None:
             self.cached_len = plan.prefill_stop
             if self.prefilling or self.started:
