@@ -4,7 +4,9 @@ Per option (AR, and diffusion / linear_spec / quadratic_spec at each block lengt
 decodes a small built-in prompt set greedily, first one request at a time, then ``batch`` at once.
 From the decode steps (prefill steps are left out) it takes a lone request's step time (the
 median), what each further request adds to a step (a least-squares slope over the steps' request
-counts) and the tokens per forward of the lone runs. The figures go to
+counts) and the tokens per forward of the lone runs; a speculative option's lone runs are then decoded
+once more as a replica serves them (each request judged by its own cycles, with the figures just
+measured), and their tokens per forward are what is kept. The figures go to
 ``MODEL/triserve_calibration.json`` under a key naming the device (CPU model and thread count, or
 the GPU's name) and the compute dtype, so a folder shared between machines keeps one entry per kind of device; a replica
 loads the entry for its own device as the router's priors (models/engine/costs.py).
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from models.engine.costs import OptionStats, option_key, split_option
+from models.engine.costs import OptionStats, effective_tpf, option_key, split_option
 from models.model import TriModeModel
 
 CALIBRATION_FILE = "triserve_calibration.json"
@@ -116,7 +118,7 @@ def calibrate(
     if batch < 1 or max_new_tokens < 1 or not blocks or min(blocks) < 2:
         raise ValueError("batch and max_new_tokens must be positive and block lengths at least 2")
     from models.engine import Engine
-    from models.modes import DecodeParams
+    from models.modes import SPECULATIVE_MODES, DecodeParams
 
     tok = model.tokenizer
     ids = [[tok.bos_token_id] + tok.encode(text, add_special_tokens=False) for text in PROMPTS[:prompts]]
@@ -147,13 +149,33 @@ def calibrate(
                 tpfs[key] += tpf
             share = replace(params, max_new_tokens=max(1, max_new_tokens // rounds))
             crowded[key] += _decode(engine, crowd, share)[0]
-    results = {}
-    for key in keys:
-        results[key] = OptionStats(
+    results = {
+        key: OptionStats(
             tpf=statistics.fmean(tpfs[key]),
             step_s=statistics.median(s for _, s in lone[key]),
             per_request_s=_slope(lone[key] + crowded[key]),
         )
+        for key in keys
+    }
+    # A served speculative request is judged by its own cycles (models/engine/engine.py): it takes AR
+    # steps while they do not pay. Its option's TPF is what the router predicts speed from, so the lone
+    # runs of speculative options are decoded again as served, judged by the figures just measured,
+    # each AR step they held counted at its cost, as the engine counts a finished request's TPF.
+    judged = Engine(model, num_pages=pages, max_step_tokens=1 << 16, prefix_caching=False, priors=results)
+    for key in keys:
+        mode, block = split_option(key)
+        if mode not in SPECULATIVE_MODES:
+            continue
+        params = DecodeParams(mode=mode, max_new_tokens=max_new_tokens, block_length=block)
+        own = []
+        for i, prompt in enumerate(ids):  # one at a time, as the lone runs above
+            state = judged.add_request(f"judged-{key}-{i}", prompt, params).state
+            while judged.has_work:
+                judged.step()
+            if state.tpf:
+                own.append(effective_tpf(len(state.tokens), state.nfe, state.held_steps, results[key], results["ar"]))
+        results[key] = replace(results[key], tpf=statistics.fmean(own))
+    for key in keys:
         if progress:
             progress(key, results[key])
     return results
