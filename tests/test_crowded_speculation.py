@@ -77,7 +77,7 @@ def test_the_rule_follows_the_limit_or_the_calibrated_costs():
     assert may_speculate("auto", OptionStats(tpf=1.5), ar, 16), "nor one without step costs"
     assert may_speculate(None, spec, ar, 16), "None: never demoted"
     assert may_speculate(3, None, None, 3) and not may_speculate(3, None, None, 4)
-    assert may_speculate(1, spec, ar, 1), "a lone request always speculates"
+    assert may_speculate(1, spec, ar, 1), "a lone request is never demoted for a crowd"
 
 
 def test_auto_demotes_by_the_priors_and_counts_demoted_steps_as_ar():

@@ -48,10 +48,11 @@ def request_option(params: DecodeParams, block_size: int) -> str | None:
 
 
 def may_speculate(limit: int | str | None, spec: OptionStats | None, ar: OptionStats | None, requests: int) -> bool:
-    """The engine's rule for a speculative request among ``requests`` (running and waiting, itself
-    included): a lone one always speculates; above ``limit`` none does ("auto": where ``spec``, the
-    option's figures, predicts fewer tokens per second than ``ar``'s for that many requests; None:
-    never). A step of n requests in an option costs ``step_s + per_request_s * (n - 1)`` and yields
+    """The engine's crowd rule for a speculative request among ``requests`` (running and waiting,
+    itself included; its own cycles are judged apart, ``record_pays``): a lone one is never demoted
+    for a crowd; above ``limit`` none speculates ("auto": where ``spec``, the option's figures,
+    predicts fewer tokens per second than ``ar``'s for that many requests; None: never). A step of n
+    requests in an option costs ``step_s + per_request_s * (n - 1)`` and yields
     ``n * tpf`` tokens. Under "auto" an option that lacks a figure speculates: without calibration
     nothing is known to be lost by it."""
     if requests <= 1 or limit is None:
