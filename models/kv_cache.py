@@ -31,6 +31,9 @@ class PagedKVCache:
         shape = (num_layers, num_pages * page_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # each layer's (keys, values) slot arrays as views, made once: indexing ``k[layer]`` in every
+        # forward costs two operations a layer and call
+        self.layers = list(zip(self.k.unbind(0), self.v.unbind(0)))
 
     @property
     def device(self) -> torch.device:

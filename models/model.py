@@ -145,8 +145,9 @@ class TriModeModel(nn.Module):
         for index, layer in enumerate(self.encoder.layers):
             attn = layer.self_attn
             q, k, v = attn.project(layer.input_layernorm(x), cos, sin, qscale)
-            kernels.kv_write(cache.k[index], cache.v[index], k, v, batch.write_rows, batch.write_slots)
-            o = kernels.segment_attention(q, k, v, cache.k[index], cache.v[index], batch.attention, attn.scale)
+            k_cache, v_cache = cache.layers[index]
+            kernels.kv_write(k_cache, v_cache, k, v, batch.write_rows, batch.write_slots)
+            o = kernels.segment_attention(q, k, v, k_cache, v_cache, batch.attention, attn.scale)
             x = x + attn.output(o.reshape(o.shape[0], -1), adapter_rows)
             x = x + layer.mlp.reduce(layer.mlp(layer.post_attention_layernorm(x), adapter_rows))
         deferred = batch.deferred_rows

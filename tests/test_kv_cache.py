@@ -21,9 +21,12 @@ def test_reserve_write_read_rollback_free():
     assert kv.used_pages == 3 and kv.free_pages == 3
     slots = kv.slots(7, range(10))
     values = torch.arange(10, dtype=torch.float32)[:, None, None].expand(10, 1, 2)
-    cache.k[0].index_copy_(0, slots, values)
+    k_layer, v_layer = cache.layers[1]  # the forward's per-layer arrays are views of the stacked ones
+    k_layer.index_copy_(0, slots, values)
+    v_layer.index_copy_(0, slots, -values)
     kv.set_length(7, 10)
-    assert torch.equal(cache.k[0][kv.slots(7, range(10))], values)
+    assert torch.equal(cache.k[1][kv.slots(7, range(10))], values)
+    assert torch.equal(cache.v[1][kv.slots(7, range(10))], -values) and not cache.k[0].any()
     kv.set_length(7, 5)  # roll back: the pages stay with the sequence for its next verify
     assert kv.length(7) == 5 and kv.used_pages == 3
     with pytest.raises(IndexError):
