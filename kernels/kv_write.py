@@ -30,7 +30,12 @@ def kv_write_reference(
     slots: torch.Tensor,
 ) -> None:
     """k_cache/v_cache [S, Hkv, D] (one layer's slot arrays) receive k/v [T, Hkv, D] rows ``rows`` [W]
-    at slots ``slots`` [W], in place. Slots must be distinct (a step writes a position once)."""
+    at slots ``slots`` [W], in place. Rows are distinct and ascending (as a step packs them), slots
+    distinct (a step writes a position once); when every row is written, none is gathered."""
+    if rows.numel() == k.shape[0]:  # every row, in order (an AR step, a prefill chunk, a verify block)
+        k_cache.index_copy_(0, slots, k)
+        v_cache.index_copy_(0, slots, v)
+        return
     k_cache.index_copy_(0, slots, k.index_select(0, rows))
     v_cache.index_copy_(0, slots, v.index_select(0, rows))
 

@@ -209,11 +209,13 @@ def _attend_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: _Bucke
     return acc / total.unsqueeze(-1).clamp_(min=1.0)
 
 
-def _bucket_keys(cache: torch.Tensor, own: torch.Tensor, b: _Bucket) -> torch.Tensor:
+def _bucket_keys(cache: torch.Tensor, own: torch.Tensor, b: _Bucket, direct: bool) -> torch.Tensor:
     """The bucket's keys (or values) as [P, Hkv, K, D] fp32, contiguous: its segments' cached rows with
     their own rows (``own`` [T, Hkv, D], the cache's dtype) in place; widened and transposed in one copy,
-    which also spares the score product a copy of its own."""
-    rows = cache.index_select(0, b.key_slots).index_copy_(0, b.own_dst, own.index_select(0, b.out_rows))
+    which also spares the score product a copy of its own. ``direct``: the bucket's rows are all of
+    ``own``'s, in order (none is gathered)."""
+    own_rows = own if direct else own.index_select(0, b.out_rows)
+    rows = cache.index_select(0, b.key_slots).index_copy_(0, b.own_dst, own_rows)
     hkv, d = rows.shape[1:]
     shaped = torch.empty((b.count, hkv, b.keys, d), dtype=torch.float32, device=rows.device)
     return shaped.copy_(rows.view(b.count, b.keys, hkv, d).transpose(1, 2))
@@ -241,8 +243,8 @@ def segment_attention_reference(
         direct = b.in_order and b.count * b.rows == t_total  # one bucket holding every row: no copies
         qs = (qf if direct else qf.index_select(0, b.q_index)).view(b.count, b.rows, hkv, group, d)
         qs = qs.permute(0, 2, 3, 1, 4).reshape(b.count, hkv, group * b.rows, d)
-        keys = _bucket_keys(k_cache, k, b)
-        vals = _bucket_keys(v_cache, v, b)
+        keys = _bucket_keys(k_cache, k, b, direct)
+        vals = _bucket_keys(v_cache, v, b, direct)
         res = _attend_blocked(qs, keys, vals, b, scale)  # [P, Hkv, G*Qp, D]
         res = res.view(b.count, hkv, group, b.rows, d).permute(0, 3, 1, 2, 4).reshape(-1, hq, d)
         if direct:
