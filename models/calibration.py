@@ -68,8 +68,8 @@ def options_for(blocks: tuple[int, ...]) -> list[str]:
     return ["ar"] + [option_key(mode, block) for mode in BLOCK_MODES for block in blocks]
 
 
-def _decode(engine, prompts: list[list[int]], params) -> tuple[list[tuple[int, float]], list[float]]:
-    """All prompts at once: ((requests, seconds) of each decode step, each request's TPF)."""
+def _decode(engine, prompts: list[list[int]], params) -> tuple[list[tuple[int, float]], list]:
+    """All prompts at once: ((requests, seconds) of each decode step, each request's final state)."""
     states = [engine.add_request(f"cal-{i}", p, params).state for i, p in enumerate(prompts)]
     steps = []
     while engine.has_work:
@@ -79,7 +79,7 @@ def _decode(engine, prompts: list[list[int]], params) -> tuple[list[tuple[int, f
         engine.step()
         if decoding:
             steps.append((len(running), time.perf_counter() - start))
-    return steps, [s.tpf for s in states if s.tpf]
+    return steps, states
 
 
 def _slope(samples: list[tuple[int, float]]) -> float:
@@ -144,9 +144,9 @@ def calibrate(
             mode, block = split_option(key)
             params = DecodeParams(mode=mode, max_new_tokens=max_new_tokens, block_length=block)
             for prompt in ids[r::rounds]:
-                steps, tpf = _decode(engine, [prompt], params)
+                steps, states = _decode(engine, [prompt], params)
                 lone[key] += steps
-                tpfs[key] += tpf
+                tpfs[key] += [state.tpf for state in states if state.tpf]
             share = replace(params, max_new_tokens=max(1, max_new_tokens // rounds))
             crowded[key] += _decode(engine, crowd, share)[0]
     results = {
@@ -167,13 +167,8 @@ def calibrate(
         if mode not in SPECULATIVE_MODES:
             continue
         params = DecodeParams(mode=mode, max_new_tokens=max_new_tokens, block_length=block)
-        own = []
-        for i, prompt in enumerate(ids):  # one at a time, as the lone runs above
-            state = judged.add_request(f"judged-{key}-{i}", prompt, params).state
-            while judged.has_work:
-                judged.step()
-            if state.tpf:
-                own.append(effective_tpf(len(state.tokens), state.nfe, state.held_steps, results[key], results["ar"]))
+        states = [state for prompt in ids for state in _decode(judged, [prompt], params)[1]]  # one at a time
+        own = [effective_tpf(len(s.tokens), s.nfe, s.held_steps, results[key], results["ar"]) for s in states if s.tpf]
         results[key] = replace(results[key], tpf=statistics.fmean(own))
     for key in keys:
         if progress:

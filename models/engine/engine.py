@@ -296,15 +296,11 @@ class Engine:
                 # its TPF counts unless a crowd made it take AR steps (then it is the crowd's, not the
                 # option's); AR steps it took because its own cycles did not pay are how the option runs
                 if request.option is not None and state.tpf and state.demoted_steps == state.held_steps:
-                    figures = self.stats.options
-                    tpf = effective_tpf(
-                        len(state.tokens),
-                        state.nfe,
-                        state.held_steps,
-                        figures.figures(request.option),
-                        figures.figures("ar"),
+                    costs = self.stats.options
+                    spec, ar = costs.figures(request.option), costs.figures("ar")
+                    costs.observe_finished(
+                        request.option, effective_tpf(len(state.tokens), state.nfe, state.held_steps, spec, ar)
                     )
-                    figures.observe_finished(request.option, tpf)
             trace = state.trace or []  # handed out with this output, so the state keeps only new events
             if trace:
                 state.trace = []

@@ -325,9 +325,10 @@ class DecodeState(ABC):
             return emitted
         cycles = len(self.accepted_lengths)
         emitted = self.advance_decode(plan, result)
-        if len(self.accepted_lengths) > cycles:  # a cycle ended: what it took since the last one ended
+        ended = len(self.accepted_lengths) > cycles
+        if ended:  # a cycle ended: what it took since the last one ended
             self.record.observe(len(self.tokens) - self._cycle_start[1], self.nfe - self._cycle_start[0])
-        if plan.demoted or len(self.accepted_lengths) > cycles:
+        if plan.demoted or ended:
             self._cycle_start = (self.nfe, len(self.tokens))
         return emitted
 
