@@ -101,8 +101,12 @@ def unmask_reference(
     min_count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The greedy diffusion step: ``unmask_commit_reference`` of each slot's argmax (mask token
-    excluded) and its probability; logits [B, L, V]."""
-    prob, token = row_stats_reference(logits, mask_id)
+    excluded) and its probability; logits [B, L, V]. Only masked slots are scored (a row's statistics
+    do not depend on the other rows): nothing reads a decided slot's."""
+    masked = blocks == mask_id
+    scored = row_stats_reference(logits[masked], mask_id)
+    prob = torch.zeros(blocks.shape, dtype=torch.float32, device=blocks.device).masked_scatter_(masked, scored[0])
+    token = blocks.masked_scatter(masked, scored[1])
     return unmask_commit_reference(blocks, prob, token, mask_id, threshold, min_count)
 
 

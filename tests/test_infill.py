@@ -11,11 +11,12 @@ import torch
 import models
 from kernels.row_stats import unmask_reference
 from models.engine import Engine, RequestRejected
+from models.engine.sampler import Item, Sampler
 from models.infill import MIDDLE_WEIGHT, infill, middle_lengths, scored_text
-from models.modes import DecodeParams
+from models.modes import DecodeParams, Unmask, make_state
 from models.modes.infill import visible_suffix
 from models.training import draw_noise
-from tests.conftest import random_model
+from tests.conftest import random_model, tiny_config
 
 PREFIX = "def area(width, height):\n    "
 SUFFIX = "\n    return result\n\n\ndef perimeter(width, height):\n    return 2 * (width + height)\n"
@@ -125,6 +126,23 @@ def test_revision_stays_within_its_pass_bound(fixture_model):
             assert remasking  # at 0.999 nearly every checked token is re-masked
         else:
             assert state.tokens == plain.tokens and state.nfe == plain.nfe
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_denoise_pass_reads_its_masked_slots_rows_then_the_shadows(temperature):
+    """A pass's logit rows are its masked slots only, in order, then one shadow row per checked slot."""
+    config = tiny_config()
+    mask = config.mask_token_id
+    params = DecodeParams(mode="diffusion", max_new_tokens=8, block_length=4, temperature=temperature, seed=3)
+    state = make_state([1, 2, 3], params, config)
+    work = Unmask([5, mask, 7, mask], threshold=0.9, least=None, revise=0.5, revisable=[0, 2])
+    logits = torch.zeros((4, config.vocab_size))
+    logits[0, 11] = 60.0  # slot 1: token 11, certain
+    logits[1, 12] = 1.0  # slot 3: unsure, not committed
+    logits[2, 5] = 60.0  # shadow of slot 0: token 5 kept
+    logits[3, 7] = -60.0  # shadow of slot 2: token 7 improbable, masked again
+    (result,) = Sampler(None, mask).run(logits, [Item(state, work, row=0)])
+    assert result == [5, 11, mask, mask]
 
 
 def test_revision_is_deterministic_under_a_seed(fixture_model):

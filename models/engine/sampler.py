@@ -269,7 +269,7 @@ class Sampler:
         device = logits.device
         lengths = [len(i.work.block) for i in group]
         width = max(lengths)
-        rows = [[i.row + min(j, n - 1) for j in range(width)] for i, n in zip(group, lengths)]
+        rows = [self._slot_rows(i, width) for i in group]
         blocks = [i.work.block + [-1] * (width - n) for i, n in zip(group, lengths)]
         rows_t, blocks_t, least_t = _to_device(device, rows, blocks, [i.work.least or 0 for i in group])
         thresholds = torch.tensor(
@@ -310,6 +310,15 @@ class Sampler:
         scores = _scores(probs.log(), candidates, group, width) if scored else None
         return self._remask(blocks_t, revised), scores
 
+    def _slot_rows(self, item: Item, width: int) -> list[int]:
+        """Each slot's logit row in an unmask pass, padded to ``width``: a masked slot's own (the pass's
+        rows are its masked slots, in order); any other slot, whose row nothing reads, borrows the first."""
+        rows, masked = [], 0
+        for token in item.work.block:
+            rows.append(item.row + (masked if token == self.mask_id else 0))
+            masked += token == self.mask_id
+        return rows + [item.row] * (width - len(rows))
+
     def _revised(
         self, logits: torch.Tensor, group: list[Item], blocks: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -323,7 +332,7 @@ class Sampler:
             for j, slot in enumerate(work.revisable):
                 items.append(b)
                 slots.append(slot)
-                rows.append(item.row + len(work.block) + j)
+                rows.append(item.row + work.block.count(self.mask_id) + j)
                 limits.append(work.revise)
         if not items:
             return None

@@ -124,11 +124,12 @@ class Draft:
 
 @dataclass
 class Unmask:
-    """One diffusion denoise pass over ``block`` (logit rows 0..L-1): commit the most confident masked
-    slot and every one at or above ``threshold``, at least ``least`` of them; then, with ``revise``,
-    mask again each slot of ``revisable`` (decided by earlier passes) whose token has a probability
-    below ``revise`` in the logit rows after the block's (one per revisable slot: a shadow pass with
-    those slots masked). Result: the new block."""
+    """One diffusion denoise pass over ``block``: commit the most confident masked slot and every one at
+    or above ``threshold``, at least ``least`` of them; then, with ``revise``, mask again each slot of
+    ``revisable`` (decided by earlier passes) whose token has a probability below ``revise`` in the
+    logit rows after the block's (one per revisable slot: a shadow pass with those slots masked).
+    The block's logit rows are its masked slots only, in order: nothing reads a decided slot's.
+    Result: the new block."""
 
     block: list[int]
     threshold: float | None

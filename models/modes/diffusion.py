@@ -68,7 +68,8 @@ class DiffusionState(DecodeState):
             return Plan([causal_segment(self.block, start, write=True, logit_rows=[self.block_length - 1])], Verify())
         least = self._least_count(self.block.count(self.mask_id))
         work = Unmask(self.block, self.params.threshold, least)
-        segments = [bidirectional_segment(self.block, start)]
+        masked = [i for i, t in enumerate(self.block) if t == self.mask_id]
+        segments = [bidirectional_segment(self.block, start, logit_rows=masked)]  # nothing reads the others'
         checked = [i for i in sorted(self.decided) if i % 2 == self.steps % 2] if self.revisions_left else []
         if checked:  # the shadow: the block with the checked slots masked again, read at those slots
             shadow = [self.mask_id if i in checked else t for i, t in enumerate(self.block)]
