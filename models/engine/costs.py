@@ -61,8 +61,7 @@ def may_speculate(limit: int | str | None, spec: OptionStats | None, ar: OptionS
         return requests <= limit
     if spec is None or ar is None or None in (spec.tpf, spec.step_s, spec.per_request_s, ar.step_s, ar.per_request_s):
         return True
-    extra = requests - 1
-    return (spec.step_s + spec.per_request_s * extra) / spec.tpf < ar.step_s + ar.per_request_s * extra
+    return spec.step_cost(requests) / spec.tpf < ar.step_cost(requests)
 
 
 OWN_MARGIN = 0.9  # a request's own cycles must promise this share of AR's tokens/s, or it takes AR steps
@@ -77,10 +76,7 @@ def record_pays(tpf: float, spec: OptionStats | None, ar: OptionStats | None, re
     as before and brought the fixture's linear_spec at block 32 from 0.69x to 0.95x AR."""
     if spec is None or ar is None or spec.step_s is None or ar.step_s is None:
         return True
-    extra = requests - 1
-    spec_s = spec.step_s + (spec.per_request_s or 0.0) * extra
-    ar_s = ar.step_s + (ar.per_request_s or 0.0) * extra
-    return tpf / spec_s >= OWN_MARGIN / ar_s
+    return tpf / spec.step_cost(requests) >= OWN_MARGIN / ar.step_cost(requests)
 
 
 def effective_tpf(tokens: int, forwards: int, held: int, spec: OptionStats | None, ar: OptionStats | None) -> float:
@@ -103,6 +99,11 @@ class OptionStats:
 
     def to_dict(self) -> dict[str, float | int | None]:
         return {"tpf": self.tpf, "step_s": self.step_s, "per_request_s": self.per_request_s, "samples": self.samples}
+
+    def step_cost(self, requests: int) -> float:
+        """Seconds of a step carrying ``requests`` requests of this option (``step_s`` known; an unknown
+        per-request cost counts as 0)."""
+        return self.step_s + (self.per_request_s or 0.0) * (requests - 1)
 
 
 def _ema(old: float | None, new: float, weight: float) -> float:
@@ -127,8 +128,7 @@ class OptionCosts:
         stats = self.options.setdefault(key, OptionStats())
         prior = self.priors.get(key)
         if prior is not None and prior.step_s:
-            expected = prior.step_s + (prior.per_request_s or 0.0) * (requests - 1)
-            self.scale = _ema(self.scale, seconds / expected, self.ema)
+            self.scale = _ema(self.scale, seconds / prior.step_cost(requests), self.ema)
         elif requests == 1:
             stats.step_s = _ema(stats.step_s, seconds, self.ema)
         else:
