@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks in one command, under 8 minutes on one GPU: the CUDA-only tests, then the kernel and
-# forward benchmarks. Tables and logs go to $OUT (the device tool's folder) or bench/gpu_out.
+# forward benchmarks, then AR decoding with and without CUDA graphs. Tables and logs go to $OUT
+# (the device tool's folder) or bench/gpu_out.
 #
 #   bash bench/gpu_check.sh            # on a machine whose python3 has torch with CUDA and triton
 #
@@ -31,7 +32,8 @@ run() {  # name, seconds, command...
 }
 # no xdist, no plugins the image lacks; the Triton kernel tests that force the interpreter run on CPU CI
 run gpu_tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels_matmul.py -k "gpu"
-run kernels 120 $PY bench/kernels.py
-run forward_8b 120 $PY bench/forward.py --device cuda --context 4096 --blocks 4 8 16 32 --layers 34
-run forward_tiny 60 $PY bench/forward.py --device cuda --model models/bundled/tiny-code --context 96
+run kernels 100 $PY bench/kernels.py
+run forward_8b 100 $PY bench/forward.py --device cuda --context 4096 --blocks 4 8 16 32 --layers 34
+run forward_tiny 50 $PY bench/forward.py --device cuda --model models/bundled/tiny-code --context 96
+run decode_graphs 80 $PY bench/decode_graphs.py --rounds 1
 exit $status

@@ -40,6 +40,8 @@ class ModelSpec:
     # above this many requests speculative ones take AR steps ("auto": where the calibration says
     # speculation stops paying; null: never; models/engine/engine.py)
     speculation_max_batch: int | str | None = "auto"
+    # GPU replicas: steps of AR decodes replay CUDA graphs captured at load (models/engine/decode_graphs.py)
+    cuda_graphs: bool = False
     num_cpus: float = 0.5
     threads: int | None = None  # torch CPU threads per replica / rank (default: its whole CPUs, at least 1)
     num_gpus: float = 0.0
@@ -59,6 +61,8 @@ class ModelSpec:
             check_speculation_max_batch(self.speculation_max_batch)
         except ValueError as exc:
             raise ValueError(f"model {self.name}: {exc}") from None
+        if self.cuda_graphs and self.tensor_parallel_size > 1:
+            raise ValueError(f"model {self.name}: cuda_graphs needs tensor_parallel_size 1")
         if self.placement_strategy not in PLACEMENT_STRATEGIES:
             raise ValueError(
                 f"model {self.name}: placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "

@@ -61,6 +61,7 @@ class ModelServer:
                 "prefix_caching": self.spec.prefix_caching,
                 "priority_ageing_s": self.spec.priority_ageing_s,
                 "speculation_max_batch": self.spec.speculation_max_batch,
+                "cuda_graphs": self.spec.cuda_graphs,
             },
         )
         self.group = None  # tensor parallel: the other ranks (this replica is rank 0)

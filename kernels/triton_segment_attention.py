@@ -50,6 +50,22 @@ def _tiles(meta: AttentionMetadata, group: int) -> tuple[torch.Tensor, torch.Ten
     return torch.tensor(rows, dtype=torch.int32, device=device), meta.prefix_slots.reshape(-1).contiguous()
 
 
+def decode_metadata(positions: torch.Tensor, prefix_slots: torch.Tensor, group: int) -> AttentionMetadata:
+    """The metadata of a step of one-row causal segments (AR decodes), built on the device from tensors
+    alone, so that a CUDA graph can capture it: segment i is packed row i at ``positions[i]`` with that
+    many cached keys, whose slots are ``prefix_slots[i]`` (entries past them are never read). Its tiles
+    are what ``_tiles`` builds from the same segments; it has no host-side segments, so only this
+    backend can run it."""
+    count, width = prefix_slots.shape
+    index = torch.arange(count, device=positions.device)
+    zero, one = torch.zeros_like(index), torch.ones_like(index)
+    # the columns of _tiles' rows: q_start, row0, rows, prefix, slot offset, kind (causal), q_len, keys
+    tiles = torch.stack([index, zero, one, positions, index * width, zero, one, positions + 1], dim=1)
+    meta = AttentionMetadata([], prefix_slots)
+    meta.derived(("triton", group), lambda: (tiles.to(torch.int32), prefix_slots.reshape(-1)))
+    return meta
+
+
 @functools.cache
 def _kernel():
     import triton

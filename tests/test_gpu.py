@@ -56,3 +56,30 @@ def test_batched_equals_alone_on_gpu(gpu_model):
     while engine.has_work:
         engine.step()
     assert [s.tokens for s in states] == alone
+
+
+def test_cuda_graphs_decode_as_eager_steps(gpu_model):
+    prompts = _heldout_prompts(gpu_model.tokenizer, 5, random.Random(1))
+    modes = ["ar", "ar", "ar", "linear_spec", "ar"]
+    outputs, replays = [], 0
+    for graphs in (False, True):
+        engine = Engine(gpu_model, num_pages=256, max_running=8, cuda_graphs=graphs)
+        if graphs:
+            captured = engine.runner.graphs
+            assert all(bucket.graph is not None for bucket in captured.buckets.values())
+
+            def counted(scheduled, run=captured.run):
+                nonlocal replays
+                logits = run(scheduled)
+                replays += logits is not None
+                return logits
+
+            captured.run = counted
+        states = [
+            engine.add_request(str(i), p, DecodeParams(mode=m, max_new_tokens=32, block_length=8)).state
+            for i, (p, m) in enumerate(zip(prompts, modes))
+        ]
+        while engine.has_work:
+            engine.step()
+        outputs.append([s.tokens for s in states])
+    assert outputs[0] == outputs[1] and replays > 10

@@ -25,6 +25,7 @@ from models.engine.costs import (
     record_pays,
     request_option,
 )
+from models.engine.decode_graphs import DecodeGraphs
 from models.engine.kv_manager import KVCacheManager
 from models.engine.runner import ModelRunner
 from models.engine.scheduler import TIER_PRIORITY, Request, RequestStats, Scheduler
@@ -148,12 +149,15 @@ class Engine:
         priority_ageing_s: float = 5.0,
         priors: dict[str, OptionStats] | None = None,
         speculation_max_batch: int | str | None = "auto",
+        cuda_graphs: bool = False,
     ) -> None:
         """``speculation_max_batch``: above this many requests (running and waiting) speculative
         requests take AR steps instead of new cycles (vLLM's ``disable_by_batch_size``); "auto":
         wherever the option's figures (``priors``, refreshed live) predict speculation to emit fewer
         tokens per second than AR for that many requests, and also, for one request, while its own
-        recent cycles predict less than 0.9x AR's (``SpeculationRecord``); None: never."""
+        recent cycles predict less than 0.9x AR's (``SpeculationRecord``); None: never.
+        ``cuda_graphs``: on a CUDA model, steps of AR decodes replay graphs captured here
+        (``models.engine.decode_graphs``); ignored elsewhere."""
         check_speculation_max_batch(speculation_max_batch)
         self.model = model
         self.cache = model.new_cache(num_pages, page_size)
@@ -175,7 +179,10 @@ class Engine:
             ageing_s=priority_ageing_s,
             speculate=speculation_rule(speculation_max_batch, costs),
         )
-        self.runner = ModelRunner(model, self.cache, self.kv)
+        graphs = None
+        if cuda_graphs and model.device.type == "cuda":
+            graphs = DecodeGraphs(model, self.cache, self.kv, max_running)
+        self.runner = ModelRunner(model, self.cache, self.kv, graphs)
         self._seq_ids = itertools.count()
         self._ids: set[str] = set()
         self.stats = EngineStats(pool_pages=num_pages, options=costs)
