@@ -81,6 +81,8 @@ class ModelServer:
         self.accepts_images = info["vlm"]
         if "warm_up_s" in info:
             logger.info("%s: warmed up in %.2f s (%s)", self.spec.name, info["warm_up_s"], info["dtype"])
+        if "cuda_graphs_s" in info:
+            logger.info("%s: captured CUDA graphs of decode steps in %.2f s", self.spec.name, info["cuda_graphs_s"])
         priors = "router priors" if info["calibrated"] else "not calibrated"
         logger.info("%s: %s for %s", self.spec.name, priors, info["device"])
         self.metrics = metrics.ModelMetrics(self.spec.name)

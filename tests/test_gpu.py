@@ -83,3 +83,11 @@ def test_cuda_graphs_decode_as_eager_steps(gpu_model):
             engine.step()
         outputs.append([s.tokens for s in states])
     assert outputs[0] == outputs[1] and replays > 10
+
+
+def test_a_served_engine_captures_its_graphs_at_load(gpu_model, fixture_path):
+    from models.engine.host import EngineSettings, build_engine
+
+    settings = EngineSettings(str(fixture_path), device="cuda", engine={"num_pages": 64, "cuda_graphs": True})
+    engine, info = build_engine(gpu_model, settings)
+    assert engine.runner.graphs is not None and info["cuda_graphs_s"] > 0

@@ -9,6 +9,7 @@ replica itself or in its engine process (models/engine/engine_process.py).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +38,8 @@ class EngineSettings:
 
 def build_engine(model, settings: EngineSettings, warm: bool = True) -> tuple[Engine, dict[str, Any]]:
     """The engine of a loaded model with the router's priors for this device (``triserve calibrate``),
-    after a warm-up decode (``warm``); and what was found, for the replica's log."""
+    after a warm-up decode (``warm``); and what was found, for the replica's log (with CUDA graphs,
+    the seconds their capture took)."""
     from models.calibration import device_key, load_priors
     from models.generate import warm_up
 
@@ -47,7 +49,11 @@ def build_engine(model, settings: EngineSettings, warm: bool = True) -> tuple[En
     device = device_key(settings.device, settings.threads, model.dtype)
     priors = load_priors(settings.path, device)
     info["device"], info["calibrated"] = device, bool(priors)
-    return Engine(model, **settings.engine, priors=priors), info
+    start = time.perf_counter()
+    engine = Engine(model, **settings.engine, priors=priors)
+    if engine.runner.graphs is not None:  # captured while the engine was built
+        info["cuda_graphs_s"] = time.perf_counter() - start
+    return engine, info
 
 
 def load_host(settings: EngineSettings) -> EngineHost:
