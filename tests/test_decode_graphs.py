@@ -106,3 +106,8 @@ def test_buckets_cover_the_engine_limit(triton_kernels):
     graphs = DecodeGraphs(model, engine.cache, engine.kv, 12, capture=False)
     assert sorted(graphs.buckets) == [1, 2, 4, 8, 12]
     assert graphs.run([]) is None
+
+
+def test_an_engine_on_a_cpu_ignores_cuda_graphs():
+    engine = Engine(random_model(seed=5), num_pages=16, page_size=8, max_running=4, cuda_graphs=True)
+    assert engine.runner.graphs is None
