@@ -2,11 +2,11 @@
 
     python bench/decode_graphs.py [--models PATH ...] [--concurrency 1 16] [--rounds 2]
 
-For each model (default: the bundled tiny-code and the fixture) and each concurrency C, C greedy AR
-requests on held-out prompts of 96 tokens decode ``--max-tokens`` tokens in one engine, with graphs
-off and on, rounds interleaved (medians); tokens/s, the ratio, and whether every request's tokens
-are identical either way (they must be). Graph capture happens when the engine is built and is
-timed apart.
+For each model (default: the bundled tiny-code and the fixture, at ``TRISERVE_FIXTURE`` where it was
+copied) and each concurrency C, C greedy AR requests on held-out prompts of 96 tokens decode
+``--max-tokens`` tokens in one engine, with graphs off and on, rounds interleaved (medians);
+tokens/s, the ratio, and whether every request's tokens are identical either way (they must be).
+Graph capture happens when the engine is built and is timed apart.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse
+import os
 import statistics
 import time
 
@@ -29,7 +30,8 @@ from models.engine import Engine
 from models.modes import DecodeParams
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_MODELS = [REPO / "models" / "bundled" / "tiny-code", REPO.parent / "shared" / "fixtures" / "tiny-trimode-code"]
+FIXTURE = Path(os.environ.get("TRISERVE_FIXTURE", REPO.parent / "shared" / "fixtures" / "tiny-trimode-code"))
+DEFAULT_MODELS = [REPO / "models" / "bundled" / "tiny-code", FIXTURE]
 
 
 def decode(engine: Engine, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]]]:

@@ -6,7 +6,10 @@
 #   bash bench/gpu_check.sh            # on a machine whose python3 has torch with CUDA and triton
 #
 # The golden-parity tests need the fixture checkpoint: ../shared/fixtures/tiny-trimode-code, or
-# TRISERVE_FIXTURE=PATH where it was copied (it is skipped, and said so, where it is missing).
+# TRISERVE_FIXTURE=PATH where it was copied (it is skipped, and said so, where it is missing). The
+# device tool sends the checkout only: copy the fixture into a folder that .git/info/exclude ignores
+# (e.g. .fixture/, 26 MB), carry it, and set TRISERVE_FIXTURE=.fixture/tiny-trimode-code. Ray is not
+# needed here: the GPU tests and benchmarks import only torch, triton, safetensors and tokenizers.
 #
 # Each part has its own time limit, so one that hangs cannot take the others' time.
 set -uo pipefail
