@@ -9,7 +9,8 @@
 # TRISERVE_FIXTURE=PATH where it was copied (it is skipped, and said so, where it is missing). The
 # device tool sends the checkout only: copy the fixture into a folder that .git/info/exclude ignores
 # (e.g. .fixture/, 26 MB), carry it, and set TRISERVE_FIXTURE=.fixture/tiny-trimode-code. Ray is not
-# needed here: the GPU tests and benchmarks import only torch, triton, safetensors and tokenizers.
+# needed here: the GPU tests and benchmarks import torch, triton, numpy, safetensors, Pillow, tqdm,
+# pytest and (loading a model) tokenizers, which the device image holds.
 #
 # Each part has its own time limit, so one that hangs cannot take the others' time.
 set -uo pipefail
