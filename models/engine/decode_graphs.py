@@ -57,7 +57,8 @@ class _Bucket:
 
 
 class DecodeGraphs:
-    """The decode-step graphs of one engine (its model, cache pool and KV manager)."""
+    """The decode-step graphs of one engine (its model, cache pool and KV manager). ``capture`` (default:
+    on a CUDA device) records them when built; without it the static step runs eagerly (the tests)."""
 
     def __init__(
         self, model, cache: PagedKVCache, kv: KVCacheManager, max_batch: int, *, capture: bool | None = None
