@@ -293,12 +293,15 @@ class Sampler:
                 scores = _scores(log_dist, row_argmax(log_dist), group, width)
             kernels.unmask(blocks_t, block_logits.view(len(group), width, -1), self.mask_id, thresholds, least_t)
             return self._remask(blocks_t, revised), scores
-        u = torch.zeros((len(group), width), dtype=torch.float64)
-        for b, (item, n) in enumerate(zip(group, lengths)):
-            u[b, :n] = uniforms[id(item)]
-        probs = self._probs(allowed, group, width, histories)
-        candidates = inverse_cdf(probs, u.to(device).view(-1))
-        confidence = torch.softmax(block_logits.float(), dim=-1).gather(1, candidates[:, None]).squeeze(1)
+        # a draw for each masked slot only (with the uniform of its slot): nothing reads a decided slot's
+        masked = [[j for j, t in enumerate(i.work.block) if t == self.mask_id] for i in group]
+        u = torch.cat([uniforms[id(item)][slots] for item, slots in zip(group, masked)])
+        (flat,) = _to_device(device, [b * width + j for b, slots in enumerate(masked) for j in slots])
+        probs = self._probs(allowed.index_select(0, flat), group, [len(slots) for slots in masked], histories)
+        drawn = inverse_cdf(probs, u.to(device))
+        sure = torch.softmax(block_logits.index_select(0, flat).float(), dim=-1).gather(1, drawn[:, None]).squeeze(1)
+        candidates = blocks_t.reshape(-1).index_copy(0, flat, drawn)
+        confidence = torch.zeros(candidates.shape, device=device).index_copy_(0, flat, sure)
         kernels.unmask_commit(
             blocks_t,
             confidence.view(len(group), width),
@@ -307,8 +310,10 @@ class Sampler:
             thresholds,
             least_t,
         )
-        scores = _scores(probs.log(), candidates, group, width) if scored else None
-        return self._remask(blocks_t, revised), scores
+        if not scored:
+            return self._remask(blocks_t, revised), None
+        log_dist = torch.zeros_like(block_logits, dtype=torch.float32).index_copy_(0, flat, probs.log())
+        return self._remask(blocks_t, revised), _scores(log_dist, candidates, group, width)
 
     def _slot_rows(self, item: Item, width: int) -> list[int]:
         """Each slot's logit row in an unmask pass, padded to ``width``: a masked slot's own (the pass's
@@ -349,15 +354,19 @@ class Sampler:
 
     @staticmethod
     def _probs(
-        rows: torch.Tensor, group: list[Item], per_item: int, histories: list[RowsOf] | None = None
+        rows: torch.Tensor, group: list[Item], per_item: int | list[int], histories: list[RowsOf] | None = None
     ) -> torch.Tensor:
-        """fp32 softmax of rows [B * per_item, V] at each item's temperature; with ``histories`` (target
-        rows, not drafts), kept to each item's top_k / top_p / min_p."""
-        temperature = torch.tensor([i.state.temperature for i in group], dtype=torch.float32, device=rows.device)
-        probs = torch.softmax(rows.float() / temperature.repeat_interleave(per_item)[:, None], dim=-1)
+        """fp32 softmax of rows [sum of per_item, V] (``per_item`` rows of each item, or that many for
+        all) at each item's temperature; with ``histories`` (target rows, not drafts), kept to each item's
+        top_k / top_p / min_p."""
+        counts = [per_item] * len(group) if isinstance(per_item, int) else per_item
+        temperature = torch.tensor(
+            [i.state.temperature for i, n in zip(group, counts) for _ in range(n)], dtype=torch.float32
+        ).to(rows.device)
+        probs = torch.softmax(rows.float() / temperature[:, None], dim=-1)
         if histories is None:
             return probs
-        return truncate(probs, [h.controls for h in histories for _ in range(per_item)])
+        return truncate(probs, [h.controls for h, n in zip(histories, counts) for _ in range(n)])
 
 
 def _verify_of(work: Work) -> Verify:
