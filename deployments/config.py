@@ -61,6 +61,9 @@ class ModelSpec:
             check_speculation_max_batch(self.speculation_max_batch)
         except ValueError as exc:
             raise ValueError(f"model {self.name}: {exc}") from None
+        for flag in ("prefix_caching", "engine_process", "cuda_graphs"):
+            if not isinstance(getattr(self, flag), bool):  # a quoted "false" would read as on
+                raise ValueError(f"model {self.name}: {flag} must be true or false, got {getattr(self, flag)!r}")
         if self.cuda_graphs and self.tensor_parallel_size > 1:
             raise ValueError(f"model {self.name}: cuda_graphs needs tensor_parallel_size 1")
         if self.placement_strategy not in PLACEMENT_STRATEGIES:
