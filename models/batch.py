@@ -43,6 +43,12 @@ class StepBatch:
         return int(self.tokens.numel())
 
 
+def table_slots(table: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Flat cache slots of ``positions`` of the sequences at block-table ``rows`` (broadcast together),
+    looked up on the device."""
+    return table[rows, positions // page_size] * page_size + positions % page_size
+
+
 def pack(items: list[tuple[int, Segment]], kv: KVCacheManager, device: torch.device | str = "cpu") -> StepBatch:
     """Pack ``(sequence id, segment)`` pairs. Pages for written positions must be reserved."""
     tokens: list[int] = []
@@ -85,9 +91,9 @@ def pack(items: list[tuple[int, Segment]], kv: KVCacheManager, device: torch.dev
     table = kv.block_table
     page_size = kv.page_size
     written = pos[write]
-    write_slots = table[tok_row[write], written // page_size] * page_size + written % page_size
+    write_slots = table_slots(table, tok_row[write], written, page_size)
     cols = torch.arange(max(prefix_lens, default=0), device=device)
-    prefix_slots = table[seg_row[:, None], cols[None, :] // page_size] * page_size + cols % page_size
+    prefix_slots = table_slots(table, seg_row[:, None], cols[None, :], page_size)
     prefix_slots = prefix_slots.masked_fill(cols >= prefix_len[:, None], 0)
     return StepBatch(
         tokens=tok,

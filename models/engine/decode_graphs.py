@@ -26,7 +26,7 @@ import torch
 
 import kernels
 from kernels.triton_segment_attention import decode_metadata
-from models.batch import StepBatch
+from models.batch import StepBatch, table_slots
 from models.engine.kv_manager import KVCacheManager
 from models.kv_cache import PagedKVCache
 from models.modes import DecodeState, Plan
@@ -81,15 +81,14 @@ class DecodeGraphs:
         """The forward of a bucket's step, from its static inputs only (what the graph records)."""
         tokens, positions, rows = inputs
         page = self.kv.page_size
-        table = self.table
         rows_index = torch.arange(tokens.shape[0], device=tokens.device)
-        prefix_slots = table[rows[:, None], self.cols[None, :] // page] * page + self.cols % page
+        prefix_slots = table_slots(self.table, rows[:, None], self.cols[None, :], page)
         batch = StepBatch(
             tokens=tokens,
             positions=positions,
             attention=decode_metadata(positions, prefix_slots, self.group),
             write_rows=rows_index,
-            write_slots=table[rows, positions // page] * page + positions % page,
+            write_slots=table_slots(self.table, rows, positions, page),
             adapter_rows=rows_index[:0],
             logit_rows=rows_index,
             logit_counts=[1] * tokens.shape[0],
