@@ -269,7 +269,8 @@ class Sampler:
         device = logits.device
         lengths = [len(i.work.block) for i in group]
         width = max(lengths)
-        rows = [self._slot_rows(i, width) for i in group]
+        masked = [[j for j, t in enumerate(i.work.block) if t == self.mask_id] for i in group]  # their rows, in order
+        rows = [_slot_rows(i.row, slots, width) for i, slots in zip(group, masked)]
         blocks = [i.work.block + [-1] * (width - n) for i, n in zip(group, lengths)]
         rows_t, blocks_t, least_t = _to_device(device, rows, blocks, [i.work.least or 0 for i in group])
         thresholds = torch.tensor(
@@ -281,7 +282,7 @@ class Sampler:
             for i, b in zip(group, blocks)
         ]
         block_logits = _shaped(logits.index_select(0, rows_t.reshape(-1)), histories)
-        revised = self._revised(logits, group, blocks_t)  # read before the commit changes blocks_t
+        revised = self._revised(logits, group, blocks_t, [len(slots) for slots in masked])  # before the commit
         greedy, scored = group[0].state.temperature <= 0, _wants_scores(group)
         if not greedy or scored:  # the distribution drawn from (the greedy kernel excludes the mask itself)
             allowed = block_logits.clone()
@@ -294,7 +295,6 @@ class Sampler:
             kernels.unmask(blocks_t, block_logits.view(len(group), width, -1), self.mask_id, thresholds, least_t)
             return self._remask(blocks_t, revised), scores
         # a draw for each masked slot only (with the uniform of its slot): nothing reads a decided slot's
-        masked = [[j for j, t in enumerate(i.work.block) if t == self.mask_id] for i in group]
         u = torch.cat([uniforms[id(item)][slots] for item, slots in zip(group, masked)])
         (flat,) = _to_device(device, [b * width + j for b, slots in enumerate(masked) for j in slots])
         probs = self._probs(allowed.index_select(0, flat), group, [len(slots) for slots in masked], histories)
@@ -315,29 +315,20 @@ class Sampler:
         log_dist = torch.zeros_like(block_logits, dtype=torch.float32).index_copy_(0, flat, probs.log())
         return self._remask(blocks_t, revised), _scores(log_dist, candidates, group, width)
 
-    def _slot_rows(self, item: Item, width: int) -> list[int]:
-        """Each slot's logit row in an unmask pass, padded to ``width``: a masked slot's own (the pass's
-        rows are its masked slots, in order); any other slot, whose row nothing reads, borrows the first."""
-        rows, masked = [], 0
-        for token in item.work.block:
-            rows.append(item.row + (masked if token == self.mask_id else 0))
-            masked += token == self.mask_id
-        return rows + [item.row] * (width - len(rows))
-
     def _revised(
-        self, logits: torch.Tensor, group: list[Item], blocks: torch.Tensor
+        self, logits: torch.Tensor, group: list[Item], blocks: torch.Tensor, block_rows: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(items, slots) of revisable tokens whose probability in their shadow rows (after the block's
-        rows) is below the item's ``revise``; None when no item revises."""
+        """(items, slots) of revisable tokens whose probability in their shadow rows (after each block's
+        ``block_rows`` rows) is below the item's ``revise``; None when no item revises."""
         items, slots, rows, limits = [], [], [], []
-        for b, item in enumerate(group):
+        for b, (item, before) in enumerate(zip(group, block_rows)):
             work = item.work
             if work.revise is None:
                 continue
             for j, slot in enumerate(work.revisable):
                 items.append(b)
                 slots.append(slot)
-                rows.append(item.row + work.block.count(self.mask_id) + j)
+                rows.append(item.row + before + j)
                 limits.append(work.revise)
         if not items:
             return None
@@ -367,6 +358,16 @@ class Sampler:
         if histories is None:
             return probs
         return truncate(probs, [h.controls for h, n in zip(histories, counts) for _ in range(n)])
+
+
+def _slot_rows(first: int, masked: list[int], width: int) -> list[int]:
+    """Each slot's logit row in an unmask pass whose rows start at ``first``, padded to ``width``: a
+    masked slot's own (the pass's rows are its ``masked`` slots, in order); any other slot, whose row
+    nothing reads, borrows the first."""
+    rows = [first] * width
+    for rank, slot in enumerate(masked):
+        rows[slot] = first + rank
+    return rows
 
 
 def _verify_of(work: Work) -> Verify:
