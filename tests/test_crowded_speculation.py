@@ -15,16 +15,9 @@ from models.engine import Engine
 from models.engine.costs import OptionStats, may_speculate
 from models.modes import DecodeParams
 from tests.conftest import REPO, random_model
+from tests.test_engine import _drain
 
 SPEC_MODES = ("linear_spec", "quadratic_spec")
-
-
-def _drain(engine: Engine) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {}
-    while engine.has_work:
-        for o in engine.step():
-            out.setdefault(o.request_id, []).extend(o.new_tokens)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from models.modes import DecodeParams  # noqa: E402
 from models.modes.base import Plan  # noqa: E402
 from models.segments import bidirectional_segment, causal_segment  # noqa: E402
 from tests.conftest import random_model  # noqa: E402
+from tests.test_engine import _drain  # noqa: E402
 
 
 @pytest.fixture
@@ -46,14 +47,6 @@ def _graphed(model, max_running: int, checked: list[int]) -> Engine:
     graphs.run = checked_run
     engine.runner.graphs = graphs
     return engine
-
-
-def _drain(engine: Engine) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {}
-    while engine.has_work:
-        for o in engine.step():
-            out.setdefault(o.request_id, []).extend(o.new_tokens)
-    return out
 
 
 def test_graphed_decode_steps_equal_eager_ones(triton_kernels):
