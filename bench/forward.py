@@ -136,11 +136,11 @@ def main() -> int:
             (f"verify block ({block})", [causal_segment([5] * block, context, write=True)]),
             (
                 f"quadratic cycle ({block}, sparse)",
-                cycle_segments([5] * block, context, block, sparse, mask),
+                cycle_segments([5] * block, context, block, sparse, [5] * len(sparse), mask),
             ),
             (
                 f"quadratic cycle ({block}, dense)",
-                cycle_segments([5] * block, context, block, list(range(block)), mask),
+                cycle_segments([5] * block, context, block, list(range(block)), [5] * block, mask),
             ),
         ]
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

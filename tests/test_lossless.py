@@ -67,11 +67,12 @@ def test_spec_equals_ar_random_prompts_random_model():
 
 @pytest.mark.parametrize("block_length", (4, 8))
 def test_sparse_quadratic_equals_ar_for_any_branch_count(block_length):
-    """One branch drafted ahead (cycles without a draft after a miss), two, four, and every acceptance
-    length (the dense scheme: a draft in every cycle after the first)."""
+    """One branch drafted ahead, two, four, and every acceptance length (the dense scheme). A branch drafts
+    behind the bonus token it guesses; where the verify's acceptance and bonus match no branch, the next
+    forward drafts alone behind the bonus. Both kinds of draft are exercised."""
     model = random_model(seed=7)
     rng = random.Random(block_length)
-    missed = False
+    missed = ahead = dense_ahead = False
     for _ in range(6):
         prompt = [1] + [rng.randrange(4, model.config.vocab_size) for _ in range(rng.randrange(1, 30))]
         ar = models.generate(model, prompt, mode="ar", max_new_tokens=24)
@@ -80,8 +81,58 @@ def test_sparse_quadratic_equals_ar_for_any_branch_count(block_length):
                 model, prompt, mode="quadratic_spec", max_new_tokens=24, block_length=block_length, branches=branches
             )
             assert spec.tokens == ar.tokens, (branches, prompt)
-            cycles_with_a_draft, cycles = len(spec.accepted_lengths), spec.nfe - 1  # the prefill counts
-            if branches > block_length:
-                assert cycles_with_a_draft == cycles - 1  # only the first cycle has nothing to verify
-            missed |= cycles_with_a_draft < cycles - 1
-    assert missed, "no acceptance length ever fell outside the drafted branches"
+            verifies = len(spec.accepted_lengths)
+            drafts_alone = spec.nfe - 1 - verifies  # the prefill counts; each draft alone is verified next
+            from_branches = verifies - drafts_alone
+            missed |= drafts_alone > 1  # the first one drafts behind the prefill's token
+            ahead |= from_branches > 0
+            dense_ahead |= branches > block_length and from_branches > 0
+    assert missed, "no acceptance and bonus ever fell outside the drafted branches"
+    assert ahead and dense_ahead, "no draft a branch made ahead was ever verified"
+
+
+def test_branches_go_to_the_likeliest_outcomes_behind_their_guessed_bonus():
+    """Outcome a (accept a draft tokens, the verify puts the guess g_{a+1} after them) has likelihood
+    c_1 .. c_a g_{a+1}; a whole accepted draft c_1 .. c_n, with nothing guessed after it (seed -1)."""
+    from models.engine.sampler import _likely_acceptances
+
+    confidence = torch.tensor([[0.9, 0.5, 0.2]])
+    guess, guess_p = torch.tensor([[11, 12, 13]]), torch.tensor([[0.05, 0.4, 0.7]])
+    # P(0) = 0.05, P(1) = 0.9 * 0.4 = 0.36, P(2) = 0.9 * 0.5 * 0.7 = 0.315, P(3) = 0.9 * 0.5 * 0.2 = 0.09
+    counts = torch.tensor([3])
+    for choose, lengths, seeds in (
+        (1, [1], [12]),
+        (2, [1, 2], [12, 13]),
+        (3, [1, 2, 3], [12, 13, -1]),
+        (4, [0, 1, 2, 3], [11, 12, 13, -1]),
+    ):
+        got_lengths, got_seeds = _likely_acceptances(confidence, guess, guess_p, counts, [choose])
+        assert got_lengths.tolist() == [lengths] and got_seeds.tolist() == [seeds], choose
+
+
+def test_quadratic_requests_with_other_branch_counts_share_steps_losslessly():
+    """One engine step carries requests that draft ahead for 1, 3 and every outcome, at two block
+    lengths: each one's result row holds its own draft, lengths and seeds, and each emits AR's tokens."""
+    from models.engine import Engine
+    from models.modes import DecodeParams
+
+    model = random_model(seed=7)
+    rng = random.Random(3)
+    prompts = [[1] + [rng.randrange(4, model.config.vocab_size) for _ in range(5 + 4 * i)] for i in range(4)]
+    params = [
+        DecodeParams(mode="quadratic_spec", max_new_tokens=24, block_length=length, branches=branches)
+        for length, branches in ((4, 1), (8, 3), (4, 5), (8, None))
+    ]
+    engine = Engine(model, num_pages=64, page_size=8, speculation_max_batch=None)
+    states = [engine.add_request(str(i), prompt, p).state for i, (prompt, p) in enumerate(zip(prompts, params))]
+    got: dict[str, list[int]] = {}
+    while engine.has_work:
+        for o in engine.step():
+            got.setdefault(o.request_id, []).extend(o.new_tokens)
+        for state in states:  # what each read from its row: acceptance lengths of its draft, their seeds
+            count = len(state.verify) - 1
+            assert len(state.branches) == len(state.seeds) <= state.max_branches
+            for a, seed in zip(state.branches, state.seeds):
+                assert 0 <= a <= count and (seed == -1) == (a == count) and seed < model.config.vocab_size
+    for i, prompt in enumerate(prompts):
+        assert got[str(i)] == models.generate(model, prompt, mode="ar", max_new_tokens=24).tokens, i

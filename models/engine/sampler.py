@@ -117,7 +117,7 @@ class Sampler:
             if followed:
                 positions = [b for b, i in enumerate(group) if isinstance(i.work, Draft)]
                 index = torch.tensor(positions, device=device)
-                drafts = self._draft(logits, followed, uniforms, accepted[index])
+                drafts = self._draft(logits, followed, uniforms, accepted[index], token[index])
                 width = drafts.shape[1]
                 tail = torch.full((len(group), width), -1, dtype=torch.long, device=device)
                 tail[index] = drafts
@@ -213,13 +213,16 @@ class Sampler:
         group: list[Item],
         uniforms: dict[int, torch.Tensor | None],
         accepted: torch.Tensor | None,
+        bonus: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per request: its draft tokens, then the acceptance lengths it asks to have chosen
-        (``Draft.choose``), as [B, max(count + choose)]; sampled drafts set ``work.q_out``.
+        (``Draft.choose``) and their seeds, as [B, max(count + 2 * choose)]; sampled drafts set
+        ``work.q_out``.
 
-        With ``accepted`` (quadratic), request b's rows are the deferred rows of the branch drafted
-        for acceptance length ``accepted[b]``: picked on the device, and only they go through the
-        output head; its tokens are -1 when no branch was drafted for that length."""
+        With ``accepted`` and ``bonus`` (quadratic), request b's rows are the deferred rows of the
+        branch drafted for acceptance length ``accepted[b]`` behind the seed ``bonus[b]`` (or a mask):
+        picked on the device, and only they go through the output head; its tokens are -1 when no such
+        branch was drafted."""
         device = logits.device
         counts = [i.work.count for i in group]
         width = max(counts)
@@ -231,8 +234,12 @@ class Sampler:
             allowed = logits.index_select(0, (start_t[:, None] + cols_t).reshape(-1))
         else:
             widest = max(len(i.work.branches) for i in group)
-            (branches,) = _to_device(device, [i.work.branches + [-1] * (widest - len(i.work.branches)) for i in group])
-            hit = branches == accepted[:, None]
+            branches, seeds = _to_device(
+                device,
+                [i.work.branches + [-1] * (widest - len(i.work.branches)) for i in group],
+                [i.work.seeds + [-1] * (widest - len(i.work.seeds)) for i in group],
+            )
+            hit = (branches == accepted[:, None]) & ((seeds < 0) | (seeds == bonus[:, None]))
             drafted = hit.any(dim=1)
             start_t = start_t + hit.long().argmax(dim=1) * count_t
             allowed = self.model.deferred_logits((start_t[:, None] + cols_t).reshape(-1))
@@ -254,12 +261,25 @@ class Sampler:
             tokens = tokens.masked_fill(~drafted[:, None], -1)
         if q is None:
             return tokens
-        confidence = q.gather(1, tokens.clamp(min=0).view(-1, 1)).view(len(group), width)
-        lengths = _likely_acceptances(confidence, count_t, [i.work.choose for i in group])
-        # each request's lengths right after its own count of tokens
-        j = torch.arange(width + lengths.shape[1], device=device)
-        index = torch.where(j < count_t[:, None], j, width + j - count_t[:, None]).clamp(max=j.numel() - 1)
-        return torch.cat([tokens, lengths], dim=1).gather(1, index)
+        drafted_ids = tokens.clamp(min=0).view(-1, 1)
+        confidence = q.gather(1, drafted_ids).view(len(group), width)
+        # if a draft token is rejected, the token the verify puts there instead is guessed to be the most
+        # likely other one under the draft's own probabilities
+        top2_p, top2 = q.topk(2, dim=-1)
+        other = top2[:, 0:1] == drafted_ids
+        guess = torch.where(other, top2[:, 1:2], top2[:, 0:1]).view(len(group), width)
+        guess_p = torch.where(other, top2_p[:, 1:2], top2_p[:, 0:1]).view(len(group), width)
+        choose = [i.work.choose for i in group]
+        lengths, seeds = _likely_acceptances(confidence, guess, guess_p, count_t, choose)
+        # each request's lengths right after its own count of tokens, then their seeds
+        chosen = lengths.shape[1]
+        choose_t = torch.tensor(choose, device=device)[:, None]
+        j = torch.arange(width + 2 * chosen, device=device)[None, :]
+        after = j - count_t[:, None]
+        index = torch.where(
+            after < 0, j, torch.where(after < choose_t, width + after, width + chosen + after - choose_t)
+        )
+        return torch.cat([tokens, lengths, seeds], dim=1).gather(1, index.clamp(max=width + 2 * chosen - 1))
 
     def _unmask(
         self, logits: torch.Tensor, group: list[Item], uniforms: dict[int, torch.Tensor | None]
@@ -423,28 +443,38 @@ def _host_scores(logprob: list[int], top_ids: list[int], top_values: list[int], 
     return out
 
 
-def _likely_acceptances(confidence: torch.Tensor, counts: torch.Tensor, choose: list[int]) -> torch.Tensor:
-    """For drafts with per-token confidences c [B, W] (the first ``counts[b]`` real), the ``choose[b]``
-    acceptance lengths a in 0..counts[b] most likely if each token is accepted with its confidence
-    independently: P(a) = c_1 * .. * c_a * (1 - c_{a+1}), P(n) = c_1 * .. * c_n. Ascending, padded -1."""
+def _likely_acceptances(
+    confidence: torch.Tensor, guess: torch.Tensor, guess_p: torch.Tensor, counts: torch.Tensor, choose: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For drafts with per-token confidences c [B, W] (the first ``counts[b]`` real) and, per token, the
+    token guessed to replace it if it is rejected (``guess``, with probability g): the ``choose[b]``
+    acceptance lengths a in 0..counts[b] most likely with their guessed next token, if each draft token
+    is accepted with its confidence independently: P(a) = c_1 * .. * c_a * g_{a+1} (the verify rejects
+    d_{a+1} and puts its guess there), P(n) = c_1 * .. * c_n (every token accepted; what follows is not
+    guessed). Returns the lengths, ascending, and each one's seed (the guess, or -1 after a whole draft),
+    both padded with -1."""
     batch, width = confidence.shape
-    real = torch.arange(width, device=confidence.device)[None, :] < counts[:, None]
+    device = confidence.device
+    real = torch.arange(width, device=device)[None, :] < counts[:, None]
     log_c = torch.where(real, confidence.clamp(min=1e-30).log(), torch.zeros_like(confidence))
     accepted_first = torch.cat([log_c.new_zeros((batch, 1)), log_c.cumsum(dim=1)], dim=1)  # [B, W + 1]
-    rejected_next = torch.cat([(1 - confidence).clamp(min=1e-30).log(), log_c.new_zeros((batch, 1))], dim=1)
-    stop_here = torch.arange(width + 1, device=confidence.device)[None, :] == counts[:, None]
-    log_p = accepted_first + torch.where(stop_here, torch.zeros_like(rejected_next), rejected_next)
-    log_p = log_p.masked_fill(torch.arange(width + 1, device=confidence.device)[None, :] > counts[:, None], -math.inf)
+    guessed_next = torch.cat([guess_p.clamp(min=1e-30).log(), log_c.new_zeros((batch, 1))], dim=1)
+    stop_here = torch.arange(width + 1, device=device)[None, :] == counts[:, None]
+    log_p = accepted_first + torch.where(stop_here, torch.zeros_like(guessed_next), guessed_next)
+    log_p = log_p.masked_fill(torch.arange(width + 1, device=device)[None, :] > counts[:, None], -math.inf)
     best, top = log_p.topk(min(max(choose), width + 1), dim=1)
-    wanted = torch.tensor(choose, device=confidence.device)[:, None]
-    unused = (torch.arange(top.shape[1], device=confidence.device)[None, :] >= wanted) | best.isinf()
+    wanted = torch.tensor(choose, device=device)[:, None]
+    unused = (torch.arange(top.shape[1], device=device)[None, :] >= wanted) | best.isinf()
     ordered = top.masked_fill(unused, width + 1).sort(dim=1).values
-    return ordered.masked_fill(ordered > width, -1)
+    lengths = ordered.masked_fill(ordered > width, -1)
+    seeds = torch.cat([guess, guess.new_full((batch, 1), -1)], dim=1).gather(1, lengths.clamp(min=0))
+    seeds = seeds.masked_fill((lengths < 0) | (lengths == counts[:, None]), -1)
+    return lengths, seeds
 
 
 def _result_width(work: Work) -> int:
     if isinstance(work, Verify):
         return 2
     if isinstance(work, Draft):
-        return work.count + work.choose + (2 if work.verify else 0)
+        return work.count + 2 * work.choose + (2 if work.verify else 0)
     return len(work.block)

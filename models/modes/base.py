@@ -108,16 +108,18 @@ class Verify:
 class Draft:
     """Draft tokens from diffusion logits (never the mask token): rows 0..count-1, or, after a
     ``verify`` of the same step, the deferred rows of the branch the acceptance selects (quadratic:
-    the plan drafted ahead for the acceptance lengths ``branches``, ``count`` deferred rows each, in
-    that order). Result ``[*tokens, *lengths]`` (after the verify's two): the tokens are all -1 when
-    no branch was drafted for the actual acceptance; ``lengths`` are the ``choose`` acceptance
-    lengths of the new draft most likely under its own confidences (ascending), where the next
-    cycle should draft ahead. Sampled drafts leave their probabilities in ``q_out`` for the next
+    the plan drafted ahead for the acceptance lengths ``branches`` behind the bonus tokens ``seeds``
+    (-1: a mask), ``count`` deferred rows each, in that order). Result ``[*tokens, *lengths, *seeds]``
+    (after the verify's two): the tokens are all -1 when no branch was drafted for the actual
+    acceptance and bonus; ``lengths`` are the ``choose`` acceptance lengths of the new draft most likely
+    under its own confidences (ascending), where the next cycle should draft ahead, and ``seeds`` the
+    bonus token guessed for each. Sampled drafts leave their probabilities in ``q_out`` for the next
     verify."""
 
     count: int
     verify: Verify | None = None
     branches: list[int] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
     choose: int = 0
     q_out: torch.Tensor | None = None
 

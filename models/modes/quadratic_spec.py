@@ -1,28 +1,32 @@
 """Quadratic self-speculation, sparse: verification and the next draft in one forward per cycle.
 
 A cycle verifies the current draft ``d_1..d_n`` behind ``d_0`` (the last emitted token) and, in the
-same forward, drafts the block that follows for some of the possible acceptance lengths, so the
-next cycle's draft is ready whichever of those the verification picks. Its segments:
+same forward, drafts the block that follows for some of the possible outcomes of the verification,
+so the next cycle's draft is ready if one of those happens. Its segments:
 
 - a causal verify block ``[d_0, .., d_n]`` that writes its keys/values (the d_j see exactly what
   the AR steps that would produce them see: lossless);
-- per drafted acceptance length ``a`` (a *branch*), L mask slots at positions after ``d_a`` that see
-  the cached prefix and ``d_0..d_a`` — read from the cache slots the verify block writes earlier in
-  the same layer — and each other. Slot 1 sits where the bonus token goes and is never read; slots
-  2..L become the next draft if ``a`` is accepted (their logits are deferred: only the selected
-  branch's rows go through the output head).
+- per drafted outcome (a *branch*: an acceptance length ``a`` and a guessed bonus token ``g``), the
+  block ``[g, M x (L-1)]`` at the positions after ``d_a``: it sees the cached prefix and ``d_0..d_a``
+  (read from the cache slots the verify block writes earlier in the same layer) and itself, which is
+  what a linear-speculation draft behind ``g`` would see. Slots 2..L become the next draft if the
+  verification accepts ``a`` tokens and its bonus token is ``g`` (their logits are deferred: only the
+  selected branch's rows go through the output head).
 
-Drafting every acceptance length (``branches`` >= L) is the dense scheme of the family's paper:
-L verify rows plus L*L mask slots, 1056 query rows per forward at block 32. By default a cycle drafts only the
-``DEFAULT_BRANCHES`` acceptance lengths most likely under the draft's own confidences (acceptance
-length a: ``c_1 * .. * c_a * (1 - c_{a+1})``), L * (branches + 1) rows; when the verification
-accepts a length that was not drafted, the next cycle has no draft and is a plain draft cycle
-(one token, like the first cycle after the prefill). The emitted tokens are the AR tokens either
-way (temperature 0) or follow the AR distribution (temperature > 0): the branch choice only
-decides whether the next cycle has a draft to verify. NFE = prefill + cycles. In a crowded batch,
-or while its own cycles do not pay (``speculate`` False), a cycle drafts nothing ahead: the current
-draft is verified alone, and then the request takes AR steps (verifies of an empty draft) until it
-may speculate again.
+The guess ``g`` for a rejected ``d_{a+1}`` is the draft's most likely other token at that slot (on
+held-out code it was the verifier's token in about half of the rejections); after a whole accepted
+draft nothing is guessed and slot 1 is a mask. A branch behind a mask drafts without the token it
+follows, and its drafts were accepted far less (bench/RESULTS.md). By default a cycle drafts the
+``DEFAULT_BRANCHES`` outcomes most likely under the draft's own probabilities (acceptance length a
+with its guess: ``c_1 * .. * c_a * g_{a+1}``, c a draft token's probability, g its guess's), L *
+(branches + 1) rows; ``branches`` >= L drafts every acceptance length (the dense scheme of the
+family's paper, L(L+1) rows, here with guessed seeds). When the verification's outcome was not
+drafted, the next forward drafts alone behind the bonus token, as linear speculation does (as after
+the prefill). The emitted tokens are the AR tokens either way (temperature 0) or follow the AR
+distribution (temperature > 0): the branch choice only decides whether the next cycle has a draft to
+verify. NFE = prefill + cycles + drafts alone. In a crowded batch, or while its own cycles do not pay
+(``speculate`` False), a cycle drafts nothing ahead: a held draft is verified alone, and then the
+request takes AR steps (verifies of an empty draft) until it may speculate again.
 """
 
 from __future__ import annotations
@@ -35,14 +39,18 @@ from models.segments import Segment, bidirectional_segment, causal_segment
 DEFAULT_BRANCHES = 1  # on a CPU a second branch costs more than the cycles it saves (bench/RESULTS.md)
 
 
-def cycle_segments(verify: list[int], start: int, length: int, branches: list[int], mask_id: int) -> list[Segment]:
-    """A cycle's segments: the verify block ``verify`` at ``start`` (the cache length), then a branch of
-    ``length`` mask slots behind ``verify[a]`` for each acceptance length ``a`` in ``branches``."""
+def cycle_segments(
+    verify: list[int], start: int, length: int, branches: list[int], seeds: list[int], mask_id: int
+) -> list[Segment]:
+    """A cycle's segments: the verify block ``verify`` at ``start`` (the cache length), then for each
+    acceptance length ``a`` in ``branches`` a branch behind ``verify[a]``: its seed (the bonus token
+    guessed for ``a``; -1: a mask) and ``length - 1`` mask slots."""
     segments = [causal_segment(verify, start, write=True)]
-    for a in branches:
+    for a, seed in zip(branches, seeds):
+        block = [mask_id if seed < 0 else seed] + [mask_id] * (length - 1)
         segments.append(
             bidirectional_segment(
-                [mask_id] * length, start + a + 1, adapter=True, logit_rows=[], deferred_rows=list(range(1, length))
+                block, start + a + 1, adapter=True, logit_rows=[], deferred_rows=list(range(1, length))
             )
         )
     return segments
@@ -57,7 +65,8 @@ class QuadraticSpecState(DecodeState):
         super().__init__(*args, **kwargs)
         self.max_branches = min(self.params.branches or DEFAULT_BRANCHES, self.block_length)
         self.verify: list[int] = []  # d_0 (emitted, not yet cached) followed by the current draft
-        self.branches = [0]  # acceptance lengths to draft ahead for
+        self.branches: list[int] = []  # acceptance lengths to draft ahead for ...
+        self.seeds: list[int] = []  # ... behind these guessed bonus tokens (-1: a mask)
         self.draft_probs: torch.Tensor | None = None
 
     def after_prefill(self, token: int, scores: list[Score] | None) -> list[int]:
@@ -65,27 +74,44 @@ class QuadraticSpecState(DecodeState):
         return self.emit(self.verify, scores)
 
     def plan_decode(self) -> Plan:
+        length = self.block_length
         if not self.speculate:  # the verify block alone: with no draft to verify, an AR step
-            segments = cycle_segments(self.verify, self.cached_len, self.block_length, [], self.mask_id)
+            segments = cycle_segments(self.verify, self.cached_len, length, [], [], self.mask_id)
             return Plan(segments, Verify(self.verify[1:], self.draft_probs), demoted=len(self.verify) == 1)
-        segments = cycle_segments(self.verify, self.cached_len, self.block_length, self.branches, self.mask_id)
+        if len(self.verify) == 1:  # nothing to verify: a draft behind d_0, as linear speculation drafts
+            block = [self.verify[0]] + [self.mask_id] * (length - 1)
+            segment = bidirectional_segment(block, self.cached_len, adapter=True, logit_rows=list(range(1, length)))
+            return Plan([segment], Draft(length - 1, choose=self.max_branches))
+        segments = cycle_segments(self.verify, self.cached_len, length, self.branches, self.seeds, self.mask_id)
         work = Draft(
-            self.block_length - 1,
+            length - 1,
             verify=Verify(self.verify[1:], self.draft_probs),
             branches=list(self.branches),
+            seeds=list(self.seeds),
             choose=self.max_branches,
         )
         return Plan(segments, work)
 
     def advance_decode(self, plan: Plan, result: list[int]) -> list[int]:
         self.nfe += 1
+        work = plan.work
+        if isinstance(work, Draft) and work.verify is None:
+            self._drafted(self.verify[0], result, work)
+            return []
         accepted, bonus, *rest = result
-        verify = plan.work if isinstance(plan.work, Verify) else plan.work.verify
+        verify = work if isinstance(work, Verify) else work.verify
         emitted = self.accept(verify.draft, accepted, bonus, verify.scores)
-        count = plan.work.count if isinstance(plan.work, Draft) else 0
-        next_draft, lengths = rest[:count], rest[count:]
-        if next_draft and next_draft[0] >= 0:
-            self.verify, self.branches, self.draft_probs = [bonus, *next_draft], lengths, plan.work.q_out
-        else:  # the accepted length had no branch drafted: draft from scratch behind the bonus token
-            self.verify, self.branches, self.draft_probs = [bonus], [0], None
+        if isinstance(work, Draft) and rest[0] >= 0:
+            self._drafted(bonus, rest, work)
+        else:  # no branch was drafted for this acceptance and bonus: the next forward drafts behind the bonus
+            self.verify, self.branches, self.seeds, self.draft_probs = [bonus], [], [], None
         return emitted
+
+    def _drafted(self, first: int, result: list[int], work: Draft) -> None:
+        """The new draft behind ``first`` and where the next cycle drafts ahead, from a draft's result."""
+        count, choose = work.count, work.choose
+        lengths, seeds = result[count : count + choose], result[count + choose : count + 2 * choose]
+        kept = [(a, seed) for a, seed in zip(lengths, seeds) if a >= 0]
+        self.verify = [first, *result[:count]]
+        self.branches, self.seeds = [a for a, _ in kept], [seed for _, seed in kept]
+        self.draft_probs = work.q_out
