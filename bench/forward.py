@@ -93,8 +93,9 @@ def main() -> int:
     import models
     from models.batch import pack
     from models.engine import KVCacheManager
+    from models.modes.base import draft_segment
     from models.modes.quadratic_spec import DEFAULT_BRANCHES, cycle_segments
-    from models.segments import bidirectional_segment, causal_segment
+    from models.segments import causal_segment
 
     if args.device == "cuda":
         if not torch.cuda.is_available():
@@ -125,14 +126,7 @@ def main() -> int:
     for block in args.blocks:
         sparse = list(range(min(DEFAULT_BRANCHES, block)))
         cases += [
-            (
-                f"draft block ({block})",
-                [
-                    bidirectional_segment(
-                        [5] + [mask] * (block - 1), context, adapter=model.has_adapter, logit_rows=list(range(1, block))
-                    )
-                ],
-            ),
+            (f"draft block ({block})", [draft_segment(5, context, block, mask)]),
             (f"verify block ({block})", [causal_segment([5] * block, context, write=True)]),
             (
                 f"quadratic cycle ({block}, sparse)",

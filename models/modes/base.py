@@ -25,7 +25,7 @@ import torch
 
 from models.config import ModelConfig
 from models.controls import NO_CONTROLS, SamplingControls
-from models.segments import PromptEmbeds, Segment, causal_segment
+from models.segments import PromptEmbeds, Segment, bidirectional_segment, causal_segment
 
 MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
 
@@ -198,6 +198,13 @@ def ar_step(token: int, cached_len: int, demoted: bool = False) -> Plan:
     """One causal row behind ``token``, written to the cache: an AR step, which is also the verify
     of an empty draft (result ``[0, next token]``)."""
     return Plan([causal_segment([token], cached_len, write=True)], Verify(), demoted=demoted)
+
+
+def draft_segment(first: int, start: int, length: int, mask_id: int, **kwargs) -> Segment:
+    """``[first, M x (length - 1)]`` at ``start`` with the draft adapter: a draft behind ``first``, its
+    logits read at rows 1.. unless ``kwargs`` (``bidirectional_segment``'s) say otherwise."""
+    kwargs.setdefault("logit_rows", list(range(1, length)))
+    return bidirectional_segment([first] + [mask_id] * (length - 1), start, adapter=True, **kwargs)
 
 
 def unmask_changes(before: list[int], after: list[int], mask_id: int) -> tuple[list[int], list[int]]:

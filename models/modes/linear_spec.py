@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from models.modes.base import DecodeState, Draft, Plan, Score, Verify, ar_step
-from models.segments import bidirectional_segment, causal_segment
+from models.modes.base import DecodeState, Draft, Plan, Score, Verify, ar_step, draft_segment
+from models.segments import causal_segment
 
 
 class LinearSpecState(DecodeState):
@@ -36,9 +36,7 @@ class LinearSpecState(DecodeState):
         if self.draft is None and not self.speculate:
             return ar_step(self.next_token, self.cached_len, demoted=True)
         if self.draft is None:
-            block = [self.next_token] + [self.mask_id] * (length - 1)
-            segment = bidirectional_segment(block, self.cached_len, adapter=True, logit_rows=list(range(1, length)))
-            return Plan([segment], Draft(length - 1))
+            return Plan([draft_segment(self.next_token, self.cached_len, length, self.mask_id)], Draft(length - 1))
         segment = causal_segment([self.next_token, *self.draft], self.cached_len, write=True)
         return Plan([segment], Verify(self.draft, self.draft_probs))
 

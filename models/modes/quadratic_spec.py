@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import torch
 
-from models.modes.base import DecodeState, Draft, Plan, Score, Verify
-from models.segments import Segment, bidirectional_segment, causal_segment
+from models.modes.base import DecodeState, Draft, Plan, Score, Verify, draft_segment
+from models.segments import Segment, causal_segment
 
 DEFAULT_BRANCHES = 1  # on a CPU a second branch costs more than the cycles it saves (bench/RESULTS.md)
 
@@ -47,12 +47,9 @@ def cycle_segments(
     guessed for ``a``; -1: a mask) and ``length - 1`` mask slots."""
     segments = [causal_segment(verify, start, write=True)]
     for a, seed in zip(branches, seeds):
-        block = [mask_id if seed < 0 else seed] + [mask_id] * (length - 1)
-        segments.append(
-            bidirectional_segment(
-                block, start + a + 1, adapter=True, logit_rows=[], deferred_rows=list(range(1, length))
-            )
-        )
+        first = mask_id if seed < 0 else seed
+        deferred = list(range(1, length))
+        segments.append(draft_segment(first, start + a + 1, length, mask_id, logit_rows=[], deferred_rows=deferred))
     return segments
 
 
@@ -79,8 +76,7 @@ class QuadraticSpecState(DecodeState):
             segments = cycle_segments(self.verify, self.cached_len, length, [], [], self.mask_id)
             return Plan(segments, Verify(self.verify[1:], self.draft_probs), demoted=len(self.verify) == 1)
         if len(self.verify) == 1:  # nothing to verify: a draft behind d_0, as linear speculation drafts
-            block = [self.verify[0]] + [self.mask_id] * (length - 1)
-            segment = bidirectional_segment(block, self.cached_len, adapter=True, logit_rows=list(range(1, length)))
+            segment = draft_segment(self.verify[0], self.cached_len, length, self.mask_id)
             return Plan([segment], Draft(length - 1, choose=self.max_branches))
         segments = cycle_segments(self.verify, self.cached_len, length, self.branches, self.seeds, self.mask_id)
         work = Draft(
