@@ -106,7 +106,7 @@ def test_branches_go_to_the_likeliest_outcomes_behind_their_guessed_bonus():
         (3, [1, 2, 3], [12, 13, -1]),
         (4, [0, 1, 2, 3], [11, 12, 13, -1]),
     ):
-        got_lengths, got_seeds = _likely_acceptances(confidence, guess, guess_p, counts, [choose])
+        got_lengths, got_seeds = _likely_acceptances(confidence, guess, guess_p, counts, torch.tensor([choose]), choose)
         assert got_lengths.tolist() == [lengths] and got_seeds.tolist() == [seeds], choose
 
 

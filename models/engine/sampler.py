@@ -228,7 +228,8 @@ class Sampler:
         width = max(counts)
         starts = [i.row if accepted is None else i.deferred for i in group]
         cols = [[min(j, max(n - 1, 0)) for j in range(width)] for n in counts]  # padding repeats a real row
-        start_t, cols_t, count_t = _to_device(device, starts, cols, counts)
+        choose = [i.work.choose for i in group]
+        start_t, cols_t, count_t, choose_t = _to_device(device, starts, cols, counts, choose)
         drafted = None
         if accepted is None:
             allowed = logits.index_select(0, (start_t[:, None] + cols_t).reshape(-1))
@@ -269,16 +270,12 @@ class Sampler:
         other = top2[:, 0:1] == drafted_ids
         guess = torch.where(other, top2[:, 1:2], top2[:, 0:1]).view(len(group), width)
         guess_p = torch.where(other, top2_p[:, 1:2], top2_p[:, 0:1]).view(len(group), width)
-        choose = [i.work.choose for i in group]
-        lengths, seeds = _likely_acceptances(confidence, guess, guess_p, count_t, choose)
+        lengths, seeds = _likely_acceptances(confidence, guess, guess_p, count_t, choose_t, max(choose))
         # each request's lengths right after its own count of tokens, then their seeds
         chosen = lengths.shape[1]
-        choose_t = torch.tensor(choose, device=device)[:, None]
         j = torch.arange(width + 2 * chosen, device=device)[None, :]
-        after = j - count_t[:, None]
-        index = torch.where(
-            after < 0, j, torch.where(after < choose_t, width + after, width + chosen + after - choose_t)
-        )
+        after, wanted = j - count_t[:, None], choose_t[:, None]
+        index = torch.where(after < 0, j, torch.where(after < wanted, width + after, width + chosen + after - wanted))
         return torch.cat([tokens, lengths, seeds], dim=1).gather(1, index.clamp(max=width + 2 * chosen - 1))
 
     def _unmask(
@@ -444,15 +441,20 @@ def _host_scores(logprob: list[int], top_ids: list[int], top_values: list[int], 
 
 
 def _likely_acceptances(
-    confidence: torch.Tensor, guess: torch.Tensor, guess_p: torch.Tensor, counts: torch.Tensor, choose: list[int]
+    confidence: torch.Tensor,
+    guess: torch.Tensor,
+    guess_p: torch.Tensor,
+    counts: torch.Tensor,
+    choose: torch.Tensor,
+    most: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For drafts with per-token confidences c [B, W] (the first ``counts[b]`` real) and, per token, the
     token guessed to replace it if it is rejected (``guess``, with probability g): the ``choose[b]``
     acceptance lengths a in 0..counts[b] most likely with their guessed next token, if each draft token
     is accepted with its confidence independently: P(a) = c_1 * .. * c_a * g_{a+1} (the verify rejects
     d_{a+1} and puts its guess there), P(n) = c_1 * .. * c_n (every token accepted; what follows is not
-    guessed). Returns the lengths, ascending, and each one's seed (the guess, or -1 after a whole draft),
-    both padded with -1."""
+    guessed). ``most`` is max(choose), known on the host. Returns the lengths, ascending, and each one's
+    seed (the guess, or -1 after a whole draft), both padded with -1."""
     batch, width = confidence.shape
     device = confidence.device
     real = torch.arange(width, device=device)[None, :] < counts[:, None]
@@ -462,9 +464,8 @@ def _likely_acceptances(
     stop_here = torch.arange(width + 1, device=device)[None, :] == counts[:, None]
     log_p = accepted_first + torch.where(stop_here, torch.zeros_like(guessed_next), guessed_next)
     log_p = log_p.masked_fill(torch.arange(width + 1, device=device)[None, :] > counts[:, None], -math.inf)
-    best, top = log_p.topk(min(max(choose), width + 1), dim=1)
-    wanted = torch.tensor(choose, device=device)[:, None]
-    unused = (torch.arange(top.shape[1], device=device)[None, :] >= wanted) | best.isinf()
+    best, top = log_p.topk(min(most, width + 1), dim=1)
+    unused = (torch.arange(top.shape[1], device=device)[None, :] >= choose[:, None]) | best.isinf()
     ordered = top.masked_fill(unused, width + 1).sort(dim=1).values
     lengths = ordered.masked_fill(ordered > width, -1)
     seeds = torch.cat([guess, guess.new_full((batch, 1), -1)], dim=1).gather(1, lengths.clamp(min=0))
