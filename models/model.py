@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from models import matmul
 from models.batch import StepBatch
 from models.config import ModelConfig
 from models.kv_cache import PagedKVCache
@@ -142,12 +143,13 @@ class TriModeModel(nn.Module):
             x = x.index_copy(0, batch.embed_rows, batch.embed_values.to(x.dtype))
         cos, sin, qscale = self.rotary.lookup(batch.positions, x.dtype, batch.position_limit)
         adapter_rows = batch.adapter_rows if batch.adapter_rows.numel() else None
+        native = matmul.fast_path_on()  # the compiled CPU attention, with the other fast-path backends
         for index, layer in enumerate(self.encoder.layers):
             attn = layer.self_attn
             q, k, v = attn.project(layer.input_layernorm(x), cos, sin, qscale)
             k_cache, v_cache = cache.layers[index]
             kernels.kv_write(k_cache, v_cache, k, v, batch.write_rows, batch.write_slots)
-            o = kernels.segment_attention(q, k, v, k_cache, v_cache, batch.attention, attn.scale)
+            o = kernels.segment_attention(q, k, v, k_cache, v_cache, batch.attention, attn.scale, native)
             x = x + attn.output(o.reshape(o.shape[0], -1), adapter_rows)
             x = x + layer.mlp.reduce(layer.mlp(layer.post_attention_layernorm(x), adapter_rows))
         deferred = batch.deferred_rows
