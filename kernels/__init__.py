@@ -2,7 +2,8 @@
 
 One dispatch point per kernel: Triton on CUDA devices, the reference elsewhere;
 ``TRISERVE_KERNELS=triton|torch`` (read at import) forces either (``triton`` on CPU needs
-``TRITON_INTERPRET=1``).
+``TRITON_INTERPRET=1``). On a CPU, attention, RMSNorm and RoPE also have native C kernels
+(kernels/native.py), taken where the caller passes ``native`` (the model does on its fast path).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from kernels import cpu_attention
 from kernels.kv_write import kv_write_reference
 from kernels.masks import MaskKind, segment_mask
 from kernels.matmul import matmul_reference
-from kernels.rmsnorm import rmsnorm_reference
-from kernels.rope import rope_reference
+from kernels.rmsnorm import rmsnorm_native, rmsnorm_reference
+from kernels.rope import rope_native, rope_reference
 from kernels.row_stats import unmask_commit_reference, unmask_reference
 from kernels.segment_attention import AttentionMetadata, AttentionSegment, segment_attention_reference
 from kernels.verify_accept import verify_accept_reference, verify_accept_sampled_reference
@@ -73,23 +74,34 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return matmul_reference(x, weight)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in fp32, one row at a time; see kernels.rmsnorm."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, native: bool = False) -> torch.Tensor:
+    """RMSNorm computed in fp32, one row at a time; see kernels.rmsnorm. ``native``: on the CPU, the
+    compiled kernel wherever it takes the call."""
     if _triton_for(x):
         from kernels.rmsnorm import rmsnorm_triton
 
         return rmsnorm_triton(x, weight, eps)
+    if native and (out := rmsnorm_native(x, weight, eps)) is not None:
+        return out
     return rmsnorm_reference(x, weight, eps)
 
 
 def rope(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_scale: torch.Tensor | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_scale: torch.Tensor | None,
+    native: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate-half RoPE of queries (times the Llama-4 scale) and keys; see kernels.rope."""
+    """Rotate-half RoPE of queries (times the Llama-4 scale) and keys; see kernels.rope. ``native``: on
+    the CPU, the compiled kernel wherever it takes the call."""
     if _triton_for(q):
         from kernels.rope import rope_triton
 
         return rope_triton(q, k, cos, sin, q_scale)
+    if native and (out := rope_native(q, k, cos, sin, q_scale)) is not None:
+        return out
     return rope_reference(q, k, cos, sin, q_scale)
 
 

@@ -12,6 +12,8 @@ import functools
 
 import torch
 
+from kernels import native
+
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -34,6 +36,26 @@ def rope_reference(
     q_out, k_out = _rotate(torch.cat([q, k], dim=1), cos, sin).split_with_sizes([hq, k.shape[1]], 1)
     if q_scale is not None:
         q_out = q_out * q_scale.reshape(t, 1, 1)
+    return q_out, k_out
+
+
+def rope_native(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The reference's contract in one native call (``csrc/rope.c``), bit for bit: the same operations,
+    each rounded alike. None where the native kernels cannot take the call."""
+    t, hq, d = q.shape
+    extra = () if q_scale is None else (q_scale,)
+    if not native.serves(q, k, cos, sin, *extra) or d % 2:
+        return None
+    cos, sin = cos.reshape(t, d).contiguous(), sin.reshape(t, d).contiguous()
+    scale = None if q_scale is None else q_scale.reshape(t).contiguous()
+    out = torch.empty((t, hq + k.shape[1], d), dtype=q.dtype)
+    native.library().rope(
+        q.data_ptr(), native.row_stride(q), k.data_ptr(), native.row_stride(k), cos.data_ptr(), sin.data_ptr(),
+        None if scale is None else scale.data_ptr(), out.data_ptr(), t, hq, k.shape[1], d, native.DTYPES[q.dtype],
+    )  # fmt: skip
+    q_out, k_out = out.split_with_sizes([hq, k.shape[1]], 1)
     return q_out, k_out
 
 

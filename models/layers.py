@@ -31,7 +31,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm(x, self.weight, self.eps)
+        return kernels.rms_norm(x, self.weight, self.eps, native=matmul.fast_path_on())
 
 
 def yarn_inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:

@@ -51,7 +51,7 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = kernels.rope(q, k, cos, sin, qscale)
+        q, k = kernels.rope(q, k, cos, sin, qscale, native=matmul.fast_path_on())
         return q, k, v
 
     def output(self, attn: torch.Tensor, adapter_rows: torch.Tensor | None) -> torch.Tensor:

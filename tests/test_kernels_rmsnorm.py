@@ -10,6 +10,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from kernels.rmsnorm import rmsnorm_reference, rmsnorm_triton  # noqa: E402
+from models import matmul  # noqa: E402
 from models.layers import RMSNorm  # noqa: E402
 
 EPS = 1e-5
@@ -30,7 +31,9 @@ def _inputs(shape: tuple[int, ...], dtype: torch.dtype, weight_dtype: torch.dtyp
     return x, weight
 
 
-def test_reference_is_the_model_layer() -> None:
+def test_reference_is_the_model_layer_with_the_fast_path_off(monkeypatch) -> None:
+    """(On, a CPU takes the native kernel: tests/test_kernels_native.py.)"""
+    monkeypatch.setattr(matmul, "FAST_PATH", False)
     x, weight = _inputs((4, 24), torch.bfloat16, torch.bfloat16)
     layer = RMSNorm(24, EPS).to(torch.bfloat16)
     layer.weight.data.copy_(weight)

@@ -10,42 +10,9 @@
  * row's visible keys, all properties of the model and the row, never of the call.
  */
 #include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
-#define LANES 16
-typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(LANES * sizeof(int32_t))));
-
-enum { DTYPE_F32 = 0, DTYPE_BF16 = 1 };
-
-static inline float widen_bf16(uint16_t half) {
-    uint32_t bits = (uint32_t)half << 16;
-    float value;
-    memcpy(&value, &bits, sizeof value);
-    return value;
-}
-
-static inline float load_one(const void *base, int64_t index, int dtype) {
-    if (dtype == DTYPE_F32) return ((const float *)base)[index];
-    return widen_bf16(((const uint16_t *)base)[index]);
-}
-
-static inline void store_one(void *base, int64_t index, float value, int dtype) {
-    if (dtype == DTYPE_F32) {
-        ((float *)base)[index] = value;
-        return;
-    }
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) {  /* NaN stays a quiet NaN */
-        ((uint16_t *)base)[index] = (uint16_t)((bits >> 16) | 0x40u);
-        return;
-    }
-    bits += 0x7fffu + ((bits >> 16) & 1u);  /* round to nearest, ties to even (as torch rounds) */
-    ((uint16_t *)base)[index] = (uint16_t)(bits >> 16);
-}
+#include "common.h"
 
 static inline vf select_lanes(vi mask, vf yes, vf no) {
     vi a, b;

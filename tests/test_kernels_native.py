@@ -1,5 +1,6 @@
-"""The compiled CPU attention (kernels/cpu_attention.py) against ``segment_attention_reference``, its
-shape invariance (what keeps self-speculation exact on the fast path), and its fallbacks."""
+"""The native CPU kernels (kernels/native.py) against their PyTorch references: segment attention and
+its shape invariance (what keeps self-speculation exact on the fast path), RMSNorm, RoPE (bit for
+bit), and the fallbacks."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ import logging
 import pytest
 import torch
 
+import kernels
 import models
-from kernels import cpu_attention
+from kernels import cpu_attention, native
 from kernels.masks import MaskKind
+from kernels.rmsnorm import rmsnorm_native, rmsnorm_reference
+from kernels.rope import rope_native, rope_reference
 from kernels.segment_attention import AttentionMetadata, segment_attention_reference
 from models import matmul
 
-pytestmark = pytest.mark.skipif(cpu_attention.library() is None, reason="no C compiler")
+pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler")
 
 SLOTS = 400
 # a prefill crossing several 16-key chunks, a verify block, a diffusion block, a quadratic cycle's
@@ -101,20 +105,52 @@ def test_calls_it_does_not_support_take_the_reference() -> None:
 
 def test_without_a_compiler_the_reference_serves(tmp_path, monkeypatch, caplog) -> None:
     monkeypatch.setenv("TRISERVE_CACHE", str(tmp_path))
-    with caplog.at_level(logging.WARNING, logger="kernels.cpu_attention"):
-        assert cpu_attention.load(str(tmp_path / "no-such-cc")) is None
-    assert "the PyTorch reference serves" in caplog.text
+    with caplog.at_level(logging.WARNING, logger="kernels.native"):
+        assert native.load(str(tmp_path / "no-such-cc")) is None
+    assert "the PyTorch references serve" in caplog.text
     assert not list(tmp_path.rglob("*.so"))  # no half-built library is left for the next process
 
 
-def test_the_fast_path_serves_attention_natively(monkeypatch) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_matches_reference_and_a_row_is_the_same_in_any_call(dtype) -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(37, 256, generator=gen).mul_(3).to(dtype)
+    weight = torch.randn(256, generator=gen).to(dtype)
+    out = rmsnorm_native(x, weight, 1e-5)
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2 * 2**-8, "atol": 1e-2}
+    torch.testing.assert_close(out.float(), rmsnorm_reference(x, weight, 1e-5).float(), **tolerance)
+    for rows in (slice(0, 1), slice(5, 6), slice(3, 35)):
+        assert torch.equal(rmsnorm_native(x[rows], weight, 1e-5), out[rows])
+    assert rmsnorm_native(x.half(), weight.half(), 1e-5) is None  # fp16: the reference's
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_rope_is_the_reference_bit_for_bit(dtype, scaled) -> None:
+    gen = torch.Generator().manual_seed(2)
+    t, hq, hkv, d = 9, 8, 2, 32
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=gen).mul_(4).to(dtype)  # views of a fused projection
+    q, k, _ = qkv.split_with_sizes([hq * d, hkv * d, hkv * d], -1)
+    q, k = q.view(t, hq, d), k.view(t, hkv, d)
+    angles = torch.rand(t, 1, d, generator=gen) * 50
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    scale = (1 + torch.rand(t, 1, 1, generator=gen)).to(dtype) if scaled else None
+    for got, want in zip(rope_native(q, k, cos, sin, scale), rope_reference(q, k, cos, sin, scale)):
+        assert got.shape == want.shape and torch.equal(got, want)
+
+
+def test_the_fast_path_serves_the_native_kernels(monkeypatch) -> None:
     calls = []
-    native = cpu_attention.segment_attention_native
-    monkeypatch.setattr(cpu_attention, "segment_attention_native", lambda *a: calls.append(1) or native(*a))
+    for module, name in ((cpu_attention, "segment_attention_native"), (kernels, "rmsnorm_native"),
+                         (kernels, "rope_native")):  # fmt: skip
+        fn = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
     model = models.load_model("models/bundled/tiny-code", warm_up=False)
     monkeypatch.setattr(matmul, "FAST_PATH", False)
     models.generate(model, [1, 5, 9], max_new_tokens=2)
     assert not calls
     monkeypatch.setattr(matmul, "FAST_PATH", True)
     models.generate(model, [1, 5, 9], max_new_tokens=2)
-    assert len(calls) == 2 * model.config.num_hidden_layers
+    layers = model.config.num_hidden_layers
+    assert calls.count("segment_attention_native") == calls.count("rope_native") == 2 * layers
+    assert calls.count("rmsnorm_native") == 2 * (2 * layers + 1)
