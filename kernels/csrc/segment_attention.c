@@ -5,9 +5,9 @@
  * same values whatever else shares the call. Its scores are lanes of 16-wide vectors, each a sum
  * over the head dimension in order; lanes past the row's visible keys are masked; the softmax sum
  * adds 16 lane accumulators chunk after chunk, then the lanes in a fixed tree; the weighted values
- * are summed key after key up to the row's last visible key. Which loop a sum runs in (a run of
- * CHAINS sums or the remainder) depends on the query heads per KV head, the head width and the
- * row's visible keys, all properties of the model and the row, never of the call.
+ * are summed key after key up to the row's last visible key. Which register tile a sum runs in
+ * depends on the query heads per KV head, the head width and the row's visible keys, all
+ * properties of the model and the row, never of the call.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -80,42 +80,64 @@ static void gather_keys(const void *k, int64_t k_stride, const void *v, int64_t 
         for (int64_t j = keys; j < padded; j++) kt[e * padded + j] = 0.0f;
 }
 
-/* Runs of up to CHAINS independent sums go through the loops below side by side, so that the
- * latency of one addition hides behind the others; each sum still adds its terms in one fixed order. */
-#define CHAINS 8
+/* Register tiles: up to TILE_HEADS query heads by TILE_COLUMNS vectors (of keys for the scores, of
+ * the head dimension for the weighted values), so that one load of a key or value vector serves
+ * several heads and one broadcast of a query or probability serves several vectors. Each sum in a
+ * tile still adds its terms in one fixed order; which tile shape a sum lands in depends on the
+ * query heads per KV head, the head width and the row's visible keys, never on the call. */
+#define TILE_HEADS 4
+#define TILE_COLUMNS 2
+
+/* acc[g][c] = sum over e < depth of a[g * a_stride + e] * b[e * b_stride + c * LANES], e in order */
+static inline __attribute__((always_inline)) void tile_sums(const float *restrict a, int64_t a_stride,
+                                                            const float *restrict b, int64_t b_stride, int64_t depth,
+                                                            int heads, int columns, vf acc[TILE_HEADS][TILE_COLUMNS]) {
+    const vf zero = {0};
+    for (int g = 0; g < heads; g++)
+        for (int c = 0; c < columns; c++) acc[g][c] = zero;
+    for (int64_t e = 0; e < depth; e++) {
+        vf column[TILE_COLUMNS];
+        for (int c = 0; c < columns; c++) column[c] = *(const vf *)(b + e * b_stride + c * LANES);
+        for (int g = 0; g < heads; g++) {
+            const float ag = a[g * a_stride + e];
+            for (int c = 0; c < columns; c++) acc[g][c] = acc[g][c] + ag * column[c];
+        }
+    }
+}
+
+/* tile_sums with the full tile's constant shape where it fits (the compiler keeps it in registers) */
+static void tile(const float *restrict a, int64_t a_stride, const float *restrict b, int64_t b_stride,
+                 int64_t depth, int heads, int columns, vf acc[TILE_HEADS][TILE_COLUMNS]) {
+    if (heads == TILE_HEADS && columns == TILE_COLUMNS)
+        tile_sums(a, a_stride, b, b_stride, depth, TILE_HEADS, TILE_COLUMNS, acc);
+    else
+        tile_sums(a, a_stride, b, b_stride, depth, heads, columns, acc);
+}
 
 /* The `group` query heads (q [group][d]) of one row that share a KV head, over its first `limit`
- * keys: out [group][d]. scores holds [group][padded / LANES] vectors; d is a multiple of LANES. */
+ * keys: out [group][d]. probs holds [group][padded] floats; d is a multiple of LANES. */
 static void attend_row(const float *restrict q, int64_t group, const float *restrict kt, const float *restrict vals,
-                       int64_t limit, int64_t padded, int64_t d, float scale, vf *restrict scores,
+                       int64_t limit, int64_t padded, int64_t d, float scale, float *restrict probs,
                        float *restrict out) {
-    const int64_t chunks = (limit + LANES - 1) / LANES, stride = padded / LANES;
+    const int64_t chunks = (limit + LANES - 1) / LANES;
     const vf zero = {0};
     vf lanes_j;
     for (int l = 0; l < LANES; l++) lanes_j[l] = (float)l;
+    vf acc[TILE_HEADS][TILE_COLUMNS];
     /* scores: one sum over the head dimension per (head, chunk of keys) */
-    const int64_t score_sums = group * chunks;
-    for (int64_t first = 0; first < score_sums; first += CHAINS) {
-        const int64_t n = score_sums - first < CHAINS ? score_sums - first : CHAINS;
-        vf acc[CHAINS];
-        const float *qs[CHAINS];
-        const float *ks[CHAINS];
-        for (int64_t x = 0; x < n; x++) {
-            acc[x] = zero;
-            qs[x] = q + (first + x) / chunks * d;
-            ks[x] = kt + (first + x) % chunks * LANES;
+    for (int64_t g0 = 0; g0 < group; g0 += TILE_HEADS) {
+        const int heads = group - g0 < TILE_HEADS ? (int)(group - g0) : TILE_HEADS;
+        for (int64_t c0 = 0; c0 < chunks; c0 += TILE_COLUMNS) {
+            const int columns = chunks - c0 < TILE_COLUMNS ? (int)(chunks - c0) : TILE_COLUMNS;
+            tile(q + g0 * d, d, kt + c0 * LANES, padded, d, heads, columns, acc);
+            for (int g = 0; g < heads; g++)
+                for (int c = 0; c < columns; c++)
+                    *(vf *)(probs + (g0 + g) * padded + (c0 + c) * LANES) = acc[g][c] * scale;
         }
-        if (n == CHAINS) /* the same sums, with a count the compiler can keep in registers */
-            for (int64_t e = 0; e < d; e++)
-                for (int x = 0; x < CHAINS; x++) acc[x] = acc[x] + qs[x][e] * *(const vf *)(ks[x] + e * padded);
-        else
-            for (int64_t e = 0; e < d; e++)
-                for (int64_t x = 0; x < n; x++) acc[x] = acc[x] + qs[x][e] * *(const vf *)(ks[x] + e * padded);
-        for (int64_t x = 0; x < n; x++) scores[(first + x) / chunks * stride + (first + x) % chunks] = acc[x] * scale;
     }
     float totals[64]; /* group <= 64, checked by the caller */
     for (int64_t g = 0; g < group; g++) {
-        vf *row = scores + g * stride;
+        vf *row = (vf *)(probs + g * padded);
         vf lane_most = zero - INFINITY; /* a maximum is exact in any order */
         for (int64_t c = 0; c < chunks; c++) {
             const vi visible = (lanes_j + (float)(c * LANES)) < (float)limit;
@@ -136,26 +158,15 @@ static void attend_row(const float *restrict q, int64_t group, const float *rest
         totals[g] = total[0];
     }
     /* weighted values: one sum over keys per (head, LANES-wide piece of the head dimension) */
-    const int64_t pieces = d / LANES, value_sums = group * pieces;
-    for (int64_t first = 0; first < value_sums; first += CHAINS) {
-        const int64_t n = value_sums - first < CHAINS ? value_sums - first : CHAINS;
-        vf acc[CHAINS];
-        const float *ps[CHAINS];
-        const float *vs[CHAINS];
-        for (int64_t x = 0; x < n; x++) {
-            acc[x] = zero;
-            ps[x] = (const float *)(scores + (first + x) / pieces * stride);
-            vs[x] = vals + (first + x) % pieces * LANES;
-        }
-        if (n == CHAINS)
-            for (int64_t j = 0; j < limit; j++)
-                for (int x = 0; x < CHAINS; x++) acc[x] = acc[x] + ps[x][j] * *(const vf *)(vs[x] + j * d);
-        else
-            for (int64_t j = 0; j < limit; j++)
-                for (int64_t x = 0; x < n; x++) acc[x] = acc[x] + ps[x][j] * *(const vf *)(vs[x] + j * d);
-        for (int64_t x = 0; x < n; x++) {
-            const int64_t g = (first + x) / pieces;
-            *(vf *)(out + g * d + (first + x) % pieces * LANES) = acc[x] / totals[g];
+    const int64_t pieces = d / LANES;
+    for (int64_t g0 = 0; g0 < group; g0 += TILE_HEADS) {
+        const int heads = group - g0 < TILE_HEADS ? (int)(group - g0) : TILE_HEADS;
+        for (int64_t c0 = 0; c0 < pieces; c0 += TILE_COLUMNS) {
+            const int columns = pieces - c0 < TILE_COLUMNS ? (int)(pieces - c0) : TILE_COLUMNS;
+            tile(probs + g0 * padded, padded, vals + c0 * LANES, d, limit, heads, columns, acc);
+            for (int g = 0; g < heads; g++)
+                for (int c = 0; c < columns; c++)
+                    *(vf *)(out + (g0 + g) * d + (c0 + c) * LANES) = acc[g][c] / totals[g0 + g];
         }
     }
 }
@@ -179,8 +190,8 @@ int segment_attention(const void *q, int64_t q_stride, const void *k, int64_t k_
     if (!scratch) return -1;
     float *kt = scratch;
     float *vals = kt + padded_max * d;
-    vf *scores = (vf *)(vals + padded_max * d);
-    float *qrows = (float *)(scores + group * padded_max / LANES);
+    float *probs = vals + padded_max * d;
+    float *qrows = probs + group * padded_max;
     float *results = qrows + group * d;
     for (int64_t s = 0; s < n_segments; s++) {
         const int64_t q_start = segments[4 * s], q_len = segments[4 * s + 1];
@@ -193,7 +204,7 @@ int segment_attention(const void *q, int64_t q_stride, const void *k, int64_t k_
                 const int64_t limit = causal ? prefix + i + 1 : keys;
                 const int64_t row = (q_start + i) * q_stride + h * group * d, dst = ((q_start + i) * hq + h * group) * d;
                 for (int64_t e = 0; e < group * d; e++) qrows[e] = load_one(q, row + e, dtype);
-                attend_row(qrows, group, kt, vals, limit, padded, d, scale, scores, results);
+                attend_row(qrows, group, kt, vals, limit, padded, d, scale, probs, results);
                 for (int64_t e = 0; e < group * d; e++) store_one(out, dst + e, results[e], dtype);
             }
         }
