@@ -33,6 +33,7 @@ SOURCES = sorted((Path(__file__).with_name("csrc")).glob("*.[ch]"))
 # call (rope.c turns it off for itself: it reproduces the reference's separately rounded operations)
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std=gnu11"]
 LANES = 16  # csrc/common.h's vector width
+MAX_HEAD = 1024  # csrc/rope.c: the widest head it rotates
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # csrc/common.h's dtype codes
 
 _i64, _ptr, _f32, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int

@@ -46,7 +46,7 @@ def rope_native(
     each rounded alike. None where the native kernels cannot take the call."""
     t, hq, d = q.shape
     extra = () if q_scale is None else (q_scale,)
-    if not native.serves(q, k, cos, sin, *extra) or d % 2:
+    if not native.serves(q, k, cos, sin, *extra) or d % 2 or d > native.MAX_HEAD:
         return None
     cos, sin = cos.reshape(t, d).contiguous(), sin.reshape(t, d).contiguous()
     scale = None if q_scale is None else q_scale.reshape(t).contiguous()

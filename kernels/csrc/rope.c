@@ -6,26 +6,56 @@
 
 #include "common.h"
 
+#define MAX_HEAD 1024
+
+/* fp32 -> the nearest bf16, widened back (ties to even; a NaN stays a quiet NaN): round_bf16 then
+ * widen_bf16, written without branches so that the loops below vectorize */
+static inline float through_bf16(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
+    const uint32_t quiet = (bits | 0x00400000u) & 0xffff0000u;
+    bits = (bits & 0x7fffffffu) > 0x7f800000u ? quiet : rounded;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+/* one head's row: out[e] = round(round(x[e] * cos[e]) + round(rot(x)[e] * sin[e])), times scale;
+ * ROUND is the dtype's rounding of an operation's result */
+#define ROTATE_ROW(NAME, ROUND)                                                                              \
+    static void NAME(const float *restrict x, const float *restrict cos, const float *restrict sin,         \
+                     float scale, int scaled, int64_t d, float *restrict out) {                              \
+        const int64_t half = d / 2;                                                                          \
+        for (int64_t e = 0; e < half; e++)                                                                   \
+            out[e] = ROUND(ROUND(x[e] * cos[e]) + ROUND(-x[e + half] * sin[e]));                             \
+        for (int64_t e = half; e < d; e++)                                                                   \
+            out[e] = ROUND(ROUND(x[e] * cos[e]) + ROUND(x[e - half] * sin[e]));                              \
+        if (scaled)                                                                                          \
+            for (int64_t e = 0; e < d; e++) out[e] = ROUND(out[e] * scale);                                  \
+    }
+
+#define EXACT(value) (value)
+ROTATE_ROW(rotate_row_f32, EXACT)
+ROTATE_ROW(rotate_row_bf16, through_bf16)
+
 /* q rows [T][hq][d] at q_stride, k rows [T][hkv][d] at k_stride; cos, sin [T][d]; scale [T] or NULL;
- * out [T][hq + hkv][d]: the rotated queries, then the rotated keys. */
+ * out [T][hq + hkv][d]: the rotated queries, then the rotated keys. d <= MAX_HEAD. */
 void rope(const void *q, int64_t q_stride, const void *k, int64_t k_stride, const void *cos, const void *sin,
           const void *scale, void *out, int64_t rows, int64_t hq, int64_t hkv, int64_t d, int dtype) {
-    const int64_t half = d / 2, heads = hq + hkv;
+    const int64_t heads = hq + hkv;
+    float c[MAX_HEAD], s[MAX_HEAD], x[MAX_HEAD], y[MAX_HEAD];
     for (int64_t t = 0; t < rows; t++) {
-        const float s = scale ? load_one(scale, t, dtype) : 1.0f;
+        const float factor = scale ? load_one(scale, t, dtype) : 1.0f;
+        for (int64_t e = 0; e < d; e++) {
+            c[e] = load_one(cos, t * d + e, dtype);
+            s[e] = load_one(sin, t * d + e, dtype);
+        }
         for (int64_t h = 0; h < heads; h++) {
-            const int64_t src = h < hq ? t * q_stride + h * d : t * k_stride + (h - hq) * d;
-            const void *x = h < hq ? q : k;
-            for (int64_t e = 0; e < d; e++) {
-                const float value = load_one(x, src + e, dtype);
-                const float other = load_one(x, src + (e < half ? e + half : e - half), dtype);
-                const float rotated = e < half ? -other : other;
-                const float a = as_dtype(value * load_one(cos, t * d + e, dtype), dtype);
-                const float b = as_dtype(rotated * load_one(sin, t * d + e, dtype), dtype);
-                float y = as_dtype(a + b, dtype);
-                if (scale && h < hq) y = y * s;
-                store_one(out, (t * heads + h) * d + e, y, dtype);
-            }
+            const void *src = h < hq ? q : k;
+            const int64_t at = h < hq ? t * q_stride + h * d : t * k_stride + (h - hq) * d;
+            for (int64_t e = 0; e < d; e++) x[e] = load_one(src, at + e, dtype);
+            (dtype == DTYPE_BF16 ? rotate_row_bf16 : rotate_row_f32)(x, c, s, factor, scale && h < hq, d, y);
+            for (int64_t e = 0; e < d; e++) store_one(out, (t * heads + h) * d + e, y[e], dtype);
         }
     }
 }
