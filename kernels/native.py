@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 SOURCES = sorted((Path(__file__).with_name("csrc")).glob("*.[ch]"))
 # -ffp-contract=fast: products and sums fused where the compiler sees them, the same way in every
-# call (rope.c turns it off for itself: it reproduces the reference's separately rounded operations)
+# call (rope.c and rmsnorm.c turn it off for themselves: they reproduce torch's separately rounded
+# operations)
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std=gnu11"]
 LANES = 16  # csrc/common.h's vector width
 MAX_HEAD = 1024  # csrc/rope.c: the widest head it rotates
@@ -43,7 +44,7 @@ SIGNATURES = {
     "segment_attention": (_int, [_ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr,
                                  _ptr, _i64, _f32, _int]),
     # x, x_stride, weight, out, rows, width, eps, dtype
-    "rms_norm": (None, [_ptr, _i64, _ptr, _ptr, _i64, _i64, _f32, _int]),
+    "rms_norm": (_int, [_ptr, _i64, _ptr, _ptr, _i64, _i64, _f32, _int]),
     # q, q_stride, k, k_stride, cos, sin, scale, out, rows, hq, hkv, d, dtype
     "rope": (None, [_ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int]),
 }  # fmt: skip
