@@ -80,16 +80,18 @@ def load(compiler: str) -> ctypes.CDLL | None:
     a warning) when they cannot be built."""
     path = _library_path(compiler)
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # built beside its final name and renamed: processes that build it at once never read half a file
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".so", delete=False) as tmp:
-            partial = Path(tmp.name)
+        partial = None
         sources = [str(s) for s in SOURCES if s.suffix == ".c"]
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # built beside its final name and renamed: processes that build it at once never read half a file
+            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".so", delete=False) as tmp:
+                partial = Path(tmp.name)
             subprocess.run([compiler, *FLAGS, *sources, "-o", str(partial)], check=True, capture_output=True)
             os.replace(partial, path)
         except (OSError, subprocess.CalledProcessError) as error:
-            partial.unlink(missing_ok=True)
+            if partial is not None:
+                partial.unlink(missing_ok=True)
             detail = getattr(error, "stderr", None) or error
             log.warning("no native CPU kernels (%s); the PyTorch references serve", detail)
             return None

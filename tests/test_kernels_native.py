@@ -111,6 +111,15 @@ def test_without_a_compiler_the_reference_serves(tmp_path, monkeypatch, caplog) 
     assert not list(tmp_path.rglob("*.so"))  # no half-built library is left for the next process
 
 
+def test_an_unwritable_cache_leaves_the_references_serving(tmp_path, monkeypatch, caplog) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("TRISERVE_CACHE", str(blocker / "cache"))  # under a file: no folder can be made
+    with caplog.at_level(logging.WARNING, logger="kernels.native"):
+        assert native.load("cc") is None
+    assert "the PyTorch references serve" in caplog.text
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("width", [256, 768])
 def test_rmsnorm_serves_only_where_it_is_the_reference_bit_for_bit(dtype, width) -> None:
