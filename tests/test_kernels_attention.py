@@ -16,6 +16,7 @@ pytest.importorskip("triton")
 from kernels.masks import MaskKind  # noqa: E402
 from kernels.segment_attention import AttentionMetadata, segment_attention_reference  # noqa: E402
 from kernels.triton_segment_attention import segment_attention_triton  # noqa: E402
+from tests.attention_cases import attention_case  # noqa: E402
 
 SLOTS = 300
 # (kind, prefix length, segment length): a prefill crossing a key block and several tiles, a verify
@@ -32,16 +33,7 @@ LAYOUT = [
 
 
 def _case(hq: int, hkv: int, d: int, dtype: torch.dtype, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    total = sum(n for _, _, n in LAYOUT)
-    q, k, v = (torch.randn(total, h, d, generator=gen).to(dtype) for h in (hq, hkv, hkv))
-    k_cache, v_cache = (torch.randn(SLOTS, hkv, d, generator=gen).to(dtype) for _ in range(2))
-    entries, start = [], 0
-    for kind, prefix, n in LAYOUT:
-        slots = torch.randperm(SLOTS, generator=gen)[:prefix]  # paged: the prefix is scattered
-        entries.append((start, n, slots, kind))
-        start += n
-    return q, k, v, k_cache, v_cache, AttentionMetadata.from_slots(entries), d**-0.5
+    return attention_case(LAYOUT, SLOTS, hq, hkv, d, dtype, seed)
 
 
 @pytest.mark.parametrize(("hq", "hkv", "d"), [(6, 2, 16), (4, 4, 24), (8, 1, 16)])

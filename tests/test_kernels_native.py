@@ -17,6 +17,7 @@ from kernels.rmsnorm import _native_rows, native_is_reference, rmsnorm_native, r
 from kernels.rope import rope_native, rope_reference
 from kernels.segment_attention import AttentionMetadata, segment_attention_reference
 from models import matmul
+from tests.attention_cases import attention_case
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler")
 
@@ -33,16 +34,8 @@ LAYOUT = [
 ]
 
 
-def _case(hq: int, hkv: int, d: int, dtype: torch.dtype, layout=LAYOUT, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    total = sum(n for _, _, n in layout)
-    q, k, v = (torch.randn(total, h, d, generator=gen).mul_(2).to(dtype) for h in (hq, hkv, hkv))
-    k_cache, v_cache = (torch.randn(SLOTS, hkv, d, generator=gen).to(dtype) for _ in range(2))
-    entries, start = [], 0
-    for kind, prefix, n in layout:
-        entries.append((start, n, torch.randperm(SLOTS, generator=gen)[:prefix], kind))  # paged: scattered
-        start += n
-    return q, k, v, k_cache, v_cache, AttentionMetadata.from_slots(entries), d**-0.5
+def _case(hq: int, hkv: int, d: int, dtype: torch.dtype, seed: int = 0):
+    return attention_case(LAYOUT, SLOTS, hq, hkv, d, dtype, seed)
 
 
 @pytest.mark.parametrize(("hq", "hkv", "d"), [(8, 2, 32), (4, 4, 16), (8, 1, 64), (12, 2, 128)])
