@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from kernels import cpu_attention
+from kernels.cpu_attention import segment_attention_native
 from kernels.kv_write import kv_write_reference
 from kernels.masks import MaskKind, segment_mask
 from kernels.matmul import matmul_reference
@@ -116,14 +116,14 @@ def segment_attention(
     native: bool = False,
 ) -> torch.Tensor:
     """Attention of packed segments over the paged cache; see kernels.segment_attention. ``native``: on
-    the CPU, the compiled kernel (kernels.cpu_attention) wherever it supports the call."""
+    the CPU, the compiled kernel (kernels.cpu_attention) wherever it takes the call."""
     if _triton_for(q):
         from kernels.triton_segment_attention import segment_attention_triton
 
         # on CPU (interpreter) tl.dot goes to BLAS, whose rounding depends on a row's tile position
         return segment_attention_triton(q, k, v, k_cache, v_cache, meta, scale, use_dot=q.is_cuda)
-    if native and cpu_attention.supports(q, k, k_cache):
-        return cpu_attention.segment_attention_native(q, k, v, k_cache, v_cache, meta, scale)
+    if native and (out := segment_attention_native(q, k, v, k_cache, v_cache, meta, scale)) is not None:
+        return out
     return segment_attention_reference(q, k, v, k_cache, v_cache, meta, scale)
 
 

@@ -17,14 +17,15 @@ from kernels.masks import MaskKind
 from kernels.segment_attention import AttentionMetadata
 
 
-def supports(q: torch.Tensor, k: torch.Tensor, k_cache: torch.Tensor) -> bool:
+def supports(q: torch.Tensor, k: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """Whether the native kernel can take this call: CPU tensors of one supported dtype, heads of a
     width the kernel's vectors divide, no more than 64 query heads per KV head, contiguous caches."""
     return (
         q.shape[-1] % native.LANES == 0
         and q.shape[1] <= 64 * k.shape[1]
         and k_cache.is_contiguous()
-        and native.serves(q, k, k_cache)
+        and v_cache.is_contiguous()
+        and native.serves(q, k, k_cache, v_cache)
     )
 
 
@@ -44,15 +45,15 @@ def segment_attention_native(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """``segment_attention_reference``'s contract (q [T, Hq, D]; k, v [T, Hkv, D]; caches [slots, Hkv,
     D] -> [T, Hq, D] in q's dtype, fp32 arithmetic; rows no segment covers are left unset), computed
-    by the native kernel; call only where ``supports`` holds."""
+    by the native kernel; None (the caller then takes the reference) where ``supports`` does not hold."""
+    if not supports(q, k, k_cache, v_cache):
+        return None
     t, hq, d = q.shape
     out = torch.empty((t, hq, d), dtype=q.dtype)
     segments, table = meta.derived("native", lambda: _segments(meta))
-    if not v_cache.is_contiguous():
-        raise ValueError("the native attention needs contiguous caches")
     rows = native.row_stride
     status = native.library().segment_attention(
         q.data_ptr(), rows(q), k.data_ptr(), rows(k), v.data_ptr(), rows(v), k_cache.data_ptr(),

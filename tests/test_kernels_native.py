@@ -88,12 +88,13 @@ def test_a_row_is_the_same_alone_and_in_any_call() -> None:
 
 
 def test_calls_it_does_not_support_take_the_reference() -> None:
-    q, k, v, k_cache, *_ = _case(4, 2, 24, torch.float32)
-    assert not cpu_attention.supports(q, k, k_cache)  # heads 24 wide: not a multiple of its vectors
-    q, k, v, k_cache, *_ = _case(4, 2, 32, torch.float16)
-    assert not cpu_attention.supports(q, k, k_cache)
-    q, k, v, k_cache, *_ = _case(4, 2, 32, torch.bfloat16)
-    assert cpu_attention.supports(q, k, k_cache)
+    args = _case(4, 2, 24, torch.float32)
+    assert cpu_attention.segment_attention_native(*args) is None  # heads 24 wide: not a multiple of its vectors
+    args = _case(4, 2, 32, torch.float16)
+    assert cpu_attention.segment_attention_native(*args) is None
+    q, k, v, k_cache, v_cache, *_ = _case(4, 2, 32, torch.bfloat16)
+    assert cpu_attention.supports(q, k, k_cache, v_cache)
+    assert not cpu_attention.supports(q, k, k_cache, v_cache[:, :, :16])  # a cache that is not contiguous
 
 
 def test_without_a_compiler_the_reference_serves(tmp_path, monkeypatch, caplog) -> None:
@@ -151,7 +152,7 @@ def test_rope_is_the_reference_bit_for_bit(dtype, scaled) -> None:
 
 def test_the_fast_path_serves_the_native_kernels(monkeypatch) -> None:
     calls = []
-    for module, name in ((cpu_attention, "segment_attention_native"), (kernels, "rmsnorm_native"),
+    for module, name in ((kernels, "segment_attention_native"), (kernels, "rmsnorm_native"),
                          (kernels, "rope_native")):  # fmt: skip
         fn = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))

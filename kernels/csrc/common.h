@@ -18,18 +18,29 @@ static inline float widen_bf16(uint16_t half) {
     return value;
 }
 
-/* fp32 -> bf16 bits, rounded to nearest, ties to even, as torch rounds (NaN stays a quiet NaN) */
-static inline uint16_t round_bf16(float value) {
+/* fp32 -> the nearest bf16, widened back (ties to even, as torch rounds; a NaN stays a quiet NaN),
+ * written without branches so that loops over it vectorize */
+static inline float through_bf16(float value) {
     uint32_t bits;
     memcpy(&bits, &value, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
-    bits += 0x7fffu + ((bits >> 16) & 1u);
+    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
+    const uint32_t quiet = (bits | 0x00400000u) & 0xffff0000u;
+    bits = (bits & 0x7fffffffu) > 0x7f800000u ? quiet : rounded;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+/* fp32 -> bf16 bits, rounded as through_bf16 rounds */
+static inline uint16_t round_bf16(float value) {
+    uint32_t bits;
+    value = through_bf16(value);
+    memcpy(&bits, &value, sizeof bits);
     return (uint16_t)(bits >> 16);
 }
 
 /* a value as the dtype stores it: rounded to bf16 and widened back, or left as it is */
 static inline float as_dtype(float value, int dtype) {
-    return dtype == DTYPE_BF16 ? widen_bf16(round_bf16(value)) : value;
+    return dtype == DTYPE_BF16 ? through_bf16(value) : value;
 }
 
 static inline float load_one(const void *base, int64_t index, int dtype) {

@@ -8,18 +8,6 @@
 
 #define MAX_HEAD 1024
 
-/* fp32 -> the nearest bf16, widened back (ties to even; a NaN stays a quiet NaN): round_bf16 then
- * widen_bf16, written without branches so that the loops below vectorize */
-static inline float through_bf16(float value) {
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
-    const uint32_t quiet = (bits | 0x00400000u) & 0xffff0000u;
-    bits = (bits & 0x7fffffffu) > 0x7f800000u ? quiet : rounded;
-    memcpy(&value, &bits, sizeof value);
-    return value;
-}
-
 /* one head's row: out[e] = round(round(x[e] * cos[e]) + round(rot(x)[e] * sin[e])), times scale;
  * ROUND is the dtype's rounding of an operation's result */
 #define ROTATE_ROW(NAME, ROUND)                                                                              \

@@ -172,7 +172,8 @@ static void attend_row(const float *restrict q, int64_t group, const float *rest
 }
 
 /* segments: per segment q_start, q_len, prefix_len, causal (1) or bidirectional (0).
- * slots: [segments, slot_stride] cache slots of each segment's prefix. Returns 0, or -1 when out of memory. */
+ * slots: [segments, slot_stride] cache slots of each segment's prefix. Returns 0; -1 when out of memory,
+ * -2 for more than 64 query heads per KV head or a head width LANES does not divide. */
 int segment_attention(const void *q, int64_t q_stride, const void *k, int64_t k_stride, const void *v,
                       int64_t v_stride, const void *k_cache, const void *v_cache, void *out, int64_t hq, int64_t hkv,
                       int64_t d, int64_t n_segments, const int64_t *segments, const int64_t *slots,
