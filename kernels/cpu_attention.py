@@ -29,7 +29,9 @@ def supports(q: torch.Tensor, k: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     )
 
 
-def _segments(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+def segments_and_slots(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    """The segment table and prefix slots as the C kernel reads them (int64, contiguous); kept per step
+    under the key "native" (``meta.derived``), which the native forward shares."""
     rows = [(s.q_start, s.q_len, s.prefix_len, int(s.kind is MaskKind.CAUSAL)) for s in meta.segments]
     table = meta.prefix_slots
     if table.dtype != torch.int64 or not table.is_contiguous():
@@ -53,7 +55,7 @@ def segment_attention_native(
         return None
     t, hq, d = q.shape
     out = torch.empty((t, hq, d), dtype=q.dtype)
-    segments, table = meta.derived("native", lambda: _segments(meta))
+    segments, table = meta.derived("native", lambda: segments_and_slots(meta))
     rows = native.row_stride
     status = native.library().segment_attention(
         q.data_ptr(), rows(q), k.data_ptr(), rows(k), v.data_ptr(), rows(v), k_cache.data_ptr(),

@@ -47,6 +47,8 @@ SIGNATURES = {
     "rms_norm": (_int, [_ptr, _i64, _ptr, _ptr, _i64, _i64, _f32, _int]),
     # q, q_stride, k, k_stride, cos, sin, scale, out, rows, hq, hkv, d, dtype
     "rope": (None, [_ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int]),
+    # struct model *, struct step * (models/native_forward.py builds them)
+    "decoder_forward": (_int, [_ptr, _ptr]),
 }  # fmt: skip
 
 

@@ -54,9 +54,15 @@ def cpu_has_fast_half() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def _blas(weight: torch.Tensor) -> Product:
-    transposed = weight.t().contiguous()
-    return lambda x: torch.mm(x, transposed)
+class Blas:
+    """``x @ weight.T`` as BLAS computes ``torch.mm`` on a transposed copy (kept: the native forward,
+    models/native_forward.py, multiplies the same copy with the same BLAS call)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.transposed = weight.t().contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.mm(x, self.transposed)
 
 
 def _packed(weight: torch.Tensor) -> Product:
@@ -64,7 +70,7 @@ def _packed(weight: torch.Tensor) -> Product:
     return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
-BACKENDS: dict[str, Callable[[torch.Tensor], Product]] = {"blas": _blas, "packed": _packed}
+BACKENDS: dict[str, Callable[[torch.Tensor], Product]] = {"blas": Blas, "packed": _packed}
 
 
 def backends_for(weight: torch.Tensor) -> list[str]:
@@ -100,7 +106,7 @@ def probe_rows(backend: str, out_features: int, in_features: int, dtype: torch.d
     return min_rows, max(ok)  # 8 at least: min_rows is chosen so that every call of min_rows..8 agrees
 
 
-class _Prepared:
+class Prepared:
     """A fused weight, the backend chosen for it (``product``, None: the padded reference), the
     fingerprint of the parameters it came from and the thread count it was chosen for."""
 
@@ -140,12 +146,12 @@ def fingerprint(weights: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
     return tuple(v for w in weights for v in (w.data_ptr(), 0 if w.is_inference() else w._version))
 
 
-def _prepared(weights: tuple[torch.Tensor, ...]) -> _Prepared:
+def prepared(weights: tuple[torch.Tensor, ...]) -> Prepared:
     # kept on the first weight itself, so it lives and dies with the parameter; prepared again when the
     # parameters or the thread count changed (a model warmed up at load, then run with more threads)
     entry = getattr(weights[0], "_triserve_prepared", None)
     if entry is None or entry.fingerprint != fingerprint(weights) or entry.threads != torch.get_num_threads():
-        entry = _Prepared(weights)
+        entry = Prepared(weights)
         weights[0]._triserve_prepared = entry
     return entry
 
@@ -159,7 +165,7 @@ def linear(x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
     """``x @ cat(weights).T`` (one weight, or several that read the same input, fused), with the
     same rounding for a row whether it comes alone or in a batch."""
     if fast_path_on():
-        return _prepared(weights)(x)
+        return prepared(weights)(x)
     if len(weights) == 1:
         return kernels.linear(x, weights[0])
     return torch.cat([kernels.linear(x, w) for w in weights], dim=-1)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from models import matmul
+from models import matmul, native_forward
 from models.batch import StepBatch
 from models.config import ModelConfig
 from models.kv_cache import PagedKVCache
@@ -142,8 +142,30 @@ class TriModeModel(nn.Module):
         if batch.embed_rows is not None:
             x = x.index_copy(0, batch.embed_rows, batch.embed_values.to(x.dtype))
         cos, sin, qscale = self.rotary.lookup(batch.positions, x.dtype, batch.position_limit)
+        native = matmul.fast_path_on()  # the compiled CPU kernels, with the other fast-path backends
+        decoder = native_forward.decoder_for(self) if native else None
+        if decoder is not None:
+            x = x.contiguous()
+            decoder(x, cos, sin, qscale, batch, cache)
+        else:
+            x = self._layers(x, cos, sin, qscale, batch, cache, native)
+        deferred = batch.deferred_rows
+        self.deferred = None if deferred is None else self.encoder.norm(x.index_select(0, deferred))
+        hidden = self.encoder.norm(x.index_select(0, batch.logit_rows))
+        return self.head(hidden)
+
+    def _layers(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        qscale: torch.Tensor | None,
+        batch: StepBatch,
+        cache: PagedKVCache,
+        native: bool,
+    ) -> torch.Tensor:
+        """The decoder layers of a serving forward in PyTorch (models/native_forward.py runs them in C)."""
         adapter_rows = batch.adapter_rows if batch.adapter_rows.numel() else None
-        native = matmul.fast_path_on()  # the compiled CPU attention, with the other fast-path backends
         for index, layer in enumerate(self.encoder.layers):
             attn = layer.self_attn
             q, k, v = attn.project(layer.input_layernorm(x), cos, sin, qscale)
@@ -152,10 +174,7 @@ class TriModeModel(nn.Module):
             o = kernels.segment_attention(q, k, v, k_cache, v_cache, batch.attention, attn.scale, native)
             x = x + attn.output(o.reshape(o.shape[0], -1), adapter_rows)
             x = x + layer.mlp.reduce(layer.mlp(layer.post_attention_layernorm(x), adapter_rows))
-        deferred = batch.deferred_rows
-        self.deferred = None if deferred is None else self.encoder.norm(x.index_select(0, deferred))
-        hidden = self.encoder.norm(x.index_select(0, batch.logit_rows))
-        return self.head(hidden)
+        return x
 
     @torch.inference_mode()
     def deferred_logits(self, index: torch.Tensor) -> torch.Tensor:

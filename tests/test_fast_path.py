@@ -51,7 +51,7 @@ def test_small_calls_are_padded_unless_the_probe_shows_the_backend_agrees(dtype)
     weight = torch.nn.Parameter(weight.detach().to(dtype))
     x = torch.randn(9, 32, generator=torch.Generator().manual_seed(2)).to(dtype)
     with torch.inference_mode():
-        prepared = matmul._prepared((weight,))
+        prepared = matmul.prepared((weight,))
         if prepared.product is None:
             pytest.skip(f"no fast-path backend for {dtype} on this CPU")
         assert prepared.backend == matmul.backends_for(weight)[0]  # the preferred one probes invariant here
@@ -72,7 +72,7 @@ def test_fp32_products_prefer_blas_on_a_transposed_copy():
     uses (models/matmul.py); a CPU where it does not probe invariant falls back to packing."""
     (weight,) = _weights((96, 64))
     with torch.inference_mode():
-        prepared = matmul._prepared((weight,))
+        prepared = matmul.prepared((weight,))
         if not matmul.backends_for(weight):
             pytest.skip("no oneDNN on this build")
         blas = matmul.probe_rows("blas", 96, 64, torch.float32, torch.get_num_threads())

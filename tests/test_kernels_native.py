@@ -16,7 +16,7 @@ from kernels.masks import MaskKind
 from kernels.rmsnorm import _native_rows, native_is_reference, rmsnorm_native, rmsnorm_reference
 from kernels.rope import rope_native, rope_reference
 from kernels.segment_attention import AttentionMetadata, segment_attention_reference
-from models import matmul
+from models import matmul, native_forward
 from tests.attention_cases import attention_case
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler")
@@ -157,6 +157,8 @@ def test_the_fast_path_serves_the_native_kernels(monkeypatch) -> None:
         fn = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
     model = models.load_model("models/bundled/tiny-code", warm_up=False)
+    # the Python layers: where the native forward serves a model (fp32), it runs these kernels in its one call
+    monkeypatch.setattr(native_forward, "decoder_for", lambda model: None)
     monkeypatch.setattr(matmul, "FAST_PATH", False)
     models.generate(model, [1, 5, 9], max_new_tokens=2)
     assert not calls

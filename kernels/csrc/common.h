@@ -55,4 +55,47 @@ static inline void store_one(void *base, int64_t index, float value, int dtype) 
         ((uint16_t *)base)[index] = round_bf16(value);
 }
 
+static inline vf select_lanes(vi mask, vf yes, vf no) {
+    vi a, b;
+    memcpy(&a, &yes, sizeof a);
+    memcpy(&b, &no, sizeof b);
+    a = (a & mask) | (b & ~mask);
+    memcpy(&yes, &a, sizeof yes);
+    return yes;
+}
+
+/* exp of x <= 0 per lane (a score minus its row's maximum): 2^n * p(r), r = x - n ln 2 in
+ * [-ln2/2, ln2/2], p a degree-6 Taylor polynomial (relative error about 2e-7); 0 below -87. */
+static inline vf exp_nonpositive(vf x) {
+    const vf zero = {0};
+    const vi underflow = x < -87.0f;
+    x = select_lanes(underflow, zero - 87.0f, x);
+    vf n = x * 1.44269504088896341f + 12582912.0f; /* rounded to an integer by the 1.5 * 2^23 trick */
+    n = n - 12582912.0f;
+    vf r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    vf p = zero + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    vi bits;
+    memcpy(&bits, &p, sizeof bits);
+    bits = bits + (__builtin_convertvector(n, vi) << 23);
+    memcpy(&p, &bits, sizeof p);
+    return select_lanes(underflow, zero, p);
+}
+
+/* The kernels one call chains (forward.c): see each file. */
+int rms_norm(const void *x, int64_t x_stride, const void *weight, void *out, int64_t rows, int64_t width, float eps,
+             int dtype);
+void rope(const void *q, int64_t q_stride, const void *k, int64_t k_stride, const void *cos, const void *sin,
+          const void *scale, void *out, int64_t rows, int64_t hq, int64_t hkv, int64_t d, int dtype);
+int segment_attention(const void *q, int64_t q_stride, const void *k, int64_t k_stride, const void *v,
+                      int64_t v_stride, const void *k_cache, const void *v_cache, void *out, int64_t hq, int64_t hkv,
+                      int64_t d, int64_t n_segments, const int64_t *segments, const int64_t *slots,
+                      int64_t slot_stride, float scale, int dtype);
+
 #endif

@@ -14,39 +14,6 @@
 
 #include "common.h"
 
-static inline vf select_lanes(vi mask, vf yes, vf no) {
-    vi a, b;
-    memcpy(&a, &yes, sizeof a);
-    memcpy(&b, &no, sizeof b);
-    a = (a & mask) | (b & ~mask);
-    memcpy(&yes, &a, sizeof yes);
-    return yes;
-}
-
-/* exp of x <= 0 per lane (a score minus its row's maximum): 2^n * p(r), r = x - n ln 2 in
- * [-ln2/2, ln2/2], p a degree-6 Taylor polynomial (relative error about 2e-7); 0 below -87. */
-static inline vf exp_nonpositive(vf x) {
-    const vf zero = {0};
-    const vi underflow = x < -87.0f;
-    x = select_lanes(underflow, zero - 87.0f, x);
-    vf n = x * 1.44269504088896341f + 12582912.0f; /* rounded to an integer by the 1.5 * 2^23 trick */
-    n = n - 12582912.0f;
-    vf r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    vf p = zero + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    vi bits;
-    memcpy(&bits, &p, sizeof bits);
-    bits = bits + (__builtin_convertvector(n, vi) << 23);
-    memcpy(&p, &bits, sizeof p);
-    return select_lanes(underflow, zero, p);
-}
-
 /* One segment and one KV head: its keys transposed (kt [d][padded], zero past `keys`) and its values
  * (vals [keys][d]), widened to fp32. */
 #define GATHER(T, LOAD)                                                                                        \

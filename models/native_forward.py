@@ -1,0 +1,188 @@
+"""The decoder layers of a CPU serving forward in one native call (``kernels/csrc/forward.c``).
+
+Why: with the native attention, RMSNorm and RoPE, a CPU forward of the small models was still
+mostly dispatch. An AR step of the fixture (fp32, one thread) took 4.3 ms, of which its 25 matrix
+products were about 1.1 ms: the rest was two dozen tensor operations a layer, each a few
+microseconds of Python and ATen dispatch. The native forward runs every layer in C: the same
+RMSNorm, RoPE and attention kernels, the same BLAS call (``sgemm``, the function ``torch.mm`` runs)
+on the same transposed weights padded and split as models.matmul's probes decided, so a row's
+products are the Python fast path's bit for bit; only SiLU rounds otherwise (its own exponential,
+within float rounding of ``F.silu``). Embedding, the final norm and the head stay in Python.
+
+Which forwards: all of a model's serving forwards or none of them, decided from the model alone
+(never the batch), so a row is computed the same way in every forward, which is what keeps
+self-speculation exact. It serves when the fast path is on and the model is an fp32 model on the
+CPU whose products all took the BLAS backend, without tensor parallelism, with heads the native
+attention takes and an RMSNorm width whose native kernel is the reference's bits; elsewhere the
+Python forward serves (bf16 products go through oneDNN, which has no C entry point here).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+import torch
+
+import kernels
+from kernels import cpu_attention, native
+from kernels.rmsnorm import native_is_reference
+from models import matmul
+from models.batch import StepBatch
+from models.kv_cache import PagedKVCache
+from models.layers import identity
+
+_i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+
+
+class _Product(ctypes.Structure):
+    _fields_ = [("transposed", _ptr), ("n", _i64), ("k", _i64), ("min_rows", _i64), ("max_rows", _i64)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("input_norm", _ptr), ("post_norm", _ptr)] + [
+        (name, _Product) for name in ("qkv", "o", "gate_up", "down", "o_draft", "gate_up_draft", "down_draft")
+    ]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [
+        *((name, _i64) for name in ("layers", "hidden", "hq", "hkv", "d", "intermediate")),
+        ("eps", _f32), ("scale", _f32), ("dtype", ctypes.c_int), ("sgemm", _ptr), ("layer", ctypes.POINTER(_Layer)),
+    ]  # fmt: skip
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [
+        ("x", _ptr), ("rows", _i64), ("cos", _ptr), ("sin", _ptr), ("qscale", _ptr),
+        ("writes", _i64), ("write_rows", _ptr), ("write_slots", _ptr),
+        ("segments", _i64), ("segment_table", _ptr), ("prefix_slots", _ptr), ("slot_stride", _i64),
+        ("drafts", _i64), ("draft_rows", _ptr), ("k_cache", _ptr), ("v_cache", _ptr), ("cache_slots", _i64),
+    ]  # fmt: skip
+
+
+@functools.cache
+def _sgemm() -> int:
+    """The address of the BLAS ``sgemm_`` that torch.mm calls (libtorch_cpu's, MKL in x86 wheels)."""
+    path = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+    return ctypes.cast(ctypes.CDLL(path).sgemm_, _ptr).value
+
+
+def _product(prepared: matmul.Prepared | None) -> _Product:
+    if prepared is None:
+        return _Product()
+    transposed = prepared.product.transposed
+    return _Product(transposed.data_ptr(), transposed.shape[1], transposed.shape[0], prepared.min_rows,
+                    prepared.max_rows)  # fmt: skip
+
+
+def _int64(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.int64 and t.is_contiguous() else t.to(torch.int64).contiguous()
+
+
+class NativeDecoder:
+    """One model's layers as the C forward reads them: the prepared weights' addresses and shapes,
+    with the Prepared entries they belong to kept alive. Built by :func:`decoder_for`."""
+
+    def __init__(self, model) -> None:
+        config, layers = model.config, model.encoder.layers
+        attn = layers[0].self_attn
+        self.prepared: list[matmul.Prepared | None] = []
+        structs = []
+        for layer in layers:
+            mlp, a = layer.mlp, layer.self_attn
+            gate_up = (mlp.gate_proj.weight, mlp.up_proj.weight)
+            gate_up_loras = (mlp.lora.get("gate_proj"), mlp.lora.get("up_proj"))
+            down_lora = mlp.lora.get("down_proj")
+            drafts = [
+                None if a.lora is None else (a.lora.merged(a.o_proj.weight),),
+                None if not any(gate_up_loras) else tuple(w if lo is None else lo.merged(w)
+                                                          for w, lo in zip(gate_up, gate_up_loras)),
+                None if down_lora is None else (down_lora.merged(mlp.down_proj.weight),),
+            ]  # fmt: skip
+            weights = [(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight), (a.o_proj.weight,), gate_up,
+                       (mlp.down_proj.weight,), *drafts]  # fmt: skip
+            prepared = [None if w is None else matmul.prepared(w) for w in weights]
+            self.prepared += prepared
+            norms = (layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr())
+            structs.append(_Layer(*norms, *(_product(p) for p in prepared)))
+        self.layers = (_Layer * len(structs))(*structs)
+        self.model = _Model(
+            len(layers), config.hidden_size, attn.num_heads, attn.num_kv_heads, attn.head_dim, config.intermediate_size,
+            config.rms_norm_eps, attn.scale, native.DTYPES[torch.float32], _sgemm(), self.layers,
+        )  # fmt: skip
+
+    @property
+    def backends_are_blas(self) -> bool:
+        return all(p is None or p.backend == "blas" for p in self.prepared)
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qscale: torch.Tensor | None,
+                 batch: StepBatch, cache: PagedKVCache) -> None:  # fmt: skip
+        """Run every layer on ``x`` [T, hidden] (contiguous, fp32) in place, writing the step's keys/values."""
+        meta = batch.attention
+        segments, table = meta.derived("native", lambda: cpu_attention.segments_and_slots(meta))
+        write_rows, write_slots = _int64(batch.write_rows), _int64(batch.write_slots)
+        drafts = _int64(batch.adapter_rows)
+        step = _Step(
+            x.data_ptr(), x.shape[0], cos.data_ptr(), sin.data_ptr(), None if qscale is None else qscale.data_ptr(),
+            write_rows.numel(), write_rows.data_ptr(), write_slots.data_ptr(),
+            len(meta.segments), segments.data_ptr(), table.data_ptr(), table.shape[1],
+            drafts.numel(), drafts.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape[1],
+        )  # fmt: skip
+        status = native.library().decoder_forward(ctypes.byref(self.model), ctypes.byref(step))
+        if status != 0:
+            raise RuntimeError(f"native forward failed with status {status}")
+
+
+def _weights(model) -> tuple[torch.Tensor, ...]:
+    """What a NativeDecoder is built from: every layer parameter and draft-adapter factor."""
+    out: list[torch.Tensor] = []
+    for layer in model.encoder.layers:
+        out += layer.parameters()
+        loras = [layer.self_attn.lora, *layer.mlp.lora.values()]
+        out += [t for lora in loras if lora is not None for t in (lora.a, lora.b)]
+    return tuple(out)
+
+
+def _adapters(model) -> tuple:
+    """The first layer's draft adapters: adapters are attached to (or removed from) every layer at once,
+    so these objects change whenever the model's adapter does."""
+    first = model.encoder.layers[0]
+    return first.self_attn.lora, *first.mlp.lora.values()
+
+
+def _supported(model) -> bool:
+    """Whether the model's shape and place let the native forward serve it (weights' backends aside)."""
+    config, layers = model.config, model.encoder.layers
+    attn = layers[0].self_attn
+    return (
+        model.device.type == "cpu"
+        and model.dtype == torch.float32
+        and kernels.backend(model.device) == "torch"
+        and native.library() is not None
+        and all(layer.self_attn.reduce is identity and layer.mlp.reduce is identity for layer in layers)
+        and attn.head_dim % native.LANES == 0
+        and attn.head_dim <= native.MAX_HEAD
+        and attn.num_heads <= 64 * attn.num_kv_heads
+        and native_is_reference(config.hidden_size, torch.float32, config.rms_norm_eps)
+    )
+
+
+def decoder_for(model) -> NativeDecoder | None:
+    """The model's NativeDecoder where the native forward serves it (None: the Python forward serves),
+    kept on the model and rebuilt when a weight or adapter factor changed (as models.matmul keeps its
+    prepared weights), an adapter was attached or removed, or the thread count changed. Checking
+    that costs about 20 us a forward."""
+    kept = model.__dict__.get("_native_decoder")  # (weights, key, decoder); not a module attribute
+    if kept is not None:
+        weights, key, decoder = kept
+        if key == (matmul.fingerprint(weights), torch.get_num_threads(), _adapters(model)):
+            return decoder
+    weights = _weights(model)
+    decoder = NativeDecoder(model) if _supported(model) else None
+    if decoder is not None and not decoder.backends_are_blas:
+        decoder = None
+    model.__dict__["_native_decoder"] = (weights, (matmul.fingerprint(weights), torch.get_num_threads(),
+                                                   _adapters(model)), decoder)  # fmt: skip
+    return decoder

@@ -1,0 +1,160 @@
+"""The native forward (models/native_forward.py): which models it serves, that it computes what the
+Python layers compute, and that a row's logits never depend on what shares its forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import models
+from kernels import native
+from kernels.rmsnorm import native_is_reference
+from models import matmul, native_forward
+from models.batch import pack
+from models.engine import KVCacheManager
+from models.layers import LoraWeights
+from models.modes.base import draft_segment
+from models.segments import causal_segment
+from tests.conftest import REPO, random_model
+from tests.test_lossless import _assert_spec_equals_ar_on_heldout
+
+BUNDLED = REPO / "models" / "bundled" / "tiny-code"
+PAGE = 16
+
+
+@pytest.fixture(autouse=True)
+def fast_path_on(monkeypatch):
+    """On, whatever ``TRISERVE_FAST_PATH`` the suite runs under; skipped where the native kernels cannot
+    serve these models at all (no compiler, or a CPU whose torch sums RMSNorm's squares otherwise)."""
+    monkeypatch.setattr(matmul, "FAST_PATH", True)
+    if native.library() is None or not all(native_is_reference(w, torch.float32, 1e-5) for w in (32, 256)):
+        pytest.skip("the native forward serves no model on this machine")
+
+
+@pytest.fixture(scope="module")
+def bundled_fp32():
+    """The bundled model in fp32, with its draft adapter: the native forward's adapted products."""
+    return models.load_model(BUNDLED, dtype=torch.float32, warm_up=False)
+
+
+def _served(model) -> bool:
+    with torch.inference_mode():
+        return native_forward.decoder_for(model) is not None
+
+
+class Steps:
+    """Sequences with their own prompts, prefilled alone, then forwards of segments over them."""
+
+    def __init__(self, model, prompts: list[list[int]]) -> None:
+        self.model = model
+        pages = sum(len(p) + 48 for p in prompts) // PAGE + len(prompts) + 1
+        self.cache = model.new_cache(num_pages=pages, page_size=PAGE)
+        self.kv = KVCacheManager(pages, PAGE, device="cpu")
+        self.lengths = []
+        for seq, prompt in enumerate(prompts):
+            self.kv.add(seq)
+            self.kv.reserve(seq, len(prompt) + 48)
+            self.run([(seq, causal_segment(prompt, 0, write=True))])
+            self.kv.set_length(seq, len(prompt))
+            self.lengths.append(len(prompt))
+
+    def run(self, items) -> list[torch.Tensor]:
+        """Logits of each segment of one forward over ``items``."""
+        batch = pack(items, self.kv)
+        return list(self.model(batch, self.cache).split(batch.logit_counts))
+
+    def segments(self, tokens: list[int]) -> list:
+        """A verify block for sequence 0, a draft (adapter rows) for 1, an AR step for 2."""
+        mask = self.model.config.mask_token_id
+        return [
+            (0, causal_segment(tokens, self.lengths[0], write=True)),
+            (1, draft_segment(tokens[0], self.lengths[1], 8, mask)),
+            (2, causal_segment(tokens[:1], self.lengths[2], write=True)),
+        ]
+
+
+def _prompts(vocab: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(3)
+    return [[1] + torch.randint(4, vocab, (n,), generator=gen).tolist() for n in (37, 20, 61)]
+
+
+def test_it_serves_fp32_models_on_the_fast_path_and_no_other(fixture_model, bundled_fp32, monkeypatch):
+    assert _served(fixture_model) and _served(bundled_fp32)
+    assert not _served(random_model(head_dim=8))  # heads the native attention's vectors do not divide
+    bf16 = models.load_model(BUNDLED, dtype=torch.bfloat16, warm_up=False)
+    assert not _served(bf16)  # its products are not BLAS's
+    assert _served(random_model(head_dim=16))
+    sharded = random_model(head_dim=16)
+    sharded.encoder.layers[1].mlp.reduce = lambda x: x  # what tensor parallelism swaps in, at load
+    assert not _served(sharded)
+    monkeypatch.setattr(native, "library", lambda: None)  # no compiler: the Python layers serve
+    assert not _served(random_model(head_dim=16))
+
+
+@pytest.mark.parametrize("name", ["fixture", "bundled_fp32", "random"])
+def test_it_computes_what_the_python_layers_compute(name, fixture_model, bundled_fp32, monkeypatch):
+    model = {"fixture": fixture_model, "bundled_fp32": bundled_fp32, "random": random_model(head_dim=16)}[name]
+    assert _served(model)
+    prompts = _prompts(model.config.vocab_size)
+    tokens = [5, 9, 11, 13, 7, 6, 8, 10]
+
+    def logits() -> list[torch.Tensor]:
+        steps = Steps(model, prompts)
+        return steps.run(steps.segments(tokens)) + steps.run([(2, causal_segment([4] * 8, 0, write=False))])
+
+    native_logits = logits()
+    monkeypatch.setattr(native_forward, "decoder_for", lambda model: None)
+    python_logits = logits()
+    for got, want in zip(native_logits, python_logits):
+        # only SiLU rounds otherwise (its own exponential): agreement to float rounding
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_row_is_the_same_alone_and_beside_other_requests(bundled_fp32, threads):
+    """A verify block beside another request's draft (adapter rows) and a third's AR step: each
+    request's logits are those of its forward alone, bit for bit, and the AR step's are the verify
+    block's first row's (the same token at the same position over the same cache)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert _served(bundled_fp32)
+        prompts = _prompts(bundled_fp32.config.vocab_size)
+        prompts[2] = prompts[0]
+        tokens = [5, 9, 11, 13, 7, 6, 8, 10]
+        together = Steps(bundled_fp32, prompts)
+        mixed = together.run(together.segments(tokens))
+        apart = Steps(bundled_fp32, prompts)
+        alone = [apart.run([item])[0] for item in apart.segments(tokens)]
+    finally:
+        torch.set_num_threads(previous)
+    for got, want in zip(mixed, alone):
+        assert torch.equal(got, want)
+    assert torch.equal(mixed[2][0], mixed[0][0])
+
+
+@pytest.mark.parametrize("block_length", (8, 32))
+def test_speculation_equals_ar_through_it(bundled_fp32, block_length):
+    assert _served(bundled_fp32)
+    _assert_spec_equals_ar_on_heldout(bundled_fp32, 2, block_length)
+
+
+def test_a_changed_weight_or_adapter_is_seen():
+    model = random_model(head_dim=16)
+    with torch.inference_mode():
+        first = native_forward.decoder_for(model)
+        assert first is not None and native_forward.decoder_for(model) is first  # kept while nothing changed
+    with torch.no_grad():
+        model.encoder.layers[0].mlp.down_proj.weight.mul_(2)  # an optimizer step, in place
+    with torch.inference_mode():
+        second = native_forward.decoder_for(model)
+    assert second is not None and second is not first
+    gen = torch.Generator().manual_seed(6)
+    for layer in model.encoder.layers:
+        lora = LoraWeights(a=torch.randn(2, 64, generator=gen), b=torch.randn(32, 2, generator=gen), scale=1.0)
+        layer.set_lora("o_proj", lora)
+    with torch.inference_mode():
+        third = native_forward.decoder_for(model)
+    assert third is not None and third is not second
+    assert third.model.layer[0].o_draft.transposed  # draft rows now multiply the merged weight
