@@ -32,6 +32,7 @@ unchanged) and rebuilt when a parameter changes (a training step, a reload).
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 from collections.abc import Callable
@@ -65,12 +66,44 @@ class Blas:
         return torch.mm(x, self.transposed)
 
 
+@functools.cache
+def blas_function(name: str) -> int | None:
+    """The address of a BLAS function of libtorch_cpu (MKL in x86 wheels), None where it has none."""
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
+
+
+_GEMM_BF16 = ctypes.CFUNCTYPE(None, *[ctypes.c_int] * 6, ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
+                              ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_int)  # fmt: skip
+ROW_MAJOR, NO_TRANSPOSE, TRANSPOSE = 101, 111, 112  # CBLAS's enums
+
+
+class MklBf16:
+    """``x @ weight.T`` of bf16 operands through MKL's ``cblas_gemm_bf16bf16f32`` (fp32 sums, rounded
+    once to bf16): the product the native forward calls from C for bf16 models (oneDNN's packed
+    product has no C entry point); kept here so the probes can test it like the others."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight.contiguous()
+        self.gemm = _GEMM_BF16(blas_function("cblas_gemm_bf16bf16f32"))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        (n, k), rows = self.weight.shape, x.shape[0]
+        out = torch.empty((rows, n), dtype=torch.float32)
+        self.gemm(ROW_MAJOR, NO_TRANSPOSE, TRANSPOSE, rows, n, k, 1.0, x.data_ptr(), k, self.weight.data_ptr(), k,
+                  0.0, out.data_ptr(), n)  # fmt: skip
+        return out.to(torch.bfloat16)
+
+
 def _packed(weight: torch.Tensor) -> Product:
     packed = torch.ops.mkldnn._reorder_linear_weight(weight, ROW_MULTIPLE)
     return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
-BACKENDS: dict[str, Callable[[torch.Tensor], Product]] = {"blas": Blas, "packed": _packed}
+BACKENDS: dict[str, Callable[[torch.Tensor], Product]] = {"blas": Blas, "packed": _packed, "mkl_bf16": MklBf16}
 
 
 def backends_for(weight: torch.Tensor) -> list[str]:
@@ -110,7 +143,7 @@ class Prepared:
     """A fused weight, the backend chosen for it (``product``, None: the padded reference), the
     fingerprint of the parameters it came from and the thread count it was chosen for."""
 
-    def __init__(self, weights: tuple[torch.Tensor, ...]) -> None:
+    def __init__(self, weights: tuple[torch.Tensor, ...], backends: tuple[str, ...] | None = None) -> None:
         self.fingerprint = fingerprint(weights)
         self.threads = torch.get_num_threads()  # the probes hold for this many threads
         fused = weights[0] if len(weights) == 1 else torch.cat([w.detach() for w in weights])
@@ -118,7 +151,7 @@ class Prepared:
         self.backend: str | None = None
         self.product: Product | None = None
         self.min_rows, self.max_rows = ROW_MULTIPLE, PROBE_ROWS
-        for backend in backends_for(self.weight):
+        for backend in backends_for(self.weight) if backends is None else backends:
             min_rows, max_rows = probe_rows(backend, *fused.shape, fused.dtype, torch.get_num_threads())
             if max_rows:
                 self.backend, self.product = backend, BACKENDS[backend](self.weight)
@@ -146,13 +179,16 @@ def fingerprint(weights: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
     return tuple(v for w in weights for v in (w.data_ptr(), 0 if w.is_inference() else w._version))
 
 
-def prepared(weights: tuple[torch.Tensor, ...]) -> Prepared:
+def prepared(weights: tuple[torch.Tensor, ...], backends: tuple[str, ...] | None = None) -> Prepared:
+    """The fast path's product for ``weights`` fused: the first of ``backends`` (default: ``backends_for``'s)
+    that probes invariant."""
     # kept on the first weight itself, so it lives and dies with the parameter; prepared again when the
     # parameters or the thread count changed (a model warmed up at load, then run with more threads)
-    entry = getattr(weights[0], "_triserve_prepared", None)
+    name = "_triserve_prepared" if backends is None else "_triserve_prepared_" + "_".join(backends)
+    entry = getattr(weights[0], name, None)
     if entry is None or entry.fingerprint != fingerprint(weights) or entry.threads != torch.get_num_threads():
-        entry = Prepared(weights)
-        weights[0]._triserve_prepared = entry
+        entry = Prepared(weights, backends)
+        setattr(weights[0], name, entry)
     return entry
 
 

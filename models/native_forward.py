@@ -3,25 +3,26 @@
 Why: with the native attention, RMSNorm and RoPE, a CPU forward of the small models was still
 mostly dispatch. An AR step of the fixture (fp32, one thread) took 4.3 ms, of which its 25 matrix
 products were about 1.1 ms: the rest was two dozen tensor operations a layer, each a few
-microseconds of Python and ATen dispatch. The native forward runs every layer in C: the same
-RMSNorm, RoPE and attention kernels, the same BLAS call (``sgemm``, the function ``torch.mm`` runs)
-on the same transposed weights padded and split as models.matmul's probes decided, so a row's
-products are the Python fast path's bit for bit; only SiLU rounds otherwise (its own exponential,
-within float rounding of ``F.silu``). Embedding, the final norm and the head stay in Python.
+microseconds of Python and ATen dispatch. The native forward runs every layer in C with the same
+RMSNorm, RoPE and attention kernels. Its products are models.matmul's BLAS backends called from C,
+padded and split as that module's probes decided for them, so a row's product depends on the row
+alone: fp32 through ``sgemm`` (what ``torch.mm`` runs) on the Python fast path's own transposed
+weights, bit for bit its products; bf16 through MKL's bf16 GEMM (``mkl_bf16``), not the oneDNN
+product the Python layers use for bf16 (it has no C entry point), so a bf16 model's logits differ
+from the Python layers' by bf16 roundings. SiLU uses its own exponential (float rounding of
+``F.silu``). Embedding, the final norm and the head stay in Python.
 
 Which forwards: all of a model's serving forwards or none of them, decided from the model alone
 (never the batch), so a row is computed the same way in every forward, which is what keeps
-self-speculation exact. It serves when the fast path is on and the model is an fp32 model on the
-CPU whose products all took the BLAS backend, without tensor parallelism, with heads the native
-attention takes and an RMSNorm width whose native kernel is the reference's bits; elsewhere the
-Python forward serves (bf16 products go through oneDNN, which has no C entry point here).
+self-speculation exact. It serves when the fast path is on and the model is on the CPU, in fp32, or
+in bf16 on a CPU that computes bf16 in hardware, its products all probe invariant on their BLAS
+backend, it is not tensor-parallel, its heads suit the native attention and its RMSNorm width is
+one whose native kernel gives the reference's bits; elsewhere the Python layers serve.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
-import os
 
 import torch
 
@@ -49,7 +50,8 @@ class _Layer(ctypes.Structure):
 class _Model(ctypes.Structure):
     _fields_ = [
         *((name, _i64) for name in ("layers", "hidden", "hq", "hkv", "d", "intermediate")),
-        ("eps", _f32), ("scale", _f32), ("dtype", ctypes.c_int), ("sgemm", _ptr), ("layer", ctypes.POINTER(_Layer)),
+        ("eps", _f32), ("scale", _f32), ("dtype", ctypes.c_int), ("sgemm", _ptr), ("gemm_bf16", _ptr),
+        ("layer", ctypes.POINTER(_Layer)),
     ]  # fmt: skip
 
 
@@ -62,19 +64,22 @@ class _Step(ctypes.Structure):
     ]  # fmt: skip
 
 
-@functools.cache
-def _sgemm() -> int:
-    """The address of the BLAS ``sgemm_`` that torch.mm calls (libtorch_cpu's, MKL in x86 wheels)."""
-    path = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
-    return ctypes.cast(ctypes.CDLL(path).sgemm_, _ptr).value
+# the BLAS product each dtype's layers take (models.matmul's backends), and its C function
+BACKEND = {torch.float32: "blas", torch.bfloat16: "mkl_bf16"}
+GEMM = {torch.float32: "sgemm_", torch.bfloat16: "cblas_gemm_bf16bf16f32"}
 
 
 def _product(prepared: matmul.Prepared | None) -> _Product:
+    """What C reads of a prepared product: fp32's transposed copy [k, n], or bf16's weight [n, k]."""
     if prepared is None:
         return _Product()
-    transposed = prepared.product.transposed
-    return _Product(transposed.data_ptr(), transposed.shape[1], transposed.shape[0], prepared.min_rows,
-                    prepared.max_rows)  # fmt: skip
+    if prepared.backend == "blas":
+        weight = prepared.product.transposed
+        k, n = weight.shape
+    else:
+        weight = prepared.product.weight
+        n, k = weight.shape
+    return _Product(weight.data_ptr(), n, k, prepared.min_rows, prepared.max_rows)
 
 
 def _int64(t: torch.Tensor) -> torch.Tensor:
@@ -87,6 +92,7 @@ class NativeDecoder:
 
     def __init__(self, model) -> None:
         config, layers = model.config, model.encoder.layers
+        self.dtype = model.dtype
         attn = layers[0].self_attn
         self.prepared: list[matmul.Prepared | None] = []
         structs = []
@@ -103,23 +109,30 @@ class NativeDecoder:
             ]  # fmt: skip
             weights = [(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight), (a.o_proj.weight,), gate_up,
                        (mlp.down_proj.weight,), *drafts]  # fmt: skip
-            prepared = [None if w is None else matmul.prepared(w) for w in weights]
+            prepared = [None if w is None else self._prepare(w) for w in weights]
             self.prepared += prepared
             norms = (layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr())
             structs.append(_Layer(*norms, *(_product(p) for p in prepared)))
         self.layers = (_Layer * len(structs))(*structs)
         self.model = _Model(
             len(layers), config.hidden_size, attn.num_heads, attn.num_kv_heads, attn.head_dim, config.intermediate_size,
-            config.rms_norm_eps, attn.scale, native.DTYPES[torch.float32], _sgemm(), self.layers,
+            config.rms_norm_eps, attn.scale, native.DTYPES[self.dtype], matmul.blas_function(GEMM[torch.float32]),
+            matmul.blas_function(GEMM[torch.bfloat16]), self.layers,
         )  # fmt: skip
 
+    def _prepare(self, weights: tuple[torch.Tensor, ...]) -> matmul.Prepared:
+        # fp32: the Python fast path's own entry (BLAS is its first choice); bf16: MKL's, not oneDNN's
+        return matmul.prepared(weights, None if self.dtype == torch.float32 else (BACKEND[self.dtype],))
+
     @property
-    def backends_are_blas(self) -> bool:
-        return all(p is None or p.backend == "blas" for p in self.prepared)
+    def products_serve(self) -> bool:
+        """Whether every product took its dtype's BLAS backend (the probes found it invariant)."""
+        return all(p is None or p.backend == BACKEND[self.dtype] for p in self.prepared)
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qscale: torch.Tensor | None,
                  batch: StepBatch, cache: PagedKVCache) -> None:  # fmt: skip
-        """Run every layer on ``x`` [T, hidden] (contiguous, fp32) in place, writing the step's keys/values."""
+        """Run every layer on ``x`` [T, hidden] (contiguous, the model's dtype) in place, writing the step's
+        keys/values."""
         meta = batch.attention
         segments, table = meta.derived("native", lambda: cpu_attention.segments_and_slots(meta))
         write_rows, write_slots = _int64(batch.write_rows), _int64(batch.write_slots)
@@ -158,14 +171,16 @@ def _supported(model) -> bool:
     attn = layers[0].self_attn
     return (
         model.device.type == "cpu"
-        and model.dtype == torch.float32
+        and model.dtype in BACKEND
+        and (model.dtype == torch.float32 or matmul.cpu_has_fast_half())
+        and matmul.blas_function(GEMM[model.dtype]) is not None
         and kernels.backend(model.device) == "torch"
         and native.library() is not None
         and all(layer.self_attn.reduce is identity and layer.mlp.reduce is identity for layer in layers)
         and attn.head_dim % native.LANES == 0
         and attn.head_dim <= native.MAX_HEAD
         and attn.num_heads <= 64 * attn.num_kv_heads
-        and native_is_reference(config.hidden_size, torch.float32, config.rms_norm_eps)
+        and native_is_reference(config.hidden_size, model.dtype, config.rms_norm_eps)
     )
 
 
@@ -181,7 +196,7 @@ def decoder_for(model) -> NativeDecoder | None:
             return decoder
     weights = _weights(model)
     decoder = NativeDecoder(model) if _supported(model) else None
-    if decoder is not None and not decoder.backends_are_blas:
+    if decoder is not None and not decoder.products_serve:
         decoder = None
     model.__dict__["_native_decoder"] = (weights, (matmul.fingerprint(weights), torch.get_num_threads(),
                                                    _adapters(model)), decoder)  # fmt: skip

@@ -4,10 +4,10 @@
  * a few microseconds of dispatch: RMSNorm, the fused q/k/v product, RoPE, the KV cache write, the
  * attention, the output product and residual, RMSNorm, the fused gate/up product, SiLU times up,
  * the down product and residual. The norms, RoPE and attention are the kernels of the other files;
- * products call the BLAS sgemm that torch.mm calls (its function pointer comes from Python), on the
- * same transposed weights, padded and split into pieces as models.matmul's probes decided, so a row's
- * product is the Python fast path's bit for bit and depends only on the row. Every other step works
- * row by row. A row's result therefore never depends on what shares the forward.
+ * products call BLAS through function pointers from Python (fp32: the sgemm torch.mm calls, on the
+ * Python fast path's transposed weights; bf16: MKL's bf16 GEMM), padded and split into pieces as
+ * models.matmul's probes decided, so a row's product depends on the row alone. Every other step
+ * works row by row. A row's result therefore never depends on what shares the forward.
  */
 #include <stdlib.h>
 
@@ -16,17 +16,21 @@
 typedef void (*sgemm_fn)(const char *transa, const char *transb, const int *m, const int *n, const int *k,
                          const float *alpha, const float *a, const int *lda, const float *b, const int *ldb,
                          const float *beta, float *c, const int *ldc);
+typedef void (*gemm_bf16_fn)(int layout, int transa, int transb, int m, int n, int k, float alpha, const uint16_t *a,
+                             int lda, const uint16_t *b, int ldb, float beta, float *c, int ldc);
 
-/* out [rows][n] = in [rows][k] times weight^T, the weight held transposed ([k][n]); calls of fewer than
- * min_rows rows are padded with zero rows to min_rows, calls of more than max_rows split into pieces */
+/* out [rows][n] = in [rows][k] times weight^T: fp32 through sgemm on the weight held transposed
+ * ([k][n]), bf16 through MKL's bf16 GEMM on the weight as it is ([n][k]) with fp32 sums rounded
+ * once to bf16; calls of fewer than min_rows rows are padded with zero rows to min_rows, calls of
+ * more than max_rows split into pieces */
 struct product {
-    const float *transposed; /* NULL: no such product (a projection without a draft adapter) */
+    const void *weight; /* NULL: no such product (a projection without a draft adapter) */
     int64_t n, k, min_rows, max_rows;
 };
 
 struct layer {
-    const void *input_norm, *post_norm;           /* [hidden] */
-    struct product qkv, o, gate_up, down;          /* base weights */
+    const void *input_norm, *post_norm;                /* [hidden] */
+    struct product qkv, o, gate_up, down;              /* base weights */
     struct product o_draft, gate_up_draft, down_draft; /* draft rows' merged weights, where adapted */
 };
 
@@ -35,6 +39,7 @@ struct model {
     float eps, scale;
     int dtype;
     sgemm_fn sgemm;
+    gemm_bf16_fn gemm_bf16;
     const struct layer *layer;
 };
 
@@ -50,141 +55,181 @@ struct step {
     int64_t slot_stride;
     int64_t drafts; /* rows that take the draft adapter, ascending */
     const int64_t *draft_rows;
-    float *k_cache, *v_cache; /* [layers][slots][hkv][d] */
+    void *k_cache, *v_cache; /* [layers][slots][hkv][d] */
     int64_t cache_slots;
 };
 
-static void gemm(const struct model *m, const struct product *p, const float *in, int64_t rows, float *out) {
-    const int n = (int)p->n, k = (int)p->k, r = (int)rows;
-    const float one = 1.0f, zero = 0.0f;
-    m->sgemm("N", "N", &n, &r, &k, &one, p->transposed, &n, in, &k, &zero, out, &n);
+/* scratch of one forward's products: pad_in, pad_out for a padded call, wide for bf16's fp32 sums */
+struct product_scratch {
+    char *pad_in;
+    float *pad_out, *wide;
+};
+
+static size_t element(int dtype) { return dtype == DTYPE_F32 ? sizeof(float) : sizeof(uint16_t); }
+
+/* rows rows of fp32 sums -> out in the dtype */
+static void store_rows(const float *sums, int64_t count, void *out, int dtype) {
+    if (dtype == DTYPE_F32) {
+        memcpy(out, sums, (size_t)count * sizeof(float));
+        return;
+    }
+    uint16_t *half = out;
+    for (int64_t i = 0; i < count; i++) half[i] = round_bf16(sums[i]);
 }
 
-/* pad: scratch for min_rows rows of input and of output */
-static void product(const struct model *m, const struct product *p, const float *in, int64_t rows, float *out,
-                    float *pad) {
+/* the BLAS call on exactly `rows` rows, its fp32 sums into out */
+static void gemm(const struct model *m, const struct product *p, const void *in, int64_t rows, float *out) {
+    const int n = (int)p->n, k = (int)p->k, r = (int)rows;
+    if (m->dtype == DTYPE_F32) {
+        const float one = 1.0f, zero = 0.0f;
+        m->sgemm("N", "N", &n, &r, &k, &one, p->weight, &n, in, &k, &zero, out, &n);
+    } else {
+        m->gemm_bf16(101 /* row major */, 111 /* no transpose */, 112 /* transpose */, r, n, k, 1.0f, in, k,
+                     p->weight, k, 0.0f, out, n);
+    }
+}
+
+static void product(const struct model *m, const struct product *p, const void *in, int64_t rows, void *out,
+                    const struct product_scratch *scratch) {
+    const size_t es = element(m->dtype);
     for (int64_t start = 0; start < rows; start += p->max_rows) {
         const int64_t piece = rows - start < p->max_rows ? rows - start : p->max_rows;
-        const float *src = in + start * p->k;
-        float *dst = out + start * p->n;
+        const char *src = (const char *)in + (size_t)(start * p->k) * es;
+        char *dst = (char *)out + (size_t)(start * p->n) * es;
         if (piece >= p->min_rows) {
-            gemm(m, p, src, piece, dst);
+            float *sums = m->dtype == DTYPE_F32 ? (float *)dst : scratch->wide;
+            gemm(m, p, src, piece, sums);
+            if (sums != (float *)dst) store_rows(sums, piece * p->n, dst, m->dtype);
             continue;
         }
-        float *pad_in = pad, *pad_out = pad + p->min_rows * p->k;
-        memcpy(pad_in, src, (size_t)(piece * p->k) * sizeof(float));
-        memset(pad_in + piece * p->k, 0, (size_t)((p->min_rows - piece) * p->k) * sizeof(float));
-        gemm(m, p, pad_in, p->min_rows, pad_out);
-        memcpy(dst, pad_out, (size_t)(piece * p->n) * sizeof(float));
+        memcpy(scratch->pad_in, src, (size_t)(piece * p->k) * es);
+        memset(scratch->pad_in + (size_t)(piece * p->k) * es, 0, (size_t)((p->min_rows - piece) * p->k) * es);
+        gemm(m, p, scratch->pad_in, p->min_rows, scratch->pad_out);
+        store_rows(scratch->pad_out, piece * p->n, dst, m->dtype);
     }
 }
 
 /* the base product on every row, then the draft rows' merged product over theirs (as
  * models.layers.adapted_linear merges drafts); gather: scratch for the draft rows' input and output */
 static void adapted(const struct model *m, const struct step *s, const struct product *base,
-                    const struct product *draft, const float *in, float *out, float *pad, float *gather) {
-    if (!draft->transposed || !s->drafts) {
-        product(m, base, in, s->rows, out, pad);
+                    const struct product *draft, const void *in, void *out, const struct product_scratch *scratch,
+                    char *gather) {
+    if (!draft->weight || !s->drafts) {
+        product(m, base, in, s->rows, out, scratch);
         return;
     }
     if (s->drafts == s->rows) {
-        product(m, draft, in, s->rows, out, pad);
+        product(m, draft, in, s->rows, out, scratch);
         return;
     }
-    product(m, base, in, s->rows, out, pad);
-    float *g_out = gather + s->drafts * draft->k;
+    product(m, base, in, s->rows, out, scratch);
+    const size_t es = element(m->dtype), in_row = (size_t)draft->k * es, out_row = (size_t)draft->n * es;
+    char *g_out = gather + (size_t)s->drafts * in_row;
     for (int64_t i = 0; i < s->drafts; i++)
-        memcpy(gather + i * draft->k, in + s->draft_rows[i] * draft->k, (size_t)draft->k * sizeof(float));
-    product(m, draft, gather, s->drafts, g_out, pad);
+        memcpy(gather + (size_t)i * in_row, (const char *)in + (size_t)s->draft_rows[i] * in_row, in_row);
+    product(m, draft, gather, s->drafts, g_out, scratch);
     for (int64_t i = 0; i < s->drafts; i++)
-        memcpy(out + s->draft_rows[i] * draft->n, g_out + i * draft->n, (size_t)draft->n * sizeof(float));
+        memcpy((char *)out + (size_t)s->draft_rows[i] * out_row, g_out + (size_t)i * out_row, out_row);
 }
 
-static void residual(float *restrict x, const float *restrict y, int64_t count) {
-    for (int64_t i = 0; i < count; i++) x[i] = x[i] + y[i];
+/* x += y, rounded to the dtype as a tensor addition rounds */
+static void residual(void *x, const void *y, int64_t count, int dtype) {
+    if (dtype == DTYPE_F32) {
+        float *restrict a = x;
+        const float *restrict b = y;
+        for (int64_t i = 0; i < count; i++) a[i] = a[i] + b[i];
+        return;
+    }
+    uint16_t *restrict a = x;
+    const uint16_t *restrict b = y;
+    for (int64_t i = 0; i < count; i++) a[i] = round_bf16(widen_bf16(a[i]) + widen_bf16(b[i]));
 }
 
-/* act [rows][inter] = silu(gate) * up from gate_up [rows][2 * inter]. silu(g) = g / (1 + exp(-g)),
+/* act [rows][inter] = silu(gate) * up from gate_up [rows][2 * inter], in the dtype: silu's result and
+ * the product each rounded to it, as torch rounds F.silu(gate) * up. silu(g) = g / (1 + exp(-g)),
  * written through e = exp(-|g|) <= 1 so that no exponential overflows: g / (1 + e) for g >= 0,
  * g * e / (1 + e) below (torch's own exponential rounds otherwise, so this agrees with F.silu to
  * float rounding, not bit for bit). */
-static void silu_times_up(const float *restrict gate_up, float *restrict act, int64_t rows, int64_t inter) {
+static void silu_times_up(const void *gate_up, void *act, int64_t rows, int64_t inter, int dtype) {
     const vf zero = {0}, one = zero + 1.0f;
     for (int64_t r = 0; r < rows; r++) {
-        const float *g = gate_up + r * 2 * inter, *u = g + inter;
-        float *out = act + r * inter;
-        int64_t e = 0;
-        for (; e + LANES <= inter; e += LANES) {
-            vf gv, uv;
-            memcpy(&gv, g + e, sizeof gv);
-            memcpy(&uv, u + e, sizeof uv);
+        const int64_t g0 = r * 2 * inter, u0 = g0 + inter, out0 = r * inter;
+        for (int64_t e = 0; e < inter; e += LANES) {
+            const int64_t lanes = inter - e < LANES ? inter - e : LANES;
+            vf gv = zero, uv = zero;
+            for (int64_t l = 0; l < lanes; l++) {
+                gv[l] = load_one(gate_up, g0 + e + l, dtype);
+                uv[l] = load_one(gate_up, u0 + e + l, dtype);
+            }
             const vi negative = gv < zero;
             const vf ex = exp_nonpositive(select_lanes(negative, gv, zero - gv));
             const vf silu = select_lanes(negative, gv * ex, gv) / (one + ex);
-            const vf result = silu * uv;
-            memcpy(out + e, &result, sizeof result);
-        }
-        for (; e < inter; e++) {
-            vf gv = zero;
-            gv[0] = g[e];
-            const int negative = g[e] < 0.0f;
-            const vf ex = exp_nonpositive(negative ? gv : zero - gv);
-            const float silu = (negative ? g[e] * ex[0] : g[e]) / (1.0f + ex[0]);
-            out[e] = silu * u[e];
+            for (int64_t l = 0; l < lanes; l++)
+                store_one(act, out0 + e + l, as_dtype(silu[l], dtype) * uv[l], dtype);
         }
     }
 }
 
 static int64_t larger(int64_t a, int64_t b) { return a > b ? a : b; }
 
-static int64_t pad_floats(const struct product *p) { return p->transposed ? p->min_rows * (p->k + p->n) : 0; }
-
-/* Runs every layer on s->x in place. fp32 only: products through sgemm. Returns 0; -1 when out of
- * memory, -2 for another dtype, or the attention's status. */
+/* Runs every layer on s->x in place, in the model's dtype (fp32 or bf16). Returns 0; -1 when out of
+ * memory, or the attention's status. */
 int decoder_forward(const struct model *m, const struct step *s) {
-    if (m->dtype != DTYPE_F32) return -2;
-    const int64_t t = s->rows, hidden = m->hidden, inter = m->intermediate, d = m->d;
+    const int64_t t = s->rows, hidden = m->hidden, inter = m->intermediate, d = m->d, kv_width = m->hkv * d;
     const int64_t heads = m->hq + m->hkv, qkv_width = (m->hq + 2 * m->hkv) * d, q_width = m->hq * d;
-    int64_t pad = 0, gather = 0;
+    const size_t es = element(m->dtype);
+    int64_t pad_in = 0, pad_out = 0, wide = 0;
     for (int64_t i = 0; i < m->layers; i++) {
         const struct layer *l = &m->layer[i];
         const struct product *all[] = {&l->qkv, &l->o, &l->gate_up, &l->down, &l->o_draft, &l->gate_up_draft,
                                        &l->down_draft};
-        for (size_t j = 0; j < sizeof all / sizeof *all; j++) pad = larger(pad, pad_floats(all[j]));
+        for (size_t j = 0; j < sizeof all / sizeof *all; j++) {
+            const struct product *p = all[j];
+            if (!p->weight) continue;
+            pad_in = larger(pad_in, p->min_rows * p->k);
+            pad_out = larger(pad_out, p->min_rows * p->n);
+            if (m->dtype != DTYPE_F32) wide = larger(wide, (t < p->max_rows ? t : p->max_rows) * p->n);
+        }
     }
-    if (s->drafts) gather = s->drafts * (hidden + 2 * inter + larger(hidden, inter));
-    const int64_t floats = t * (hidden + qkv_width + heads * d + q_width + hidden + 2 * inter + inter) + pad + gather;
-    float *scratch = aligned_alloc(64, (size_t)((floats * (int64_t)sizeof(float) + 63) / 64 * 64));
+    const int64_t gather = s->drafts ? s->drafts * (hidden + 2 * inter + larger(hidden, inter)) : 0;
+    const int64_t activations = t * (hidden + qkv_width + heads * d + q_width + hidden + 2 * inter + inter);
+    /* elements of the dtype first, then fp32 scratch; 64-byte aligned pieces */
+    const size_t typed = ((size_t)(activations + gather + pad_in) * es + 63) / 64 * 64;
+    char *scratch = aligned_alloc(64, typed + ((size_t)(pad_out + wide) * sizeof(float) + 63) / 64 * 64);
     if (!scratch) return -1;
-    float *x = s->x, *h = scratch, *qkv = h + t * hidden, *roped = qkv + t * qkv_width, *attn = roped + t * heads * d;
-    float *proj = attn + t * q_width, *gate_up = proj + t * hidden, *act = gate_up + t * 2 * inter;
-    float *pads = act + t * inter, *gathered = pads + pad;
+#define NEXT(ptr, count) ptr = cursor, cursor += (size_t)(count) * es
+    char *cursor = scratch, *h, *qkv, *roped, *attn, *proj, *gate_up, *act, *gathered;
+    NEXT(h, t * hidden); NEXT(qkv, t * qkv_width); NEXT(roped, t * heads * d); NEXT(attn, t * q_width);
+    NEXT(proj, t * hidden); NEXT(gate_up, t * 2 * inter); NEXT(act, t * inter); NEXT(gathered, gather);
+#undef NEXT
+    const struct product_scratch pads = {cursor, (float *)(scratch + typed), (float *)(scratch + typed) + pad_out};
+    char *x = s->x;
     int status = 0;
     for (int64_t i = 0; i < m->layers && !status; i++) {
         const struct layer *l = &m->layer[i];
         if ((status = rms_norm(x, hidden, l->input_norm, h, t, hidden, m->eps, m->dtype))) break;
-        product(m, &l->qkv, h, t, qkv, pads);
-        rope(qkv, qkv_width, qkv + q_width, qkv_width, s->cos, s->sin, s->qscale, roped, t, m->hq, m->hkv, d,
+        product(m, &l->qkv, h, t, qkv, &pads);
+        rope(qkv, qkv_width, qkv + q_width * es, qkv_width, s->cos, s->sin, s->qscale, roped, t, m->hq, m->hkv, d,
              m->dtype);
-        const float *keys = roped + q_width, *values = qkv + q_width + m->hkv * d;
-        const int64_t kv_width = m->hkv * d;
-        float *k_cache = s->k_cache + i * s->cache_slots * kv_width, *v_cache = s->v_cache + i * s->cache_slots * kv_width;
+        const char *keys = roped + q_width * es, *values = qkv + (q_width + kv_width) * es;
+        const size_t layer_bytes = (size_t)(s->cache_slots * kv_width) * es, row = (size_t)kv_width * es;
+        char *k_cache = (char *)s->k_cache + i * layer_bytes, *v_cache = (char *)s->v_cache + i * layer_bytes;
         for (int64_t w = 0; w < s->writes; w++) {
-            const int64_t row = s->write_rows[w], slot = s->write_slots[w];
-            memcpy(k_cache + slot * kv_width, keys + row * heads * d, (size_t)kv_width * sizeof(float));
-            memcpy(v_cache + slot * kv_width, values + row * qkv_width, (size_t)kv_width * sizeof(float));
+            const int64_t at = s->write_rows[w], slot = s->write_slots[w];
+            memcpy(k_cache + slot * row, keys + at * heads * d * es, row);
+            memcpy(v_cache + slot * row, values + at * qkv_width * es, row);
         }
         status = segment_attention(roped, heads * d, keys, heads * d, values, qkv_width, k_cache, v_cache, attn,
                                    m->hq, m->hkv, d, s->segments, s->segment_table, s->prefix_slots, s->slot_stride,
                                    m->scale, m->dtype);
         if (status) break;
-        adapted(m, s, &l->o, &l->o_draft, attn, proj, pads, gathered);
-        residual(x, proj, t * hidden);
+        adapted(m, s, &l->o, &l->o_draft, attn, proj, &pads, gathered);
+        residual(x, proj, t * hidden, m->dtype);
         if ((status = rms_norm(x, hidden, l->post_norm, h, t, hidden, m->eps, m->dtype))) break;
-        adapted(m, s, &l->gate_up, &l->gate_up_draft, h, gate_up, pads, gathered);
-        silu_times_up(gate_up, act, t, inter);
-        adapted(m, s, &l->down, &l->down_draft, act, proj, pads, gathered);
-        residual(x, proj, t * hidden);
+        adapted(m, s, &l->gate_up, &l->gate_up_draft, h, gate_up, &pads, gathered);
+        silu_times_up(gate_up, act, t, inter, m->dtype);
+        adapted(m, s, &l->down, &l->down_draft, act, proj, &pads, gathered);
+        residual(x, proj, t * hidden, m->dtype);
     }
     free(scratch);
     return status;
