@@ -90,12 +90,18 @@ class MklBf16:
         self.weight = weight.contiguous()
         self.gemm = _GEMM_BF16(blas_function("cblas_gemm_bf16bf16f32"))
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def sums(self, x: torch.Tensor) -> torch.Tensor:
+        """The fp32 sums before rounding: what the probes compare, since rounding to bf16 hides most
+        differences of summation order (a lone row's call, a GEMV, sums otherwise than calls of two
+        or more rows, which the rounded outputs showed on too few of the probe's values)."""
         (n, k), rows = self.weight.shape, x.shape[0]
         out = torch.empty((rows, n), dtype=torch.float32)
         self.gemm(ROW_MAJOR, NO_TRANSPOSE, TRANSPOSE, rows, n, k, 1.0, x.data_ptr(), k, self.weight.data_ptr(), k,
                   0.0, out.data_ptr(), n)  # fmt: skip
-        return out.to(torch.bfloat16)
+        return out
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sums(x).to(torch.bfloat16)
 
 
 def _packed(weight: torch.Tensor) -> Product:
@@ -126,6 +132,7 @@ def probe_rows(backend: str, out_features: int, in_features: int, dtype: torch.d
     products above), so several batches of random rows are compared."""
     weight = (torch.randn((out_features, in_features), generator=torch.Generator().manual_seed(99))).to(dtype)
     product = BACKENDS[backend](weight)
+    product = getattr(product, "sums", product)  # unrounded where the backend gives them
     gen = torch.Generator().manual_seed(1234)  # not the weight's stream: rows equal to weight rows hide differences
     agrees = set(range(1, PROBE_ROWS + 1))
     for _ in range(PROBE_BATCHES):
