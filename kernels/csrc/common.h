@@ -8,6 +8,8 @@
 #define LANES 16
 typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(LANES * sizeof(int32_t))));
+typedef uint32_t vu __attribute__((vector_size(LANES * sizeof(uint32_t))));
+typedef uint16_t vh __attribute__((vector_size(LANES * sizeof(uint16_t))));
 
 enum { DTYPE_F32 = 0, DTYPE_BF16 = 1 };
 
@@ -53,6 +55,47 @@ static inline void store_one(void *base, int64_t index, float value, int dtype) 
         ((float *)base)[index] = value;
     else
         ((uint16_t *)base)[index] = round_bf16(value);
+}
+
+/* through_bf16 of every lane, the same bit operations on vectors */
+static inline vu through_bf16_bits(vf value) {
+    vu bits;
+    memcpy(&bits, &value, sizeof bits);
+    const vu rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
+    const vu quiet = (bits | 0x00400000u) & 0xffff0000u;
+    const vu nan = (vu)((bits & 0x7fffffffu) > 0x7f800000u);
+    return (quiet & nan) | (rounded & ~nan);
+}
+
+static inline vf as_dtype_lanes(vf value, int dtype) {
+    if (dtype == DTYPE_F32) return value;
+    const vu bits = through_bf16_bits(value);
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+/* LANES values from base[index], widened to fp32 */
+static inline vf load_lanes(const void *base, int64_t index, int dtype) {
+    vf value;
+    if (dtype == DTYPE_F32) {
+        memcpy(&value, (const float *)base + index, sizeof value);
+        return value;
+    }
+    vh half;
+    memcpy(&half, (const uint16_t *)base + index, sizeof half);
+    const vu bits = __builtin_convertvector(half, vu) << 16;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+/* LANES values to base[index], rounded to the dtype as store_one rounds */
+static inline void store_lanes(void *base, int64_t index, vf value, int dtype) {
+    if (dtype == DTYPE_F32) {
+        memcpy((float *)base + index, &value, sizeof value);
+        return;
+    }
+    const vh half = __builtin_convertvector(through_bf16_bits(value) >> 16, vh);
+    memcpy((uint16_t *)base + index, &half, sizeof half);
 }
 
 static inline vf select_lanes(vi mask, vf yes, vf no) {

@@ -73,8 +73,9 @@ static void store_rows(const float *sums, int64_t count, void *out, int dtype) {
         memcpy(out, sums, (size_t)count * sizeof(float));
         return;
     }
-    uint16_t *half = out;
-    for (int64_t i = 0; i < count; i++) half[i] = round_bf16(sums[i]);
+    int64_t i = 0;
+    for (; i + LANES <= count; i += LANES) store_lanes(out, i, load_lanes(sums, i, DTYPE_F32), dtype);
+    for (; i < count; i++) store_one(out, i, sums[i], dtype);
 }
 
 /* the BLAS call on exactly `rows` rows, its fp32 sums into out */
@@ -134,15 +135,10 @@ static void adapted(const struct model *m, const struct step *s, const struct pr
 
 /* x += y, rounded to the dtype as a tensor addition rounds */
 static void residual(void *x, const void *y, int64_t count, int dtype) {
-    if (dtype == DTYPE_F32) {
-        float *restrict a = x;
-        const float *restrict b = y;
-        for (int64_t i = 0; i < count; i++) a[i] = a[i] + b[i];
-        return;
-    }
-    uint16_t *restrict a = x;
-    const uint16_t *restrict b = y;
-    for (int64_t i = 0; i < count; i++) a[i] = round_bf16(widen_bf16(a[i]) + widen_bf16(b[i]));
+    int64_t i = 0;
+    for (; i + LANES <= count; i += LANES)
+        store_lanes(x, i, load_lanes(x, i, dtype) + load_lanes(y, i, dtype), dtype);
+    for (; i < count; i++) store_one(x, i, load_one(x, i, dtype) + load_one(y, i, dtype), dtype);
 }
 
 /* act [rows][inter] = silu(gate) * up from gate_up [rows][2 * inter], in the dtype: silu's result and
@@ -150,22 +146,25 @@ static void residual(void *x, const void *y, int64_t count, int dtype) {
  * written through e = exp(-|g|) <= 1 so that no exponential overflows: g / (1 + e) for g >= 0,
  * g * e / (1 + e) below (torch's own exponential rounds otherwise, so this agrees with F.silu to
  * float rounding, not bit for bit). */
+static inline vf silu_lanes(vf g) {
+    const vf zero = {0};
+    const vi negative = g < zero;
+    const vf ex = exp_nonpositive(select_lanes(negative, g, zero - g));
+    return select_lanes(negative, g * ex, g) / (1.0f + ex);
+}
+
 static void silu_times_up(const void *gate_up, void *act, int64_t rows, int64_t inter, int dtype) {
-    const vf zero = {0}, one = zero + 1.0f;
     for (int64_t r = 0; r < rows; r++) {
         const int64_t g0 = r * 2 * inter, u0 = g0 + inter, out0 = r * inter;
-        for (int64_t e = 0; e < inter; e += LANES) {
-            const int64_t lanes = inter - e < LANES ? inter - e : LANES;
-            vf gv = zero, uv = zero;
-            for (int64_t l = 0; l < lanes; l++) {
-                gv[l] = load_one(gate_up, g0 + e + l, dtype);
-                uv[l] = load_one(gate_up, u0 + e + l, dtype);
-            }
-            const vi negative = gv < zero;
-            const vf ex = exp_nonpositive(select_lanes(negative, gv, zero - gv));
-            const vf silu = select_lanes(negative, gv * ex, gv) / (one + ex);
-            for (int64_t l = 0; l < lanes; l++)
-                store_one(act, out0 + e + l, as_dtype(silu[l], dtype) * uv[l], dtype);
+        int64_t e = 0;
+        for (; e + LANES <= inter; e += LANES) {
+            const vf silu = as_dtype_lanes(silu_lanes(load_lanes(gate_up, g0 + e, dtype)), dtype);
+            store_lanes(act, out0 + e, silu * load_lanes(gate_up, u0 + e, dtype), dtype);
+        }
+        for (; e < inter; e++) { /* a width LANES does not divide: the last values one by one */
+            vf g = {0};
+            g[0] = load_one(gate_up, g0 + e, dtype);
+            store_one(act, out0 + e, as_dtype(silu_lanes(g)[0], dtype) * load_one(gate_up, u0 + e, dtype), dtype);
         }
     }
 }
