@@ -38,7 +38,7 @@ _i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 
 
 class _Product(ctypes.Structure):
-    _fields_ = [("transposed", _ptr), ("n", _i64), ("k", _i64), ("min_rows", _i64), ("max_rows", _i64)]
+    _fields_ = [("weight", _ptr), ("n", _i64), ("k", _i64), ("min_rows", _i64), ("max_rows", _i64)]
 
 
 class _Layer(ctypes.Structure):

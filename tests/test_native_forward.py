@@ -178,7 +178,7 @@ def test_a_changed_weight_or_adapter_is_seen():
     with torch.inference_mode():
         third = native_forward.decoder_for(model)
     assert third is not None and third is not second
-    assert third.model.layer[0].o_draft.transposed  # draft rows now multiply the merged weight
+    assert third.model.layer[0].o_draft.weight  # draft rows now multiply the merged weight
 
 
 @pytest.mark.parametrize("shape", [(384, 256), (256, 768)])
