@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import models
-from tests.conftest import REPO, random_model
+from models.modes.base import DecodeParams, Verify
+from models.modes.linear_spec import LinearSpecState
+from tests.conftest import REPO, random_model, tiny_config
 
 BLOCK_LENGTHS = (4, 8, 16, 32)
 SPEC_MODES = ("linear_spec", "quadratic_spec")
@@ -136,3 +138,34 @@ def test_quadratic_requests_with_other_branch_counts_share_steps_losslessly():
                 assert 0 <= a <= count and (seed == -1) == (a == count) and seed < model.config.vocab_size
     for i, prompt in enumerate(prompts):
         assert got[str(i)] == models.generate(model, prompt, mode="ar", max_new_tokens=24).tokens, i
+
+
+@pytest.mark.parametrize(("emitted", "window"), [([], 31), ([6], 31), ([6, 5], 15), ([1, 1], 3), ([32, 32], 31)])
+def test_the_verify_window_follows_what_cycles_emit(emitted, window):
+    """Whole drafts until two cycles are done, then rows for twice the tokens a cycle emits, a power of two."""
+    state = LinearSpecState([1, 5], DecodeParams(mode="linear_spec", block_length=32), tiny_config())
+    state.accepted_lengths = list(emitted)
+    assert state.verify_window() == window
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_verifies_check_the_window_and_stay_lossless(monkeypatch, temperature):
+    """On the bundled model's held-out code (4-5 drafts accepted a cycle) verifies shrink to the window
+    after two cycles; greedy tokens stay AR's, sampled cycles slice the draft's probabilities alike."""
+    model = models.load_model(REPO / "models" / "bundled" / "tiny-code")
+    windows: list[int] = []
+    plan_decode = LinearSpecState.plan_decode
+
+    def spy(self):
+        plan = plan_decode(self)
+        if isinstance(plan.work, Verify) and plan.work.draft:
+            windows.append(len(plan.work.draft))
+            assert plan.work.q is None or plan.work.q.shape[0] == len(plan.work.draft)
+        return plan
+
+    monkeypatch.setattr(LinearSpecState, "plan_decode", spy)
+    prompt = _heldout_prompts(model.tokenizer, 1, random.Random(5))[0]
+    spec = models.generate(model, prompt, mode="linear_spec", max_new_tokens=96, temperature=temperature, seed=3)
+    assert windows[:2] == [31, 31] and any(w < 31 for w in windows[2:])
+    if temperature == 0:
+        assert spec.tokens == models.generate(model, prompt, mode="ar", max_new_tokens=96).tokens
