@@ -4,10 +4,10 @@ Per cycle: draft ``[next, M x (L-1)]`` (adapter on, cache read-only), verify ``[
 (adapter off, keys/values written), accept the longest prefix the AR pass agrees with, emit it plus
 one bonus token, and roll the cache back to what was accepted. The verify window ``w`` is the whole
 draft until the request has finished ``WINDOW_CYCLES`` cycles, then follows what its cycles accept
-(``verify_window``): on a CPU a verify's cost grows with its rows (bundled model, bf16: 32 rows cost
-2.2 AR steps, 16 rows 1.3), and where 4-5 of a draft's 31 tokens are accepted (the bundled model on
-held-out code) most of a whole-draft verify's rows are never used.
-Checking fewer of the draft's tokens changes no emitted token: greedy acceptance stops at the first
+(``verify_window``; the draft's head reads only those rows): on a CPU a verify's cost grows with its
+rows (bundled model, bf16: 32 rows cost 2.2 AR steps, 16 rows 1.3), and where 4-5 of a draft's 31
+tokens are accepted (the bundled model on held-out code) most of a whole-draft verify's rows are never
+used. Checking fewer of the draft's tokens changes no emitted token: greedy acceptance stops at the first
 disagreement, and sampled acceptance tests each position on its own, so a shorter window only ends
 a cycle earlier (its bonus token is AR's next token either way). Lossless at temperature 0; above
 it, rejection sampling keeps the AR distribution. NFE = prefill + drafts + verifies. In a crowded
@@ -48,12 +48,13 @@ class LinearSpecState(DecodeState):
         length = self.block_length
         if self.draft is None and not self.speculate:
             return ar_step(self.next_token, self.cached_len, demoted=True)
-        if self.draft is None:
-            return Plan([draft_segment(self.next_token, self.cached_len, length, self.mask_id)], Draft(length - 1))
-        draft = self.draft[: self.verify_window()]
-        q = None if self.draft_probs is None else self.draft_probs[: len(draft)]
-        segment = causal_segment([self.next_token, *draft], self.cached_len, write=True)
-        return Plan([segment], Verify(draft, q))
+        if self.draft is None:  # the whole block drafts; the head reads only the rows the verify will check
+            window = self.verify_window()
+            segment = draft_segment(self.next_token, self.cached_len, length, self.mask_id,
+                                    logit_rows=list(range(1, window + 1)))  # fmt: skip
+            return Plan([segment], Draft(window))
+        segment = causal_segment([self.next_token, *self.draft], self.cached_len, write=True)
+        return Plan([segment], Verify(self.draft, self.draft_probs))
 
     def verify_window(self) -> int:
         """Draft tokens the next verify checks: all of them for the first ``WINDOW_CYCLES`` cycles; then
