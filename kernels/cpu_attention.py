@@ -17,12 +17,17 @@ from kernels.masks import MaskKind
 from kernels.segment_attention import AttentionMetadata
 
 
+def takes_heads(heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether the native kernel takes these heads: a width its vectors divide, no more than 64 query
+    heads per KV head."""
+    return head_dim % native.LANES == 0 and heads <= 64 * kv_heads
+
+
 def supports(q: torch.Tensor, k: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """Whether the native kernel can take this call: CPU tensors of one supported dtype, heads of a
-    width the kernel's vectors divide, no more than 64 query heads per KV head, contiguous caches."""
+    """Whether the native kernel can take this call: CPU tensors of one supported dtype, heads it takes
+    (``takes_heads``), contiguous caches."""
     return (
-        q.shape[-1] % native.LANES == 0
-        and q.shape[1] <= 64 * k.shape[1]
+        takes_heads(q.shape[1], k.shape[1], q.shape[-1])
         and k_cache.is_contiguous()
         and v_cache.is_contiguous()
         and native.serves(q, k, k_cache, v_cache)
@@ -33,10 +38,7 @@ def segments_and_slots(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Ten
     """The segment table and prefix slots as the C kernel reads them (int64, contiguous); kept per step
     under the key "native" (``meta.derived``), which the native forward shares."""
     rows = [(s.q_start, s.q_len, s.prefix_len, int(s.kind is MaskKind.CAUSAL)) for s in meta.segments]
-    table = meta.prefix_slots
-    if table.dtype != torch.int64 or not table.is_contiguous():
-        table = table.to(torch.int64).contiguous()
-    return torch.tensor(rows, dtype=torch.int64).reshape(-1), table
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1), native.int64(meta.prefix_slots)
 
 
 def segment_attention_native(

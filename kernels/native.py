@@ -116,6 +116,11 @@ def serves(*tensors: torch.Tensor) -> bool:
     return library() is not None
 
 
+def int64(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as the kernels read index arrays: int64, contiguous (itself when it already is)."""
+    return t if t.dtype == torch.int64 and t.is_contiguous() else t.to(torch.int64).contiguous()
+
+
 def row_stride(x: torch.Tensor) -> int:
     """The row stride of [T, D] or [T, H, D] whose rows are each laid out contiguously."""
     strides = x.stride()

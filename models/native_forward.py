@@ -82,10 +82,6 @@ def _product(prepared: matmul.Prepared | None) -> _Product:
     return _Product(weight.data_ptr(), n, k, prepared.min_rows, prepared.max_rows)
 
 
-def _int64(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == torch.int64 and t.is_contiguous() else t.to(torch.int64).contiguous()
-
-
 class NativeDecoder:
     """One model's layers as the C forward reads them: the prepared weights' addresses and shapes,
     with the Prepared entries they belong to kept alive. Built by :func:`decoder_for`."""
@@ -135,8 +131,8 @@ class NativeDecoder:
         keys/values."""
         meta = batch.attention
         segments, table = meta.derived("native", lambda: cpu_attention.segments_and_slots(meta))
-        write_rows, write_slots = _int64(batch.write_rows), _int64(batch.write_slots)
-        drafts = _int64(batch.adapter_rows)
+        write_rows, write_slots = native.int64(batch.write_rows), native.int64(batch.write_slots)
+        drafts = native.int64(batch.adapter_rows)
         step = _Step(
             x.data_ptr(), x.shape[0], cos.data_ptr(), sin.data_ptr(), None if qscale is None else qscale.data_ptr(),
             write_rows.numel(), write_rows.data_ptr(), write_slots.data_ptr(),
@@ -166,20 +162,18 @@ def _adapters(model) -> tuple:
 
 
 def _supported(model) -> bool:
-    """Whether the model's shape and place let the native forward serve it (weights' backends aside)."""
+    """Whether a CPU model's shape and dtype let the native forward serve it (weights' backends aside)."""
     config, layers = model.config, model.encoder.layers
     attn = layers[0].self_attn
     return (
-        model.device.type == "cpu"
-        and model.dtype in BACKEND
+        model.dtype in BACKEND
         and (model.dtype == torch.float32 or matmul.cpu_has_fast_half())
         and matmul.blas_function(GEMM[model.dtype]) is not None
         and kernels.backend(model.device) == "torch"
         and native.library() is not None
         and all(layer.self_attn.reduce is identity and layer.mlp.reduce is identity for layer in layers)
-        and attn.head_dim % native.LANES == 0
+        and cpu_attention.takes_heads(attn.num_heads, attn.num_kv_heads, attn.head_dim)
         and attn.head_dim <= native.MAX_HEAD
-        and attn.num_heads <= 64 * attn.num_kv_heads
         and native_is_reference(config.hidden_size, model.dtype, config.rms_norm_eps)
     )
 
@@ -188,7 +182,9 @@ def decoder_for(model) -> NativeDecoder | None:
     """The model's NativeDecoder where the native forward serves it (None: the Python forward serves),
     kept on the model and rebuilt when a weight or adapter factor changed (as models.matmul keeps its
     prepared weights), an adapter was attached or removed, or the thread count changed. Checking
-    that costs about 20 us a forward."""
+    that costs about 20 us a forward, so models off the CPU, which it never serves, skip it."""
+    if model.device.type != "cpu":
+        return None
     kept = model.__dict__.get("_native_decoder")  # (weights, key, decoder); not a module attribute
     if kept is not None:
         weights, key, decoder = kept
