@@ -4,7 +4,8 @@
 
 Cases, batch size 1, after ``--context`` cached tokens: an AR token; per block length L a draft
 block (bidirectional, L rows), a verify block (causal, L rows), a sparse quadratic cycle (the
-default branch count: L * 2 rows) and a dense one (every acceptance length: L * (L + 1) rows). Each
+default branch count: L * 2 rows), the same once its verify window has shrunk to ``WINDOW`` draft
+tokens (WINDOW + 1 + L rows), and a dense one (every acceptance length: L * (L + 1) rows). Each
 is reported in ms and relative to the AR token: on a compute-bound CPU a block costs many AR
 steps, on a bandwidth-bound GPU about one, which is why block length is chosen per device.
 
@@ -34,6 +35,7 @@ from functools import partial
 import torch
 
 BUNDLED = Path(__file__).resolve().parent.parent / "models" / "bundled" / "tiny-code"
+WINDOW = 7  # draft tokens a windowed verify checks (DecodeState.verify_window after cycles of 2-4 tokens)
 
 
 def eight_b_shaped(layers: int):
@@ -130,13 +132,20 @@ def main() -> int:
             (f"verify block ({block})", [causal_segment([5] * block, context, write=True)]),
             (
                 f"quadratic cycle ({block}, sparse)",
-                cycle_segments([5] * block, context, block, sparse, [5] * len(sparse), mask),
+                cycle_segments([5] * block, context, block, sparse, [5] * len(sparse), mask, block - 1),
             ),
             (
                 f"quadratic cycle ({block}, dense)",
-                cycle_segments([5] * block, context, block, list(range(block)), [5] * block, mask),
+                cycle_segments([5] * block, context, block, list(range(block)), [5] * block, mask, block - 1),
             ),
         ]
+        if block > WINDOW:  # a cycle once the verify window has shrunk to about what the bundled model accepts
+            cases.append(
+                (
+                    f"quadratic cycle ({block}, sparse, {WINDOW}-token window)",
+                    cycle_segments([5] * (WINDOW + 1), context, block, sparse, [5] * len(sparse), mask, WINDOW),
+                )
+            )
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     header = f"{args.device}, {weight_bytes / 1e6:.1f} MB of weights, context {context}"
     if args.device == "cuda":

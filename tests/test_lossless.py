@@ -12,6 +12,7 @@ import torch
 import models
 from models.modes.base import DecodeParams, Verify
 from models.modes.linear_spec import LinearSpecState
+from models.modes.quadratic_spec import QuadraticSpecState
 from tests.conftest import REPO, random_model, tiny_config
 
 BLOCK_LENGTHS = (4, 8, 16, 32)
@@ -149,23 +150,29 @@ def test_the_verify_window_follows_what_cycles_emit(emitted, window):
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_verifies_check_the_window_and_stay_lossless(monkeypatch, temperature):
+@pytest.mark.parametrize("state_class", [LinearSpecState, QuadraticSpecState])
+def test_verifies_check_the_window_and_stay_lossless(monkeypatch, state_class, temperature):
     """On the bundled model's held-out code (4-5 drafts accepted a cycle) verifies shrink to the window
-    after two cycles; greedy tokens stay AR's, sampled cycles slice the draft's probabilities alike."""
+    after two cycles, in both speculative modes (quadratic: its branches draft the window's rows too);
+    greedy tokens stay AR's, sampled cycles slice the draft's probabilities alike."""
     model = models.load_model(REPO / "models" / "bundled" / "tiny-code")
     windows: list[int] = []
-    plan_decode = LinearSpecState.plan_decode
+    plan_decode = state_class.plan_decode
 
     def spy(self):
         plan = plan_decode(self)
-        if isinstance(plan.work, Verify) and plan.work.draft:
-            windows.append(len(plan.work.draft))
-            assert plan.work.q is None or plan.work.q.shape[0] == len(plan.work.draft)
+        verify = plan.work if isinstance(plan.work, Verify) else getattr(plan.work, "verify", None)
+        if verify is not None and verify.draft:
+            windows.append(len(verify.draft))
+            assert verify.q is None or verify.q.shape[0] == len(verify.draft)
+            assert len(plan.segments[0].tokens) == len(verify.draft) + 1  # the verify block: the window's rows
+            for branch in plan.segments[1:]:  # a quadratic cycle's branches: the next window's rows deferred
+                assert len(branch.tokens) == 32 and len(branch.deferred_rows) == plan.work.count
         return plan
 
-    monkeypatch.setattr(LinearSpecState, "plan_decode", spy)
+    monkeypatch.setattr(state_class, "plan_decode", spy)
     prompt = _heldout_prompts(model.tokenizer, 1, random.Random(5))[0]
-    spec = models.generate(model, prompt, mode="linear_spec", max_new_tokens=96, temperature=temperature, seed=3)
+    spec = models.generate(model, prompt, mode=state_class.mode, max_new_tokens=96, temperature=temperature, seed=3)
     assert windows[:2] == [31, 31] and any(w < 31 for w in windows[2:])
     if temperature == 0:
         assert spec.tokens == models.generate(model, prompt, mode="ar", max_new_tokens=96).tokens

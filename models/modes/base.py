@@ -16,6 +16,7 @@ decoding then resumes exactly where it stopped).
 
 from __future__ import annotations
 
+import math
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -28,6 +29,10 @@ from models.controls import NO_CONTROLS, SamplingControls
 from models.segments import PromptEmbeds, Segment, bidirectional_segment, causal_segment
 
 MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
+
+WINDOW_CYCLES = 2  # speculative cycles a request finishes with whole-draft verifies before its window adapts
+WINDOW_HISTORY = 8  # its latest cycles the window follows
+WINDOW_FLOOR = 4  # verify rows at least (the verify block's first token and three drafts)
 
 
 @dataclass(frozen=True)
@@ -398,6 +403,21 @@ class DecodeState(ABC):
             self.accepted_lengths.append(accepted + 1)
         self.cached_len += accepted + 1
         return emitted
+
+    def verify_window(self) -> int:
+        """Draft tokens the next verify checks (the speculative modes): all of the block's for the first
+        ``WINDOW_CYCLES`` cycles; then verify rows (the window plus the block's first token) for twice
+        the tokens the latest cycles emitted on average, rounded up to a power of two (at least
+        ``WINDOW_FLOOR``), so a cycle that accepts more than usual still fits and the window grows with
+        acceptance. Any window emits the same tokens: greedy acceptance stops at the first disagreement
+        and sampled acceptance tests each position on its own, so a shorter one only ends a cycle
+        earlier."""
+        drafted = self.block_length - 1
+        recent = self.accepted_lengths[-WINDOW_HISTORY:]
+        if len(recent) < WINDOW_CYCLES:
+            return drafted
+        rows = max(WINDOW_FLOOR, 2 * sum(recent) / len(recent))
+        return min(drafted, (1 << math.ceil(math.log2(rows))) - 1)
 
     def finish(self, reason: str) -> None:
         self.finished = True

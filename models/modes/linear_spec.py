@@ -4,7 +4,7 @@ Per cycle: draft ``[next, M x (L-1)]`` (adapter on, cache read-only), verify ``[
 (adapter off, keys/values written), accept the longest prefix the AR pass agrees with, emit it plus
 one bonus token, and roll the cache back to what was accepted. The verify window ``w`` is the whole
 draft until the request has finished ``WINDOW_CYCLES`` cycles, then follows what its cycles accept
-(``verify_window``; the draft's head reads only those rows): on a CPU a verify's cost grows with its
+(``DecodeState.verify_window``; the draft's head reads only those rows): on a CPU a verify's cost grows with its
 rows (bundled model, bf16: 32 rows cost 2.2 AR steps, 16 rows 1.3), and where 4-5 of a draft's 31
 tokens are accepted (the bundled model on held-out code) most of a whole-draft verify's rows are never
 used. Checking fewer of the draft's tokens changes no emitted token: greedy acceptance stops at the first
@@ -17,16 +17,10 @@ request takes AR steps instead.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from models.modes.base import DecodeState, Draft, Plan, Score, Verify, ar_step, draft_segment
 from models.segments import causal_segment
-
-WINDOW_CYCLES = 2  # cycles a request finishes with whole-draft verifies before its window adapts
-WINDOW_HISTORY = 8  # its latest cycles the window follows
-WINDOW_FLOOR = 4  # verify rows at least (the verify block's first token and three drafts)
 
 
 class LinearSpecState(DecodeState):
@@ -55,18 +49,6 @@ class LinearSpecState(DecodeState):
             return Plan([segment], Draft(window))
         segment = causal_segment([self.next_token, *self.draft], self.cached_len, write=True)
         return Plan([segment], Verify(self.draft, self.draft_probs))
-
-    def verify_window(self) -> int:
-        """Draft tokens the next verify checks: all of them for the first ``WINDOW_CYCLES`` cycles; then
-        verify rows (the window plus the block's first token) for twice the tokens the latest cycles
-        emitted on average, rounded up to a power of two (at least ``WINDOW_FLOOR``), so a cycle that
-        accepts more than usual still fits and the window grows with acceptance."""
-        drafted = self.block_length - 1
-        recent = self.accepted_lengths[-WINDOW_HISTORY:]
-        if len(recent) < WINDOW_CYCLES:
-            return drafted
-        rows = max(WINDOW_FLOOR, 2 * sum(recent) / len(recent))
-        return min(drafted, (1 << math.ceil(math.log2(rows))) - 1)
 
     def advance_decode(self, plan: Plan, result: list[int]) -> list[int]:
         self.nfe += 1

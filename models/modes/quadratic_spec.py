@@ -19,14 +19,20 @@ draft nothing is guessed and slot 1 is a mask. A branch behind a mask drafts wit
 follows, and its drafts were accepted far less (bench/RESULTS.md). By default a cycle drafts the
 ``DEFAULT_BRANCHES`` outcomes most likely under the draft's own probabilities (acceptance length a
 with its guess: ``c_1 * .. * c_a * g_{a+1}``, c a draft token's probability, g its guess's), L *
-(branches + 1) rows; ``branches`` >= L drafts every acceptance length (the dense scheme of the
-family's paper, L(L+1) rows, here with guessed seeds). When the verification's outcome was not
-drafted, the next forward drafts alone behind the bonus token, as linear speculation does (as after
-the prefill). The emitted tokens are the AR tokens either way (temperature 0) or follow the AR
-distribution (temperature > 0): the branch choice only decides whether the next cycle has a draft to
-verify. NFE = prefill + cycles + drafts alone. In a crowded batch, or while its own cycles do not pay
-(``speculate`` False), a cycle drafts nothing ahead: a held draft is verified alone, and then the
-request takes AR steps (verifies of an empty draft) until it may speculate again.
+(branches + 1) rows with a whole draft to verify; ``branches`` >= L drafts every acceptance length
+(the dense scheme of the family's paper, L(L+1) rows, here with guessed seeds). When the
+verification's outcome was not drafted, the next forward drafts alone behind the bonus token, as
+linear speculation does (as after the prefill).
+
+As in linear speculation, a draft keeps only the tokens of its verify window
+(``DecodeState.verify_window``: the whole block for the first cycles, then about twice what cycles
+emit), so a cycle's verify block has ``w + 1`` rows rather than L; a branch drafts for the window
+known when its cycle is planned. The emitted tokens are the AR tokens either way (temperature 0) or
+follow the AR distribution (temperature > 0): the branch choice and the window only decide whether
+and how far the next cycle has a draft to verify. NFE = prefill + cycles + drafts alone. In a
+crowded batch, or while its own cycles do not pay (``speculate`` False), a cycle drafts nothing
+ahead: a held draft is verified alone, and then the request takes AR steps (verifies of an empty
+draft) until it may speculate again.
 """
 
 from __future__ import annotations
@@ -40,15 +46,16 @@ DEFAULT_BRANCHES = 1  # on a CPU a second branch costs more than the cycles it s
 
 
 def cycle_segments(
-    verify: list[int], start: int, length: int, branches: list[int], seeds: list[int], mask_id: int
+    verify: list[int], start: int, length: int, branches: list[int], seeds: list[int], mask_id: int, window: int
 ) -> list[Segment]:
     """A cycle's segments: the verify block ``verify`` at ``start`` (the cache length), then for each
     acceptance length ``a`` in ``branches`` a branch behind ``verify[a]``: its seed (the bonus token
-    guessed for ``a``; -1: a mask) and ``length - 1`` mask slots."""
+    guessed for ``a``; -1: a mask) and ``length - 1`` mask slots, of which the first ``window`` are
+    deferred rows (the next cycle's draft, if the branch is taken)."""
     segments = [causal_segment(verify, start, write=True)]
     for a, seed in zip(branches, seeds):
         first = mask_id if seed < 0 else seed
-        deferred = list(range(1, length))
+        deferred = list(range(1, window + 1))
         segments.append(draft_segment(first, start + a + 1, length, mask_id, logit_rows=[], deferred_rows=deferred))
     return segments
 
@@ -71,20 +78,22 @@ class QuadraticSpecState(DecodeState):
         return self.emit(self.verify, scores)
 
     def plan_decode(self) -> Plan:
-        length = self.block_length
+        length, window = self.block_length, self.verify_window()
+        choose = min(self.max_branches, window + 1)  # a window of w tokens has w + 1 acceptance lengths
         if not self.speculate:  # the verify block alone: with no draft to verify, an AR step
-            segments = cycle_segments(self.verify, self.cached_len, length, [], [], self.mask_id)
+            segments = cycle_segments(self.verify, self.cached_len, length, [], [], self.mask_id, window)
             return Plan(segments, Verify(self.verify[1:], self.draft_probs), demoted=len(self.verify) == 1)
         if len(self.verify) == 1:  # nothing to verify: a draft behind d_0, as linear speculation drafts
-            segment = draft_segment(self.verify[0], self.cached_len, length, self.mask_id)
-            return Plan([segment], Draft(length - 1, choose=self.max_branches))
-        segments = cycle_segments(self.verify, self.cached_len, length, self.branches, self.seeds, self.mask_id)
+            read = list(range(1, window + 1))
+            segment = draft_segment(self.verify[0], self.cached_len, length, self.mask_id, logit_rows=read)
+            return Plan([segment], Draft(window, choose=choose))
+        segments = cycle_segments(self.verify, self.cached_len, length, self.branches, self.seeds, self.mask_id, window)
         work = Draft(
-            length - 1,
+            window,
             verify=Verify(self.verify[1:], self.draft_probs),
             branches=list(self.branches),
             seeds=list(self.seeds),
-            choose=self.max_branches,
+            choose=choose,
         )
         return Plan(segments, work)
 
