@@ -49,6 +49,11 @@ SIGNATURES = {
     "rope": (None, [_ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int]),
     # struct model *, struct step * (models/native_forward.py builds them)
     "decoder_forward": (_int, [_ptr, _ptr]),
+    "amx_ready": (_int, []),
+    # weight, n, k, packed
+    "amx_pack": (None, [_ptr, _i64, _i64, _ptr]),
+    # in, rows, packed, n, k, out
+    "amx_gemm": (None, [_ptr, _i64, _ptr, _i64, _i64, _ptr]),
 }  # fmt: skip
 
 
@@ -127,3 +132,16 @@ def row_stride(x: torch.Tensor) -> int:
     if strides[-1] != 1 or (x.dim() == 3 and strides[1] != x.shape[2]) or x.dim() > 3:
         raise ValueError("a native kernel needs each row contiguous")
     return strides[0]
+
+
+@functools.cache
+def amx_ready() -> bool:
+    """Whether csrc/amx_gemm.c can run here: the library built, the CPU has AMX-BF16 and Linux granted
+    this process the tile registers."""
+    lib = library()
+    return lib is not None and lib.amx_ready() == 1
+
+
+def amx_fits(n: int, k: int) -> bool:
+    """Whether the AMX kernel takes a [n, k] weight: it passes over 64 output columns and 32 inputs at a time."""
+    return n % 64 == 0 and k % 32 == 0 and amx_ready()

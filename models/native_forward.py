@@ -7,10 +7,11 @@ microseconds of Python and ATen dispatch. The native forward runs every layer in
 RMSNorm, RoPE and attention kernels. Its products are models.matmul's BLAS backends called from C,
 padded and split as that module's probes decided for them, so a row's product depends on the row
 alone: fp32 through ``sgemm`` (what ``torch.mm`` runs) on the Python fast path's own transposed
-weights, bit for bit its products; bf16 through MKL's bf16 GEMM (``mkl_bf16``), not the oneDNN
-product the Python layers use for bf16 (it has no C entry point), so a bf16 model's logits differ
-from the Python layers' by bf16 roundings. SiLU uses its own exponential (float rounding of
-``F.silu``). Embedding, the final norm and the head stay in Python.
+weights, bit for bit its products; bf16 through the AMX kernel (``amx``) on the Python fast path's
+own packed weights where the CPU has AMX, else through MKL's bf16 GEMM (``mkl_bf16``), not the
+oneDNN product the Python layers then use (it has no C entry point), so that such a bf16 model's
+logits differ from the Python layers' by bf16 roundings. SiLU uses its own exponential (float
+rounding of ``F.silu``). Embedding, the final norm and the head stay in Python.
 
 Which forwards: all of a model's serving forwards or none of them, decided from the model alone
 (never the batch), so a row is computed the same way in every forward, which is what keeps
@@ -38,7 +39,7 @@ _i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 
 
 class _Product(ctypes.Structure):
-    _fields_ = [("weight", _ptr), ("n", _i64), ("k", _i64), ("min_rows", _i64), ("max_rows", _i64)]
+    _fields_ = [("weight", _ptr), *((name, _i64) for name in ("n", "k", "min_rows", "max_rows", "amx"))]
 
 
 class _Layer(ctypes.Structure):
@@ -64,22 +65,25 @@ class _Step(ctypes.Structure):
     ]  # fmt: skip
 
 
-# the BLAS product each dtype's layers take (models.matmul's backends), and its C function
-BACKEND = {torch.float32: "blas", torch.bfloat16: "mkl_bf16"}
+# the products each dtype's layers take (models.matmul's backends, preferred first), and the BLAS
+# function C calls for the dtype where the AMX kernel does not serve
+BACKENDS = {torch.float32: ("blas",), torch.bfloat16: ("amx", "mkl_bf16")}
 GEMM = {torch.float32: "sgemm_", torch.bfloat16: "cblas_gemm_bf16bf16f32"}
 
 
 def _product(prepared: matmul.Prepared | None) -> _Product:
-    """What C reads of a prepared product: fp32's transposed copy [k, n], or bf16's weight [n, k]."""
+    """What C reads of a prepared product: fp32's transposed copy [k, n], the AMX kernel's packed
+    weight, or MKL's bf16 weight [n, k]."""
     if prepared is None:
         return _Product()
+    product, amx = prepared.product, prepared.backend == "amx"
     if prepared.backend == "blas":
-        weight = prepared.product.transposed
+        weight = product.transposed
         k, n = weight.shape
     else:
-        weight = prepared.product.weight
-        n, k = weight.shape
-    return _Product(weight.data_ptr(), n, k, prepared.min_rows, prepared.max_rows)
+        weight = product.packed if amx else product.weight
+        n, k = product.n if amx else weight.shape[0], product.k if amx else weight.shape[1]
+    return _Product(weight.data_ptr(), n, k, prepared.min_rows, prepared.max_rows, amx)
 
 
 class NativeDecoder:
@@ -117,13 +121,17 @@ class NativeDecoder:
         )  # fmt: skip
 
     def _prepare(self, weights: tuple[torch.Tensor, ...]) -> matmul.Prepared:
-        # fp32: the Python fast path's own entry (BLAS is its first choice); bf16: MKL's, not oneDNN's
-        return matmul.prepared(weights, None if self.dtype == torch.float32 else (BACKEND[self.dtype],))
+        # the Python fast path's own entry where its first choice has a C entry point (fp32: BLAS; bf16:
+        # AMX, where it takes the fused shape), so both share one prepared copy; else MKL's bf16 GEMM
+        fused = (sum(w.shape[0] for w in weights), weights[0].shape[1])
+        if self.dtype == torch.float32 or native.amx_fits(*fused):
+            return matmul.prepared(weights)
+        return matmul.prepared(weights, ("mkl_bf16",))
 
     @property
     def products_serve(self) -> bool:
-        """Whether every product took its dtype's BLAS backend (the probes found it invariant)."""
-        return all(p is None or p.backend == BACKEND[self.dtype] for p in self.prepared)
+        """Whether every product took one of its dtype's backends (the probes found it invariant)."""
+        return all(p is None or p.backend in BACKENDS[self.dtype] for p in self.prepared)
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qscale: torch.Tensor | None,
                  batch: StepBatch, cache: PagedKVCache) -> None:  # fmt: skip
@@ -166,7 +174,7 @@ def _supported(model) -> bool:
     config, layers = model.config, model.encoder.layers
     attn = layers[0].self_attn
     return (
-        model.dtype in BACKEND
+        model.dtype in BACKENDS
         and (model.dtype == torch.float32 or matmul.cpu_has_fast_half())
         and matmul.blas_function(GEMM[model.dtype]) is not None
         and kernels.backend(model.device) == "torch"

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import models
+from kernels import native
 from models import matmul
 from models.config import RopeConfig
 from models.layers import LoraWeights, Rotary, adapted_linear, merge_drafts
@@ -43,6 +44,29 @@ def test_a_row_is_the_same_alone_and_in_any_batch(shapes, dtype):
     reference = torch.cat([x.float() @ w.float().T for w in weights], dim=-1)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(full.float(), reference, rtol=tolerance, atol=tolerance)
+
+
+def test_amx_products_sum_a_row_alike_in_calls_of_any_row_count():
+    """The AMX kernel (kernels/csrc/amx_gemm.c) on its unrounded sums: a row alone, in one block of up to
+    16 rows, in a pair of blocks whose second is partial, and past them, always sums alike; it serves
+    the fast path's bf16 weights whose shape it takes, unpadded, and leaves the others to oneDNN."""
+    if not native.amx_ready():
+        pytest.skip("no AMX on this CPU")
+    gen = torch.Generator().manual_seed(3)
+    for n, k in ((384, 256), (256, 768), (128, 64)):
+        weight = (torch.randn(n, k, generator=gen) / k**0.5).bfloat16()
+        amx = matmul.Amx(weight)
+        x = torch.randn(80, k, generator=gen).bfloat16()
+        whole = amx.sums(x)
+        for rows in [*range(1, 41), 47, 48, 63, 64, 65, 75]:
+            for start in (0, 5):
+                assert torch.equal(amx.sums(x[start : start + rows]), whole[start : start + rows]), (n, k, rows)
+        torch.testing.assert_close(whole, x.float() @ weight.float().T, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        fits, odd = (torch.nn.Parameter(w.detach().bfloat16()) for w in _weights((384, 256), (96, 40)))
+        prepared = matmul.prepared((fits,))
+        assert (prepared.backend, prepared.min_rows, prepared.max_rows) == ("amx", 1, 64)
+        assert matmul.backends_for(odd) == ["packed"] and matmul.probe_rows("amx", 96, 40, torch.bfloat16, 1) == (0, 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

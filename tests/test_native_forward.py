@@ -43,7 +43,8 @@ def _bf16_served() -> bool:
 
 @pytest.fixture(scope="module")
 def bundled_bf16():
-    """The bundled model as served where the CPU computes bf16 (with its adapter): MKL's bf16 products."""
+    """The bundled model as served where the CPU computes bf16 (with its adapter): the AMX kernel's bf16
+    products where the CPU has AMX, else MKL's."""
     if not _bf16_served():
         pytest.skip("no bf16 instructions or no MKL bf16 GEMM here: bf16 models take the Python layers")
     return models.load_model(BUNDLED, dtype=torch.bfloat16, warm_up=False)
@@ -107,8 +108,9 @@ def test_it_serves_fp32_models_on_the_fast_path_and_no_other(fixture_model, bund
 def test_it_computes_what_the_python_layers_compute(name, fixture_model, bundled_fp32, monkeypatch, request):
     if name == "bundled_bf16":
         model = request.getfixturevalue("bundled_bf16")
-        # the Python layers on the same bf16 products (their default is oneDNN's, which rounds otherwise)
-        monkeypatch.setattr(matmul, "backends_for", lambda weight: ["mkl_bf16"])
+        if not native.amx_ready():  # with AMX both take the AMX kernel on the same packed weights
+            # the Python layers on the same bf16 products (their default is then oneDNN's, which rounds otherwise)
+            monkeypatch.setattr(matmul, "backends_for", lambda weight: ["mkl_bf16"])
     else:
         model = {"fixture": fixture_model, "bundled_fp32": bundled_fp32, "random": random_model(head_dim=16)}[name]
     assert _served(model)

@@ -136,6 +136,10 @@ int rms_norm(const void *x, int64_t x_stride, const void *weight, void *out, int
              int dtype);
 void rope(const void *q, int64_t q_stride, const void *k, int64_t k_stride, const void *cos, const void *sin,
           const void *scale, void *out, int64_t rows, int64_t hq, int64_t hkv, int64_t d, int dtype);
+/* amx_gemm.c */
+int amx_ready(void);
+void amx_pack(const uint16_t *weight, int64_t n, int64_t k, uint16_t *packed);
+void amx_gemm(const uint16_t *in, int64_t rows, const uint16_t *packed, int64_t n, int64_t k, float *out);
 int segment_attention(const void *q, int64_t q_stride, const void *k, int64_t k_stride, const void *v,
                       int64_t v_stride, const void *k_cache, const void *v_cache, void *out, int64_t hq, int64_t hkv,
                       int64_t d, int64_t n_segments, const int64_t *segments, const int64_t *slots,
