@@ -32,7 +32,8 @@ SOURCES = sorted((Path(__file__).with_name("csrc")).glob("*.[ch]"))
 # -ffp-contract=fast: products and sums fused where the compiler sees them, the same way in every
 # call (rope.c and rmsnorm.c turn it off for themselves: they reproduce torch's separately rounded
 # operations)
-FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std=gnu11"]
+# -fopenmp: amx_gemm.c's threads, on the OpenMP runtime torch's CPU build already loaded
+FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 LANES = 16  # csrc/common.h's vector width
 MAX_HEAD = 1024  # csrc/rope.c: the widest head it rotates
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # csrc/common.h's dtype codes
@@ -52,8 +53,8 @@ SIGNATURES = {
     "amx_ready": (_int, []),
     # weight, n, k, packed
     "amx_pack": (None, [_ptr, _i64, _i64, _ptr]),
-    # in, rows, packed, n, k, out
-    "amx_gemm": (None, [_ptr, _i64, _ptr, _i64, _i64, _ptr]),
+    # in, rows, packed, n, k, out, threads
+    "amx_gemm": (None, [_ptr, _i64, _ptr, _i64, _i64, _ptr, _i64]),
 }  # fmt: skip
 
 

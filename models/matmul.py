@@ -127,7 +127,9 @@ class Amx:
         """The fp32 sums before rounding (what the probes compare)."""
         x = x.contiguous()
         out = torch.empty((x.shape[0], self.n), dtype=torch.float32)
-        native.library().amx_gemm(x.data_ptr(), x.shape[0], self.packed.data_ptr(), self.n, self.k, out.data_ptr())
+        native.library().amx_gemm(
+            x.data_ptr(), x.shape[0], self.packed.data_ptr(), self.n, self.k, out.data_ptr(), torch.get_num_threads()
+        )
         return out
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -52,7 +52,7 @@ class _Model(ctypes.Structure):
     _fields_ = [
         *((name, _i64) for name in ("layers", "hidden", "hq", "hkv", "d", "intermediate")),
         ("eps", _f32), ("scale", _f32), ("dtype", ctypes.c_int), ("sgemm", _ptr), ("gemm_bf16", _ptr),
-        ("layer", ctypes.POINTER(_Layer)),
+        ("threads", _i64), ("layer", ctypes.POINTER(_Layer)),
     ]  # fmt: skip
 
 
@@ -117,7 +117,7 @@ class NativeDecoder:
         self.model = _Model(
             len(layers), config.hidden_size, attn.num_heads, attn.num_kv_heads, attn.head_dim, config.intermediate_size,
             config.rms_norm_eps, attn.scale, native.DTYPES[self.dtype], matmul.blas_function(GEMM[torch.float32]),
-            matmul.blas_function(GEMM[torch.bfloat16]), self.layers,
+            matmul.blas_function(GEMM[torch.bfloat16]), torch.get_num_threads(), self.layers,
         )  # fmt: skip
 
     def _prepare(self, weights: tuple[torch.Tensor, ...]) -> matmul.Prepared:

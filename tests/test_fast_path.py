@@ -53,7 +53,7 @@ def test_amx_products_sum_a_row_alike_in_calls_of_any_row_count():
     if not native.amx_ready():
         pytest.skip("no AMX on this CPU")
     gen = torch.Generator().manual_seed(3)
-    for n, k in ((384, 256), (256, 768), (128, 64)):
+    for n, k in ((384, 256), (256, 768), (128, 64), (1024, 256)):
         weight = (torch.randn(n, k, generator=gen) / k**0.5).bfloat16()
         amx = matmul.Amx(weight)
         x = torch.randn(80, k, generator=gen).bfloat16()
@@ -62,6 +62,12 @@ def test_amx_products_sum_a_row_alike_in_calls_of_any_row_count():
             for start in (0, 5):
                 assert torch.equal(amx.sums(x[start : start + rows]), whole[start : start + rows]), (n, k, rows)
         torch.testing.assert_close(whole, x.float() @ weight.float().T, rtol=1e-5, atol=1e-5)
+        threads = torch.get_num_threads()
+        try:  # columns shared out among threads: the same sums
+            torch.set_num_threads(2)
+            assert torch.equal(amx.sums(x), whole) and torch.equal(amx.sums(x[:3]), whole[:3])
+        finally:
+            torch.set_num_threads(threads)
     with torch.inference_mode():
         fits, odd = (torch.nn.Parameter(w.detach().bfloat16()) for w in _weights((384, 256), (96, 40)))
         prepared = matmul.prepared((fits,))

@@ -14,6 +14,7 @@
 
 #if defined(__x86_64__) && defined(__GNUC__) && __GNUC__ >= 11
 #include <immintrin.h>
+#include <omp.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -65,10 +66,11 @@ AMX_TARGET static void configure(int rows0, int rows1) {
     _tile_loadconfig(&cfg);
 }
 
-/* rows r..r+rows0-1 in one block: four tiles of 16 columns per pass */
-AMX_TARGET static void one_block(const uint16_t *a, const uint16_t *packed, int64_t n, int64_t k, float *out) {
+/* up to 16 rows in one block, over the passes of 64 columns g0..g1-1: four tiles of 16 columns each */
+AMX_TARGET static void one_block(const uint16_t *a, const uint16_t *packed, int64_t n, int64_t k, float *out,
+                                 int64_t g0, int64_t g1) {
     const int64_t steps = k / 32;
-    for (int64_t g = 0; g < n / 64; g++) {
+    for (int64_t g = g0; g < g1; g++) {
         const uint16_t *b = packed + g * steps * 2048;
         _tile_zero(0);
         _tile_zero(1);
@@ -93,11 +95,13 @@ AMX_TARGET static void one_block(const uint16_t *a, const uint16_t *packed, int6
     }
 }
 
-/* 16 rows and up to 16 more (the next block, 16 rows below): two tiles of 16 columns per pass, each
- * weight tile multiplied into both blocks' sums (the same operations per row as one_block) */
-AMX_TARGET static void two_blocks(const uint16_t *a, const uint16_t *packed, int64_t n, int64_t k, float *out) {
+/* 16 rows and up to 16 more (the next block, 16 rows below), over the same columns: two tiles of 16
+ * columns per pass, each weight tile multiplied into both blocks' sums (the same operations per row
+ * as one_block) */
+AMX_TARGET static void two_blocks(const uint16_t *a, const uint16_t *packed, int64_t n, int64_t k, float *out,
+                                  int64_t g0, int64_t g1) {
     const int64_t steps = k / 32;
-    for (int64_t g = 0; g < n / 32; g++) {
+    for (int64_t g = 2 * g0; g < 2 * g1; g++) {
         const uint16_t *b = packed + (g / 2) * steps * 2048 + (g % 2) * 1024;
         _tile_zero(0);
         _tile_zero(1);
@@ -121,18 +125,39 @@ AMX_TARGET static void two_blocks(const uint16_t *a, const uint16_t *packed, int
     }
 }
 
-AMX_TARGET void amx_gemm(const uint16_t *in, int64_t rows, const uint16_t *packed, int64_t n, int64_t k, float *out) {
+/* every row over the passes of 64 columns g0..g1-1, on this thread's tiles */
+AMX_TARGET static void columns(const uint16_t *in, int64_t rows, const uint16_t *packed, int64_t n, int64_t k,
+                               float *out, int64_t g0, int64_t g1) {
     int64_t r = 0;
     for (; rows - r > 16; r += 32) {
         const int second = rows - r - 16 < 16 ? (int)(rows - r - 16) : 16;
         configure(16, second);
-        two_blocks(in + r * k, packed, n, k, out + r * n);
+        two_blocks(in + r * k, packed, n, k, out + r * n, g0, g1);
     }
     if (r < rows) {
         configure((int)(rows - r), 0);
-        one_block(in + r * k, packed, n, k, out + r * n);
+        one_block(in + r * k, packed, n, k, out + r * n, g0, g1);
     }
     _tile_release();
+}
+
+/* threads > 1: the passes of 64 columns are shared out among up to that many threads, four passes at
+ * least each (below that, starting a thread costs about what it saves), through OpenMP (the runtime
+ * torch's CPU build loads too); each output is computed by the same operations whichever thread runs
+ * it, so the thread count changes no bit */
+void amx_gemm(const uint16_t *in, int64_t rows, const uint16_t *packed, int64_t n, int64_t k, float *out,
+              int64_t threads) {
+    const int64_t passes = n / 64;
+    if (threads > passes / 4) threads = passes / 4;
+    if (threads <= 1 || rows == 0) {
+        columns(in, rows, packed, n, k, out, 0, passes);
+        return;
+    }
+#pragma omp parallel num_threads((int)threads)
+    {
+        const int64_t t = omp_get_thread_num(), count = omp_get_num_threads();
+        columns(in, rows, packed, n, k, out, passes * t / count, passes * (t + 1) / count);
+    }
 }
 
 #else
@@ -140,7 +165,8 @@ int amx_ready(void) { return 0; }
 void amx_pack(const uint16_t *weight, int64_t n, int64_t k, uint16_t *packed) {
     (void)weight, (void)n, (void)k, (void)packed;
 }
-void amx_gemm(const uint16_t *in, int64_t rows, const uint16_t *packed, int64_t n, int64_t k, float *out) {
-    (void)in, (void)rows, (void)packed, (void)n, (void)k, (void)out;
+void amx_gemm(const uint16_t *in, int64_t rows, const uint16_t *packed, int64_t n, int64_t k, float *out,
+              int64_t threads) {
+    (void)in, (void)rows, (void)packed, (void)n, (void)k, (void)out, (void)threads;
 }
 #endif

@@ -41,6 +41,7 @@ struct model {
     int dtype;
     sgemm_fn sgemm;
     gemm_bf16_fn gemm_bf16;
+    int64_t threads; /* the AMX kernel's (the BLAS functions follow their own settings) */
     const struct layer *layer;
 };
 
@@ -86,7 +87,7 @@ static void gemm(const struct model *m, const struct product *p, const void *in,
         const float one = 1.0f, zero = 0.0f;
         m->sgemm("N", "N", &n, &r, &k, &one, p->weight, &n, in, &k, &zero, out, &n);
     } else if (p->amx) {
-        amx_gemm(in, rows, p->weight, p->n, p->k, out);
+        amx_gemm(in, rows, p->weight, p->n, p->k, out, m->threads);
     } else {
         m->gemm_bf16(101 /* row major */, 111 /* no transpose */, 112 /* transpose */, r, n, k, 1.0f, in, k,
                      p->weight, k, 0.0f, out, n);
