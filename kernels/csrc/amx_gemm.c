@@ -66,16 +66,20 @@ AMX_TARGET static void configure(int rows0, int rows1) {
     _tile_loadconfig(&cfg);
 }
 
+AMX_TARGET static inline void zero_sums(void) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+}
+
 /* up to 16 rows in one block, over the passes of 64 columns g0..g1-1: four tiles of 16 columns each */
 AMX_TARGET static void one_block(const uint16_t *a, const uint16_t *packed, int64_t n, int64_t k, float *out,
                                  int64_t g0, int64_t g1) {
     const int64_t steps = k / 32;
     for (int64_t g = g0; g < g1; g++) {
         const uint16_t *b = packed + g * steps * 2048;
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
+        zero_sums();
         for (int64_t s = 0; s < steps; s++, b += 2048) {
             _tile_loadd(4, a + s * 32, k * 2);
             _tile_loadd(5, b, 64);
@@ -103,10 +107,7 @@ AMX_TARGET static void two_blocks(const uint16_t *a, const uint16_t *packed, int
     const int64_t steps = k / 32;
     for (int64_t g = 2 * g0; g < 2 * g1; g++) {
         const uint16_t *b = packed + (g / 2) * steps * 2048 + (g % 2) * 1024;
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
+        zero_sums();
         for (int64_t s = 0; s < steps; s++, b += 2048) {
             _tile_loadd(4, a + s * 32, k * 2);
             _tile_loadd(5, a + 16 * k + s * 32, k * 2);
