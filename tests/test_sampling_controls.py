@@ -233,3 +233,37 @@ def test_truncation_keeps_what_each_rule_keeps():
     assert torch.allclose(out[0], torch.tensor([0.625, 0.375, 0.0, 0.0]))
     assert torch.allclose(out[1], torch.tensor([0.625, 0.375, 0.0, 0.0]))
     assert torch.allclose(out[2], torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95)
+
+
+def test_plain_ar_choices_take_the_short_path_and_match_the_general_one(monkeypatch):
+    """A step of greedy AR choices only (no draft, control that shapes logits, or logprobs) is answered
+    by one argmax over the rows; its results equal the general verify path's, rows in any order, ties
+    to the lowest index; any other work in the step sends the whole step down the general path."""
+    from models.engine import sampler as sampling
+    from models.modes import DecodeParams, make_state
+    from models.modes.base import Verify
+
+    config = random_model(seed=1).config
+    logits = torch.randn(6, config.vocab_size, generator=torch.Generator().manual_seed(0))
+    logits[4, 7] = logits[4, 9] = logits[4].max() + 1  # a tie
+    plain = DecodeParams(mode="ar")
+    shaped = DecodeParams(mode="ar", controls=SamplingControls(logit_bias=((3, 100.0),)))
+    rows = [4, 0, 5, 2]
+
+    def results(params: list[DecodeParams]) -> list[list[int]]:
+        items = [sampling.Item(make_state([1, 2], p, config), Verify(), row) for p, row in zip(params, rows)]
+        return sampling.Sampler(None, config.mask_token_id).run(logits, items)
+
+    calls: list[int] = []
+    short = sampling.Sampler._ar_choices
+    monkeypatch.setattr(sampling.Sampler, "_ar_choices", staticmethod(lambda lg, it: calls.append(1) or short(lg, it)))
+    fast = results([plain] * 4)
+    assert calls and fast == [[0, int(logits[r].argmax())] for r in rows] and fast[0] == [0, 7]
+    monkeypatch.setattr(sampling, "_plain_ar_choice", lambda item: False)
+    assert results([plain] * 4) == fast  # the general path, on the same rows
+    monkeypatch.undo()
+    calls.clear()
+    monkeypatch.setattr(sampling.Sampler, "_ar_choices", staticmethod(lambda lg, it: calls.append(1) or short(lg, it)))
+    mixed = results([plain, shaped, plain, plain])
+    assert not calls and mixed[1] == [0, 3]  # the bias of 100 makes token 3 the argmax
+    assert [mixed[i] for i in (0, 2, 3)] == [fast[i] for i in (0, 2, 3)]
