@@ -235,35 +235,49 @@ def test_truncation_keeps_what_each_rule_keeps():
     assert torch.allclose(out[2], torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95)
 
 
-def test_plain_ar_choices_take_the_short_path_and_match_the_general_one(monkeypatch):
-    """A step of greedy AR choices only (no draft, control that shapes logits, or logprobs) is answered
-    by one argmax over the rows; its results equal the general verify path's, rows in any order, ties
-    to the lowest index; any other work in the step sends the whole step down the general path."""
+def test_plain_greedy_steps_take_the_short_path_and_match_the_general_one(monkeypatch):
+    """A step of plain greedy work only (AR choices, verifies, linear drafts; no control that shapes
+    logits, no logprobs) is answered by one argmax over its rows: its results equal the general path's,
+    rows in any order, ties to the lowest index, drafts never the mask token; any other work in the step
+    sends the whole step down the general path."""
     from models.engine import sampler as sampling
     from models.modes import DecodeParams, make_state
-    from models.modes.base import Verify
+    from models.modes.base import Draft, Verify
 
     config = random_model(seed=1).config
-    logits = torch.randn(6, config.vocab_size, generator=torch.Generator().manual_seed(0))
+    mask = config.mask_token_id
+    logits = torch.randn(16, config.vocab_size, generator=torch.Generator().manual_seed(0))
     logits[4, 7] = logits[4, 9] = logits[4].max() + 1  # a tie
+    logits[12, mask] = logits[12].max() + 1  # a draft row whose best token is the mask
+    ar = [int(t) for t in logits.argmax(-1)]
+    drafted = [ar[12 + j] if j else int(logits[12].topk(2).indices[1]) for j in range(3)]
     plain = DecodeParams(mode="ar")
     shaped = DecodeParams(mode="ar", controls=SamplingControls(logit_bias=((3, 100.0),)))
-    rows = [4, 0, 5, 2]
+    works = [
+        (Verify(), 4),  # an AR choice
+        (Verify([ar[0], ar[1], 5 if ar[2] != 5 else 6]), 0),  # two accepted, the third rejected
+        (Verify([ar[6], ar[7]]), 6),  # all accepted: the bonus is row 8's
+        (Draft(3), 12),  # a linear draft's three tokens, the mask excluded
+    ]
+    expected = [[0, 7], [2, ar[2]], [2, ar[8]], drafted]
 
     def results(params: list[DecodeParams]) -> list[list[int]]:
-        items = [sampling.Item(make_state([1, 2], p, config), Verify(), row) for p, row in zip(params, rows)]
-        return sampling.Sampler(None, config.mask_token_id).run(logits, items)
+        items = [sampling.Item(make_state([1, 2], p, config), w, row) for p, (w, row) in zip(params, works)]
+        return sampling.Sampler(None, mask).run(logits, items)
 
     calls: list[int] = []
-    short = sampling.Sampler._ar_choices
-    monkeypatch.setattr(sampling.Sampler, "_ar_choices", staticmethod(lambda lg, it: calls.append(1) or short(lg, it)))
-    fast = results([plain] * 4)
-    assert calls and fast == [[0, int(logits[r].argmax())] for r in rows] and fast[0] == [0, 7]
-    monkeypatch.setattr(sampling, "_plain_ar_choice", lambda item: False)
-    assert results([plain] * 4) == fast  # the general path, on the same rows
-    monkeypatch.undo()
+    short = sampling.Sampler._greedy_choices
+
+    def spy(self, lg, items):
+        calls.append(1)
+        return short(self, lg, items)
+
+    monkeypatch.setattr(sampling.Sampler, "_greedy_choices", spy)
+    assert results([plain] * 4) == expected and calls
+    lone = sampling.Item(make_state([1, 2], plain, config), Draft(3), 0)  # its rows are all the logits
+    assert sampling.Sampler(None, mask).run(logits[12:15].clone(), [lone]) == [drafted]
     calls.clear()
-    monkeypatch.setattr(sampling.Sampler, "_ar_choices", staticmethod(lambda lg, it: calls.append(1) or short(lg, it)))
-    mixed = results([plain, shaped, plain, plain])
-    assert not calls and mixed[1] == [0, 3]  # the bias of 100 makes token 3 the argmax
-    assert [mixed[i] for i in (0, 2, 3)] == [fast[i] for i in (0, 2, 3)]
+    mixed = results([shaped, plain, plain, plain])
+    assert not calls and mixed == [[0, 3], *expected[1:]]  # the bias of 100 makes token 3 the argmax
+    monkeypatch.setattr(sampling, "_plain_greedy", lambda item: False)
+    assert results([plain] * 4) == expected and not calls  # the general path, on the same rows

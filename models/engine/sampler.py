@@ -78,12 +78,13 @@ def _to_device(device: torch.device, *arrays: list) -> list[torch.Tensor]:
     return [part.view(shape) for part, shape in zip(parts, shapes)]
 
 
-def _plain_ar_choice(item: Item) -> bool:
-    """Greedy AR choice (a verify of no draft) with nothing that shapes its logits or scores its token."""
+def _plain_greedy(item: Item) -> bool:
+    """Greedy work with nothing that shapes its logits or scores its tokens: an AR choice or a verify,
+    or a draft that chooses no acceptance lengths (linear speculation's)."""
     state, work = item.state, item.work
+    plain_work = isinstance(work, Verify) or isinstance(work, Draft) and work.verify is None and not work.choose
     return (
-        isinstance(work, Verify)
-        and not work.draft
+        plain_work
         and state.temperature <= 0
         and state.params.logprobs is None
         and not state.params.controls.shapes_logits
@@ -104,8 +105,8 @@ class Sampler:
         """Each item's result integers (see the work classes), with one device-to-host copy; with
         logprobs, the work's ``scores`` are set too (their floats travel in the same copy). In
         inference mode, so that it may work in place on copies of the forward's outputs."""
-        if all(_plain_ar_choice(item) for item in items):
-            return self._ar_choices(logits, items)
+        if items and all(_plain_greedy(item) for item in items):
+            return self._greedy_choices(logits, items)
         device = logits.device
         uniforms = {id(item): _uniforms(item) for item in items}
         pieces: list[torch.Tensor] = []  # device int64 [B, width] each (floats as their bits)
@@ -170,15 +171,34 @@ class Sampler:
                 )
         return out
 
-    @staticmethod
-    def _ar_choices(logits: torch.Tensor, items: list[Item]) -> list[list[int]]:
-        """The common decode step, AR choices only (``_plain_ar_choice``): each request's token is its
-        row's argmax, as ``_verify`` finds it, without the tensors a draft or a control needs (a dozen
-        operations of a few microseconds each, a tenth of a small model's AR step on a CPU)."""
-        rows = [item.row for item in items]
-        if rows != list(range(logits.shape[0])):
-            logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
-        return [[0, token] for token in row_argmax(logits).tolist()]
+    def _greedy_choices(self, logits: torch.Tensor, items: list[Item]) -> list[list[int]]:
+        """A step of plain greedy work only (``_plain_greedy``), the common single-request decode step:
+        every row's argmax in one reduction and one copy to the host (a draft row whose argmax is the
+        mask token, which is rare, then takes its best other token), and each verify's longest
+        agreeing prefix on the host, as ``_verify`` and ``_draft`` find them
+        without the tensors a sampled draft or a control needs (their dozen operations of a few
+        microseconds each cost a small model's step on a CPU a fifth of its time)."""
+        spans = [(i.row, len(i.work.draft) + 1 if isinstance(i.work, Verify) else i.work.count) for i in items]
+        rows = [row + j for row, n in spans for j in range(n)]
+        picked = logits
+        if rows != list(range(logits.shape[0])):  # a lone request reads every row in order
+            picked = logits.index_select(0, torch.tensor(rows, device=logits.device))
+        best = row_argmax(picked).tolist()
+        out, at = [], 0
+        for item, (_, n) in zip(items, spans):
+            tokens, at = best[at : at + n], at + n
+            if isinstance(item.work, Draft):  # a draft never proposes the mask: its row's best other token
+                for j in (j for j, token in enumerate(tokens) if token == self.mask_id):
+                    row = picked[at - n + j].clone()
+                    row[self.mask_id] = float("-inf")
+                    tokens[j] = int(row.argmax())
+                out.append(tokens)
+                continue
+            draft, accepted = item.work.draft, 0
+            while accepted < len(draft) and draft[accepted] == tokens[accepted]:
+                accepted += 1
+            out.append([accepted, tokens[accepted]])
+        return out
 
     # ----- the three kinds of work --------------------------------------------------------------------
     def _verify(
