@@ -113,7 +113,7 @@ class Amx:
     """``x @ weight.T`` of bf16 operands on AMX tiles (``kernels/csrc/amx_gemm.c``, fp32 sums rounded
     once to bf16), the weight packed once into the tiles' layout. MKL's bf16 GEMM repacks the weight
     on every call; on an AMX Xeon (one thread, the bundled model's shapes) this takes 2.5-7 us a call
-    at 1-8 rows against MKL's 14-60, and 4-17 against 15-69 at 32 rows. Each row's sums are added in
+    at 1-8 rows against MKL's 14-60, and 4-14 against 15-69 at 32 rows. Each row's sums are added in
     one fixed order whatever the row count (the probes confirm it: no padding, pieces of 64 rows).
     The native forward calls the same kernel on the same packed copy."""
 
