@@ -126,6 +126,8 @@ class Amx:
 
     def sums(self, x: torch.Tensor) -> torch.Tensor:
         """The fp32 sums before rounding (what the probes compare)."""
+        if x.dtype != torch.bfloat16 or x.shape[-1] != self.k:
+            raise TypeError(f"the AMX product takes bf16 rows of {self.k}, not {x.dtype} rows of {x.shape[-1]}")
         x = x.contiguous()
         out = torch.empty((x.shape[0], self.n), dtype=torch.float32)
         native.library().amx_gemm(

@@ -62,6 +62,8 @@ def test_amx_products_sum_a_row_alike_in_calls_of_any_row_count():
             for start in (0, 5):
                 assert torch.equal(amx.sums(x[start : start + rows]), whole[start : start + rows]), (n, k, rows)
         torch.testing.assert_close(whole, x.float() @ weight.float().T, rtol=1e-5, atol=1e-5)
+        with pytest.raises(TypeError):  # never reads other rows' bytes as bf16
+            amx.sums(x.float())
         threads = torch.get_num_threads()
         try:  # columns shared out among threads: the same sums
             torch.set_num_threads(2)
