@@ -163,6 +163,27 @@ def test_speculation_equals_ar_through_it(bundled_fp32, block_length):
     _assert_spec_equals_ar_on_heldout(bundled_fp32, 2, block_length)
 
 
+def test_without_amx_bf16_products_take_mkl_and_rows_stay_invariant(monkeypatch):
+    """On a CPU with bf16 instructions but no AMX (or a kernel that withholds the tile registers), the
+    native forward multiplies through MKL's bf16 GEMM; a row is still the same alone and beside others,
+    and speculation still emits AR's tokens."""
+    if not _bf16_served():
+        pytest.skip("no bf16 instructions or no MKL bf16 GEMM here")
+    monkeypatch.setattr(native, "amx_ready", lambda: False)
+    model = models.load_model(BUNDLED, dtype=torch.bfloat16, warm_up=False)
+    with torch.inference_mode():
+        decoder = native_forward.decoder_for(model)
+    assert decoder is not None and {p.backend for p in decoder.prepared if p is not None} == {"mkl_bf16"}
+    prompts = _prompts(model.config.vocab_size)
+    tokens = [5, 9, 11, 13, 7, 6, 8, 10]
+    together = Steps(model, prompts)
+    mixed = together.run(together.segments(tokens))
+    apart = Steps(model, prompts)
+    for got, item in zip(mixed, apart.segments(tokens)):
+        assert torch.equal(got, apart.run([item])[0])
+    _assert_spec_equals_ar_on_heldout(model, 1, 32)
+
+
 def test_a_changed_weight_or_adapter_is_seen():
     model = random_model(head_dim=16)
     with torch.inference_mode():
