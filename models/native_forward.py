@@ -76,14 +76,10 @@ def _product(prepared: matmul.Prepared | None) -> _Product:
     weight, or MKL's bf16 weight [n, k]."""
     if prepared is None:
         return _Product()
-    product, amx = prepared.product, prepared.backend == "amx"
-    if prepared.backend == "blas":
-        weight = product.transposed
-        k, n = weight.shape
-    else:
-        weight = product.packed if amx else product.weight
-        n, k = product.n if amx else weight.shape[0], product.k if amx else weight.shape[1]
-    return _Product(weight.data_ptr(), n, k, prepared.min_rows, prepared.max_rows, amx)
+    weight = {"blas": "transposed", "amx": "packed"}.get(prepared.backend, "weight")
+    n, k = prepared.weight.shape  # the fused weight, whatever copy the backend multiplies
+    amx = prepared.backend == "amx"
+    return _Product(getattr(prepared.product, weight).data_ptr(), n, k, prepared.min_rows, prepared.max_rows, amx)
 
 
 class NativeDecoder:

@@ -175,9 +175,9 @@ class Sampler:
         """A step of plain greedy work only (``_plain_greedy``), the common single-request decode step:
         every row's argmax in one reduction and one copy to the host (a draft row whose argmax is the
         mask token, which is rare, then takes its best other token), and each verify's longest
-        agreeing prefix on the host, as ``_verify`` and ``_draft`` find them
-        without the tensors a sampled draft or a control needs (their dozen operations of a few
-        microseconds each cost a small model's step on a CPU a fifth of its time)."""
+        agreeing prefix on the host: what ``_verify`` and ``_draft`` find, without the tensors a sampled
+        draft or a control needs (their dozen operations of a few microseconds each cost a small
+        model's step on a CPU a fifth of its time)."""
         spans = [(i.row, len(i.work.draft) + 1 if isinstance(i.work, Verify) else i.work.count) for i in items]
         rows = [row + j for row, n in spans for j in range(n)]
         picked = logits
