@@ -97,20 +97,20 @@ def test_sparse_quadratic_equals_ar_for_any_branch_count(block_length):
 def test_branches_go_to_the_likeliest_outcomes_behind_their_guessed_bonus():
     """Outcome a (accept a draft tokens, the verify puts the guess g_{a+1} after them) has likelihood
     c_1 .. c_a g_{a+1}; a whole accepted draft c_1 .. c_n, with nothing guessed after it (seed -1)."""
-    from models.engine.sampler import _likely_acceptances
+    from models.engine.sampler import likely_acceptances
 
-    confidence = torch.tensor([[0.9, 0.5, 0.2]])
-    guess, guess_p = torch.tensor([[11, 12, 13]]), torch.tensor([[0.05, 0.4, 0.7]])
+    confidence, guess, guess_p = [0.9, 0.5, 0.2], [11, 12, 13], [0.05, 0.4, 0.7]
     # P(0) = 0.05, P(1) = 0.9 * 0.4 = 0.36, P(2) = 0.9 * 0.5 * 0.7 = 0.315, P(3) = 0.9 * 0.5 * 0.2 = 0.09
-    counts = torch.tensor([3])
     for choose, lengths, seeds in (
         (1, [1], [12]),
         (2, [1, 2], [12, 13]),
         (3, [1, 2, 3], [12, 13, -1]),
         (4, [0, 1, 2, 3], [11, 12, 13, -1]),
+        (6, [0, 1, 2, 3, -1, -1], [11, 12, 13, -1, -1, -1]),  # more asked for than there are outcomes
     ):
-        got_lengths, got_seeds = _likely_acceptances(confidence, guess, guess_p, counts, torch.tensor([choose]), choose)
-        assert got_lengths.tolist() == [lengths] and got_seeds.tolist() == [seeds], choose
+        assert likely_acceptances(confidence, guess, guess_p, choose) == (lengths, seeds), choose
+    # equally likely outcomes: the shorter first (a certain draft token leaves P(a) unchanged)
+    assert likely_acceptances([1.0, 0.5], [5, 6], [0.5, 0.5], 2) == ([0, 1], [5, 6])  # all three at 0.5
 
 
 def test_quadratic_requests_with_other_branch_counts_share_steps_losslessly():

@@ -281,3 +281,61 @@ def test_plain_greedy_steps_take_the_short_path_and_match_the_general_one(monkey
     assert not calls and mixed == [[0, 3], *expected[1:]]  # the bias of 100 makes token 3 the argmax
     monkeypatch.setattr(sampling, "_plain_greedy", lambda item: False)
     assert results([plain] * 4) == expected and not calls  # the general path, on the same rows
+
+
+def test_greedy_quadratic_steps_take_the_short_path_and_match_the_general_one(monkeypatch):
+    """Quadratic speculation's greedy work (drafts alone that choose acceptance lengths, cycles whose
+    verify selects a drafted branch or none) takes the short path too: every step's results equal the
+    general path's, for requests alone and sharing steps, with one branch and several."""
+    from models.engine import Engine
+    from models.engine import sampler as sampling
+    from models.modes import DecodeParams
+    from models.modes.base import Draft
+
+    model = random_model(seed=7)
+    prompts = [[1, 5 + i, 9, 14 + 3 * i, 22, 7 + i] for i in range(3)]
+    params = [
+        DecodeParams(mode="quadratic_spec", max_new_tokens=20, block_length=length, branches=branches)
+        for length, branches in ((4, 1), (8, 3), (8, None))
+    ]
+    general = sampling.Sampler.run
+
+    def steps(batched: bool) -> tuple[list[list[list[int]]], list[str]]:
+        results, kinds = [], []
+
+        def recording(self, logits, items):
+            out = general(self, logits, items)
+            results.append(out)
+            for item, result in zip(items, out):
+                work = item.work
+                if isinstance(work, Draft) and work.choose:
+                    kinds.append("alone" if work.verify is None else "missed" if result[2] < 0 else "hit")
+            return out
+
+        monkeypatch.setattr(sampling.Sampler, "run", recording)
+        engine = Engine(model, num_pages=64, page_size=8, speculation_max_batch=None)
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            engine.add_request(str(i), prompt, p)
+            while not batched and engine.has_work:
+                engine.step()
+        while engine.has_work:
+            engine.step()
+        return results, kinds
+
+    calls: list[int] = []
+    short = sampling.Sampler._greedy_choices
+
+    def spy(self, logits, items):
+        calls.append(1)
+        return short(self, logits, items)
+
+    monkeypatch.setattr(sampling.Sampler, "_greedy_choices", spy)
+    fast = {batched: steps(batched) for batched in (False, True)}
+    assert len(calls) == sum(len(results) for results, _ in fast.values())  # every step took it
+    kinds = fast[False][1] + fast[True][1]
+    assert {"alone", "hit", "missed"} <= set(kinds), kinds
+    monkeypatch.setattr(sampling, "_plain_greedy", lambda item: False)
+    calls.clear()
+    for batched in (False, True):
+        assert steps(batched) == fast[batched]
+    assert not calls

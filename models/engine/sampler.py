@@ -79,12 +79,11 @@ def _to_device(device: torch.device, *arrays: list) -> list[torch.Tensor]:
 
 
 def _plain_greedy(item: Item) -> bool:
-    """Greedy work with nothing that shapes its logits or scores its tokens: an AR choice or a verify,
-    or a draft that chooses no acceptance lengths (linear speculation's)."""
-    state, work = item.state, item.work
-    plain_work = isinstance(work, Verify) or isinstance(work, Draft) and work.verify is None and not work.choose
+    """Greedy verifies and drafts with nothing that shapes their logits or scores their tokens: every
+    decode step of an AR or speculative request at temperature 0 without logit controls or logprobs."""
+    state = item.state
     return (
-        plain_work
+        isinstance(item.work, (Verify, Draft))
         and state.temperature <= 0
         and state.params.logprobs is None
         and not state.params.controls.shapes_logits
@@ -122,6 +121,11 @@ class Sampler:
                 for what, values in zip(("logprob", "top_ids", "top_logprobs"), scores):
                     collect(group, values, what)
 
+        def collect_guesses(group: list[Item], guesses: Guesses | None) -> None:
+            if guesses is not None:
+                for what, values in zip(GUESSES, guesses):
+                    collect(group, values, what)
+
         verifying = [i for i in items if isinstance(i.work, Verify) or isinstance(i.work, Draft) and i.work.verify]
         for group in _split_by_temperature(verifying):
             if not group:
@@ -132,17 +136,20 @@ class Sampler:
             if followed:
                 positions = [b for b, i in enumerate(group) if isinstance(i.work, Draft)]
                 index = torch.tensor(positions, device=device)
-                drafts = self._draft(logits, followed, uniforms, accepted[index], token[index])
+                drafts, guesses = self._draft(logits, followed, uniforms, accepted[index], token[index])
                 width = drafts.shape[1]
                 tail = torch.full((len(group), width), -1, dtype=torch.long, device=device)
                 tail[index] = drafts
                 head = torch.cat([head, tail], dim=1)
+                collect_guesses(followed, guesses)
             collect(group, head)
             collect_scores(group, scores)
         drafting = [i for i in items if isinstance(i.work, Draft) and not i.work.verify]
         for group in _split_by_temperature(drafting):
             if group:
-                collect(group, self._draft(logits, group, uniforms, None))
+                drafts, guesses = self._draft(logits, group, uniforms, None)
+                collect(group, drafts)
+                collect_guesses(group, guesses)
         unmasking = [i for i in items if isinstance(i.work, Unmask)]
         for group in _split_by_temperature(unmasking):
             if group:
@@ -164,7 +171,13 @@ class Sampler:
 
         out = []
         for item in items:
-            out.append(values(item, "result")[: _result_width(item.work)])
+            result = values(item, "result")[: _result_width(item.work)]
+            if isinstance(item.work, Draft) and item.work.choose:
+                confidence, guess, guess_p = (values(item, what) for what in GUESSES)
+                count = item.work.count
+                drafted = result[len(result) - count :]
+                result += _choices(item.work, drafted, _floats(confidence), guess, _floats(guess_p))
+            out.append(result)
             if (id(item), "logprob") in where:
                 _scored_work(item.work).scores = _host_scores(
                     values(item, "logprob"), values(item, "top_ids"), values(item, "top_logprobs"), item.state
@@ -172,32 +185,84 @@ class Sampler:
         return out
 
     def _greedy_choices(self, logits: torch.Tensor, items: list[Item]) -> list[list[int]]:
-        """A step of plain greedy work only (``_plain_greedy``), the common single-request decode step:
-        every row's argmax in one reduction and one copy to the host (a draft row whose argmax is the
-        mask token, which is rare, then takes its best other token), and each verify's longest
-        agreeing prefix on the host: what ``_verify`` and ``_draft`` find, without the tensors a sampled
-        draft or a control needs (their dozen operations of a few microseconds each cost a small
-        model's step on a CPU a fifth of its time)."""
-        spans = [(i.row, len(i.work.draft) + 1 if isinstance(i.work, Verify) else i.work.count) for i in items]
-        rows = [row + j for row, n in spans for j in range(n)]
+        """A step of plain greedy work only (``_plain_greedy``), the common decode step at temperature 0:
+        what ``_verify`` and ``_draft`` find, without the tensors a sampled draft or a control needs
+        (their dozens of operations of a few microseconds each cost a small model's step on a CPU a fifth
+        of its time or more). One argmax over the rows of every verify and of every draft that chooses
+        nothing, one copy to the host, each verify's longest agreeing prefix found there (a draft row
+        whose argmax is the mask token, which is rare, then takes its best other token); then, for
+        drafts that choose acceptance lengths (quadratic's: a draft alone, or the branch its cycle's
+        verify selected, whose deferred rows only then go through the output head), one pass over their
+        rows for tokens and guesses, one more copy, and the lengths chosen on the host."""
+        first = []  # rows of the first pass: verifies and drafts that choose nothing
+        for item in items:
+            work = item.work
+            if isinstance(work, Verify) or work.verify is not None:
+                first += range(item.row, item.row + len(_verify_of(work).draft) + 1)
+            elif not work.choose:
+                first += range(item.row, item.row + work.count)
         picked = logits
-        if rows != list(range(logits.shape[0])):  # a lone request reads every row in order
-            picked = logits.index_select(0, torch.tensor(rows, device=logits.device))
-        best = row_argmax(picked).tolist()
-        out, at = [], 0
-        for item, (_, n) in zip(items, spans):
-            tokens, at = best[at : at + n], at + n
-            if isinstance(item.work, Draft):  # a draft never proposes the mask: its row's best other token
-                for j in (j for j, token in enumerate(tokens) if token == self.mask_id):
-                    row = picked[at - n + j].clone()
+        if first and first != list(range(logits.shape[0])):  # a lone request reads every row in order
+            picked = logits.index_select(0, torch.tensor(first, device=logits.device))
+        best = row_argmax(picked).tolist() if first else []
+        out: list[list[int]] = []
+        choosing: list[tuple[int, bool, int]] = []  # (item, rows are deferred ones, offset among those)
+        rows: dict[bool, list[int]] = {False: [], True: []}  # logit rows, deferred rows of the second pass
+        at = 0
+        for b, item in enumerate(items):
+            work = item.work
+            if isinstance(work, Draft) and work.verify is None:
+                if work.choose:
+                    choosing.append((b, False, len(rows[False])))
+                    rows[False] += range(item.row, item.row + work.count)
+                    out.append([])
+                    continue
+                tokens = best[at : at + work.count]
+                for j in (j for j, token in enumerate(tokens) if token == self.mask_id):  # never the mask
+                    row = picked[at + j].clone()
                     row[self.mask_id] = float("-inf")
                     tokens[j] = int(row.argmax())
+                at += work.count
                 out.append(tokens)
                 continue
-            draft, accepted = item.work.draft, 0
+            draft = _verify_of(work).draft
+            tokens, at, accepted = best[at : at + len(draft) + 1], at + len(draft) + 1, 0
             while accepted < len(draft) and draft[accepted] == tokens[accepted]:
                 accepted += 1
             out.append([accepted, tokens[accepted]])
+            if isinstance(work, Draft):  # a quadratic cycle: the branch drafted for this outcome, if any
+                outcomes = zip(work.branches, work.seeds)
+                hit = next(
+                    (
+                        k
+                        for k, (a, seed) in enumerate(outcomes)
+                        if a == accepted and (seed < 0 or seed == tokens[accepted])
+                    ),
+                    None,
+                )
+                if hit is None:
+                    out[-1] += [-1] * (work.count + 2 * work.choose)
+                else:
+                    choosing.append((b, True, len(rows[True])))
+                    start = item.deferred + hit * work.count
+                    rows[True] += range(start, start + work.count)
+        if not choosing:
+            return out
+        device = logits.device
+        parts = [logits.index_select(0, torch.tensor(rows[False], device=device))] if rows[False] else []
+        if rows[True]:
+            parts.append(self.model.deferred_logits(torch.tensor(rows[True], device=device)))
+        allowed = torch.cat(parts) if len(parts) > 1 else parts[0]
+        allowed[:, self.mask_id] = float("-inf")
+        tokens = row_argmax(allowed)
+        guesses = _guesses(torch.softmax(allowed, dim=-1), tokens)
+        host = torch.stack([tokens.double(), *(g.double() for g in guesses)]).tolist()
+        for b, deferred, offset in choosing:
+            work = items[b].work
+            lo = offset + (len(rows[False]) if deferred else 0)
+            drafted, confidence, guess, guess_p = (column[lo : lo + work.count] for column in host)
+            drafted, guess = [int(t) for t in drafted], [int(t) for t in guess]
+            out[b] += drafted + _choices(work, drafted, confidence, guess, guess_p)
         return out
 
     # ----- the three kinds of work --------------------------------------------------------------------
@@ -258,10 +323,10 @@ class Sampler:
         uniforms: dict[int, torch.Tensor | None],
         accepted: torch.Tensor | None,
         bonus: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Per request: its draft tokens, then the acceptance lengths it asks to have chosen
-        (``Draft.choose``) and their seeds, as [B, max(count + 2 * choose)]; sampled drafts set
-        ``work.q_out``.
+    ) -> tuple[torch.Tensor, Guesses | None]:
+        """Per request its draft tokens [B, max count], and, where some request chooses acceptance
+        lengths (``Draft.choose``), every draft token's guesses (``_guesses``), from which the host
+        chooses them (``likely_acceptances``); sampled drafts set ``work.q_out``.
 
         With ``accepted`` and ``bonus`` (quadratic), request b's rows are the deferred rows of the
         branch drafted for acceptance length ``accepted[b]`` behind the seed ``bonus[b]`` (or a mask):
@@ -272,8 +337,8 @@ class Sampler:
         width = max(counts)
         starts = [i.row if accepted is None else i.deferred for i in group]
         cols = [[min(j, max(n - 1, 0)) for j in range(width)] for n in counts]  # padding repeats a real row
-        choose = [i.work.choose for i in group]
-        start_t, cols_t, count_t, choose_t = _to_device(device, starts, cols, counts, choose)
+        choosing = any(i.work.choose for i in group)
+        start_t, cols_t, count_t = _to_device(device, starts, cols, counts)
         drafted = None
         if accepted is None:
             allowed = logits.index_select(0, (start_t[:, None] + cols_t).reshape(-1))
@@ -290,7 +355,7 @@ class Sampler:
             allowed = self.model.deferred_logits((start_t[:, None] + cols_t).reshape(-1))
         allowed[:, self.mask_id] = float("-inf")  # a copy of the logits either way (gathered, or the head's output)
         if group[0].state.temperature <= 0:
-            q = torch.softmax(allowed, dim=-1) if any(i.work.choose for i in group) else None
+            q = torch.softmax(allowed, dim=-1) if choosing else None
             tokens = row_argmax(allowed).view(len(group), width)
         else:
             q = self._probs(allowed, group, width)
@@ -304,23 +369,7 @@ class Sampler:
                 item.work.q_out = per_item[b, : item.work.count]
         if drafted is not None:
             tokens = tokens.masked_fill(~drafted[:, None], -1)
-        if q is None:
-            return tokens
-        drafted_ids = tokens.clamp(min=0).view(-1, 1)
-        confidence = q.gather(1, drafted_ids).view(len(group), width)
-        # if a draft token is rejected, the token the verify puts there instead is guessed to be the most
-        # likely other one under the draft's own probabilities
-        top2_p, top2 = q.topk(2, dim=-1)
-        other = top2[:, 0:1] == drafted_ids
-        guess = torch.where(other, top2[:, 1:2], top2[:, 0:1]).view(len(group), width)
-        guess_p = torch.where(other, top2_p[:, 1:2], top2_p[:, 0:1]).view(len(group), width)
-        lengths, seeds = _likely_acceptances(confidence, guess, guess_p, count_t, choose_t, max(choose))
-        # each request's lengths right after its own count of tokens, then their seeds
-        chosen = lengths.shape[1]
-        j = torch.arange(width + 2 * chosen, device=device)[None, :]
-        after, wanted = j - count_t[:, None], choose_t[:, None]
-        index = torch.where(after < 0, j, torch.where(after < wanted, width + after, width + chosen + after - wanted))
-        return torch.cat([tokens, lengths, seeds], dim=1).gather(1, index.clamp(max=width + 2 * chosen - 1))
+        return tokens, _guesses(q, tokens) if choosing else None
 
     def _unmask(
         self, logits: torch.Tensor, group: list[Item], uniforms: dict[int, torch.Tensor | None]
@@ -471,7 +520,7 @@ def _scores(log_dist: torch.Tensor, chosen: torch.Tensor, group: list[Item], wid
 
 def _host_scores(logprob: list[int], top_ids: list[int], top_values: list[int], state: DecodeState) -> list[Score]:
     """The scores of one request's rows from the host copy (floats arrive as their bits)."""
-    as_floats = torch.tensor(logprob + top_values, dtype=torch.long).view(torch.float64).tolist()
+    as_floats = _floats(logprob + top_values)
     logprobs, values = as_floats[: len(logprob)], as_floats[len(logprob) :]
     k = len(top_ids) // len(logprob)
     wanted = state.params.logprobs or 0
@@ -484,42 +533,66 @@ def _host_scores(logprob: list[int], top_ids: list[int], top_values: list[int], 
     return out
 
 
-def _likely_acceptances(
-    confidence: torch.Tensor,
-    guess: torch.Tensor,
-    guess_p: torch.Tensor,
-    counts: torch.Tensor,
-    choose: torch.Tensor,
-    most: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """For drafts with per-token confidences c [B, W] (the first ``counts[b]`` real) and, per token, the
-    token guessed to replace it if it is rejected (``guess``, with probability g): the ``choose[b]``
-    acceptance lengths a in 0..counts[b] most likely with their guessed next token, if each draft token
-    is accepted with its confidence independently: P(a) = c_1 * .. * c_a * g_{a+1} (the verify rejects
+Guesses = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # confidence, guess, guess probability per draft row
+GUESSES = ("confidence", "guess", "guess_p")
+
+
+def _guesses(q: torch.Tensor, tokens: torch.Tensor) -> Guesses:
+    """Per draft token (``tokens``, -1 where nothing was drafted) of rows ``q`` (its draft distribution):
+    its probability, and the token guessed to replace it if the verify rejects it (the likeliest other
+    one under ``q``) with that token's probability; each shaped as ``tokens``."""
+    drafted = tokens.clamp(min=0).reshape(-1, 1)
+    confidence = q.gather(1, drafted)
+    top2_p, top2 = q.topk(2, dim=-1)
+    other = top2[:, 0:1] == drafted
+    guess = torch.where(other, top2[:, 1:2], top2[:, 0:1])
+    guess_p = torch.where(other, top2_p[:, 1:2], top2_p[:, 0:1])
+    return confidence.view(tokens.shape), guess.view(tokens.shape), guess_p.view(tokens.shape)
+
+
+def likely_acceptances(
+    confidence: list[float], guess: list[int], guess_p: list[float], choose: int
+) -> tuple[list[int], list[int]]:
+    """For a draft of n tokens with confidences c (their probabilities under the draft) and, per token,
+    the token guessed to replace it if it is rejected (``guess``, with probability g): the ``choose``
+    acceptance lengths a in 0..n most likely with their guessed next token, if each draft token is
+    accepted with its confidence independently: P(a) = c_1 * .. * c_a * g_{a+1} (the verify rejects
     d_{a+1} and puts its guess there), P(n) = c_1 * .. * c_n (every token accepted; what follows is not
-    guessed). ``most`` is max(choose), known on the host. Returns the lengths, ascending, and each one's
-    seed (the guess, or -1 after a whole draft), both padded with -1."""
-    batch, width = confidence.shape
-    device = confidence.device
-    real = torch.arange(width, device=device)[None, :] < counts[:, None]
-    log_c = torch.where(real, confidence.clamp(min=1e-30).log(), torch.zeros_like(confidence))
-    accepted_first = torch.cat([log_c.new_zeros((batch, 1)), log_c.cumsum(dim=1)], dim=1)  # [B, W + 1]
-    guessed_next = torch.cat([guess_p.clamp(min=1e-30).log(), log_c.new_zeros((batch, 1))], dim=1)
-    stop_here = torch.arange(width + 1, device=device)[None, :] == counts[:, None]
-    log_p = accepted_first + torch.where(stop_here, torch.zeros_like(guessed_next), guessed_next)
-    log_p = log_p.masked_fill(torch.arange(width + 1, device=device)[None, :] > counts[:, None], -math.inf)
-    best, top = log_p.topk(min(most, width + 1), dim=1)
-    unused = (torch.arange(top.shape[1], device=device)[None, :] >= choose[:, None]) | best.isinf()
-    ordered = top.masked_fill(unused, width + 1).sort(dim=1).values
-    lengths = ordered.masked_fill(ordered > width, -1)
-    seeds = torch.cat([guess, guess.new_full((batch, 1), -1)], dim=1).gather(1, lengths.clamp(min=0))
-    seeds = seeds.masked_fill((lengths < 0) | (lengths == counts[:, None]), -1)
-    return lengths, seeds
+    guessed); ties to the shorter. Returns the lengths, ascending, and each one's seed (the guess, or -1
+    after a whole draft), both padded with -1 to ``choose``. On the host: a few dozen floats, for which
+    tensor operations would cost more than the arithmetic."""
+    n = len(confidence)
+    log_p, accepted_first = [], 0.0
+    for a in range(n + 1):
+        log_p.append(accepted_first + (math.log(max(guess_p[a], 1e-30)) if a < n else 0.0))
+        if a < n:
+            accepted_first += math.log(max(confidence[a], 1e-30))
+    lengths = sorted(sorted(range(n + 1), key=lambda a: (-log_p[a], a))[:choose])
+    seeds = [guess[a] if a < n else -1 for a in lengths]
+    padding = [-1] * (choose - len(lengths))
+    return lengths + padding, seeds + padding
+
+
+def _choices(
+    work: Draft, drafted: list[int], confidence: list[float], guess: list[int], guess_p: list[float]
+) -> list[int]:
+    """A draft's result tail: its ``choose`` likeliest acceptance lengths, then their seeds; all -1 when
+    nothing was drafted (a quadratic cycle whose verify's outcome had no branch)."""
+    if not drafted or drafted[0] < 0:
+        return [-1] * (2 * work.choose)
+    count = len(drafted)
+    lengths, seeds = likely_acceptances(confidence[:count], guess[:count], guess_p[:count], work.choose)
+    return lengths + seeds
+
+
+def _floats(bits: list[int]) -> list[float]:
+    """float64 values that travelled to the host as their int64 bits (``collect``)."""
+    return torch.tensor(bits, dtype=torch.long).view(torch.float64).tolist()
 
 
 def _result_width(work: Work) -> int:
     if isinstance(work, Verify):
         return 2
     if isinstance(work, Draft):
-        return work.count + 2 * work.choose + (2 if work.verify else 0)
+        return work.count + (2 if work.verify else 0)  # the chosen lengths follow from the host (``_choices``)
     return len(work.block)
