@@ -55,6 +55,10 @@ SIGNATURES = {
     "amx_pack": (None, [_ptr, _i64, _i64, _ptr]),
     # in, rows, packed, n, k, out, threads
     "amx_gemm": (None, [_ptr, _i64, _ptr, _i64, _i64, _ptr, _i64]),
+    # x, rows, width, row stride, dtype, out
+    "row_argmax": (None, [_ptr, _i64, _i64, _i64, _int, _ptr]),
+    # x, rows, width, row stride, dtype, exclude, index, prob
+    "row_top2": (None, [_ptr, _i64, _i64, _i64, _int, _i64, _ptr, _ptr]),
 }  # fmt: skip
 
 

@@ -20,18 +20,29 @@ import functools
 
 import torch
 
+from kernels import native as native_kernels
+
 MAX_BLOCK_V = 4096
 ARGMAX_CHUNK = 64
 
 
-def row_argmax(x: torch.Tensor) -> torch.Tensor:
-    """``x.argmax(dim=-1)`` (same result, ties to the lowest index), faster on CPU for many rows.
+def row_argmax(x: torch.Tensor, native: bool = False) -> torch.Tensor:
+    """``x.argmax(dim=-1)`` (same result: ties to the lowest index, the first NaN), faster on CPU.
 
-    PyTorch's CPU argmax over a 4096-wide row is scalar code, several times slower than a max; the
-    row is cut into chunks of ``ARGMAX_CHUNK``, the first chunk holding the row's maximum is found
-    from the chunks' maxima, and the argmax runs only inside it. Rows whose width the chunk does
-    not divide, and small batches (where the extra calls cost more), take ``torch.argmax``.
+    ``native`` (the fast path): one call of ``csrc/row_stats.c`` where it can read the rows (CPU,
+    fp32 or bf16, two dimensions, each row contiguous). Otherwise, PyTorch's CPU argmax over a
+    4096-wide row is scalar code, several times slower than a max; the row is cut into chunks of
+    ``ARGMAX_CHUNK``, the first chunk holding the row's maximum is found from the chunks' maxima, and
+    the argmax runs only inside it. Rows whose width the chunk does not divide, and small batches
+    (where the extra calls cost more), take ``torch.argmax``.
     """
+    stride = _native_stride(x) if native else None
+    if stride is not None:
+        out = torch.empty(x.shape[0], dtype=torch.int64)
+        native_kernels.library().row_argmax(
+            x.data_ptr(), x.shape[0], x.shape[1], stride, native_kernels.DTYPES[x.dtype], out.data_ptr()
+        )
+        return out
     width = x.shape[-1]
     if x.dim() < 2 or x.numel() < 8 * width or width % ARGMAX_CHUNK or x.is_cuda:
         return x.argmax(dim=-1)
@@ -39,6 +50,31 @@ def row_argmax(x: torch.Tensor) -> torch.Tensor:
     chunk = rows.amax(dim=-1).argmax(dim=-1)
     inside = rows[torch.arange(rows.shape[0], device=x.device), chunk].argmax(dim=-1)
     return (chunk * ARGMAX_CHUNK + inside).view(x.shape[:-1])
+
+
+def row_top2_native(x: torch.Tensor, exclude: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per row of ``x`` [R, V] with index ``exclude`` left out: the indices [R, 2] of its largest and
+    second largest values (ties to the lower index; the first is ``row_argmax``'s) and their
+    probabilities [R, 2] under the row's fp32 softmax, in one call of ``csrc/row_stats.c``; None where
+    that cannot read the rows. What a greedy draft needs to guess the verify's outcomes: torch's topk
+    sorts, and with a softmax costs some 5 us a row."""
+    stride = _native_stride(x)
+    if stride is None:
+        return None
+    index = torch.empty((x.shape[0], 2), dtype=torch.int64)
+    prob = torch.empty((x.shape[0], 2), dtype=torch.float32)
+    native_kernels.library().row_top2(
+        x.data_ptr(), x.shape[0], x.shape[1], stride, native_kernels.DTYPES[x.dtype], exclude, index.data_ptr(),
+        prob.data_ptr(),
+    )  # fmt: skip
+    return index, prob
+
+
+def _native_stride(x: torch.Tensor) -> int | None:
+    """The row stride of ``x`` if the native row kernels can read it, else None."""
+    if x.dim() != 2 or x.stride(1) != 1 or not native_kernels.serves(x):
+        return None
+    return x.stride(0)
 
 
 def row_stats_reference(logits: torch.Tensor, exclude_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:

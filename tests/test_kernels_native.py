@@ -167,3 +167,47 @@ def test_the_fast_path_serves_the_native_kernels(monkeypatch) -> None:
     layers = model.config.num_hidden_layers
     assert calls.count("segment_attention_native") == calls.count("rope_native") == 2 * layers
     assert calls.count("rmsnorm_native") == 2 * (2 * layers + 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [1, 15, 16, 17, 100, 4096, 4099])
+def test_native_row_argmax_is_torch_argmax(dtype: torch.dtype, vocab: int) -> None:
+    """Ties to the lowest index (inside a vector, across vectors, in the tail), the first NaN, a row with
+    nothing above -inf; rows read in place from a wider tensor."""
+    from kernels.row_stats import row_argmax
+
+    gen = torch.Generator().manual_seed(vocab)
+    wide = torch.randn((9, vocab + 5), generator=gen).to(dtype)
+    logits = wide[:, :vocab]  # each row contiguous, rows vocab + 5 apart
+    logits[0] = float("-inf")
+    for row, ties in ((1, [70, 200]), (2, [20, 21]), (3, [vocab - 1, 5]), (4, [16, 3])):
+        logits[row, [t % vocab for t in ties]] = 1e4
+    logits[5, [40 % vocab, 7 % vocab]] = float("nan")  # the first NaN wins, as in torch
+    logits[6, 2 % vocab] = float("inf")
+    got = row_argmax(logits, native=True)
+    assert torch.equal(got, logits.argmax(dim=-1))
+    assert torch.equal(row_argmax(logits[2:3], native=True), got[2:3])  # a row alone: the same
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [17, 100, 4096])
+def test_native_row_top2_is_the_softmax_top_two_without_the_excluded_token(dtype: torch.dtype, vocab: int) -> None:
+    from kernels.row_stats import row_top2_native
+
+    gen = torch.Generator().manual_seed(vocab)
+    logits = (3 * torch.randn((12, vocab), generator=gen)).to(dtype)
+    exclude = 3
+    logits[0, exclude] = 1e4  # the excluded token is the row's largest: never chosen, never counted
+    logits[1, [9, 12]] = 50.0  # a tie for first: the lower index first, the other second
+    logits[2, [1, 2]] = float("-inf")
+    index, prob = row_top2_native(logits, exclude)
+    allowed = logits.double().index_fill(1, torch.tensor([exclude]), float("-inf"))
+    expected = torch.softmax(allowed, dim=-1)
+    first = allowed.argmax(dim=-1)
+    second = allowed.scatter(1, first[:, None], float("-inf")).argmax(dim=-1)  # ties (bf16 has many): the lower
+    assert torch.equal(index, torch.stack([first, second], dim=1))
+    assert torch.equal(index[1], torch.tensor([9, 12]))
+    torch.testing.assert_close(prob.double(), expected.gather(1, index), rtol=2e-6, atol=1e-9)
+    index_alone, prob_alone = row_top2_native(logits[5:6].clone(), exclude)
+    assert torch.equal(index_alone, index[5:6]) and torch.equal(prob_alone, prob[5:6])
+    assert row_top2_native(logits.T, exclude) is None  # rows it cannot read in place: the caller's torch path

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 import torch
 
 import kernels
-from kernels.row_stats import row_argmax
+from kernels.row_stats import row_argmax, row_top2_native
 from kernels.verify_accept import inverse_cdf
+from models import matmul
 from models.controls import RowsOf, shape_logits, truncate
 from models.modes import DecodeState, Draft, Unmask, Verify, Work
 from models.modes.base import Score
@@ -88,6 +89,11 @@ def _plain_greedy(item: Item) -> bool:
         and state.params.logprobs is None
         and not state.params.controls.shapes_logits
     )
+
+
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """``row_argmax``, natively on the fast path."""
+    return row_argmax(x, native=matmul.fast_path_on())
 
 
 def _split_by_temperature(items: list[Item]) -> tuple[list[Item], list[Item]]:
@@ -204,7 +210,7 @@ class Sampler:
         picked = logits
         if first and first != list(range(logits.shape[0])):  # a lone request reads every row in order
             picked = logits.index_select(0, torch.tensor(first, device=logits.device))
-        best = row_argmax(picked).tolist() if first else []
+        best = _argmax(picked).tolist() if first else []
         out: list[list[int]] = []
         choosing: list[tuple[int, bool, int]] = []  # (item, rows are deferred ones, offset among those)
         rows: dict[bool, list[int]] = {False: [], True: []}  # logit rows, deferred rows of the second pass
@@ -252,10 +258,7 @@ class Sampler:
         parts = [logits.index_select(0, torch.tensor(rows[False], device=device))] if rows[False] else []
         if rows[True]:
             parts.append(self.model.deferred_logits(torch.tensor(rows[True], device=device)))
-        allowed = torch.cat(parts) if len(parts) > 1 else parts[0]
-        allowed[:, self.mask_id] = float("-inf")
-        tokens = row_argmax(allowed)
-        guesses = _guesses(torch.softmax(allowed, dim=-1), tokens)
+        tokens, guesses = self._greedy_guesses(torch.cat(parts) if len(parts) > 1 else parts[0])
         host = torch.stack([tokens.double(), *(g.double() for g in guesses)]).tolist()
         for b, deferred, offset in choosing:
             work = items[b].work
@@ -264,6 +267,19 @@ class Sampler:
             drafted, guess = [int(t) for t in drafted], [int(t) for t in guess]
             out[b] += drafted + _choices(work, drafted, confidence, guess, guess_p)
         return out
+
+    def _greedy_guesses(self, rows: torch.Tensor) -> tuple[torch.Tensor, Guesses]:
+        """Greedy draft tokens of ``rows`` [R, V] (the argmax without the mask token) and their guesses
+        (``_guesses``) under the rows' softmax without the mask token: on the fast path one native call
+        (``row_top2_native``), else through torch's softmax and topk. Both paths of ``run`` take this."""
+        top2 = row_top2_native(rows, self.mask_id) if matmul.fast_path_on() else None
+        if top2 is not None:
+            index, prob = top2
+            return index[:, 0], (prob[:, 0], index[:, 1], prob[:, 1])
+        allowed = rows.clone()
+        allowed[:, self.mask_id] = float("-inf")
+        tokens = _argmax(allowed)
+        return tokens, _guesses(torch.softmax(allowed, dim=-1), tokens)
 
     # ----- the three kinds of work --------------------------------------------------------------------
     def _verify(
@@ -282,7 +298,7 @@ class Sampler:
         ]
         row_logits = _shaped(logits.index_select(0, rows_t.reshape(-1)), histories)
         if group[0].state.temperature <= 0:
-            ar = row_argmax(row_logits).view(len(group), width)
+            ar = _argmax(row_logits).view(len(group), width)
             if width == 1:  # AR steps only: nothing to accept, each token is its row's argmax
                 accepted, tokens = torch.zeros(len(group), dtype=torch.long, device=device), ar
             else:
@@ -354,9 +370,13 @@ class Sampler:
             start_t = start_t + hit.long().argmax(dim=1) * count_t
             allowed = self.model.deferred_logits((start_t[:, None] + cols_t).reshape(-1))
         allowed[:, self.mask_id] = float("-inf")  # a copy of the logits either way (gathered, or the head's output)
+        guesses = None
         if group[0].state.temperature <= 0:
-            q = torch.softmax(allowed, dim=-1) if choosing else None
-            tokens = row_argmax(allowed).view(len(group), width)
+            if choosing:
+                tokens, guesses = self._greedy_guesses(allowed)
+            else:
+                tokens = _argmax(allowed)
+            tokens = tokens.view(len(group), width)
         else:
             q = self._probs(allowed, group, width)
             u = torch.zeros((len(group), width), dtype=torch.float64)
@@ -367,9 +387,11 @@ class Sampler:
             per_item = q.view(len(group), width, -1)
             for b, item in enumerate(group):
                 item.work.q_out = per_item[b, : item.work.count]
+            if choosing:
+                guesses = _guesses(q, tokens)
         if drafted is not None:
             tokens = tokens.masked_fill(~drafted[:, None], -1)
-        return tokens, _guesses(q, tokens) if choosing else None
+        return tokens, None if guesses is None else tuple(g.view(len(group), width) for g in guesses)
 
     def _unmask(
         self, logits: torch.Tensor, group: list[Item], uniforms: dict[int, torch.Tensor | None]
