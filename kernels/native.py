@@ -55,6 +55,8 @@ SIGNATURES = {
     "amx_pack": (None, [_ptr, _i64, _i64, _ptr]),
     # in, rows, packed, n, k, out, threads
     "amx_gemm": (None, [_ptr, _i64, _ptr, _i64, _i64, _ptr, _i64]),
+    # fp32 sums, count, out, dtype
+    "store_rows": (None, [_ptr, _i64, _ptr, _int]),
     # x, rows, width, row stride, dtype, out
     "row_argmax": (None, [_ptr, _i64, _i64, _i64, _int, _ptr]),
     # x, rows, width, row stride, dtype, exclude, index, prob

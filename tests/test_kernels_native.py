@@ -211,3 +211,22 @@ def test_native_row_top2_is_the_softmax_top_two_without_the_excluded_token(dtype
     index_alone, prob_alone = row_top2_native(logits[5:6].clone(), exclude)
     assert torch.equal(index_alone, index[5:6]) and torch.equal(prob_alone, prob[5:6])
     assert row_top2_native(logits.T, exclude) is None  # rows it cannot read in place: the caller's torch path
+
+
+def test_bf16_rounding_of_sums_is_torchs_bit_for_bit() -> None:
+    """The native kernels' fp32 -> bf16 rounding (the native forward's and the AMX products'): every
+    vector and tail of normal values, ties, fp32 denormals (which the AVX512-BF16 instruction would
+    flush to zero), infinities and values that round up to infinity, as torch rounds them; a NaN stays a
+    NaN (torch writes its own NaN's bits)."""
+    gen = torch.Generator().manual_seed(3)
+    values = torch.randn(4099, generator=gen) * torch.logspace(-45, 38, 4099).flip(0)  # down to denormals
+    ties = [1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8)]
+    edges = [1e-40, -3e-39, 2**-149, 1.1754942e-38, 1.1754944e-38, 3.3961e38, float("inf"), float("-inf"), -0.0, 0.0]
+    special = torch.tensor([*ties, *edges, float("nan")])
+    for sums in (values, special, torch.cat([special, values[:2]])):
+        out = torch.empty(sums.shape, dtype=torch.bfloat16)
+        native.library().store_rows(sums.data_ptr(), sums.numel(), out.data_ptr(), native.DTYPES[torch.bfloat16])
+        expected = sums.to(torch.bfloat16)
+        nan = sums.isnan()
+        assert torch.equal(out.isnan(), nan)
+        assert torch.equal(out[~nan].view(torch.int16), expected[~nan].view(torch.int16))

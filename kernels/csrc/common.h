@@ -4,6 +4,9 @@
 
 #include <stdint.h>
 #include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #define LANES 16
 typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
@@ -67,9 +70,30 @@ static inline vu through_bf16_bits(vf value) {
     return (quiet & nan) | (rounded & ~nan);
 }
 
+/* the bf16 bits of every lane, rounded as through_bf16 rounds. Where the CPU has AVX512-BF16, one
+ * VCVTNEPS2BF16 instead of the bit operations: it rounds and quiets NaNs the same way (an exhaustive
+ * check over all 2^32 inputs found no other difference) but flushes fp32 denormals to zero, so a
+ * vector holding one (rare) takes the bit operations. */
+static inline vh round_bf16_lanes(vf value) {
+#ifdef __AVX512BF16__
+    __m512 v;
+    memcpy(&v, &value, sizeof v);
+    const __m512i bits = _mm512_castps_si512(v);
+    const __mmask16 denormal = _mm512_testn_epi32_mask(bits, _mm512_set1_epi32(0x7f800000)) &
+                               _mm512_test_epi32_mask(bits, _mm512_set1_epi32(0x7fffffff));
+    if (!denormal) {
+        const __m256bh half = _mm512_cvtneps_pbh(v);
+        vh out;
+        memcpy(&out, &half, sizeof out);
+        return out;
+    }
+#endif
+    return __builtin_convertvector(through_bf16_bits(value) >> 16, vh);
+}
+
 static inline vf as_dtype_lanes(vf value, int dtype) {
     if (dtype == DTYPE_F32) return value;
-    const vu bits = through_bf16_bits(value);
+    const vu bits = __builtin_convertvector(round_bf16_lanes(value), vu) << 16;
     memcpy(&value, &bits, sizeof value);
     return value;
 }
@@ -81,9 +105,14 @@ static inline vf load_lanes(const void *base, int64_t index, int dtype) {
         memcpy(&value, (const float *)base + index, sizeof value);
         return value;
     }
+#ifdef __AVX512F__ /* one widening load (the vector extension's conversion compiles to four instructions) */
+    const __m256i half = _mm256_loadu_si256((const void *)((const uint16_t *)base + index));
+    const __m512i bits = _mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16);
+#else
     vh half;
     memcpy(&half, (const uint16_t *)base + index, sizeof half);
     const vu bits = __builtin_convertvector(half, vu) << 16;
+#endif
     memcpy(&value, &bits, sizeof value);
     return value;
 }
@@ -94,7 +123,7 @@ static inline void store_lanes(void *base, int64_t index, vf value, int dtype) {
         memcpy((float *)base + index, &value, sizeof value);
         return;
     }
-    const vh half = __builtin_convertvector(through_bf16_bits(value) >> 16, vh);
+    const vh half = round_bf16_lanes(value);
     memcpy((uint16_t *)base + index, &half, sizeof half);
 }
 

@@ -69,8 +69,9 @@ struct product_scratch {
 
 static size_t element(int dtype) { return dtype == DTYPE_F32 ? sizeof(float) : sizeof(uint16_t); }
 
-/* rows rows of fp32 sums -> out in the dtype */
-static void store_rows(const float *sums, int64_t count, void *out, int dtype) {
+/* count fp32 sums -> out in the dtype (bf16: rounded as torch rounds; exported so that a test checks
+ * the rounding the native kernels share against torch's on values no product gives, such as denormals) */
+void store_rows(const float *sums, int64_t count, void *out, int dtype) {
     if (dtype == DTYPE_F32) {
         memcpy(out, sums, (size_t)count * sizeof(float));
         return;
