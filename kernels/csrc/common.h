@@ -91,11 +91,22 @@ static inline vh round_bf16_lanes(vf value) {
     return __builtin_convertvector(through_bf16_bits(value) >> 16, vh);
 }
 
-static inline vf as_dtype_lanes(vf value, int dtype) {
-    if (dtype == DTYPE_F32) return value;
-    const vu bits = __builtin_convertvector(round_bf16_lanes(value), vu) << 16;
+/* bf16 bits -> fp32 values, exactly */
+static inline vf widen_lanes(vh half) {
+    vf value;
+#ifdef __AVX512F__ /* one instruction and a shift (the vector extension's conversion compiles to four) */
+    __m256i packed;
+    memcpy(&packed, &half, sizeof packed);
+    const __m512i bits = _mm512_slli_epi32(_mm512_cvtepu16_epi32(packed), 16);
+#else
+    const vu bits = __builtin_convertvector(half, vu) << 16;
+#endif
     memcpy(&value, &bits, sizeof value);
     return value;
+}
+
+static inline vf as_dtype_lanes(vf value, int dtype) {
+    return dtype == DTYPE_F32 ? value : widen_lanes(round_bf16_lanes(value));
 }
 
 /* LANES values from base[index], widened to fp32 */
@@ -105,16 +116,9 @@ static inline vf load_lanes(const void *base, int64_t index, int dtype) {
         memcpy(&value, (const float *)base + index, sizeof value);
         return value;
     }
-#ifdef __AVX512F__ /* one widening load (the vector extension's conversion compiles to four instructions) */
-    const __m256i half = _mm256_loadu_si256((const void *)((const uint16_t *)base + index));
-    const __m512i bits = _mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16);
-#else
     vh half;
     memcpy(&half, (const uint16_t *)base + index, sizeof half);
-    const vu bits = __builtin_convertvector(half, vu) << 16;
-#endif
-    memcpy(&value, &bits, sizeof value);
-    return value;
+    return widen_lanes(half);
 }
 
 /* LANES values to base[index], rounded to the dtype as store_one rounds */
