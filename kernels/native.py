@@ -59,6 +59,8 @@ SIGNATURES = {
     "store_rows": (None, [_ptr, _i64, _ptr, _int]),
     # x, rows, width, row stride, dtype, out
     "row_argmax": (None, [_ptr, _i64, _i64, _i64, _int, _ptr]),
+    # x, rows, width, row stride, dtype, exclude, token, prob
+    "row_confidence": (None, [_ptr, _i64, _i64, _i64, _int, _i64, _ptr, _ptr]),
     # x, rows, width, row stride, dtype, exclude, index, prob
     "row_top2": (None, [_ptr, _i64, _i64, _i64, _int, _i64, _ptr, _ptr]),
 }  # fmt: skip

@@ -70,6 +70,24 @@ def row_top2_native(x: torch.Tensor, exclude: int) -> tuple[torch.Tensor, torch.
     return index, prob
 
 
+def row_confidence_native(x: torch.Tensor, exclude: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``row_stats_reference(x, exclude)`` for [R, V] rows in one call of ``csrc/row_stats.c``: each row's
+    argmax without ``exclude`` and its probability under the row's whole softmax, in float64 rounded to
+    fp32 (the sums in another order: equal to the reference's fp32 result unless that lies within about
+    1e-16 of a rounding boundary); None where the kernel cannot read the rows. A greedy diffusion pass
+    compares these with its threshold; torch's float64 softmax and gather cost some 10 us a row."""
+    stride = _native_stride(x)
+    if stride is None:
+        return None
+    prob = torch.empty(x.shape[0], dtype=torch.float32)
+    token = torch.empty(x.shape[0], dtype=torch.int64)
+    native_kernels.library().row_confidence(
+        x.data_ptr(), x.shape[0], x.shape[1], stride, native_kernels.DTYPES[x.dtype], exclude, token.data_ptr(),
+        prob.data_ptr(),
+    )  # fmt: skip
+    return prob, token
+
+
 def _native_stride(x: torch.Tensor) -> int | None:
     """The row stride of ``x`` if the native row kernels can read it, else None."""
     if x.dim() != 2 or x.stride(1) != 1 or not native_kernels.serves(x):

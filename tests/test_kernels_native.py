@@ -230,3 +230,22 @@ def test_bf16_rounding_of_sums_is_torchs_bit_for_bit() -> None:
         nan = sums.isnan()
         assert torch.equal(out.isnan(), nan)
         assert torch.equal(out[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [7, 100, 4096, 4099])
+def test_native_row_confidence_is_the_float64_reference_in_fp32(dtype: torch.dtype, vocab: int) -> None:
+    """A diffusion pass's choice and confidence per row: the argmax without the excluded token, its
+    probability under the whole row's softmax; the same fp32 values as the reference's float64 softmax
+    (on these rows bit for bit), from rows of any spread, the excluded token the largest or not."""
+    from kernels.row_stats import row_confidence_native, row_stats_reference
+
+    gen = torch.Generator().manual_seed(vocab)
+    logits = (torch.randn((64, vocab), generator=gen) * torch.rand((64, 1), generator=gen) * 12).to(dtype)
+    logits[0, 3] = 60.0  # the excluded token dominates: the chosen token's probability is tiny
+    logits[1] = 0.0  # a uniform row: the first allowed index
+    prob, token = row_confidence_native(logits, 3)
+    ref_prob, ref_token = row_stats_reference(logits, 3)
+    assert torch.equal(token, ref_token) and torch.equal(prob, ref_prob)
+    alone = row_confidence_native(logits[9:10].clone(), 3)
+    assert torch.equal(alone[0], prob[9:10]) and torch.equal(alone[1], token[9:10])

@@ -279,25 +279,19 @@ def test_plain_greedy_steps_take_the_short_path_and_match_the_general_one(monkey
     calls.clear()
     mixed = results([shaped, plain, plain, plain])
     assert not calls and mixed == [[0, 3], *expected[1:]]  # the bias of 100 makes token 3 the argmax
-    monkeypatch.setattr(sampling, "_plain_greedy", lambda item: False)
+    monkeypatch.setattr(sampling, "_plain_greedy", lambda item, on_cpu: False)
     assert results([plain] * 4) == expected and not calls  # the general path, on the same rows
 
 
-def test_greedy_quadratic_steps_take_the_short_path_and_match_the_general_one(monkeypatch):
-    """Quadratic speculation's greedy work (drafts alone that choose acceptance lengths, cycles whose
-    verify selects a drafted branch or none) takes the short path too: every step's results equal the
-    general path's, for requests alone and sharing steps, with one branch and several."""
+def _steps_on_both_paths(monkeypatch, params, kind) -> tuple[list[str], bool]:
+    """Run requests with ``params`` through an engine alone and sharing steps, on the short path and then
+    on the general one: asserts that every step's results agree and that every step took the short path
+    first; returns the kinds of work seen (``kind`` names one) and whether the short path was taken."""
     from models.engine import Engine
     from models.engine import sampler as sampling
-    from models.modes import DecodeParams
-    from models.modes.base import Draft
 
     model = random_model(seed=7)
-    prompts = [[1, 5 + i, 9, 14 + 3 * i, 22, 7 + i] for i in range(3)]
-    params = [
-        DecodeParams(mode="quadratic_spec", max_new_tokens=20, block_length=length, branches=branches)
-        for length, branches in ((4, 1), (8, 3), (8, None))
-    ]
+    prompts = [[1, 5 + i, 9, 14 + 3 * i, 22, 7 + i] for i in range(len(params))]
     general = sampling.Sampler.run
 
     def steps(batched: bool) -> tuple[list[list[list[int]]], list[str]]:
@@ -306,10 +300,7 @@ def test_greedy_quadratic_steps_take_the_short_path_and_match_the_general_one(mo
         def recording(self, logits, items):
             out = general(self, logits, items)
             results.append(out)
-            for item, result in zip(items, out):
-                work = item.work
-                if isinstance(work, Draft) and work.choose:
-                    kinds.append("alone" if work.verify is None else "missed" if result[2] < 0 else "hit")
+            kinds.extend(filter(None, (kind(item, result) for item, result in zip(items, out))))
             return out
 
         monkeypatch.setattr(sampling.Sampler, "run", recording)
@@ -331,11 +322,61 @@ def test_greedy_quadratic_steps_take_the_short_path_and_match_the_general_one(mo
 
     monkeypatch.setattr(sampling.Sampler, "_greedy_choices", spy)
     fast = {batched: steps(batched) for batched in (False, True)}
-    assert len(calls) == sum(len(results) for results, _ in fast.values())  # every step took it
-    kinds = fast[False][1] + fast[True][1]
-    assert {"alone", "hit", "missed"} <= set(kinds), kinds
-    monkeypatch.setattr(sampling, "_plain_greedy", lambda item: False)
+    every_step = len(calls) == sum(len(results) for results, _ in fast.values())
+    monkeypatch.setattr(sampling, "_plain_greedy", lambda item, on_cpu: False)
     calls.clear()
     for batched in (False, True):
         assert steps(batched) == fast[batched]
     assert not calls
+    return fast[False][1] + fast[True][1], every_step
+
+
+def test_greedy_quadratic_steps_take_the_short_path_and_match_the_general_one(monkeypatch):
+    """Quadratic speculation's greedy work (drafts alone that choose acceptance lengths, cycles whose
+    verify selects a drafted branch or none) takes the short path too: every step's results equal the
+    general path's, for requests alone and sharing steps, with one branch and several."""
+    from models.modes import DecodeParams
+    from models.modes.base import Draft
+
+    params = [
+        DecodeParams(mode="quadratic_spec", max_new_tokens=20, block_length=length, branches=branches)
+        for length, branches in ((4, 1), (8, 3), (8, None))
+    ]
+
+    def kind(item, result):
+        work = item.work
+        if isinstance(work, Draft) and work.choose:
+            return "alone" if work.verify is None else "missed" if result[2] < 0 else "hit"
+        return None
+
+    kinds, every_step = _steps_on_both_paths(monkeypatch, params, kind)
+    assert every_step
+    assert {"alone", "hit", "missed"} <= set(kinds), kinds
+
+
+def test_greedy_diffusion_passes_take_the_short_path_and_match_the_general_one(monkeypatch):
+    """Greedy diffusion passes (a threshold, none, a step budget that commits several slots a pass, AR
+    requests beside them) take the short path on the CPU: every pass commits what the general path's
+    ``kernels.unmask`` commits; a pass that revises takes the general path."""
+    from models.modes import DecodeParams
+    from models.modes.base import Unmask
+
+    params = [
+        DecodeParams(mode="diffusion", max_new_tokens=16, block_length=8, threshold=0.05),
+        DecodeParams(mode="diffusion", max_new_tokens=16, block_length=8, threshold=None),
+        DecodeParams(mode="diffusion", max_new_tokens=16, block_length=8, threshold=0.9, max_steps=2),
+        DecodeParams(mode="ar", max_new_tokens=8),
+    ]
+
+    def kind(item, result):
+        if not isinstance(item.work, Unmask):
+            return None
+        committed = sum(1 for old, new in zip(item.work.block, result) if old != new)
+        return "several" if committed > 1 else "one"
+
+    kinds, every_step = _steps_on_both_paths(monkeypatch, params, kind)
+    assert every_step
+    assert {"one", "several"} <= set(kinds), kinds
+    revising = [DecodeParams(mode="diffusion", max_new_tokens=8, block_length=8, revise=0.5)]
+    _, every_step = _steps_on_both_paths(monkeypatch, revising, lambda item, result: None)
+    assert not every_step  # its passes took the general path (and agreed with themselves)

@@ -105,3 +105,89 @@ void row_top2(const void *x, int64_t rows, int64_t width, int64_t stride, int dt
         prob[2 * r + 1] = second < 0 ? 0.0f : exp_nonpositive(gap)[0] / total;
     }
 }
+
+/* float64 lanes, for the confidences a diffusion step compares with its threshold */
+#define DLANES 8
+typedef double vd __attribute__((vector_size(DLANES * sizeof(double))));
+typedef int64_t vl __attribute__((vector_size(DLANES * sizeof(int64_t))));
+
+static inline vd select_d(vl mask, vd yes, vd no) {
+    vl a, b;
+    memcpy(&a, &yes, sizeof a);
+    memcpy(&b, &no, sizeof b);
+    a = (a & mask) | (b & ~mask);
+    memcpy(&yes, &a, sizeof yes);
+    return yes;
+}
+
+/* exp of x <= 0 per lane in float64: 2^n * p(r), r = x - n ln 2 (ln 2 in two parts) in [-ln2/2, ln2/2],
+ * p the degree-13 Taylor polynomial (truncation below 1e-17); 0 below -708, where a term of a sum at
+ * least 1 no longer counts. */
+static inline vd exp_nonpositive_d(vd x) {
+    const vd zero = {0};
+    const vl underflow = x < -708.0;
+    x = select_d(underflow, zero - 708.0, x);
+    vd n = x * 1.4426950408889634 + 6755399441055744.0; /* rounded to an integer by the 1.5 * 2^52 trick */
+    n = n - 6755399441055744.0;
+    vd r = x - n * 6.93147180369123816490e-01;
+    r = r - n * 1.90821492927058770002e-10;
+    static const double inverse_factorial[14] = {1.0,
+                                                 1.0,
+                                                 1.0 / 2,
+                                                 1.0 / 6,
+                                                 1.0 / 24,
+                                                 1.0 / 120,
+                                                 1.0 / 720,
+                                                 1.0 / 5040,
+                                                 1.0 / 40320,
+                                                 1.0 / 362880,
+                                                 1.0 / 3628800,
+                                                 1.0 / 39916800,
+                                                 1.0 / 479001600,
+                                                 1.0 / 6227020800};
+    vd p = zero + inverse_factorial[13];
+    for (int i = 12; i >= 0; i--) p = p * r + inverse_factorial[i];
+    vl bits;
+    memcpy(&bits, &p, sizeof bits);
+    bits = bits + (__builtin_convertvector(n, vl) << 52);
+    memcpy(&p, &bits, sizeof p);
+    return select_d(underflow, zero, p);
+}
+
+/* per row of x (as row_argmax reads it): the index of its largest value with `exclude` left out (-1:
+ * none; as row_argmax) and that token's probability under the softmax of the whole row (`exclude`
+ * included), computed in float64 and rounded to fp32, as torch's float64 softmax is (the sums add in
+ * another order: the two agree to about 1e-16, so their fp32 roundings agree unless the value lies that
+ * close to a rounding boundary). NaN rows are not supported. */
+void row_confidence(const void *x, int64_t rows, int64_t width, int64_t stride, int dtype, int64_t exclude,
+                    int64_t *token, float *prob) {
+    const size_t bytes = dtype == DTYPE_F32 ? sizeof(float) : sizeof(uint16_t);
+    for (int64_t r = 0; r < rows; r++) {
+        const void *row = (const char *)x + (size_t)(r * stride) * bytes;
+        float best, most;
+        const int64_t chosen = row_best(row, width, dtype, exclude, -1, &best);
+        row_best(row, width, dtype, -1, -1, &most);
+        vd low = {0}, high = {0};
+        int64_t j = 0;
+        for (; j + LANES <= width; j += LANES) { /* LANES floats widened exactly into two float64 vectors */
+            const vf v = load_lanes(row, j, dtype);
+            vd a, b;
+            for (int l = 0; l < DLANES; l++) a[l] = (double)v[l], b[l] = (double)v[DLANES + l];
+            low = low + exp_nonpositive_d(a - (double)most);
+            high = high + exp_nonpositive_d(b - (double)most);
+        }
+        vd lanes = low + high;
+        for (int half = DLANES / 2; half >= 1; half /= 2)
+            for (int l = 0; l < half; l++) lanes[l] = lanes[l] + lanes[l + half];
+        double total = lanes[0];
+        for (; j < width; j++) {
+            vd v = {0};
+            v[0] = (double)load_one(row, j, dtype) - (double)most;
+            total += exp_nonpositive_d(v)[0];
+        }
+        vd gap = {0};
+        gap[0] = (double)best - (double)most;
+        token[r] = chosen;
+        prob[r] = (float)(exp_nonpositive_d(gap)[0] / total);
+    }
+}

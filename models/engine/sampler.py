@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 import kernels
-from kernels.row_stats import row_argmax, row_top2_native
+from kernels.row_stats import row_argmax, row_confidence_native, row_stats_reference, row_top2_native
 from kernels.verify_accept import inverse_cdf
 from models import matmul
 from models.controls import RowsOf, shape_logits, truncate
@@ -79,12 +79,13 @@ def _to_device(device: torch.device, *arrays: list) -> list[torch.Tensor]:
     return [part.view(shape) for part, shape in zip(parts, shapes)]
 
 
-def _plain_greedy(item: Item) -> bool:
-    """Greedy verifies and drafts with nothing that shapes their logits or scores their tokens: every
-    decode step of an AR or speculative request at temperature 0 without logit controls or logprobs."""
-    state = item.state
+def _plain_greedy(item: Item, on_cpu: bool) -> bool:
+    """Greedy work with nothing that shapes its logits or scores its tokens: every decode step of an AR
+    or speculative request at temperature 0 without logit controls or logprobs, and on the CPU a
+    diffusion pass that revises nothing (on a GPU the general path's Triton kernel decides those)."""
+    state, work = item.state, item.work
     return (
-        isinstance(item.work, (Verify, Draft))
+        (isinstance(work, (Verify, Draft)) or isinstance(work, Unmask) and work.revise is None and on_cpu)
         and state.temperature <= 0
         and state.params.logprobs is None
         and not state.params.controls.shapes_logits
@@ -110,7 +111,7 @@ class Sampler:
         """Each item's result integers (see the work classes), with one device-to-host copy; with
         logprobs, the work's ``scores`` are set too (their floats travel in the same copy). In
         inference mode, so that it may work in place on copies of the forward's outputs."""
-        if items and all(_plain_greedy(item) for item in items):
+        if items and all(_plain_greedy(item, logits.device.type == "cpu") for item in items):
             return self._greedy_choices(logits, items)
         device = logits.device
         uniforms = {id(item): _uniforms(item) for item in items}
@@ -203,6 +204,8 @@ class Sampler:
         first = []  # rows of the first pass: verifies and drafts that choose nothing
         for item in items:
             work = item.work
+            if isinstance(work, Unmask):
+                continue
             if isinstance(work, Verify) or work.verify is not None:
                 first += range(item.row, item.row + len(_verify_of(work).draft) + 1)
             elif not work.choose:
@@ -217,6 +220,9 @@ class Sampler:
         at = 0
         for b, item in enumerate(items):
             work = item.work
+            if isinstance(work, Unmask):
+                out.append([])  # below
+                continue
             if isinstance(work, Draft) and work.verify is None:
                 if work.choose:
                     choosing.append((b, False, len(rows[False])))
@@ -252,6 +258,10 @@ class Sampler:
                     choosing.append((b, True, len(rows[True])))
                     start = item.deferred + hit * work.count
                     rows[True] += range(start, start + work.count)
+        unmasking = [b for b, item in enumerate(items) if isinstance(item.work, Unmask)]
+        if unmasking:
+            for b, block in zip(unmasking, self._greedy_unmasks(logits, [items[b] for b in unmasking])):
+                out[b] = block
         if not choosing:
             return out
         device = logits.device
@@ -266,6 +276,23 @@ class Sampler:
             drafted, confidence, guess, guess_p = (column[lo : lo + work.count] for column in host)
             drafted, guess = [int(t) for t in drafted], [int(t) for t in guess]
             out[b] += drafted + _choices(work, drafted, confidence, guess, guess_p)
+        return out
+
+    def _greedy_unmasks(self, logits: torch.Tensor, items: list[Item]) -> list[list[int]]:
+        """Greedy diffusion passes that revise nothing: what ``kernels.unmask`` commits, from each masked
+        slot's choice and confidence (``row_confidence_native`` on the fast path, else the reference it
+        agrees with) in one call for all of them and the commit rule on the host."""
+        masked = [[j for j, t in enumerate(i.work.block) if t == self.mask_id] for i in items]
+        index = torch.tensor([i.row + r for i, slots in zip(items, masked) for r in range(len(slots))])
+        rows = logits.index_select(0, index)
+        scored = row_confidence_native(rows, self.mask_id) if matmul.fast_path_on() else None
+        prob, token = scored if scored is not None else row_stats_reference(rows, self.mask_id)
+        prob, token = prob.tolist(), token.tolist()
+        out, at = [], 0
+        for item, slots in zip(items, masked):
+            work, n = item.work, len(slots)
+            out.append(_commit(work, slots, prob[at : at + n], token[at : at + n]))
+            at += n
         return out
 
     def _greedy_guesses(self, rows: torch.Tensor) -> tuple[torch.Tensor, Guesses]:
@@ -605,6 +632,20 @@ def _choices(
     count = len(drafted)
     lengths, seeds = likely_acceptances(confidence[:count], guess[:count], guess_p[:count], work.choose)
     return lengths + seeds
+
+
+def _commit(work: Unmask, masked: list[int], prob: list[float], token: list[int]) -> list[int]:
+    """``kernels.unmask_commit``'s rule for one block on the host: its masked slots ``masked`` with their
+    candidates' confidences (fp32 values) commit the ``max(1, #confident, least)`` most confident (at
+    most all of them; ties to the earlier slot), confident meaning at least the fp32 threshold."""
+    block = list(work.block)
+    if not masked:
+        return block
+    limit = math.inf if work.threshold is None else torch.tensor(work.threshold, dtype=torch.float32).item()
+    count = min(max(1, sum(p >= limit for p in prob), work.least or 0), len(masked))
+    for rank in sorted(range(len(masked)), key=lambda r: -prob[r])[:count]:  # a stable sort
+        block[masked[rank]] = token[rank]
+    return block
 
 
 def _floats(bits: list[int]) -> list[float]:
