@@ -58,12 +58,16 @@ static int64_t row_best(const void *row, int64_t width, int dtype, int64_t skip,
     return index;
 }
 
+/* row r of x, rows `stride` elements apart */
+static const void *row_at(const void *x, int64_t r, int64_t stride, int dtype) {
+    return (const char *)x + (size_t)(r * stride) * (dtype == DTYPE_F32 ? sizeof(float) : sizeof(uint16_t));
+}
+
 /* per row of x [rows][width] (rows `stride` elements apart): the index of its largest value, the first
  * of equal ones and the first NaN if it holds one, as torch.argmax */
 void row_argmax(const void *x, int64_t rows, int64_t width, int64_t stride, int dtype, int64_t *out) {
-    const size_t bytes = dtype == DTYPE_F32 ? sizeof(float) : sizeof(uint16_t);
     for (int64_t r = 0; r < rows; r++) {
-        const void *row = (const char *)x + (size_t)(r * stride) * bytes;
+        const void *row = row_at(x, r, stride, dtype);
         float best;
         out[r] = row_best(row, width, dtype, -1, -1, &best);
     }
@@ -75,9 +79,8 @@ void row_argmax(const void *x, int64_t rows, int64_t width, int64_t stride, int 
  * NaN rows are not supported (their results are unspecified). */
 void row_top2(const void *x, int64_t rows, int64_t width, int64_t stride, int dtype, int64_t exclude,
               int64_t *index, float *prob) {
-    const size_t bytes = dtype == DTYPE_F32 ? sizeof(float) : sizeof(uint16_t);
     for (int64_t r = 0; r < rows; r++) {
-        const void *row = (const char *)x + (size_t)(r * stride) * bytes;
+        const void *row = row_at(x, r, stride, dtype);
         float best, next;
         const int64_t first = row_best(row, width, dtype, exclude, -1, &best);
         const int64_t second = row_best(row, width, dtype, exclude, first, &next);
@@ -161,9 +164,8 @@ static inline vd exp_nonpositive_d(vd x) {
  * close to a rounding boundary). NaN rows are not supported. */
 void row_confidence(const void *x, int64_t rows, int64_t width, int64_t stride, int dtype, int64_t exclude,
                     int64_t *token, float *prob) {
-    const size_t bytes = dtype == DTYPE_F32 ? sizeof(float) : sizeof(uint16_t);
     for (int64_t r = 0; r < rows; r++) {
-        const void *row = (const char *)x + (size_t)(r * stride) * bytes;
+        const void *row = row_at(x, r, stride, dtype);
         float best, most;
         const int64_t chosen = row_best(row, width, dtype, exclude, -1, &best);
         row_best(row, width, dtype, -1, -1, &most);
