@@ -144,11 +144,10 @@ class TriModeModel(nn.Module):
         cos, sin, qscale = self.rotary.lookup(batch.positions, x.dtype, batch.position_limit)
         native = matmul.fast_path_on()  # the compiled CPU kernels, with the other fast-path backends
         decoder = native_forward.decoder_for(self) if native else None
-        if decoder is not None:
-            x = x.contiguous()
-            decoder(x, cos, sin, qscale, batch, cache)
-        else:
-            x = self._layers(x, cos, sin, qscale, batch, cache, native)
+        if decoder is not None:  # the final norm too, on the rows read
+            hidden, self.deferred = decoder(x.contiguous(), cos, sin, qscale, batch, cache)
+            return self.head(hidden)
+        x = self._layers(x, cos, sin, qscale, batch, cache, native)
         deferred = batch.deferred_rows
         self.deferred = None if deferred is None else self.encoder.norm(x.index_select(0, deferred))
         hidden = self.encoder.norm(x.index_select(0, batch.logit_rows))

@@ -11,7 +11,8 @@ weights, bit for bit its products; bf16 through the AMX kernel (``amx``) on the 
 own packed weights where the CPU has AMX, else through MKL's bf16 GEMM (``mkl_bf16``), not the
 oneDNN product the Python layers then use (it has no C entry point), so that such a bf16 model's
 logits differ from the Python layers' by bf16 roundings. SiLU uses its own exponential (float
-rounding of ``F.silu``). Embedding, the final norm and the head stay in Python.
+rounding of ``F.silu``). The final norm runs in the same call on the rows the step reads; embedding and
+the head stay in Python.
 
 Which forwards: all of a model's serving forwards or none of them, decided from the model alone
 (never the batch), so a row is computed the same way in every forward, which is what keeps
@@ -52,7 +53,7 @@ class _Model(ctypes.Structure):
     _fields_ = [
         *((name, _i64) for name in ("layers", "hidden", "hq", "hkv", "d", "intermediate")),
         ("eps", _f32), ("scale", _f32), ("dtype", ctypes.c_int), ("sgemm", _ptr), ("gemm_bf16", _ptr),
-        ("threads", _i64), ("layer", ctypes.POINTER(_Layer)),
+        ("threads", _i64), ("layer", ctypes.POINTER(_Layer)), ("final_norm", _ptr),
     ]  # fmt: skip
 
 
@@ -62,6 +63,8 @@ class _Step(ctypes.Structure):
         ("writes", _i64), ("write_rows", _ptr), ("write_slots", _ptr),
         ("segments", _i64), ("segment_table", _ptr), ("prefix_slots", _ptr), ("slot_stride", _i64),
         ("drafts", _i64), ("draft_rows", _ptr), ("k_cache", _ptr), ("v_cache", _ptr), ("cache_slots", _i64),
+        ("reads", _i64), ("kept", _i64), ("read_rows", _ptr), ("kept_rows", _ptr), ("read_out", _ptr),
+        ("kept_out", _ptr),
     ]  # fmt: skip
 
 
@@ -114,6 +117,7 @@ class NativeDecoder:
             len(layers), config.hidden_size, attn.num_heads, attn.num_kv_heads, attn.head_dim, config.intermediate_size,
             config.rms_norm_eps, attn.scale, native.DTYPES[self.dtype], matmul.blas_function(GEMM[torch.float32]),
             matmul.blas_function(GEMM[torch.bfloat16]), torch.get_num_threads(), self.layers,
+            model.encoder.norm.weight.data_ptr(),
         )  # fmt: skip
 
     def _prepare(self, weights: tuple[torch.Tensor, ...]) -> matmul.Prepared:
@@ -130,27 +134,35 @@ class NativeDecoder:
         return all(p is None or p.backend in BACKENDS[self.dtype] for p in self.prepared)
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qscale: torch.Tensor | None,
-                 batch: StepBatch, cache: PagedKVCache) -> None:  # fmt: skip
+                 batch: StepBatch, cache: PagedKVCache) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
         """Run every layer on ``x`` [T, hidden] (contiguous, the model's dtype) in place, writing the step's
-        keys/values."""
+        keys/values; return the final norm of its logit rows and of its deferred rows (None without)."""
         meta = batch.attention
         segments, table = meta.derived("native", lambda: cpu_attention.segments_and_slots(meta))
         write_rows, write_slots = native.int64(batch.write_rows), native.int64(batch.write_slots)
         drafts = native.int64(batch.adapter_rows)
+        reads = native.int64(batch.logit_rows)
+        kept = None if batch.deferred_rows is None else native.int64(batch.deferred_rows)
+        hidden = x.new_empty((reads.numel(), x.shape[1]))
+        deferred = None if kept is None else x.new_empty((kept.numel(), x.shape[1]))
         step = _Step(
             x.data_ptr(), x.shape[0], cos.data_ptr(), sin.data_ptr(), None if qscale is None else qscale.data_ptr(),
             write_rows.numel(), write_rows.data_ptr(), write_slots.data_ptr(),
             len(meta.segments), segments.data_ptr(), table.data_ptr(), table.shape[1],
             drafts.numel(), drafts.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape[1],
+            reads.numel(), 0 if kept is None else kept.numel(), reads.data_ptr(),
+            None if kept is None else kept.data_ptr(), hidden.data_ptr(),
+            None if deferred is None else deferred.data_ptr(),
         )  # fmt: skip
         status = native.library().decoder_forward(ctypes.byref(self.model), ctypes.byref(step))
         if status != 0:
             raise RuntimeError(f"native forward failed with status {status}")
+        return hidden, deferred
 
 
 def _weights(model) -> tuple[torch.Tensor, ...]:
-    """What a NativeDecoder is built from: every layer parameter and draft-adapter factor."""
-    out: list[torch.Tensor] = []
+    """What a NativeDecoder is built from: every layer parameter, draft-adapter factor and the final norm."""
+    out: list[torch.Tensor] = [model.encoder.norm.weight]
     for layer in model.encoder.layers:
         out += layer.parameters()
         loras = [layer.self_attn.lora, *layer.mlp.lora.values()]

@@ -202,6 +202,12 @@ def test_a_changed_weight_or_adapter_is_seen():
         third = native_forward.decoder_for(model)
     assert third is not None and third is not second
     assert third.model.layer[0].o_draft.weight  # draft rows now multiply the merged weight
+    with torch.no_grad():
+        model.encoder.norm.weight.copy_(torch.randn(model.config.hidden_size, generator=gen))  # it runs this too
+    with torch.inference_mode():
+        fourth = native_forward.decoder_for(model)
+    assert fourth is not None and fourth is not third
+    assert fourth.model.final_norm == model.encoder.norm.weight.data_ptr()
 
 
 @pytest.mark.parametrize("shape", [(384, 256), (256, 768)])

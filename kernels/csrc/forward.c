@@ -43,6 +43,7 @@ struct model {
     gemm_bf16_fn gemm_bf16;
     int64_t threads; /* the AMX kernel's (the BLAS functions follow their own settings) */
     const struct layer *layer;
+    const void *final_norm; /* [hidden] */
 };
 
 struct step {
@@ -59,6 +60,9 @@ struct step {
     const int64_t *draft_rows;
     void *k_cache, *v_cache; /* [layers][slots][hkv][d] */
     int64_t cache_slots;
+    int64_t reads, kept; /* rows whose final hidden states the step reads: now, and later (deferred) */
+    const int64_t *read_rows, *kept_rows;
+    void *read_out, *kept_out; /* [reads][hidden], [kept][hidden]: those rows through the final norm */
 };
 
 /* scratch of one forward's products: pad_in, pad_out for a padded call, wide for bf16's fp32 sums */
@@ -176,8 +180,8 @@ static void silu_times_up(const void *gate_up, void *act, int64_t rows, int64_t 
 
 static int64_t larger(int64_t a, int64_t b) { return a > b ? a : b; }
 
-/* Runs every layer on s->x in place, in the model's dtype (fp32 or bf16). Returns 0; -1 when out of
- * memory, or the attention's status. */
+/* Runs every layer on s->x in place, in the model's dtype (fp32 or bf16), then the final norm on the
+ * rows the step reads. Returns 0; -1 when out of memory, or the attention's status. */
 int decoder_forward(const struct model *m, const struct step *s) {
     const int64_t t = s->rows, hidden = m->hidden, inter = m->intermediate, d = m->d, kv_width = m->hkv * d;
     const int64_t heads = m->hq + m->hkv, qkv_width = (m->hq + 2 * m->hkv) * d, q_width = m->hq * d;
@@ -235,6 +239,13 @@ int decoder_forward(const struct model *m, const struct step *s) {
         adapted(m, s, &l->down, &l->down_draft, act, proj, &pads, gathered);
         residual(x, proj, t * hidden, m->dtype);
     }
+    /* the final norm of the rows the step reads, each on its own as the layers' norms run */
+    for (int64_t i = 0; i < s->reads && !status; i++)
+        status = rms_norm(x + s->read_rows[i] * hidden * es, hidden, m->final_norm,
+                          (char *)s->read_out + i * hidden * es, 1, hidden, m->eps, m->dtype);
+    for (int64_t i = 0; i < s->kept && !status; i++)
+        status = rms_norm(x + s->kept_rows[i] * hidden * es, hidden, m->final_norm,
+                          (char *)s->kept_out + i * hidden * es, 1, hidden, m->eps, m->dtype);
     free(scratch);
     return status;
 }
