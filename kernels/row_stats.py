@@ -36,12 +36,9 @@ def row_argmax(x: torch.Tensor, native: bool = False) -> torch.Tensor:
     the argmax runs only inside it. Rows whose width the chunk does not divide, and small batches
     (where the extra calls cost more), take ``torch.argmax``.
     """
-    stride = _native_stride(x) if native else None
-    if stride is not None:
+    if native and _native_reads(x):
         out = torch.empty(x.shape[0], dtype=torch.int64)
-        native_kernels.library().row_argmax(
-            x.data_ptr(), x.shape[0], x.shape[1], stride, native_kernels.DTYPES[x.dtype], out.data_ptr()
-        )
+        _native_rows("row_argmax", x, out.data_ptr())
         return out
     width = x.shape[-1]
     if x.dim() < 2 or x.numel() < 8 * width or width % ARGMAX_CHUNK or x.is_cuda:
@@ -58,15 +55,11 @@ def row_top2_native(x: torch.Tensor, exclude: int) -> tuple[torch.Tensor, torch.
     probabilities [R, 2] under the row's fp32 softmax, in one call of ``csrc/row_stats.c``; None where
     that cannot read the rows. What a greedy draft needs to guess the verify's outcomes: torch's topk
     sorts, and with a softmax costs some 5 us a row."""
-    stride = _native_stride(x)
-    if stride is None:
+    if not _native_reads(x):
         return None
     index = torch.empty((x.shape[0], 2), dtype=torch.int64)
     prob = torch.empty((x.shape[0], 2), dtype=torch.float32)
-    native_kernels.library().row_top2(
-        x.data_ptr(), x.shape[0], x.shape[1], stride, native_kernels.DTYPES[x.dtype], exclude, index.data_ptr(),
-        prob.data_ptr(),
-    )  # fmt: skip
+    _native_rows("row_top2", x, exclude, index.data_ptr(), prob.data_ptr())
     return index, prob
 
 
@@ -76,23 +69,24 @@ def row_confidence_native(x: torch.Tensor, exclude: int) -> tuple[torch.Tensor, 
     fp32 (the sums in another order: equal to the reference's fp32 result unless that lies within about
     1e-16 of a rounding boundary); None where the kernel cannot read the rows. A greedy diffusion pass
     compares these with its threshold; torch's float64 softmax and gather cost some 10 us a row."""
-    stride = _native_stride(x)
-    if stride is None:
+    if not _native_reads(x):
         return None
     prob = torch.empty(x.shape[0], dtype=torch.float32)
     token = torch.empty(x.shape[0], dtype=torch.int64)
-    native_kernels.library().row_confidence(
-        x.data_ptr(), x.shape[0], x.shape[1], stride, native_kernels.DTYPES[x.dtype], exclude, token.data_ptr(),
-        prob.data_ptr(),
-    )  # fmt: skip
+    _native_rows("row_confidence", x, exclude, token.data_ptr(), prob.data_ptr())
     return prob, token
 
 
-def _native_stride(x: torch.Tensor) -> int | None:
-    """The row stride of ``x`` if the native row kernels can read it, else None."""
-    if x.dim() != 2 or x.stride(1) != 1 or not native_kernels.serves(x):
-        return None
-    return x.stride(0)
+def _native_reads(x: torch.Tensor) -> bool:
+    """Whether the native row kernels can read ``x``: CPU rows of fp32 or bf16, each contiguous."""
+    return x.dim() == 2 and x.stride(1) == 1 and native_kernels.serves(x)
+
+
+def _native_rows(name: str, x: torch.Tensor, *outputs) -> None:
+    """Call the row kernel ``name`` of ``csrc/row_stats.c`` on the rows of ``x`` (``_native_reads``),
+    with its own arguments after the rows'."""
+    kernel = getattr(native_kernels.library(), name)
+    kernel(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), native_kernels.DTYPES[x.dtype], *outputs)
 
 
 def row_stats_reference(logits: torch.Tensor, exclude_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:

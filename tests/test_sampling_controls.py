@@ -235,6 +235,21 @@ def test_truncation_keeps_what_each_rule_keeps():
     assert torch.allclose(out[2], torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95)
 
 
+def _count_short_path_steps(monkeypatch) -> list[int]:
+    """A list that gains an entry whenever the sampler takes its short path (``_greedy_choices``)."""
+    from models.engine import sampler as sampling
+
+    calls: list[int] = []
+    short = sampling.Sampler._greedy_choices
+
+    def spy(self, logits, items):
+        calls.append(1)
+        return short(self, logits, items)
+
+    monkeypatch.setattr(sampling.Sampler, "_greedy_choices", spy)
+    return calls
+
+
 def test_plain_greedy_steps_take_the_short_path_and_match_the_general_one(monkeypatch):
     """A step of plain greedy work only (AR choices, verifies, linear drafts; no control that shapes
     logits, no logprobs) is answered by one argmax over its rows: its results equal the general path's,
@@ -265,14 +280,7 @@ def test_plain_greedy_steps_take_the_short_path_and_match_the_general_one(monkey
         items = [sampling.Item(make_state([1, 2], p, config), w, row) for p, (w, row) in zip(params, works)]
         return sampling.Sampler(None, mask).run(logits, items)
 
-    calls: list[int] = []
-    short = sampling.Sampler._greedy_choices
-
-    def spy(self, lg, items):
-        calls.append(1)
-        return short(self, lg, items)
-
-    monkeypatch.setattr(sampling.Sampler, "_greedy_choices", spy)
+    calls = _count_short_path_steps(monkeypatch)
     assert results([plain] * 4) == expected and calls
     lone = sampling.Item(make_state([1, 2], plain, config), Draft(3), 0)  # its rows are all the logits
     assert sampling.Sampler(None, mask).run(logits[12:15].clone(), [lone]) == [drafted]
@@ -313,14 +321,7 @@ def _steps_on_both_paths(monkeypatch, params, kind) -> tuple[list[str], bool]:
             engine.step()
         return results, kinds
 
-    calls: list[int] = []
-    short = sampling.Sampler._greedy_choices
-
-    def spy(self, logits, items):
-        calls.append(1)
-        return short(self, logits, items)
-
-    monkeypatch.setattr(sampling.Sampler, "_greedy_choices", spy)
+    calls = _count_short_path_steps(monkeypatch)
     fast = {batched: steps(batched) for batched in (False, True)}
     every_step = len(calls) == sum(len(results) for results, _ in fast.values())
     monkeypatch.setattr(sampling, "_plain_greedy", lambda item, on_cpu: False)

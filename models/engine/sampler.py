@@ -243,15 +243,7 @@ class Sampler:
                 accepted += 1
             out.append([accepted, tokens[accepted]])
             if isinstance(work, Draft):  # a quadratic cycle: the branch drafted for this outcome, if any
-                outcomes = zip(work.branches, work.seeds)
-                hit = next(
-                    (
-                        k
-                        for k, (a, seed) in enumerate(outcomes)
-                        if a == accepted and (seed < 0 or seed == tokens[accepted])
-                    ),
-                    None,
-                )
+                hit = _selected_branch(work, accepted, tokens[accepted])
                 if hit is None:
                     out[-1] += [-1] * (work.count + 2 * work.choose)
                 else:
@@ -283,7 +275,9 @@ class Sampler:
         slot's choice and confidence (``row_confidence_native`` on the fast path, else the reference it
         agrees with) in one call for all of them and the commit rule on the host."""
         masked = [[j for j, t in enumerate(i.work.block) if t == self.mask_id] for i in items]
-        index = torch.tensor([i.row + r for i, slots in zip(items, masked) for r in range(len(slots))])
+        index = torch.tensor(
+            [i.row + r for i, slots in zip(items, masked) for r in range(len(slots))], dtype=torch.long
+        )
         rows = logits.index_select(0, index)
         scored = row_confidence_native(rows, self.mask_id) if matmul.fast_path_on() else None
         prob, token = scored if scored is not None else row_stats_reference(rows, self.mask_id)
@@ -632,6 +626,16 @@ def _choices(
     count = len(drafted)
     lengths, seeds = likely_acceptances(confidence[:count], guess[:count], guess_p[:count], work.choose)
     return lengths + seeds
+
+
+def _selected_branch(work: Draft, accepted: int, bonus: int) -> int | None:
+    """Which of a quadratic cycle's branches drafted for its verify's outcome (``accepted`` draft tokens,
+    then ``bonus``): the first whose acceptance length matches and whose seed is the bonus or a mask;
+    None when none did (``_draft`` finds the same on the device)."""
+    for k, (length, seed) in enumerate(zip(work.branches, work.seeds)):
+        if length == accepted and (seed < 0 or seed == bonus):
+            return k
+    return None
 
 
 def _commit(work: Unmask, masked: list[int], prob: list[float], token: list[int]) -> list[int]:
