@@ -2,7 +2,10 @@
 
 The driver builds the data once: prefixes cut from the training corpus (the same split as
 ``triserve train``: modules t-z held out), continued greedily by the base model through the serving
-engine (batched, so thousands of continuations take minutes), saved under ``workdir/data``.
+engine (batched, so thousands of continuations take minutes), saved under ``workdir/data``. The base
+model decodes them in the dtype it serves in (``data_dtype``), so the targets are the tokens its
+verifier accepts: a bf16 model's greedy text parts from an fp32 model's, and a drafter taught the fp32
+text accepts fewer of the bf16 one's tokens. ``init_adapter`` continues training a saved drafter.
 One Ray Train worker trains only the adapter (the base model is frozen), evaluates the greedy
 accepted length on held-out continuations, checkpoints to ``workdir`` (resumable: adapter,
 optimizer, step) and writes the adapter in PEFT's layout to ``output``, the folder ``models.load_model`` reads as
@@ -22,6 +25,7 @@ from torch import nn
 from cluster.self_distill import continue_greedily, cut_prefixes
 from cluster.train import batches_from, fit, learning_rate, resume_state, save_checkpoint, settings_of_run
 from models.draft_training import DraftAdapter, draft_loss
+from models.loading import load_adapter
 from models.model import TriModeModel
 
 
@@ -34,10 +38,12 @@ class DrafterSettings:
     workdir: str | None = None  # data, checkpoints, history (default: output + ".run")
     corpus: str | None = None
     resume: bool = False
+    init_adapter: str | None = None  # a saved drafter (PEFT folder) to continue training from, same ranks
     rank: int = 128  # of o_proj's factors
     alpha: float = 128.0  # scale alpha / rank, shared by every projection
     mlp_rank: int = 32  # of the MLP's gate/up/down factors (0: o_proj only, like the official drafter)
     adapter_dtype: str = "bfloat16"  # of the saved factors (fp32 ones of this recipe would pass the 3 MB cap)
+    data_dtype: str = "auto"  # the base model's dtype while it decodes the targets ("auto": the one it serves in)
     sequences: int = 3072  # self-distilled training continuations
     heldout_sequences: int = 64
     prefix_min: int = 80  # corpus tokens before the continuation starts (like a prompt)
@@ -76,7 +82,8 @@ def prepare_data(s: DrafterSettings) -> Path:
     data = s.run_dir / "data" / "continuations.pt"
     if data.is_file():
         return data
-    model = models.load_model(s.model, dtype=torch.float32, adapter=False, warm_up=False)
+    dtype = None if s.data_dtype == "auto" else s.data_dtype
+    model = models.load_model(s.model, dtype=dtype, adapter=False, warm_up=False)
     torch.set_num_threads(s.threads)
     train_files, heldout_files = corpus_files(Path(s.corpus) if s.corpus else default_corpus())
     gen = torch.Generator().manual_seed(s.seed)
@@ -140,6 +147,9 @@ def train_loop(config: dict) -> None:
         adapter.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_step, history = state["step"], state["history"]
+    elif s.init_adapter:
+        load_adapter(model, Path(s.init_adapter))
+        adapter.start_from(model)
     objective = DraftObjective(model, adapter, s.decay)
     gen = torch.Generator().manual_seed(s.seed * 1000 + rank + start_step)
     batches = batches_from(len(train), s, rank, world, start_step)

@@ -48,6 +48,20 @@ class DraftAdapter(nn.Module):
                 factors[f"{module}_B"] = nn.Parameter(torch.zeros(out_features, r))
             self.factors.append(factors)
 
+    def start_from(self, model: TriModeModel) -> None:
+        """Copy the factors of the adapter ``model`` carries (``models.loading.load_adapter``) into these,
+        to continue training a saved drafter; its ranks and scale must be this adapter's."""
+        for index, (layer, factors) in enumerate(zip(model.encoder.layers, self.factors)):
+            for module in self.ranks:
+                lora = layer.self_attn.lora if module == "o_proj" else layer.mlp.lora.get(module)
+                a, b = factors[f"{module}_A"], factors[f"{module}_B"]
+                if lora is None or lora.a.shape != a.shape or lora.b.shape != b.shape or lora.scale != self.scale:
+                    raise ValueError(f"the adapter to start from does not match {module} of layer {index} "
+                                     f"(rank {self.ranks[module]}, scale {self.scale})")  # fmt: skip
+                with torch.no_grad():
+                    a.copy_(lora.a)
+                    b.copy_(lora.b)
+
     @property
     def scale(self) -> float:
         return self.alpha / self.ranks["o_proj"]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from models.batch import pack
 from models.draft_training import DraftAdapter, accepted_length, draft_logits, draft_loss, draft_mask
 from models.engine import KVCacheManager
+from models.loading import load_adapter
 from models.segments import bidirectional_segment, causal_segment
 from tests.conftest import random_model
 
@@ -59,3 +61,21 @@ def test_loss_trains_the_adapter_only_and_counts_accepted_prefixes():
     logits[0, torch.arange(4), targets[0]] = 5.0  # all four agree
     logits[1, torch.arange(4), torch.tensor([1, 5, 3, 4])] = 5.0  # the second disagrees
     assert accepted_length(logits, targets, mask_id=0).tolist() == [4, 1]
+
+
+def test_training_continues_from_a_saved_drafter(tmp_path):
+    model = random_model(seed=7)
+    trained = DraftAdapter(model, rank=2, alpha=2.0, seed=1, mlp_rank=2)
+    with torch.no_grad():
+        for param in trained.parameters():
+            param.normal_()
+    trained.save(tmp_path, base_model="random")
+    load_adapter(model, tmp_path)
+    resumed = DraftAdapter(model, rank=2, alpha=2.0, seed=2, mlp_rank=2)
+    resumed.start_from(model)
+    for (name, a), (_, b) in zip(trained.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="does not match o_proj of layer 0"):
+        DraftAdapter(model, rank=4, alpha=4.0, mlp_rank=2).start_from(model)
+    with pytest.raises(ValueError, match="does not match"):
+        DraftAdapter(model, rank=2, alpha=4.0, mlp_rank=2).start_from(model)  # another scale
