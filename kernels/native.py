@@ -32,7 +32,7 @@ SOURCES = sorted((Path(__file__).with_name("csrc")).glob("*.[ch]"))
 # -ffp-contract=fast: products and sums fused where the compiler sees them, the same way in every
 # call (rope.c and rmsnorm.c turn it off for themselves: they reproduce torch's separately rounded
 # operations)
-# -fopenmp: amx_gemm.c's threads, on the OpenMP runtime torch's CPU build already loaded
+# -fopenmp: amx_gemm.c's and dpbf16_gemm.c's threads, on the OpenMP runtime torch's CPU build already loaded
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 LANES = 16  # csrc/common.h's vector width
 MAX_HEAD = 1024  # csrc/rope.c: the widest head it rotates
@@ -55,6 +55,9 @@ SIGNATURES = {
     "amx_pack": (None, [_ptr, _i64, _i64, _ptr]),
     # in, rows, packed, n, k, out, threads
     "amx_gemm": (None, [_ptr, _i64, _ptr, _i64, _i64, _ptr, _i64]),
+    "dpbf16_ready": (_int, []),
+    "dpbf16_pack": (None, [_ptr, _i64, _i64, _ptr]),
+    "dpbf16_gemm": (None, [_ptr, _i64, _ptr, _i64, _i64, _ptr, _i64]),
     # fp32 sums, count, out, dtype
     "store_rows": (None, [_ptr, _i64, _ptr, _int]),
     # x, rows, width, row stride, dtype, out
@@ -154,3 +157,17 @@ def amx_ready() -> bool:
 def amx_fits(n: int, k: int) -> bool:
     """Whether the AMX kernel takes a [n, k] weight: it passes over 64 output columns and 32 inputs at a time."""
     return n % 64 == 0 and k % 32 == 0 and amx_ready()
+
+
+@functools.cache
+def dpbf16_ready() -> bool:
+    """Whether csrc/dpbf16_gemm.c can run here: the library built, the CPU has AVX512-BF16 and the OS
+    saves its registers."""
+    lib = library()
+    return lib is not None and lib.dpbf16_ready() == 1
+
+
+def dpbf16_fits(n: int, k: int) -> bool:
+    """Whether the AVX512-BF16 kernel takes a [n, k] weight: it passes over 64 output columns and pairs
+    of inputs at a time."""
+    return n % 64 == 0 and k % 2 == 0 and dpbf16_ready()

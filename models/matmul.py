@@ -109,28 +109,33 @@ class MklBf16:
         return self.sums(x).to(torch.bfloat16)
 
 
-class Amx:
-    """``x @ weight.T`` of bf16 operands on AMX tiles (``kernels/csrc/amx_gemm.c``, fp32 sums rounded
-    once to bf16), the weight packed once into the tiles' layout. MKL's bf16 GEMM repacks the weight
-    on every call; on an AMX Xeon (one thread, the bundled model's shapes) this takes 2.5-7 us a call
-    at 1-8 rows against MKL's 14-60, and 4-14 against 15-69 at 32 rows. Each row's sums are added in
-    one fixed order whatever the row count (the probes confirm it: no padding, pieces of 64 rows).
-    The native forward calls the same kernel on the same packed copy."""
+class PackedBf16:
+    """``x @ weight.T`` of bf16 operands through one of triserve's own kernels on a weight packed once
+    into the kernel's layout (fp32 sums rounded once to bf16). MKL's bf16 GEMM repacks the weight on
+    every call; oneDNN's packed product spends about 15 us on any call. Each row's sums are added in one
+    fixed order whatever the row count (the probes confirm it: no padding, pieces of 64 rows). The
+    native forward calls the same kernel on the same packed copy. ``kernel`` names the C functions
+    (``<kernel>_pack``, ``<kernel>_gemm``) and kernels.native's ``<kernel>_fits``."""
+
+    kernel: str
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.n, self.k = weight.shape
-        if weight.dtype != torch.bfloat16 or not native.amx_fits(self.n, self.k):
-            raise ValueError(f"the AMX kernel takes no {weight.dtype} weight of shape {tuple(weight.shape)} here")
+        if weight.dtype != torch.bfloat16 or not getattr(native, f"{self.kernel}_fits")(self.n, self.k):
+            shape = tuple(weight.shape)
+            raise ValueError(f"the {self.kernel} kernel takes no {weight.dtype} weight of shape {shape} here")
         self.packed = torch.empty(self.n * self.k, dtype=torch.bfloat16)
-        native.library().amx_pack(weight.contiguous().data_ptr(), self.n, self.k, self.packed.data_ptr())
+        getattr(native.library(), f"{self.kernel}_pack")(weight.contiguous().data_ptr(), self.n, self.k,
+                                                         self.packed.data_ptr())  # fmt: skip
 
     def sums(self, x: torch.Tensor) -> torch.Tensor:
         """The fp32 sums before rounding (what the probes compare)."""
         if x.dtype != torch.bfloat16 or x.shape[-1] != self.k:
-            raise TypeError(f"the AMX product takes bf16 rows of {self.k}, not {x.dtype} rows of {x.shape[-1]}")
+            got = f"{x.dtype} rows of {x.shape[-1]}"
+            raise TypeError(f"the {self.kernel} product takes bf16 rows of {self.k}, not {got}")
         x = x.contiguous()
         out = torch.empty((x.shape[0], self.n), dtype=torch.float32)
-        native.library().amx_gemm(
+        getattr(native.library(), f"{self.kernel}_gemm")(
             x.data_ptr(), x.shape[0], self.packed.data_ptr(), self.n, self.k, out.data_ptr(), torch.get_num_threads()
         )
         return out
@@ -139,13 +144,27 @@ class Amx:
         return self.sums(x).to(torch.bfloat16)
 
 
+class Amx(PackedBf16):
+    """On AMX tiles (``kernels/csrc/amx_gemm.c``). On an AMX Xeon (one thread, the bundled model's
+    shapes) it takes 2.5-7 us a call at 1-8 rows against MKL's 14-60, and 4-14 against 15-69 at 32 rows."""
+
+    kernel = "amx"
+
+
+class Dpbf16(PackedBf16):
+    """On AVX512-BF16 dot products (``kernels/csrc/dpbf16_gemm.c``), for CPUs that compute bf16 in
+    hardware without AMX."""
+
+    kernel = "dpbf16"
+
+
 def _packed(weight: torch.Tensor) -> Product:
     packed = torch.ops.mkldnn._reorder_linear_weight(weight, ROW_MULTIPLE)
     return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
 BACKENDS: dict[str, Callable[[torch.Tensor], Product]] = {
-    "blas": Blas, "packed": _packed, "mkl_bf16": MklBf16, "amx": Amx
+    "blas": Blas, "packed": _packed, "mkl_bf16": MklBf16, "amx": Amx, "dpbf16": Dpbf16
 }  # fmt: skip
 
 
@@ -157,7 +176,8 @@ def backends_for(weight: torch.Tensor) -> list[str]:
         return ["blas", "packed"]
     if weight.dtype != torch.bfloat16 or not cpu_has_fast_half():
         return []
-    return ["amx", "packed"] if native.amx_fits(*weight.shape) else ["packed"]
+    own = [name for name in ("amx", "dpbf16") if getattr(native, f"{name}_fits")(*weight.shape)]
+    return own[:1] + ["packed"]
 
 
 @functools.cache

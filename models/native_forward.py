@@ -7,10 +7,11 @@ microseconds of Python and ATen dispatch. The native forward runs every layer in
 RMSNorm, RoPE and attention kernels. Its products are models.matmul's BLAS backends called from C,
 padded and split as that module's probes decided for them, so a row's product depends on the row
 alone: fp32 through ``sgemm`` (what ``torch.mm`` runs) on the Python fast path's own transposed
-weights, bit for bit its products; bf16 through the AMX kernel (``amx``) on the Python fast path's
-own packed weights where the CPU has AMX, else through MKL's bf16 GEMM (``mkl_bf16``), not the
-oneDNN product the Python layers then use (it has no C entry point), so that such a bf16 model's
-logits differ from the Python layers' by bf16 roundings. SiLU uses its own exponential (float
+weights, bit for bit its products; bf16 through triserve's own kernels on the Python fast path's
+own packed weights, AMX tiles (``amx``) where the CPU has them, AVX512-BF16 dot products
+(``dpbf16``) where it has those, else through MKL's bf16 GEMM (``mkl_bf16``), not the oneDNN product
+the Python layers then use (it has no C entry point), so that such a bf16 model's logits differ from
+the Python layers' by bf16 roundings. SiLU uses its own exponential (float
 rounding of ``F.silu``). The final norm runs in the same call on the rows the step reads; embedding and
 the head stay in Python.
 
@@ -40,7 +41,7 @@ _i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 
 
 class _Product(ctypes.Structure):
-    _fields_ = [("weight", _ptr), *((name, _i64) for name in ("n", "k", "min_rows", "max_rows", "amx"))]
+    _fields_ = [("weight", _ptr), *((name, _i64) for name in ("n", "k", "min_rows", "max_rows", "kernel"))]
 
 
 class _Layer(ctypes.Structure):
@@ -69,20 +70,21 @@ class _Step(ctypes.Structure):
 
 
 # the products each dtype's layers take (models.matmul's backends, preferred first), and the BLAS
-# function C calls for the dtype where the AMX kernel does not serve
-BACKENDS = {torch.float32: ("blas",), torch.bfloat16: ("amx", "mkl_bf16")}
+# function C calls for the dtype where triserve's own kernels do not serve
+BACKENDS = {torch.float32: ("blas",), torch.bfloat16: ("amx", "dpbf16", "mkl_bf16")}
+KERNELS = {"amx": 1, "dpbf16": 2}  # csrc/forward.c's codes of the packed bf16 kernels (0: BLAS)
 GEMM = {torch.float32: "sgemm_", torch.bfloat16: "cblas_gemm_bf16bf16f32"}
 
 
 def _product(prepared: matmul.Prepared | None) -> _Product:
-    """What C reads of a prepared product: fp32's transposed copy [k, n], the AMX kernel's packed
-    weight, or MKL's bf16 weight [n, k]."""
+    """What C reads of a prepared product: fp32's transposed copy [k, n], a packed bf16 kernel's
+    packed weight, or MKL's bf16 weight [n, k]."""
     if prepared is None:
         return _Product()
-    weight = {"blas": "transposed", "amx": "packed"}.get(prepared.backend, "weight")
+    kernel = KERNELS.get(prepared.backend, 0)
+    weight = "transposed" if prepared.backend == "blas" else "packed" if kernel else "weight"
     n, k = prepared.weight.shape  # the fused weight, whatever copy the backend multiplies
-    amx = prepared.backend == "amx"
-    return _Product(getattr(prepared.product, weight).data_ptr(), n, k, prepared.min_rows, prepared.max_rows, amx)
+    return _Product(getattr(prepared.product, weight).data_ptr(), n, k, prepared.min_rows, prepared.max_rows, kernel)
 
 
 class NativeDecoder:
@@ -122,9 +124,10 @@ class NativeDecoder:
 
     def _prepare(self, weights: tuple[torch.Tensor, ...]) -> matmul.Prepared:
         # the Python fast path's own entry where its first choice has a C entry point (fp32: BLAS; bf16:
-        # AMX, where it takes the fused shape), so both share one prepared copy; else MKL's bf16 GEMM
+        # a packed kernel, where one takes the fused shape), so both share one prepared copy; else MKL's
+        # bf16 GEMM
         fused = (sum(w.shape[0] for w in weights), weights[0].shape[1])
-        if self.dtype == torch.float32 or native.amx_fits(*fused):
+        if self.dtype == torch.float32 or native.amx_fits(*fused) or native.dpbf16_fits(*fused):
             return matmul.prepared(weights)
         return matmul.prepared(weights, ("mkl_bf16",))
 

@@ -46,35 +46,41 @@ def test_a_row_is_the_same_alone_and_in_any_batch(shapes, dtype):
     torch.testing.assert_close(full.float(), reference, rtol=tolerance, atol=tolerance)
 
 
-def test_amx_products_sum_a_row_alike_in_calls_of_any_row_count():
-    """The AMX kernel (kernels/csrc/amx_gemm.c) on its unrounded sums: a row alone, in one block of up to
-    16 rows, in a pair of blocks whose second is partial, and past them, always sums alike; it serves
-    the fast path's bf16 weights whose shape it takes, unpadded, and leaves the others to oneDNN."""
-    if not native.amx_ready():
-        pytest.skip("no AMX on this CPU")
+@pytest.mark.parametrize("kernel", [matmul.Amx, matmul.Dpbf16])
+def test_packed_bf16_products_sum_a_row_alike_in_calls_of_any_row_count(kernel):
+    """triserve's own bf16 kernels (kernels/csrc/amx_gemm.c, dpbf16_gemm.c) on their unrounded sums: a
+    row alone, in blocks whose last is partial, and past them, always sums alike, with one thread or
+    two; the first that runs here serves the fast path's bf16 weights whose shape it takes, unpadded,
+    and leaves the others to oneDNN."""
+    if not getattr(native, f"{kernel.kernel}_ready")():
+        pytest.skip(f"the {kernel.kernel} kernel cannot run on this CPU")
     gen = torch.Generator().manual_seed(3)
     for n, k in ((384, 256), (256, 768), (128, 64), (1024, 256)):
         weight = (torch.randn(n, k, generator=gen) / k**0.5).bfloat16()
-        amx = matmul.Amx(weight)
+        product = kernel(weight)
         x = torch.randn(80, k, generator=gen).bfloat16()
-        whole = amx.sums(x)
+        whole = product.sums(x)
         for rows in [*range(1, 41), 47, 48, 63, 64, 65, 75]:
             for start in (0, 5):
-                assert torch.equal(amx.sums(x[start : start + rows]), whole[start : start + rows]), (n, k, rows)
+                assert torch.equal(product.sums(x[start : start + rows]), whole[start : start + rows]), (n, k, rows)
         torch.testing.assert_close(whole, x.float() @ weight.float().T, rtol=1e-5, atol=1e-5)
         with pytest.raises(TypeError):  # never reads other rows' bytes as bf16
-            amx.sums(x.float())
+            product.sums(x.float())
         threads = torch.get_num_threads()
         try:  # columns shared out among threads: the same sums
             torch.set_num_threads(2)
-            assert torch.equal(amx.sums(x), whole) and torch.equal(amx.sums(x[:3]), whole[:3])
+            assert torch.equal(product.sums(x), whole) and torch.equal(product.sums(x[:3]), whole[:3])
         finally:
             torch.set_num_threads(threads)
+    with pytest.raises(ValueError):  # a shape it does not take
+        kernel(torch.zeros(96, 40, dtype=torch.bfloat16))
+    first = "amx" if native.amx_ready() else "dpbf16"
     with torch.inference_mode():
         fits, odd = (torch.nn.Parameter(w.detach().bfloat16()) for w in _weights((384, 256), (96, 40)))
         prepared = matmul.prepared((fits,))
-        assert (prepared.backend, prepared.min_rows, prepared.max_rows) == ("amx", 1, 64)
-        assert matmul.backends_for(odd) == ["packed"] and matmul.probe_rows("amx", 96, 40, torch.bfloat16, 1) == (0, 0)
+        assert (prepared.backend, prepared.min_rows, prepared.max_rows) == (first, 1, 64)
+        assert matmul.backends_for(odd) == ["packed"]
+        assert matmul.probe_rows(kernel.kernel, 96, 40, torch.bfloat16, 1) == (0, 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

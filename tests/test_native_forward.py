@@ -108,7 +108,7 @@ def test_it_serves_fp32_models_on_the_fast_path_and_no_other(fixture_model, bund
 def test_it_computes_what_the_python_layers_compute(name, fixture_model, bundled_fp32, monkeypatch, request):
     if name == "bundled_bf16":
         model = request.getfixturevalue("bundled_bf16")
-        if not native.amx_ready():  # with AMX both take the AMX kernel on the same packed weights
+        if not (native.amx_ready() or native.dpbf16_ready()):  # else both take one packed kernel on one copy
             # the Python layers on the same bf16 products (their default is then oneDNN's, which rounds otherwise)
             monkeypatch.setattr(matmul, "backends_for", lambda weight: ["mkl_bf16"])
     else:
@@ -163,17 +163,22 @@ def test_speculation_equals_ar_through_it(bundled_fp32, block_length):
     _assert_spec_equals_ar_on_heldout(bundled_fp32, 2, block_length)
 
 
-def test_without_amx_bf16_products_take_mkl_and_rows_stay_invariant(monkeypatch):
+@pytest.mark.parametrize("kernel", ["dpbf16", "mkl_bf16"])
+def test_without_amx_bf16_products_take_the_next_kernel_and_rows_stay_invariant(kernel, monkeypatch):
     """On a CPU with bf16 instructions but no AMX (or a kernel that withholds the tile registers), the
-    native forward multiplies through MKL's bf16 GEMM; a row is still the same alone and beside others,
-    and speculation still emits AR's tokens."""
+    native forward multiplies with AVX512-BF16 dot products, or without those through MKL's bf16 GEMM;
+    a row is still the same alone and beside others, and speculation still emits AR's tokens."""
     if not _bf16_served():
         pytest.skip("no bf16 instructions or no MKL bf16 GEMM here")
+    if kernel == "dpbf16" and not native.dpbf16_ready():
+        pytest.skip("no AVX512-BF16 here")
     monkeypatch.setattr(native, "amx_ready", lambda: False)
+    if kernel == "mkl_bf16":
+        monkeypatch.setattr(native, "dpbf16_ready", lambda: False)
     model = models.load_model(BUNDLED, dtype=torch.bfloat16, warm_up=False)
     with torch.inference_mode():
         decoder = native_forward.decoder_for(model)
-    assert decoder is not None and {p.backend for p in decoder.prepared if p is not None} == {"mkl_bf16"}
+    assert decoder is not None and {p.backend for p in decoder.prepared if p is not None} == {kernel}
     prompts = _prompts(model.config.vocab_size)
     tokens = [5, 9, 11, 13, 7, 6, 8, 10]
     together = Steps(model, prompts)

@@ -174,6 +174,11 @@ int amx_ready(void);
 void amx_pack(const uint16_t *weight, int64_t n, int64_t k, uint16_t *packed);
 void amx_gemm(const uint16_t *in, int64_t rows, const uint16_t *packed, int64_t n, int64_t k, float *out,
               int64_t threads);
+/* dpbf16_gemm.c: the same contract on AVX512-BF16 dot products, for CPUs without AMX */
+int dpbf16_ready(void);
+void dpbf16_pack(const uint16_t *weight, int64_t n, int64_t k, uint16_t *packed);
+void dpbf16_gemm(const uint16_t *in, int64_t rows, const uint16_t *packed, int64_t n, int64_t k, float *out,
+                 int64_t threads);
 int segment_attention(const void *q, int64_t q_stride, const void *k, int64_t k_stride, const void *v,
                       int64_t v_stride, const void *k_cache, const void *v_cache, void *out, int64_t hq, int64_t hkv,
                       int64_t d, int64_t n_segments, const int64_t *segments, const int64_t *slots,

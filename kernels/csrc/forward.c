@@ -5,8 +5,8 @@
  * attention, the output product and residual, RMSNorm, the fused gate/up product, SiLU times up,
  * the down product and residual. The norms, RoPE and attention are the kernels of the other files;
  * products call BLAS through function pointers from Python (fp32: the sgemm torch.mm calls, on the
- * Python fast path's transposed weights; bf16: the AMX kernel of amx_gemm.c on weights packed once,
- * or MKL's bf16 GEMM where that cannot serve), padded and split into pieces as models.matmul's probes
+ * Python fast path's transposed weights; bf16: the AMX kernel of amx_gemm.c or the AVX512-BF16 one
+ * of dpbf16_gemm.c on weights packed once, or MKL's bf16 GEMM where neither can serve), padded and split into pieces as models.matmul's probes
  * decided, so a row's product depends on the row alone. Every other step
  * works row by row. A row's result therefore never depends on what shares the forward.
  */
@@ -20,13 +20,16 @@ typedef void (*sgemm_fn)(const char *transa, const char *transb, const int *m, c
 typedef void (*gemm_bf16_fn)(int layout, int transa, int transb, int m, int n, int k, float alpha, const uint16_t *a,
                              int lda, const uint16_t *b, int ldb, float beta, float *c, int ldc);
 
+/* which kernel multiplies a bf16 product's weight */
+enum { KERNEL_MKL = 0, KERNEL_AMX = 1, KERNEL_DPBF16 = 2 };
+
 /* out [rows][n] = in [rows][k] times weight^T: fp32 through sgemm on the weight held transposed
- * ([k][n]); bf16 with fp32 sums rounded once to bf16, through amx_gemm on the weight packed for it
- * (amx set) or MKL's bf16 GEMM on the weight as it is ([n][k]); calls of fewer than min_rows rows are
- * padded with zero rows to min_rows, calls of more than max_rows split into pieces */
+ * ([k][n]); bf16 with fp32 sums rounded once to bf16, through amx_gemm or dpbf16_gemm on the weight
+ * packed for it or MKL's bf16 GEMM on the weight as it is ([n][k]); calls of fewer than min_rows rows
+ * are padded with zero rows to min_rows, calls of more than max_rows split into pieces */
 struct product {
     const void *weight; /* NULL: no such product (a projection without a draft adapter) */
-    int64_t n, k, min_rows, max_rows, amx;
+    int64_t n, k, min_rows, max_rows, kernel;
 };
 
 struct layer {
@@ -91,8 +94,10 @@ static void gemm(const struct model *m, const struct product *p, const void *in,
     if (m->dtype == DTYPE_F32) {
         const float one = 1.0f, zero = 0.0f;
         m->sgemm("N", "N", &n, &r, &k, &one, p->weight, &n, in, &k, &zero, out, &n);
-    } else if (p->amx) {
+    } else if (p->kernel == KERNEL_AMX) {
         amx_gemm(in, rows, p->weight, p->n, p->k, out, m->threads);
+    } else if (p->kernel == KERNEL_DPBF16) {
+        dpbf16_gemm(in, rows, p->weight, p->n, p->k, out, m->threads);
     } else {
         m->gemm_bf16(101 /* row major */, 111 /* no transpose */, 112 /* transpose */, r, n, k, 1.0f, in, k,
                      p->weight, k, 0.0f, out, n);

@@ -1,0 +1,121 @@
+/* bf16 products with AVX512-BF16 dot products (VDPBF16PS) on weights packed once, for CPUs that
+ * compute bf16 in hardware without AMX tiles (AMD Zen 4 and later, Intel Cooper Lake; see
+ * models/matmul.py's "dpbf16" backend).
+ *
+ * out [rows][n] (fp32 sums) = in [rows][k] times weight [n][k]^T. On a Zen 4 EPYC (one thread, the
+ * bundled model's shapes) MKL's bf16 GEMM takes 30-1100 us a call and oneDNN's packed product 15-320:
+ * MKL repacks the weight on every call and is not tuned for the CPU, oneDNN spends about 15 us on any
+ * call. Here the weight is packed once into the layout VDPBF16PS reads: 16 columns side by side, each
+ * with a pair of consecutive k values. Each output is one fp32 lane that starts at zero and takes the
+ * k pairs in order, one VDPBF16PS each; blocking rows and columns only chooses which registers hold
+ * which lanes, so a row's sums do not depend on the rows that share the call, nor on the thread count.
+ *
+ * Shapes: n a multiple of 64 (four vectors of 16 columns per pass), k even. Built for any x86-64 CPU
+ * (the functions carry their own target attribute); callers check dpbf16_ready() first.
+ */
+#include "common.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && __GNUC__ >= 11
+#include <immintrin.h>
+#include <omp.h>
+
+#define DP_TARGET __attribute__((target("avx512f,avx512bf16")))
+#define ROWS 4    /* rows per block: ROWS x COLUMNS sums, COLUMNS weight vectors and one input in registers */
+#define COLUMNS 4 /* vectors of 16 columns per pass */
+
+/* 1 when the kernel may run: the CPU has AVX512-F and AVX512-BF16 and the OS saves the zmm state */
+int dpbf16_ready(void) {
+    unsigned eax, ebx, ecx, edx;
+    __asm__("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(1), "c"(0));
+    if (!(ecx & (1u << 27))) return 0; /* OSXSAVE */
+    unsigned xcr0_low, xcr0_high;
+    __asm__("xgetbv" : "=a"(xcr0_low), "=d"(xcr0_high) : "c"(0));
+    if ((xcr0_low & 0xe6u) != 0xe6u) return 0; /* SSE, AVX, opmask, ZMM state */
+    __asm__("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(0));
+    if (!(ebx & (1u << 16)) || eax < 1) return 0; /* AVX512-F; sub-leaf 1 exists */
+    __asm__("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(1));
+    return (eax >> 5) & 1u; /* AVX512-BF16 */
+}
+
+/* weight [n][k] -> packed [n / 16][k / 2][16][2]: per vector of 16 columns and pair of k values, each
+ * column's two values side by side (one 64-byte load per pair) */
+void dpbf16_pack(const uint16_t *weight, int64_t n, int64_t k, uint16_t *packed) {
+    for (int64_t v = 0; v < n / 16; v++)
+        for (int64_t pair = 0; pair < k / 2; pair++)
+            for (int64_t col = 0; col < 16; col++) {
+                const uint16_t *w = weight + (v * 16 + col) * k + 2 * pair;
+                uint16_t *dst = packed + ((v * (k / 2) + pair) * 16 + col) * 2;
+                dst[0] = w[0];
+                dst[1] = w[1];
+            }
+}
+
+/* `rows` (1..ROWS) rows against the COLUMNS vectors of one pass (`b`: the first vector's packed
+ * weight, `stride` elements between vectors); always inlined with a constant `rows`, so that the sums
+ * stay in registers */
+DP_TARGET static inline __attribute__((always_inline)) void block(const uint16_t *a, int64_t k, const uint16_t *b,
+                                                                  int64_t stride, float *out, int64_t n,
+                                                                  const int rows) {
+    __m512 sums[ROWS][COLUMNS];
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < COLUMNS; c++) sums[r][c] = _mm512_setzero_ps();
+    for (int64_t pair = 0; pair < k / 2; pair++) {
+        __m512bh w[COLUMNS];
+        for (int c = 0; c < COLUMNS; c++) w[c] = (__m512bh)_mm512_loadu_si512(b + c * stride + pair * 32);
+        for (int r = 0; r < rows; r++) {
+            int32_t two;
+            memcpy(&two, a + r * k + 2 * pair, sizeof two);
+            const __m512bh x = (__m512bh)_mm512_set1_epi32(two);
+            for (int c = 0; c < COLUMNS; c++) sums[r][c] = _mm512_dpbf16_ps(sums[r][c], x, w[c]);
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < COLUMNS; c++) _mm512_storeu_ps(out + r * n + c * 16, sums[r][c]);
+}
+
+/* every row over the passes of 64 columns g0..g1-1: a pass's weights (k * 128 bytes) stay in cache while
+ * every block of rows takes them */
+DP_TARGET static void columns(const uint16_t *in, int64_t rows, const uint16_t *packed, int64_t n, int64_t k,
+                              float *out, int64_t g0, int64_t g1) {
+    const int64_t stride = k * 16; /* elements of one vector's packed weight */
+    for (int64_t g = g0; g < g1; g++) {
+        const uint16_t *b = packed + g * COLUMNS * stride;
+        float *c = out + g * COLUMNS * 16;
+        int64_t r = 0;
+        for (; r + ROWS <= rows; r += ROWS) block(in + r * k, k, b, stride, c + r * n, n, ROWS);
+        switch (rows - r) {
+        case 3: block(in + r * k, k, b, stride, c + r * n, n, 3); break;
+        case 2: block(in + r * k, k, b, stride, c + r * n, n, 2); break;
+        case 1: block(in + r * k, k, b, stride, c + r * n, n, 1); break;
+        default: break;
+        }
+    }
+}
+
+/* threads > 1: the passes are shared out among up to that many threads, four passes at least each,
+ * through OpenMP (as amx_gemm.c does); the thread count changes no bit */
+void dpbf16_gemm(const uint16_t *in, int64_t rows, const uint16_t *packed, int64_t n, int64_t k, float *out,
+                 int64_t threads) {
+    const int64_t passes = n / (COLUMNS * 16);
+    if (threads > passes / 4) threads = passes / 4;
+    if (threads <= 1 || rows == 0) {
+        columns(in, rows, packed, n, k, out, 0, passes);
+        return;
+    }
+#pragma omp parallel num_threads((int)threads)
+    {
+        const int64_t t = omp_get_thread_num(), count = omp_get_num_threads();
+        columns(in, rows, packed, n, k, out, passes * t / count, passes * (t + 1) / count);
+    }
+}
+
+#else
+int dpbf16_ready(void) { return 0; }
+void dpbf16_pack(const uint16_t *weight, int64_t n, int64_t k, uint16_t *packed) {
+    (void)weight, (void)n, (void)k, (void)packed;
+}
+void dpbf16_gemm(const uint16_t *in, int64_t rows, const uint16_t *packed, int64_t n, int64_t k, float *out,
+                 int64_t threads) {
+    (void)in, (void)rows, (void)packed, (void)n, (void)k, (void)out, (void)threads;
+}
+#endif
