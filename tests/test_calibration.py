@@ -15,7 +15,7 @@ from deployments.cli import main
 from deployments.stats_board import StatsBoard, merge_stats
 from models.calibration import calibrate, device_key, load_priors, options_for, save_calibration
 from models.engine import Engine
-from models.engine.costs import OptionCosts, OptionStats, option_key, request_option, split_option
+from models.engine.costs import OptionCosts, OptionStats, cost_line, option_key, request_option, split_option
 from models.modes import DecodeParams
 
 
@@ -36,13 +36,38 @@ def test_live_steps_rescale_every_calibrated_option_alike():
     costs = OptionCosts(priors, ema=0.5)
     assert costs.options["ar"].samples == 0  # priors are not live observations
     costs.observe_step("ar", 5, 0.028)  # predicted 10 + 4 x 1 ms: twice as slow as calibrated
-    assert costs.scale == pytest.approx(1.5) and costs.options["ar"].samples == 1
+    assert (costs.scale, costs.overhead) == (pytest.approx(2.0), 0.0) and costs.options["ar"].samples == 1
     spec = costs.snapshot()["linear_spec@8"]  # not visited, but the device is slower for it too
-    assert (spec["step_s"], spec["per_request_s"], spec["samples"]) == (pytest.approx(0.030), pytest.approx(0.006), 0)
+    assert (spec["step_s"], spec["per_request_s"], spec["samples"]) == (pytest.approx(0.040), pytest.approx(0.008), 0)
     costs.observe_finished("linear_spec@8", 3.0)
     assert (
         costs.options["linear_spec@8"].tpf == pytest.approx(2.5) and priors["linear_spec@8"].tpf == 2.0
     )  # priors untouched
+
+
+def test_a_fixed_cost_per_step_is_told_apart_from_a_slower_device():
+    """Serving adds about the same time to every step (delivering its outputs): once live steps of
+    options with different calibrated costs are seen, the line through them charges AR's cheap steps
+    that time rather than tripling every option, and speculation is predicted to pay again."""
+    priors = {
+        "ar": OptionStats(tpf=1.0, step_s=0.0005, per_request_s=0.0001),
+        "linear_spec@8": OptionStats(tpf=2.4, step_s=0.00125, per_request_s=0.0006),
+    }
+    costs = OptionCosts(priors)
+    for _ in range(20):
+        costs.observe_step("ar", 1, 0.0005 + 0.001)
+    assert (costs.scale, costs.overhead) == (pytest.approx(3.0), 0.0)  # one option: only a factor is known
+    ar, spec = costs.figures("ar"), costs.figures("linear_spec@8")
+    assert spec.step_cost(1) / spec.tpf > ar.step_cost(1)  # as a factor, speculation looks slower than AR
+    for _ in range(5):
+        costs.observe_step("linear_spec@8", 1, 0.00125 + 0.001)
+        costs.observe_step("linear_spec@8", 2, 0.00185 + 0.001)
+    assert (costs.scale, costs.overhead) == (pytest.approx(1.0), pytest.approx(0.001))
+    ar, spec = costs.figures("ar"), costs.figures("linear_spec@8")
+    assert ar.step_s == pytest.approx(0.0015) and ar.per_request_s == pytest.approx(0.0001)
+    assert spec.step_cost(1) / spec.tpf < ar.step_cost(1)
+    assert cost_line([(1.0, 3.0), (2.0, 1.0)]) == (pytest.approx(2.0 / 1.5), 0.0)  # a falling line: a factor
+    assert cost_line([(1.0, 0.5), (2.0, 2.0)]) == (pytest.approx(2.5 / 3.0), 0.0)  # below zero at 0: a factor
 
 
 def test_uncalibrated_options_learn_from_lone_steps():

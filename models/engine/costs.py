@@ -7,18 +7,26 @@ replica loads them as priors; live traffic then refreshes them. A step counts on
 request in it was decoding in one option (a prefill chunk or a neighbour in another option would
 blur the figure); a request's tokens per forward counts when it finishes.
 
-Step costs are refreshed as one factor for the whole device: each counted step of a calibrated
-option updates ``scale``, the ratio of live step time to the calibrated prediction, and every
-calibrated option's costs are reported multiplied by it. Serving adds overheads calibration does
-not see, and neighbours compete for the CPU; these slow every option alike, while refreshing each
-option's cost on its own would leave the options traffic has not visited lately looking cheaper
-than the ones it has, and the router would chase stale figures. An option without calibration
-learns its lone step time from its own lone-request steps.
+Step costs are refreshed for the whole device, not per option: every counted step of a calibrated
+option joins a window of (calibrated prediction, live seconds), and live = ``scale`` x prediction +
+``overhead`` is fitted over it; every calibrated option's costs are reported through that line.
+Serving adds costs calibration does not see, and they slow every option alike: neighbours compete
+for the CPU (a factor), and every step's outputs are delivered, streamed and parsed by processes
+that share the machine (about the same time per step whatever the step computed; on a 2-core Zen 4
+EPYC, 1.0 ms on a 0.5 ms AR step and 0.5 ms on a 1.3 ms linear_spec@8 one, over HTTP). A factor
+alone made AR's cheap steps look three times dearer to the router, and speculation, which takes
+fewer of them, as dear as AR. Refreshing each option's cost on its own would instead leave the
+options traffic has not visited lately looking cheaper than the ones it has, and the router would
+chase stale figures. While the window's predictions do not spread enough to separate the two (a
+single option at one batch size), or the fit is not a rising line with a non-negative intercept,
+the overhead is 0 and the factor is the window's ratio of live to predicted seconds. An option
+without calibration learns its lone step time from its own lone-request steps.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 from models.modes import DecodeParams
@@ -110,25 +118,54 @@ def _ema(old: float | None, new: float, weight: float) -> float:
     return new if old is None else (1 - weight) * old + weight * new
 
 
+SPREAD = 1.5  # the fit needs window predictions this many times apart (largest over smallest)
+FIT_WINDOW = 64  # recent steps the device's cost line is fitted over
+
+
+def cost_line(points: Iterable[tuple[float, float]]) -> tuple[float, float]:
+    """(scale, overhead) of live seconds = scale x predicted + overhead over ``points`` (predicted,
+    live), least squares; (ratio of sums, 0) where the predictions do not spread by ``SPREAD`` or
+    the line would not rise or would start below zero."""
+    points = list(points)
+    n = len(points)
+    sx = sum(x for x, _ in points)
+    sy = sum(y for _, y in points)
+    ratio = sy / sx if sx > 0 else 1.0
+    if n < 2 or max(x for x, _ in points) < SPREAD * min(x for x, _ in points):
+        return ratio, 0.0
+    sxx = sum(x * x for x, _ in points)
+    sxy = sum(x * y for x, y in points)
+    slope = (n * sxy - sx * sy) / (n * sxx - sx * sx)
+    intercept = (sy - slope * sx) / n
+    if slope <= 0 or intercept < 0:
+        return ratio, 0.0
+    return slope, intercept
+
+
 class OptionCosts:
-    """Per-option figures: calibrated priors under one live cost factor, TPFs refreshed per option.
+    """Per-option figures: calibrated priors through one live cost line, TPFs refreshed per option.
 
     ``options`` holds what is observed per option (TPF, samples, and the lone step time of an
-    uncalibrated option); a calibrated option's step costs are its priors times ``scale``,
+    uncalibrated option); a calibrated option's step costs are its priors through the line
+    (``scale`` x prior + ``overhead`` for a step, ``scale`` x prior for each further request),
     applied when they are read (``snapshot``)."""
 
     def __init__(self, priors: dict[str, OptionStats] | None = None, ema: float = 0.2) -> None:
         self.priors = {key: replace(stats, samples=0) for key, stats in (priors or {}).items()}
         self.options = {key: replace(stats) for key, stats in self.priors.items()}
-        self.scale = 1.0  # live step time over the calibrated prediction
+        self.scale = 1.0  # live step time per second of calibrated prediction
+        self.overhead = 0.0  # seconds serving adds to every step
+        self.window: deque[tuple[float, float]] = deque(maxlen=FIT_WINDOW)
         self.ema = ema
 
     def observe_step(self, key: str, requests: int, seconds: float) -> None:
-        """A step whose ``requests`` requests all decoded in option ``key``."""
+        """A step whose ``requests`` requests all decoded in option ``key``, ``seconds`` from the end of
+        the step before it (delivering that step's outputs included) to its own end."""
         stats = self.options.setdefault(key, OptionStats())
         prior = self.priors.get(key)
         if prior is not None and prior.step_s:
-            self.scale = _ema(self.scale, seconds / prior.step_cost(requests), self.ema)
+            self.window.append((prior.step_cost(requests), seconds))
+            self.scale, self.overhead = cost_line(self.window)
         elif requests == 1:
             stats.step_s = _ema(stats.step_s, seconds, self.ema)
         else:
@@ -153,12 +190,12 @@ class OptionCosts:
         return prior is not None and prior.step_s is not None
 
     def figures(self, key: str) -> OptionStats | None:
-        """An option's current figures, calibrated step costs scaled by the live factor."""
+        """An option's current figures, calibrated step costs through the live cost line."""
         stats = self.options.get(key)
         prior = self.priors.get(key)
         if stats is not None and prior is not None and prior.step_s:
             per_request = prior.per_request_s and prior.per_request_s * self.scale
-            stats = replace(stats, step_s=prior.step_s * self.scale, per_request_s=per_request)
+            stats = replace(stats, step_s=prior.step_s * self.scale + self.overhead, per_request_s=per_request)
         return stats
 
     def snapshot(self) -> dict[str, dict[str, float | int | None]]:

@@ -186,6 +186,7 @@ class Engine:
         self._seq_ids = itertools.count()
         self._ids: set[str] = set()
         self.stats = EngineStats(pool_pages=num_pages, options=costs)
+        self._last_step_end: float | None = None  # None: no step since the engine last idled
 
     # ----- requests ------------------------------------------------------------------------------
     def add_request(
@@ -237,6 +238,8 @@ class Engine:
         """Queue a prepared request (call from the thread that steps the engine)."""
         if request.request_id in self._ids:
             raise ValueError(f"duplicate request id {request.request_id}")
+        if not self.has_work:  # the engine idled: the time since its last step was not a step's
+            self._last_step_end = None
         self._ids.add(request.request_id)
         self.scheduler.add(request)
         self._refresh_stats()
@@ -283,7 +286,10 @@ class Engine:
         self.stats.cost.add(self.stats.batch_tokens, elapsed)
         options = {"ar" if plan.demoted else request.option for request, plan in scheduled}
         if not prefilling and len(options) == 1 and None not in options:
-            self.stats.options.observe_step(options.pop(), len(scheduled), elapsed)
+            # from the previous step's end: what the driver spent delivering its outputs counts too
+            since = start if self._last_step_end is None else self._last_step_end
+            self.stats.options.observe_step(options.pop(), len(scheduled), now - since)
+        self._last_step_end = now
         for request, plan in scheduled:
             if plan.demoted and request.option is not None:
                 self.stats.options.observe_demoted(request.option)
