@@ -12,8 +12,11 @@ own packed weights, AMX tiles (``amx``) where the CPU has them, AVX512-BF16 dot 
 (``dpbf16``) where it has those, else through MKL's bf16 GEMM (``mkl_bf16``), not the oneDNN product
 the Python layers then use (it has no C entry point), so that such a bf16 model's logits differ from
 the Python layers' by bf16 roundings. SiLU uses its own exponential (float
-rounding of ``F.silu``). The final norm runs in the same call on the rows the step reads; embedding and
-the head stay in Python.
+rounding of ``F.silu``). Past the last layer's attention only the rows the step reads (its logit and
+deferred rows) go on through the output product and the MLP: the others' keys and values have served
+the attention and their outputs would be dropped (a draft reads the rows its verify will check, a
+prefill chunk its last row). The final norm runs in the same call on those rows; embedding and the
+head stay in Python.
 
 Which forwards: all of a model's serving forwards or none of them, decided from the model alone
 (never the batch), so a row is computed the same way in every forward, which is what keeps
@@ -138,8 +141,8 @@ class NativeDecoder:
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qscale: torch.Tensor | None,
                  batch: StepBatch, cache: PagedKVCache) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
-        """Run every layer on ``x`` [T, hidden] (contiguous, the model's dtype) in place, writing the step's
-        keys/values; return the final norm of its logit rows and of its deferred rows (None without)."""
+        """Run every layer on ``x`` [T, hidden] (contiguous, the model's dtype; used as scratch), writing the
+        step's keys/values; return the final norm of its logit rows and of its deferred rows (None without)."""
         meta = batch.attention
         segments, table = meta.derived("native", lambda: cpu_attention.segments_and_slots(meta))
         write_rows, write_slots = native.int64(batch.write_rows), native.int64(batch.write_slots)

@@ -157,6 +157,42 @@ def test_a_row_is_the_same_alone_and_beside_other_requests(dtype, threads, reque
     assert torch.equal(mixed[2][0], mixed[0][0])
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_rows_read_compute_the_same_when_the_others_stop_early(dtype, request):
+    """Past the last layer's attention only the rows a step reads go on: a draft that reads three of its
+    rows, beside a verify block that reads every row and a prefill chunk that reads only its last, gives
+    those rows the logits they get when every row is read, bit for bit (the adapter still on the draft's
+    rows only), and a step that reads no row at all still writes its keys and values."""
+    model = request.getfixturevalue(f"bundled_{dtype}")
+    assert _served(model)
+    mask = model.config.mask_token_id
+    prompts = _prompts(model.config.vocab_size)
+    tokens = [5, 9, 11, 13, 7, 6, 8, 10]
+    chunk = [17, 23, 29, 31, 37, 41]
+
+    def forward(draft_rows: list[int], chunk_rows: list[int] | None) -> tuple[Steps, list[torch.Tensor]]:
+        steps = Steps(model, prompts)
+        items = [
+            (0, causal_segment(tokens, steps.lengths[0], write=True)),
+            (1, draft_segment(tokens[0], steps.lengths[1], 8, mask, logit_rows=draft_rows)),
+            (2, causal_segment(chunk, steps.lengths[2], write=True, logit_rows=chunk_rows)),
+        ]
+        return steps, steps.run(items)
+
+    _, every = forward(list(range(8)), None)
+    _, some = forward([2, 5, 6], [len(chunk) - 1])
+    assert torch.equal(some[0], every[0])
+    assert torch.equal(some[1], every[1][[2, 5, 6]])
+    assert torch.equal(some[2], every[2][-1:])
+    # a chunk that reads nothing writes the same cache: the next token's logits agree
+    reading, _ = forward([1], [len(chunk) - 1])
+    silent, _ = forward([1], [])
+    after = [(2, causal_segment([43], reading.lengths[2] + len(chunk), write=True))]
+    for steps in (reading, silent):
+        steps.kv.set_length(2, steps.lengths[2] + len(chunk))
+    assert torch.equal(reading.run(after)[0], silent.run(after)[0])
+
+
 @pytest.mark.parametrize("block_length", (8, 32))
 def test_speculation_equals_ar_through_it(bundled_fp32, block_length):
     assert _served(bundled_fp32)

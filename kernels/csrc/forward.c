@@ -185,13 +185,48 @@ static void silu_times_up(const void *gate_up, void *act, int64_t rows, int64_t 
 
 static int64_t larger(int64_t a, int64_t b) { return a > b ? a : b; }
 
+/* The last layer past its attention needs only the rows the step reads, now or deferred: the other
+ * rows' keys and values have served the attention, and their outputs would be dropped. Moves those
+ * rows' hidden states (x) and attention outputs (attn) to the front, in order, and makes `sub` the
+ * step over them (draft, read and deferred rows renumbered into `numbers`: the step's rows + drafts +
+ * reads + kept int64s). Each row's products and norms are its own, so the rows kept compute exactly
+ * what they would beside the others. Returns the number of rows kept. */
+static int64_t keep_read_rows(const struct step *s, char *x, size_t x_row, char *attn, size_t attn_row,
+                              struct step *sub, int64_t *numbers) {
+    int64_t *index = numbers, *drafts = numbers + s->rows, *reads = drafts + s->drafts, *kept = reads + s->reads;
+    for (int64_t r = 0; r < s->rows; r++) index[r] = -1;
+    for (int64_t i = 0; i < s->reads; i++) index[s->read_rows[i]] = 0;
+    for (int64_t i = 0; i < s->kept; i++) index[s->kept_rows[i]] = 0;
+    int64_t rows = 0;
+    for (int64_t r = 0; r < s->rows; r++) {
+        if (index[r] < 0) continue;
+        index[r] = rows;
+        if (rows != r) { /* rows only move forward: what is overwritten was moved already or is not kept */
+            memmove(x + (size_t)rows * x_row, x + (size_t)r * x_row, x_row);
+            memmove(attn + (size_t)rows * attn_row, attn + (size_t)r * attn_row, attn_row);
+        }
+        rows++;
+    }
+    *sub = *s;
+    sub->rows = rows;
+    sub->drafts = 0;
+    for (int64_t i = 0; i < s->drafts; i++)
+        if (index[s->draft_rows[i]] >= 0) drafts[sub->drafts++] = index[s->draft_rows[i]];
+    for (int64_t i = 0; i < s->reads; i++) reads[i] = index[s->read_rows[i]];
+    for (int64_t i = 0; i < s->kept; i++) kept[i] = index[s->kept_rows[i]];
+    sub->draft_rows = drafts, sub->read_rows = reads, sub->kept_rows = kept;
+    return rows;
+}
+
 /* Runs every layer on s->x in place, in the model's dtype (fp32 or bf16), then the final norm on the
- * rows the step reads. Returns 0; -1 when out of memory, or the attention's status. */
+ * rows the step reads (after the last layer's attention, only those rows go on: keep_read_rows; s->x
+ * holds them at its front when this returns). Returns 0; -1 when out of memory, or the attention's
+ * status. */
 int decoder_forward(const struct model *m, const struct step *s) {
-    const int64_t t = s->rows, hidden = m->hidden, inter = m->intermediate, d = m->d, kv_width = m->hkv * d;
+    const int64_t hidden = m->hidden, inter = m->intermediate, d = m->d, kv_width = m->hkv * d;
     const int64_t heads = m->hq + m->hkv, qkv_width = (m->hq + 2 * m->hkv) * d, q_width = m->hq * d;
     const size_t es = element(m->dtype);
-    int64_t pad_in = 0, pad_out = 0, wide = 0;
+    int64_t t = s->rows, pad_in = 0, pad_out = 0, wide = 0;
     for (int64_t i = 0; i < m->layers; i++) {
         const struct layer *l = &m->layer[i];
         const struct product *all[] = {&l->qkv, &l->o, &l->gate_up, &l->down, &l->o_draft, &l->gate_up_draft,
@@ -208,8 +243,11 @@ int decoder_forward(const struct model *m, const struct step *s) {
     const int64_t activations = t * (hidden + qkv_width + heads * d + q_width + hidden + 2 * inter + inter);
     /* elements of the dtype first, then fp32 scratch; 64-byte aligned pieces */
     const size_t typed = ((size_t)(activations + gather + pad_in) * es + 63) / 64 * 64;
-    char *scratch = aligned_alloc(64, typed + ((size_t)(pad_out + wide) * sizeof(float) + 63) / 64 * 64);
+    const size_t wide_bytes = ((size_t)(pad_out + wide) * sizeof(float) + 63) / 64 * 64;
+    char *scratch = aligned_alloc(64, typed + wide_bytes + (size_t)(t + s->drafts + s->reads + s->kept) * 8);
     if (!scratch) return -1;
+    int64_t *numbers = (int64_t *)(scratch + typed + wide_bytes);
+    struct step last;
 #define NEXT(ptr, count) ptr = cursor, cursor += (size_t)(count) * es
     char *cursor = scratch, *h, *qkv, *roped, *attn, *proj, *gate_up, *act, *gathered;
     NEXT(h, t * hidden); NEXT(qkv, t * qkv_width); NEXT(roped, t * heads * d); NEXT(attn, t * q_width);
@@ -236,6 +274,10 @@ int decoder_forward(const struct model *m, const struct step *s) {
                                    m->hq, m->hkv, d, s->segments, s->segment_table, s->prefix_slots, s->slot_stride,
                                    m->scale, m->dtype);
         if (status) break;
+        if (i == m->layers - 1 && s->reads + s->kept < t) {
+            t = keep_read_rows(s, x, (size_t)hidden * es, attn, (size_t)q_width * es, &last, numbers);
+            s = &last;
+        }
         adapted(m, s, &l->o, &l->o_draft, attn, proj, &pads, gathered);
         residual(x, proj, t * hidden, m->dtype);
         if ((status = rms_norm(x, hidden, l->post_norm, h, t, hidden, m->eps, m->dtype))) break;
