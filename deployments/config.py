@@ -35,6 +35,7 @@ class ModelSpec:
     prefix_caching: bool = True
     affinity_imbalance: int = 8  # prompts that start alike share a replica unless it queues this many more
     stream_interval_s: float = 0.1  # while requests share the engine, a stream sends at most this often
+    lone_stream_interval_s: float = 0.005  # a lone request's stream sends at most this often
     engine_process: bool = True  # step the engine in a process of its own (tensor parallel: always a thread)
     priority_ageing_s: float = 5.0  # a request waiting this long counts one tier more urgent
     # above this many requests speculative ones take AR steps ("auto": where the calibration says
@@ -61,6 +62,10 @@ class ModelSpec:
             check_speculation_max_batch(self.speculation_max_batch)
         except ValueError as exc:
             raise ValueError(f"model {self.name}: {exc}") from None
+        for name in ("stream_interval_s", "lone_stream_interval_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 10:
+                raise ValueError(f"model {self.name}: {name} must be seconds from 0 to 10, got {value!r}")
         for flag in ("prefix_caching", "engine_process", "cuda_graphs"):
             if not isinstance(getattr(self, flag), bool):  # a quoted "false" would read as on
                 raise ValueError(f"model {self.name}: {flag} must be true or false, got {getattr(self, flag)!r}")

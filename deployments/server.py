@@ -65,18 +65,19 @@ class ModelServer:
             },
         )
         self.group = None  # tensor parallel: the other ranks (this replica is rank 0)
+        intervals = (self.spec.stream_interval_s, self.spec.lone_stream_interval_s)
         if self.spec.tensor_parallel_size > 1:  # rank 0 steps on a thread here, beside its group's handles
             torch.set_num_threads(self.spec.cpu_threads)
             self.group = self._start_group()
             engine, info = build_engine(self.group.model, settings, warm=False)  # ranks prepare on their first step
-            self.engine: StreamFront = AsyncEngine(engine, self.spec.stream_interval_s, vlm=self.group.vlm)
+            self.engine: StreamFront = AsyncEngine(engine, *intervals, vlm=self.group.vlm)
             info["vlm"] = self.group.vlm is not None
         elif self.spec.engine_process:
-            self.engine = ProcessEngine(settings, self.spec.stream_interval_s)
+            self.engine = ProcessEngine(settings, *intervals)
             info = self.engine.info
         else:
             host = load_host(settings)
-            self.engine = AsyncEngine(host.engine, self.spec.stream_interval_s, vlm=host.vlm)
+            self.engine = AsyncEngine(host.engine, *intervals, vlm=host.vlm)
             info = host.info
         self.accepts_images = info["vlm"]
         if "warm_up_s" in info:

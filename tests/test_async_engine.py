@@ -87,7 +87,7 @@ def test_check_health_fails_when_the_loop_is_stuck(tmp_path):
         server.check_health()
 
 
-def test_busy_streams_send_fewer_larger_messages_a_lone_one_every_step():
+def test_busy_streams_send_fewer_larger_messages_a_lone_one_at_its_own_interval():
     model = random_model(seed=25, eos_token_id=None)
     driver = AsyncEngine(Engine(model, num_pages=64, page_size=8), stream_interval_s=0.2)
 
@@ -104,8 +104,9 @@ def test_busy_streams_send_fewer_larger_messages_a_lone_one_every_step():
     for i, (messages, tokens) in enumerate(asyncio.run(together())):
         assert tokens == models.generate(model, [1, 4 + i, 9], max_new_tokens=30).tokens
         assert messages < 15  # outputs of several steps merged into each message
-    # a lone stream is not held back: one message per step. Steps are slowed to 10 ms here so that the
-    # consumer always keeps up (one that lags gets the missed steps merged, whatever the interval)
+    # a lone stream with no interval of its own is not held back: one message per step. Steps are slowed
+    # to 10 ms here so that the consumer always keeps up (one that lags gets the missed steps merged,
+    # whatever the interval)
     engine_step = driver.engine.step
 
     def slow_step():
@@ -116,6 +117,9 @@ def test_busy_streams_send_fewer_larger_messages_a_lone_one_every_step():
     driver.engine.step = slow_step
     messages, tokens = asyncio.run(one(7))
     assert messages == 30 and tokens == models.generate(model, [1, 11, 9], max_new_tokens=30).tokens
+    driver.lone_stream_interval_s = 0.05  # its own interval: about one message per 5 steps, the same tokens
+    messages, tokens = asyncio.run(one(7))
+    assert 3 <= messages <= 12 and tokens == models.generate(model, [1, 11, 9], max_new_tokens=30).tokens
 
 
 def test_engine_process_streams_scores_refuses_and_cancels(tmp_path):

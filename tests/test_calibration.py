@@ -15,7 +15,7 @@ from deployments.cli import main
 from deployments.stats_board import StatsBoard, merge_stats
 from models.calibration import calibrate, device_key, load_priors, options_for, save_calibration
 from models.engine import Engine
-from models.engine.costs import OptionCosts, OptionStats, cost_line, option_key, request_option, split_option
+from models.engine.costs import FIT_WINDOW, OptionCosts, OptionStats, cost_fit, option_key, request_option, split_option
 from models.modes import DecodeParams
 
 
@@ -45,13 +45,15 @@ def test_live_steps_rescale_every_calibrated_option_alike():
     )  # priors untouched
 
 
-def test_a_fixed_cost_per_step_is_told_apart_from_a_slower_device():
-    """Serving adds about the same time to every step (delivering its outputs): once live steps of
-    options with different calibrated costs are seen, the line through them charges AR's cheap steps
-    that time rather than tripling every option, and speculation is predicted to pay again."""
+def test_a_fixed_cost_per_request_is_told_apart_from_a_slower_device():
+    """Serving adds about the same time to every request of every step (delivering its output): once
+    live steps of options with different calibrated costs are seen, the fit charges AR's cheap steps
+    that time rather than tripling every option, and speculation is predicted to pay again; the time
+    is charged per request, so a crowd's steps do not make a lone request's dearest option look best."""
     priors = {
         "ar": OptionStats(tpf=1.0, step_s=0.0005, per_request_s=0.0001),
         "linear_spec@8": OptionStats(tpf=2.4, step_s=0.00125, per_request_s=0.0006),
+        "quadratic_spec@16": OptionStats(tpf=3.4, step_s=0.0026, per_request_s=0.002),
     }
     costs = OptionCosts(priors)
     for _ in range(20):
@@ -61,13 +63,20 @@ def test_a_fixed_cost_per_step_is_told_apart_from_a_slower_device():
     assert spec.step_cost(1) / spec.tpf > ar.step_cost(1)  # as a factor, speculation looks slower than AR
     for _ in range(5):
         costs.observe_step("linear_spec@8", 1, 0.00125 + 0.001)
-        costs.observe_step("linear_spec@8", 2, 0.00185 + 0.001)
+        costs.observe_step("linear_spec@8", 2, 0.00185 + 0.002)
     assert (costs.scale, costs.overhead) == (pytest.approx(1.0), pytest.approx(0.001))
-    ar, spec = costs.figures("ar"), costs.figures("linear_spec@8")
-    assert ar.step_s == pytest.approx(0.0015) and ar.per_request_s == pytest.approx(0.0001)
+    ar, spec, quadratic = (costs.figures(k) for k in ("ar", "linear_spec@8", "quadratic_spec@16"))
+    assert ar.step_s == pytest.approx(0.0015) and ar.per_request_s == pytest.approx(0.0011)
     assert spec.step_cost(1) / spec.tpf < ar.step_cost(1)
-    assert cost_line([(1.0, 3.0), (2.0, 1.0)]) == (pytest.approx(2.0 / 1.5), 0.0)  # a falling line: a factor
-    assert cost_line([(1.0, 0.5), (2.0, 2.0)]) == (pytest.approx(2.5 / 3.0), 0.0)  # below zero at 0: a factor
+    # a crowd of 16 whose steps each cost 0.3 ms per request more than calibrated
+    for _ in range(FIT_WINDOW):
+        for key in ("ar", "linear_spec@8"):
+            costs.observe_step(key, 16, priors[key].step_cost(16) + 16 * 0.0003)
+    assert (costs.scale, costs.overhead) == (pytest.approx(1.0), pytest.approx(0.0003))
+    spec, quadratic = costs.figures("linear_spec@8"), costs.figures("quadratic_spec@16")
+    assert quadratic.step_cost(1) / quadratic.tpf > spec.step_cost(1) / spec.tpf
+    assert cost_fit([(1.0, 1, 3.0), (2.0, 1, 1.0)]) == (pytest.approx(4.0 / 3.0), 0.0)  # no positive factor
+    assert cost_fit([(1.0, 1, 0.5), (2.0, 1, 2.0)]) == (pytest.approx(2.5 / 3.0), 0.0)  # a negative overhead
 
 
 def test_uncalibrated_options_learn_from_lone_steps():

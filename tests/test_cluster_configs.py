@@ -114,6 +114,12 @@ def test_model_spec_rejects_bad_tensor_parallel_settings():
         parse_config({"models": [{"name": "m", "path": "x", "tensor_parallel_size": 2, "cuda_graphs": True}]})
 
 
+def test_model_spec_rejects_bad_stream_intervals():
+    for name, value in (("stream_interval_s", -1), ("lone_stream_interval_s", "5ms")):
+        with pytest.raises(ValueError, match=f"{name} must be seconds from 0 to 10, got"):
+            parse_config({"models": [{"name": "m", "path": "x", name: value}]})
+
+
 def test_router_settings_are_validated():
     model = {"name": "m", "path": "x"}
     assert parse_config({"models": [model], "router": {"load_window_s": 2}}).load_window_s == 2.0

@@ -29,13 +29,15 @@ from models.segments import PromptEmbeds
 
 class StreamFront:
     """What both engine drivers share: one asyncio queue per request, outputs a slow consumer missed
-    merged into one message, and the least time between two messages of a busy stream.
+    merged into one message, and the least time between two messages of a stream (one for a busy
+    engine, one for a lone request).
 
     A driver implements ``_add`` (queue a request; may raise ValueError on bad input), ``_cancel``,
     ``call`` and ``stats``, and hands outputs to ``_deliver`` from whatever thread produces them."""
 
-    def __init__(self, stream_interval_s: float = 0.0) -> None:
+    def __init__(self, stream_interval_s: float = 0.0, lone_stream_interval_s: float = 0.0) -> None:
         self.stream_interval_s = stream_interval_s
+        self.lone_stream_interval_s = lone_stream_interval_s
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.last_progress = time.monotonic()
         self.error: BaseException | None = None
@@ -94,8 +96,10 @@ class StreamFront:
 
     def _interval(self) -> float:
         """Least time between two messages of one stream: ``stream_interval_s`` while other requests
-        share the engine (messages cost CPU the batch needs), none for a lone request."""
-        return self.stream_interval_s if self.stats.running > 1 else 0.0
+        share the engine (messages cost CPU the batch needs), ``lone_stream_interval_s`` for a lone
+        request (each message costs the replica, ingress and proxy CPU, on a small machine the
+        engine's own: a few milliseconds keep a stream smooth and give the engine its core back)."""
+        return self.stream_interval_s if self.stats.running > 1 else self.lone_stream_interval_s
 
     def _deliver(self, items: list[StepOutput | BaseException], request_ids: list[str] | None = None) -> None:
         """Hand items to their requests' queues: one thread-safe call per event loop."""
@@ -124,8 +128,10 @@ class StreamFront:
 class AsyncEngine(StreamFront):
     """The engine stepping on a thread of this process."""
 
-    def __init__(self, engine: Engine, stream_interval_s: float = 0.0, vlm: Any = None) -> None:
-        super().__init__(stream_interval_s)
+    def __init__(
+        self, engine: Engine, stream_interval_s: float = 0.0, lone_stream_interval_s: float = 0.0, vlm: Any = None
+    ) -> None:
+        super().__init__(stream_interval_s, lone_stream_interval_s)
         self.engine = engine
         self.host = EngineHost(engine, vlm)
         self._ops: deque[Callable[[], None]] = deque()

@@ -8,19 +8,21 @@ request in it was decoding in one option (a prefill chunk or a neighbour in anot
 blur the figure); a request's tokens per forward counts when it finishes.
 
 Step costs are refreshed for the whole device, not per option: every counted step of a calibrated
-option joins a window of (calibrated prediction, live seconds), and live = ``scale`` x prediction +
-``overhead`` is fitted over it; every calibrated option's costs are reported through that line.
-Serving adds costs calibration does not see, and they slow every option alike: neighbours compete
-for the CPU (a factor), and every step's outputs are delivered, streamed and parsed by processes
-that share the machine (about the same time per step whatever the step computed; on a 2-core Zen 4
-EPYC, 1.0 ms on a 0.5 ms AR step and 0.5 ms on a 1.3 ms linear_spec@8 one, over HTTP). A factor
-alone made AR's cheap steps look three times dearer to the router, and speculation, which takes
-fewer of them, as dear as AR. Refreshing each option's cost on its own would instead leave the
-options traffic has not visited lately looking cheaper than the ones it has, and the router would
-chase stale figures. While the window's predictions do not spread enough to separate the two (a
-single option at one batch size), or the fit is not a rising line with a non-negative intercept,
-the overhead is 0 and the factor is the window's ratio of live to predicted seconds. An option
-without calibration learns its lone step time from its own lone-request steps.
+option joins a window of (calibrated prediction, requests, live seconds), and live = ``scale`` x
+prediction + ``overhead`` x requests is fitted over it; every calibrated option's costs are reported
+through it. Serving adds costs calibration does not see, and they slow every option alike:
+neighbours compete for the CPU (a factor), and every step's output for each of its requests is
+delivered, streamed and parsed by processes that share the machine (about the same time whatever
+the step computed; on a 2-core Zen 4 EPYC, 1.0 ms on a 0.5 ms AR step and 0.5 ms on a 1.3 ms
+linear_spec@8 one, for a lone request over HTTP). A factor alone made AR's cheap steps look three
+times dearer to the router, and speculation, which takes fewer of them, as dear as AR; an overhead
+per step rather than per request, learnt in a crowd, made a lone request's dearest options look
+cheapest. Refreshing each option's cost on its own would instead leave the options traffic has not
+visited lately looking cheaper than the ones it has, and the router would chase stale figures. While
+the window's predictions per request do not spread enough to separate the two terms (a single option
+at one batch size), or the fit gives no positive factor or a negative overhead, the overhead is 0
+and the factor is the window's ratio of live to predicted seconds. An option without calibration
+learns its lone step time from its own lone-request steps.
 """
 
 from __future__ import annotations
@@ -118,44 +120,47 @@ def _ema(old: float | None, new: float, weight: float) -> float:
     return new if old is None else (1 - weight) * old + weight * new
 
 
-SPREAD = 1.5  # the fit needs window predictions this many times apart (largest over smallest)
-FIT_WINDOW = 64  # recent steps the device's cost line is fitted over
+SPREAD = 1.5  # the fit needs window steps whose predictions per request lie this many times apart
+FIT_WINDOW = 64  # recent steps the device's cost fit is made over
 
 
-def cost_line(points: Iterable[tuple[float, float]]) -> tuple[float, float]:
-    """(scale, overhead) of live seconds = scale x predicted + overhead over ``points`` (predicted,
-    live), least squares; (ratio of sums, 0) where the predictions do not spread by ``SPREAD`` or
-    the line would not rise or would start below zero."""
+def cost_fit(points: Iterable[tuple[float, int, float]]) -> tuple[float, float]:
+    """(scale, overhead) of live seconds = scale x predicted + overhead x requests over ``points``
+    (predicted seconds, requests, live seconds), least squares; (ratio of sums, 0) where the steps'
+    predictions per request do not spread by ``SPREAD`` (the two terms cannot be told apart) or the
+    fit gives no positive scale or a negative overhead."""
     points = list(points)
-    n = len(points)
-    sx = sum(x for x, _ in points)
-    sy = sum(y for _, y in points)
-    ratio = sy / sx if sx > 0 else 1.0
-    if n < 2 or max(x for x, _ in points) < SPREAD * min(x for x, _ in points):
+    sx = sum(x for x, _, _ in points)
+    ratio = sum(y for _, _, y in points) / sx if sx > 0 else 1.0
+    per_request = [x / r for x, r, _ in points]
+    if len(points) < 2 or max(per_request) < SPREAD * min(per_request):
         return ratio, 0.0
-    sxx = sum(x * x for x, _ in points)
-    sxy = sum(x * y for x, y in points)
-    slope = (n * sxy - sx * sy) / (n * sxx - sx * sx)
-    intercept = (sy - slope * sx) / n
-    if slope <= 0 or intercept < 0:
+    sxx = sum(x * x for x, _, _ in points)
+    sxr = sum(x * r for x, r, _ in points)
+    srr = sum(r * r for _, r, _ in points)
+    sxy = sum(x * y for x, _, y in points)
+    sry = sum(r * y for _, r, y in points)
+    det = sxx * srr - sxr * sxr
+    scale, overhead = (sxy * srr - sry * sxr) / det, (sry * sxx - sxy * sxr) / det
+    if scale <= 0 or overhead < 0:
         return ratio, 0.0
-    return slope, intercept
+    return scale, overhead
 
 
 class OptionCosts:
-    """Per-option figures: calibrated priors through one live cost line, TPFs refreshed per option.
+    """Per-option figures: calibrated priors through one live cost fit, TPFs refreshed per option.
 
     ``options`` holds what is observed per option (TPF, samples, and the lone step time of an
-    uncalibrated option); a calibrated option's step costs are its priors through the line
-    (``scale`` x prior + ``overhead`` for a step, ``scale`` x prior for each further request),
-    applied when they are read (``snapshot``)."""
+    uncalibrated option); a calibrated option's step costs are its priors through the fit (``scale``
+    x prior + ``overhead``, for a step and for each further request), applied when they are read
+    (``snapshot``)."""
 
     def __init__(self, priors: dict[str, OptionStats] | None = None, ema: float = 0.2) -> None:
         self.priors = {key: replace(stats, samples=0) for key, stats in (priors or {}).items()}
         self.options = {key: replace(stats) for key, stats in self.priors.items()}
         self.scale = 1.0  # live step time per second of calibrated prediction
-        self.overhead = 0.0  # seconds serving adds to every step
-        self.window: deque[tuple[float, float]] = deque(maxlen=FIT_WINDOW)
+        self.overhead = 0.0  # seconds serving adds to a step per request in it
+        self.window: deque[tuple[float, int, float]] = deque(maxlen=FIT_WINDOW)
         self.ema = ema
 
     def observe_step(self, key: str, requests: int, seconds: float) -> None:
@@ -164,8 +169,8 @@ class OptionCosts:
         stats = self.options.setdefault(key, OptionStats())
         prior = self.priors.get(key)
         if prior is not None and prior.step_s:
-            self.window.append((prior.step_cost(requests), seconds))
-            self.scale, self.overhead = cost_line(self.window)
+            self.window.append((prior.step_cost(requests), requests, seconds))
+            self.scale, self.overhead = cost_fit(self.window)
         elif requests == 1:
             stats.step_s = _ema(stats.step_s, seconds, self.ema)
         else:
@@ -190,11 +195,11 @@ class OptionCosts:
         return prior is not None and prior.step_s is not None
 
     def figures(self, key: str) -> OptionStats | None:
-        """An option's current figures, calibrated step costs through the live cost line."""
+        """An option's current figures, calibrated step costs through the live cost fit."""
         stats = self.options.get(key)
         prior = self.priors.get(key)
         if stats is not None and prior is not None and prior.step_s:
-            per_request = prior.per_request_s and prior.per_request_s * self.scale
+            per_request = prior.per_request_s and prior.per_request_s * self.scale + self.overhead
             stats = replace(stats, step_s=prior.step_s * self.scale + self.overhead, per_request_s=per_request)
         return stats
 

@@ -45,8 +45,10 @@ READY_TIMEOUT_S = 600.0
 class ProcessEngine(StreamFront):
     """Start an engine process for ``settings`` and wait until it has loaded and warmed up."""
 
-    def __init__(self, settings: EngineSettings, stream_interval_s: float = 0.0) -> None:
-        super().__init__(stream_interval_s)
+    def __init__(
+        self, settings: EngineSettings, stream_interval_s: float = 0.0, lone_stream_interval_s: float = 0.0
+    ) -> None:
+        super().__init__(stream_interval_s, lone_stream_interval_s)
         ours, theirs = socket.socketpair()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         self._process = subprocess.Popen(
