@@ -12,9 +12,25 @@
  */
 #include "common.h"
 
+/* weight [n][k] -> packed [n / 64][k / 32][4][16][32]: per pass of 64 columns and step of 32 k values,
+ * four tiles of 16 rows (pairs of k) by 16 columns, each pair's two values side by side */
+void amx_pack(const uint16_t *weight, int64_t n, int64_t k, uint16_t *packed) {
+    const int64_t steps = k / 32;
+    for (int64_t g = 0; g < n / 64; g++)
+        for (int64_t s = 0; s < steps; s++)
+            for (int64_t t = 0; t < 4; t++) {
+                uint16_t *tile = packed + ((g * steps + s) * 4 + t) * 512;
+                for (int64_t pair = 0; pair < 16; pair++)
+                    for (int64_t col = 0; col < 16; col++) {
+                        const uint16_t *w = weight + (g * 64 + t * 16 + col) * k + s * 32 + 2 * pair;
+                        tile[pair * 32 + col * 2] = w[0];
+                        tile[pair * 32 + col * 2 + 1] = w[1];
+                    }
+            }
+}
+
 #if defined(__x86_64__) && defined(__GNUC__) && __GNUC__ >= 11
 #include <immintrin.h>
-#include <omp.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -34,23 +50,6 @@ int amx_ready(void) {
     if (!(edx & (1u << 22)) || !(edx & (1u << 24))) return 0; /* AMX-BF16, AMX-TILE */
     /* ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA: Linux enables the tile registers on request */
     return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-}
-
-/* weight [n][k] -> packed [n / 64][k / 32][4][16][32]: per pass of 64 columns and step of 32 k values,
- * four tiles of 16 rows (pairs of k) by 16 columns, each pair's two values side by side */
-void amx_pack(const uint16_t *weight, int64_t n, int64_t k, uint16_t *packed) {
-    const int64_t steps = k / 32;
-    for (int64_t g = 0; g < n / 64; g++)
-        for (int64_t s = 0; s < steps; s++)
-            for (int64_t t = 0; t < 4; t++) {
-                uint16_t *tile = packed + ((g * steps + s) * 4 + t) * 512;
-                for (int64_t pair = 0; pair < 16; pair++)
-                    for (int64_t col = 0; col < 16; col++) {
-                        const uint16_t *w = weight + (g * 64 + t * 16 + col) * k + s * 32 + 2 * pair;
-                        tile[pair * 32 + col * 2] = w[0];
-                        tile[pair * 32 + col * 2 + 1] = w[1];
-                    }
-            }
 }
 
 /* one block of up to 16 rows (rows0) against four tiles of columns: sums in tiles 0-3, the input in
@@ -142,30 +141,14 @@ AMX_TARGET static void columns(const uint16_t *in, int64_t rows, const uint16_t 
     _tile_release();
 }
 
-/* threads > 1: the passes of 64 columns are shared out among up to that many threads, four passes at
- * least each (below that, starting a thread costs about what it saves), through OpenMP (the runtime
- * torch's CPU build loads too); each output is computed by the same operations whichever thread runs
- * it, so the thread count changes no bit */
+/* every row through the passes of 64 columns, shared out among threads as run_passes does */
 void amx_gemm(const uint16_t *in, int64_t rows, const uint16_t *packed, int64_t n, int64_t k, float *out,
               int64_t threads) {
-    const int64_t passes = n / 64;
-    if (threads > passes / 4) threads = passes / 4;
-    if (threads <= 1 || rows == 0) {
-        columns(in, rows, packed, n, k, out, 0, passes);
-        return;
-    }
-#pragma omp parallel num_threads((int)threads)
-    {
-        const int64_t t = omp_get_thread_num(), count = omp_get_num_threads();
-        columns(in, rows, packed, n, k, out, passes * t / count, passes * (t + 1) / count);
-    }
+    run_passes(columns, in, rows, packed, n, k, out, n / 64, threads);
 }
 
 #else
 int amx_ready(void) { return 0; }
-void amx_pack(const uint16_t *weight, int64_t n, int64_t k, uint16_t *packed) {
-    (void)weight, (void)n, (void)k, (void)packed;
-}
 void amx_gemm(const uint16_t *in, int64_t rows, const uint16_t *packed, int64_t n, int64_t k, float *out,
               int64_t threads) {
     (void)in, (void)rows, (void)packed, (void)n, (void)k, (void)out, (void)threads;

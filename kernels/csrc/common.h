@@ -174,6 +174,13 @@ int amx_ready(void);
 void amx_pack(const uint16_t *weight, int64_t n, int64_t k, uint16_t *packed);
 void amx_gemm(const uint16_t *in, int64_t rows, const uint16_t *packed, int64_t n, int64_t k, float *out,
               int64_t threads);
+/* The column passes of a packed bf16 product (amx_gemm.c, dpbf16_gemm.c): every row against the passes
+ * g0..g1-1 of the packed weight's columns */
+typedef void (*column_passes)(const uint16_t *in, int64_t rows, const uint16_t *packed, int64_t n, int64_t k,
+                              float *out, int64_t g0, int64_t g1);
+/* forward.c: `passes` shared out among up to `threads` threads, four at least each */
+void run_passes(column_passes columns, const uint16_t *in, int64_t rows, const uint16_t *packed, int64_t n, int64_t k,
+                float *out, int64_t passes, int64_t threads);
 /* dpbf16_gemm.c: the same contract on AVX512-BF16 dot products, for CPUs without AMX */
 int dpbf16_ready(void);
 void dpbf16_pack(const uint16_t *weight, int64_t n, int64_t k, uint16_t *packed);

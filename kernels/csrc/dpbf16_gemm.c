@@ -15,9 +15,21 @@
  */
 #include "common.h"
 
+/* weight [n][k] -> packed [n / 16][k / 2][16][2]: per vector of 16 columns and pair of k values, each
+ * column's two values side by side (one 64-byte load per pair) */
+void dpbf16_pack(const uint16_t *weight, int64_t n, int64_t k, uint16_t *packed) {
+    for (int64_t v = 0; v < n / 16; v++)
+        for (int64_t pair = 0; pair < k / 2; pair++)
+            for (int64_t col = 0; col < 16; col++) {
+                const uint16_t *w = weight + (v * 16 + col) * k + 2 * pair;
+                uint16_t *dst = packed + ((v * (k / 2) + pair) * 16 + col) * 2;
+                dst[0] = w[0];
+                dst[1] = w[1];
+            }
+}
+
 #if defined(__x86_64__) && defined(__GNUC__) && __GNUC__ >= 11
 #include <immintrin.h>
-#include <omp.h>
 
 #define DP_TARGET __attribute__((target("avx512f,avx512bf16")))
 #define ROWS 4    /* rows per block: ROWS x COLUMNS sums, COLUMNS weight vectors and one input in registers */
@@ -35,19 +47,6 @@ int dpbf16_ready(void) {
     if (!(ebx & (1u << 16)) || eax < 1) return 0; /* AVX512-F; sub-leaf 1 exists */
     __asm__("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(1));
     return (eax >> 5) & 1u; /* AVX512-BF16 */
-}
-
-/* weight [n][k] -> packed [n / 16][k / 2][16][2]: per vector of 16 columns and pair of k values, each
- * column's two values side by side (one 64-byte load per pair) */
-void dpbf16_pack(const uint16_t *weight, int64_t n, int64_t k, uint16_t *packed) {
-    for (int64_t v = 0; v < n / 16; v++)
-        for (int64_t pair = 0; pair < k / 2; pair++)
-            for (int64_t col = 0; col < 16; col++) {
-                const uint16_t *w = weight + (v * 16 + col) * k + 2 * pair;
-                uint16_t *dst = packed + ((v * (k / 2) + pair) * 16 + col) * 2;
-                dst[0] = w[0];
-                dst[1] = w[1];
-            }
 }
 
 /* `rows` (1..ROWS) rows against the COLUMNS vectors of one pass (`b`: the first vector's packed
@@ -92,28 +91,14 @@ DP_TARGET static void columns(const uint16_t *in, int64_t rows, const uint16_t *
     }
 }
 
-/* threads > 1: the passes are shared out among up to that many threads, four passes at least each,
- * through OpenMP (as amx_gemm.c does); the thread count changes no bit */
+/* every row through the passes, shared out among threads as run_passes does */
 void dpbf16_gemm(const uint16_t *in, int64_t rows, const uint16_t *packed, int64_t n, int64_t k, float *out,
                  int64_t threads) {
-    const int64_t passes = n / (COLUMNS * 16);
-    if (threads > passes / 4) threads = passes / 4;
-    if (threads <= 1 || rows == 0) {
-        columns(in, rows, packed, n, k, out, 0, passes);
-        return;
-    }
-#pragma omp parallel num_threads((int)threads)
-    {
-        const int64_t t = omp_get_thread_num(), count = omp_get_num_threads();
-        columns(in, rows, packed, n, k, out, passes * t / count, passes * (t + 1) / count);
-    }
+    run_passes(columns, in, rows, packed, n, k, out, n / (COLUMNS * 16), threads);
 }
 
 #else
 int dpbf16_ready(void) { return 0; }
-void dpbf16_pack(const uint16_t *weight, int64_t n, int64_t k, uint16_t *packed) {
-    (void)weight, (void)n, (void)k, (void)packed;
-}
 void dpbf16_gemm(const uint16_t *in, int64_t rows, const uint16_t *packed, int64_t n, int64_t k, float *out,
                  int64_t threads) {
     (void)in, (void)rows, (void)packed, (void)n, (void)k, (void)out, (void)threads;

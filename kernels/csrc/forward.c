@@ -10,9 +10,28 @@
  * decided, so a row's product depends on the row alone. Every other step
  * works row by row. A row's result therefore never depends on what shares the forward.
  */
+#include <omp.h>
 #include <stdlib.h>
 
 #include "common.h"
+
+/* threads > 1: the passes are shared out among up to that many threads, four passes at least each
+ * (below that, starting a thread costs about what it saves), through OpenMP (the runtime torch's CPU
+ * build loads too); each output is computed by the same operations whichever thread runs it, so the
+ * thread count changes no bit */
+void run_passes(column_passes columns, const uint16_t *in, int64_t rows, const uint16_t *packed, int64_t n, int64_t k,
+                float *out, int64_t passes, int64_t threads) {
+    if (threads > passes / 4) threads = passes / 4;
+    if (threads <= 1 || rows == 0) {
+        columns(in, rows, packed, n, k, out, 0, passes);
+        return;
+    }
+#pragma omp parallel num_threads((int)threads)
+    {
+        const int64_t t = omp_get_thread_num(), count = omp_get_num_threads();
+        columns(in, rows, packed, n, k, out, passes * t / count, passes * (t + 1) / count);
+    }
+}
 
 typedef void (*sgemm_fn)(const char *transa, const char *transb, const int *m, const int *n, const int *k,
                          const float *alpha, const float *a, const int *lda, const float *b, const int *ldb,
