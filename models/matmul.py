@@ -158,6 +158,12 @@ class Dpbf16(PackedBf16):
     kernel = "dpbf16"
 
 
+def packed_kernel(n: int, k: int) -> str | None:
+    """The first of triserve's own bf16 kernels (``PackedBf16``; AMX before AVX512-BF16) that takes a
+    [n, k] weight on this CPU, or None."""
+    return next((name for name in ("amx", "dpbf16") if getattr(native, f"{name}_fits")(n, k)), None)
+
+
 def _packed(weight: torch.Tensor) -> Product:
     packed = torch.ops.mkldnn._reorder_linear_weight(weight, ROW_MULTIPLE)
     return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
@@ -176,8 +182,8 @@ def backends_for(weight: torch.Tensor) -> list[str]:
         return ["blas", "packed"]
     if weight.dtype != torch.bfloat16 or not cpu_has_fast_half():
         return []
-    own = [name for name in ("amx", "dpbf16") if getattr(native, f"{name}_fits")(*weight.shape)]
-    return own[:1] + ["packed"]
+    own = packed_kernel(*weight.shape)
+    return [own, "packed"] if own else ["packed"]
 
 
 @functools.cache

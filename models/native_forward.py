@@ -130,7 +130,7 @@ class NativeDecoder:
         # a packed kernel, where one takes the fused shape), so both share one prepared copy; else MKL's
         # bf16 GEMM
         fused = (sum(w.shape[0] for w in weights), weights[0].shape[1])
-        if self.dtype == torch.float32 or native.amx_fits(*fused) or native.dpbf16_fits(*fused):
+        if self.dtype == torch.float32 or matmul.packed_kernel(*fused):
             return matmul.prepared(weights)
         return matmul.prepared(weights, ("mkl_bf16",))
 

@@ -15,7 +15,7 @@ from deployments.cli import main
 from deployments.stats_board import StatsBoard, merge_stats
 from models.calibration import calibrate, device_key, load_priors, options_for, save_calibration
 from models.engine import Engine
-from models.engine.costs import FIT_WINDOW, OptionCosts, OptionStats, cost_fit, option_key, request_option, split_option
+from models.engine.costs import FIT_WINDOW, CostFit, OptionCosts, OptionStats, option_key, request_option, split_option
 from models.modes import DecodeParams
 
 
@@ -75,8 +75,15 @@ def test_a_fixed_cost_per_request_is_told_apart_from_a_slower_device():
     assert (costs.scale, costs.overhead) == (pytest.approx(1.0), pytest.approx(0.0003))
     spec, quadratic = costs.figures("linear_spec@8"), costs.figures("quadratic_spec@16")
     assert quadratic.step_cost(1) / quadratic.tpf > spec.step_cost(1) / spec.tpf
-    assert cost_fit([(1.0, 1, 3.0), (2.0, 1, 1.0)]) == (pytest.approx(4.0 / 3.0), 0.0)  # no positive factor
-    assert cost_fit([(1.0, 1, 0.5), (2.0, 1, 2.0)]) == (pytest.approx(2.5 / 3.0), 0.0)  # a negative overhead
+    for points, ratio in (([(1.0, 1, 3.0), (2.0, 1, 1.0)], 4.0 / 3.0), ([(1.0, 1, 0.5), (2.0, 1, 2.0)], 2.5 / 3.0)):
+        fit = CostFit()
+        for point in points:
+            fit.add(*point)
+        assert fit.solve() == (pytest.approx(ratio), 0.0)  # no positive factor; a negative overhead
+    fit = CostFit(size=2)  # steps leave the window: only the last two count
+    for point in ((1.0, 1, 9.0), (1.0, 1, 2.0), (2.0, 1, 3.0)):
+        fit.add(*point)
+    assert fit.solve() == (pytest.approx(1.0), pytest.approx(1.0))
 
 
 def test_uncalibrated_options_learn_from_lone_steps():

@@ -28,7 +28,6 @@ learns its lone step time from its own lone-request steps.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 from models.modes import DecodeParams
@@ -124,27 +123,43 @@ SPREAD = 1.5  # the fit needs window steps whose predictions per request lie thi
 FIT_WINDOW = 64  # recent steps the device's cost fit is made over
 
 
-def cost_fit(points: Iterable[tuple[float, int, float]]) -> tuple[float, float]:
-    """(scale, overhead) of live seconds = scale x predicted + overhead x requests over ``points``
-    (predicted seconds, requests, live seconds), least squares; (ratio of sums, 0) where the steps'
-    predictions per request do not spread by ``SPREAD`` (the two terms cannot be told apart) or the
-    fit gives no positive scale or a negative overhead."""
-    points = list(points)
-    sx = sum(x for x, _, _ in points)
-    ratio = sum(y for _, _, y in points) / sx if sx > 0 else 1.0
-    per_request = [x / r for x, r, _ in points]
-    if len(points) < 2 or max(per_request) < SPREAD * min(per_request):
-        return ratio, 0.0
-    sxx = sum(x * x for x, _, _ in points)
-    sxr = sum(x * r for x, r, _ in points)
-    srr = sum(r * r for _, r, _ in points)
-    sxy = sum(x * y for x, _, y in points)
-    sry = sum(r * y for _, r, y in points)
-    det = sxx * srr - sxr * sxr
-    scale, overhead = (sxy * srr - sry * sxr) / det, (sry * sxx - sxy * sxr) / det
-    if scale <= 0 or overhead < 0:
-        return ratio, 0.0
-    return scale, overhead
+class CostFit:
+    """live seconds = ``scale`` x predicted + ``overhead`` x requests, least squares over the last
+    ``size`` steps (predicted seconds, requests, live seconds). It is refitted on every decode step
+    the engine times, so its sums are kept running (added as a step enters the window, taken off as it
+    leaves) rather than summed over the window again; (ratio of sums, 0) where the steps' predictions
+    per request do not spread by ``SPREAD`` (the two terms cannot be told apart) or the fit gives no
+    positive scale or a negative overhead."""
+
+    def __init__(self, size: int = FIT_WINDOW) -> None:
+        self.size = size
+        self.points: deque[tuple[float, int, float]] = deque()
+        self.per_request: deque[float] = deque()  # each point's prediction per request
+        self.sums = [0.0] * 7  # of x, y, x x, x r, r r, x y, r y
+
+    def add(self, predicted: float, requests: int, seconds: float) -> None:
+        if len(self.points) == self.size:
+            self._sum(*self.points.popleft(), -1.0)
+            self.per_request.popleft()
+        self.points.append((predicted, requests, seconds))
+        self.per_request.append(predicted / requests)
+        self._sum(predicted, requests, seconds, 1.0)
+
+    def _sum(self, x: float, r: int, y: float, sign: float) -> None:
+        for i, term in enumerate((x, y, x * x, x * r, r * r, x * y, r * y)):
+            self.sums[i] += sign * term
+
+    def solve(self) -> tuple[float, float]:
+        """(scale, overhead) over the window."""
+        sx, sy, sxx, sxr, srr, sxy, sry = self.sums
+        ratio = sy / sx if sx > 0 else 1.0
+        if len(self.points) < 2 or max(self.per_request) < SPREAD * min(self.per_request):
+            return ratio, 0.0
+        det = sxx * srr - sxr * sxr
+        scale, overhead = (sxy * srr - sry * sxr) / det, (sry * sxx - sxy * sxr) / det
+        if scale <= 0 or overhead < 0:
+            return ratio, 0.0
+        return scale, overhead
 
 
 class OptionCosts:
@@ -160,7 +175,7 @@ class OptionCosts:
         self.options = {key: replace(stats) for key, stats in self.priors.items()}
         self.scale = 1.0  # live step time per second of calibrated prediction
         self.overhead = 0.0  # seconds serving adds to a step per request in it
-        self.window: deque[tuple[float, int, float]] = deque(maxlen=FIT_WINDOW)
+        self.fit = CostFit()
         self.ema = ema
 
     def observe_step(self, key: str, requests: int, seconds: float) -> None:
@@ -169,8 +184,8 @@ class OptionCosts:
         stats = self.options.setdefault(key, OptionStats())
         prior = self.priors.get(key)
         if prior is not None and prior.step_s:
-            self.window.append((prior.step_cost(requests), requests, seconds))
-            self.scale, self.overhead = cost_fit(self.window)
+            self.fit.add(prior.step_cost(requests), requests, seconds)
+            self.scale, self.overhead = self.fit.solve()
         elif requests == 1:
             stats.step_s = _ema(stats.step_s, seconds, self.ema)
         else:
