@@ -75,7 +75,7 @@ def test_the_rule_follows_the_limit_or_the_calibrated_costs():
     assert may_speculate(1, spec, ar, 1), "a lone request is never demoted for a crowd"
 
 
-def test_auto_demotes_by_the_priors_and_counts_demoted_steps_as_ar():
+def test_auto_demotes_by_the_priors_and_counts_demoted_steps_as_ar(calibrated_costs_hold):
     model = random_model(seed=5)
     priors = {
         "ar": OptionStats(tpf=1.0, step_s=0.010, per_request_s=0.001),
