@@ -12,7 +12,10 @@
    rounds interleaved, tokens/s summed over the rounds. The order of the options turns from round to
    round, so that no option is always measured first (with a fixed order, auto measured first in
    every round ran at 1.22x the fixed option it served at C = 1, and at 0.94x at C = 16). Every
-   text must be identical to AR's.
+   text must be identical to AR's. Many short measurements, not a few long ones: on a shared 2-core
+   machine the same option's tokens/s swings by 20% or more between rounds, in slow spells that last
+   seconds. With 8 rounds of 3.6-s measurements the fixed options at C = 16 spread over 13-27% (the
+   best of seven was then the luckiest); with the default 64 rounds of one burst (0.4 s), over 3-4%.
 
 Prints one table per C and the ratio of auto to the best fixed option (target: at least 0.9).
 """
@@ -70,6 +73,7 @@ def measure(url: str, model: str, options: list[str], c: int, args, key: str | N
     count = max(c * args.bursts, args.requests)
     tokens: collections.Counter[str] = collections.Counter()
     seconds: collections.Counter[str] = collections.Counter()
+    per_round: dict[str, list[float]] = {o: [] for o in options}  # each round's tok/s: the noise
     texts: dict[str, list[tuple[str, str]]] = {o: [] for o in options}  # per option: (served option, text)
     for round_index in range(args.rounds):
         turn = round_index * len(options) // args.rounds
@@ -78,15 +82,16 @@ def measure(url: str, model: str, options: list[str], c: int, args, key: str | N
             results, took = asyncio.run(load(url, bodies, c, key))
             tokens[option] += sum(r["tokens"] for r in results)
             seconds[option] += took
+            per_round[option].append(sum(r["tokens"] for r in results) / took)
             texts[option] += [(r["option"], r["text"]) for r in results]
     rate = {option: tokens[option] / seconds[option] for option in options}
     print(f"\n## C = {c}: {count} requests of {args.max_tokens} tokens, {args.rounds} rounds\n")
-    print("| option | tok/s | text identical to AR |")
-    print("|---|---|---|")
+    print("| option | tok/s | rounds' tok/s (min-max) | text identical to AR |")
+    print("|---|---|---|---|")
     for option in options:
         if any(text != ar for (_, text), (_, ar) in zip(texts[option], texts["ar"])):
             raise SystemExit(f"{option} at C={c} served text that differs from AR's")
-        print(f"| {option} | {rate[option]:.1f} | yes |")
+        print(f"| {option} | {rate[option]:.1f} | {min(per_round[option]):.0f}-{max(per_round[option]):.0f} | yes |")
     fixed = max((o for o in options if o != "auto"), key=rate.get)
     served = collections.Counter(served for served, _ in texts["auto"])
     mix = ", ".join(f"{o} x{n}" for o, n in served.most_common())
@@ -103,10 +108,10 @@ def main() -> None:
     parser.add_argument("--config", default=None, help="app YAML whose first model's settings are used")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--blocks", default="8,16,32")
-    parser.add_argument("--requests", type=int, default=8, help="requests per measurement at least (C if more)")
+    parser.add_argument("--requests", type=int, default=4, help="requests per measurement at least (C if more)")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--bursts", type=int, default=2, help="bursts of C requests per measurement at least")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--bursts", type=int, default=1, help="bursts of C requests per measurement at least")
+    parser.add_argument("--rounds", type=int, default=64)
     parser.add_argument("--no-calibrate", action="store_true")
     args = parser.parse_args()
     key = os.environ.get("TRISERVE_API_KEY")
