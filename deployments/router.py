@@ -73,6 +73,7 @@ class Decision:
     meets_targets: bool
     explored: bool = False  # chosen to refresh its figures, not because it is predicted best
     lone_tpot: float = 0.0  # time per output token were the request alone (breaks ties)
+    crowded_out: bool = False  # a speculative option whose request would take AR steps at this load
 
     @property
     def mode(self) -> str:
@@ -92,14 +93,21 @@ def query_tokens(mode: str, block_length: int) -> float:
     return float(block_length)  # diffusion steps, drafts and verifies are all one block
 
 
+def crowded_out(candidate: Candidate, option: str) -> bool:
+    """Whether one more request in ``option`` would take AR steps in the batch it joins (the replica's
+    rule for crowded speculation, ``speculation_max_batch``)."""
+    s = candidate.stats
+    requests = round(s.running + s.waiting) + 1
+    return split_option(option)[0] in SPECULATIVE_MODES and not may_speculate(
+        s.speculation_max_batch, s.options.get(option), s.options.get("ar"), requests
+    )
+
+
 def predict(candidate: Candidate, option: str, prompt_tokens: int) -> tuple[float, float]:
     """(time to first token, time per output token) for one more request in ``option``."""
     s = candidate.stats
     mode, block = split_option(option)
-    requests = round(s.running + s.waiting) + 1
-    if mode in SPECULATIVE_MODES and not may_speculate(
-        s.speculation_max_batch, s.options.get(option), s.options.get("ar"), requests
-    ):
+    if crowded_out(candidate, option):
         return predict(candidate, "ar", prompt_tokens)
     figures = s.options.get(option) or OptionStats()
     q = query_tokens(mode, block or 1)
@@ -124,7 +132,8 @@ def evaluate(target: TierTarget, candidates: list[Candidate], prompt_tokens: int
         for option in cand.options:
             ttft, tpot = predict(cand, option, prompt_tokens)
             meets = ttft <= target.ttft and tpot <= target.tpot
-            options.append(Decision(cand.model, option, ttft, tpot, meets, lone_tpot=predict(alone, option, 0)[1]))
+            lone, crowded = predict(alone, option, 0)[1], crowded_out(cand, option)
+            options.append(Decision(cand.model, option, ttft, tpot, meets, lone_tpot=lone, crowded_out=crowded))
     return options
 
 
@@ -150,10 +159,14 @@ def explore(
 ) -> Decision:
     """With probability ``fraction``, another option of the chosen model instead: the one with the
     fewest live observations (so each gets its turn), among those meeting the tier when the chosen
-    one does and predicted at most ``EXPLORE_SLOWDOWN`` times its time per output token. Without
-    this, an option predicted worse is never measured again, and a stale or uncalibrated figure would
-    never be corrected; without the bound, at high load one explored request in a 32-token quadratic
-    cycle (eight times AR's predicted cost there) slowed every request batched with it."""
+    one does, predicted at most ``EXPLORE_SLOWDOWN`` times its time per output token, and not crowded
+    out. Without this, an option predicted worse is never measured again, and a stale or
+    uncalibrated figure would never be corrected; without the bound, at high load one explored
+    request in a 32-token quadratic cycle (eight times AR's predicted cost there) slowed every
+    request batched with it. A crowded-out option would measure nothing of its own (its request
+    takes AR steps, and a crowd's TPF is not the option's), only cost the batch its cycles where the
+    crowd thins: over HTTP at 16 clients (bench/router.py, one run each), auto ran 6% below the
+    fixed options' mean with such explorations and 1% below once they were left out."""
     if fraction <= 0 or rng.random() >= fraction:
         return chosen
     others = [
@@ -163,6 +176,7 @@ def explore(
         and d.option != chosen.option
         and (d.meets_targets or not chosen.meets_targets)
         and d.tpot <= EXPLORE_SLOWDOWN * chosen.tpot
+        and not d.crowded_out
     ]
     if not others:
         return chosen

@@ -191,3 +191,21 @@ def test_where_the_replica_demotes_crowded_speculation_it_is_predicted_as_ar_and
     idle = cand(running=0)
     idle.stats.speculation_max_batch = "auto"
     assert choose(TierTarget(), [idle], 100).option == "quadratic_spec@8"
+
+
+def test_exploration_skips_options_the_crowd_would_make_take_ar_steps():
+    """Such a request measures nothing of its option (AR steps; a crowd's TPF is not the option's)."""
+    crowded = cand(running=64)
+    crowded.stats.speculation_max_batch = "auto"
+    options = evaluate(TierTarget(), [crowded], 10)
+    chosen = best(options)
+    out = {d.option for d in options if d.crowded_out}
+    assert out == {"linear_spec@8", "linear_spec@32", "quadratic_spec@8"} and chosen.option in out  # tied with AR
+    picks = {explore(chosen, options, {}, 1.0, random.Random(i)).option for i in range(200)}
+    assert picks == {"ar"}  # the one option not crowded out (diffusion is far slower here)
+    idle = cand(running=0)
+    idle.stats.speculation_max_batch = "auto"
+    options = evaluate(TierTarget(), [idle], 10)
+    assert not any(d.crowded_out for d in options)
+    picks = {explore(best(options), options, {}, 1.0, random.Random(i)).option for i in range(200)}
+    assert {"linear_spec@8", "linear_spec@32"} <= picks
