@@ -33,6 +33,7 @@ import asyncio
 import collections
 import os
 import shutil
+import statistics
 import subprocess
 import tempfile
 
@@ -74,6 +75,7 @@ def measure(url: str, model: str, options: list[str], c: int, args, key: str | N
     tokens: collections.Counter[str] = collections.Counter()
     seconds: collections.Counter[str] = collections.Counter()
     per_round: dict[str, list[float]] = {o: [] for o in options}  # each round's tok/s: the noise
+    ttfts: dict[str, list[float]] = {o: [] for o in options}
     texts: dict[str, list[tuple[str, str]]] = {o: [] for o in options}  # per option: (served option, text)
     for round_index in range(args.rounds):
         turn = round_index * len(options) // args.rounds
@@ -83,15 +85,17 @@ def measure(url: str, model: str, options: list[str], c: int, args, key: str | N
             tokens[option] += sum(r["tokens"] for r in results)
             seconds[option] += took
             per_round[option].append(sum(r["tokens"] for r in results) / took)
+            ttfts[option] += [r["ttft"] for r in results]
             texts[option] += [(r["option"], r["text"]) for r in results]
     rate = {option: tokens[option] / seconds[option] for option in options}
     print(f"\n## C = {c}: {count} requests of {args.max_tokens} tokens, {args.rounds} rounds\n")
-    print("| option | tok/s | rounds' tok/s (min-max) | text identical to AR |")
-    print("|---|---|---|---|")
+    print("| option | tok/s | rounds' tok/s (min-max) | median TTFT (ms) | text identical to AR |")
+    print("|---|---|---|---|---|")
     for option in options:
         if any(text != ar for (_, text), (_, ar) in zip(texts[option], texts["ar"])):
             raise SystemExit(f"{option} at C={c} served text that differs from AR's")
-        print(f"| {option} | {rate[option]:.1f} | {min(per_round[option]):.0f}-{max(per_round[option]):.0f} | yes |")
+        spread = f"{min(per_round[option]):.0f}-{max(per_round[option]):.0f}"
+        print(f"| {option} | {rate[option]:.1f} | {spread} | {statistics.median(ttfts[option]) * 1e3:.1f} | yes |")
     fixed = max((o for o in options if o != "auto"), key=rate.get)
     served = collections.Counter(served for served, _ in texts["auto"])
     mix = ", ".join(f"{o} x{n}" for o, n in served.most_common())
