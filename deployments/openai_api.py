@@ -47,7 +47,6 @@ from models.modes.infill import infill_context
 
 DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 512}  # OpenAI's completions default; chat: context-bound
 STATS_TTL_S = 0.5
-STATS_STALE_S = 2.0
 STATS_TIMEOUT_S = 5.0
 HEALTH_TIMEOUT_S = 2.0
 
@@ -152,25 +151,21 @@ class OpenAIService:
         return self.models[name]
 
     # ----- request preparation ------------------------------------------------------------------
-    async def _stats_of(self, name: str, fresh: bool = False) -> dict[str, Any]:
-        """The model's replica statistics. Up to ``STATS_TTL_S`` old they are used as they are; older,
-        one call refreshes them, and until it answers requests go on with them if they are less than
-        ``STATS_STALE_S`` old (and not ``fresh``: then no older than ``STATS_TTL_S``), or wait for it.
-        A stats call crosses two actors (about 14 ms on a 2-core CPU under load), and every request
-        that arrived while the figures were stale used to make its own and wait for it, in a burst
-        sixteen at once: ``auto`` ran 5% below the fixed option it served at 16 clients. Figures from
-        before a quiet spell (a burst long over) are not routed on."""
+    async def _stats_of(self, name: str) -> dict[str, Any]:
+        """The model's replica statistics, at most ``STATS_TTL_S`` old, else refreshed by one call that
+        every request arriving meanwhile waits for. A stats call crosses two actors (about 14 ms on a
+        2-core CPU under load), and each such request used to make its own: a burst of 16 made 16.
+        (Answering from stale figures while the call runs was tried: the call then overlapped the
+        request's own dispatch to the replica, and with ``max_queued_requests`` 1 the two queued at
+        once got a 429.)"""
         cached = self._stats.get(name)
-        age = time.monotonic() - cached[0] if cached else math.inf
-        if age < STATS_TTL_S:
+        if cached and time.monotonic() - cached[0] < STATS_TTL_S:
             return cached[1]
         refresh = self._refreshing.get(name)
         if refresh is None:
             refresh = asyncio.ensure_future(self._refresh_stats(name))
             self._refreshing[name] = refresh
             refresh.add_done_callback(lambda done: self._refreshed(name, done))
-        if age < STATS_STALE_S and not fresh:
-            return cached[1]
         return await asyncio.shield(refresh)  # a caller that gives up does not cancel the others' call
 
     async def _refresh_stats(self, name: str) -> dict[str, Any]:
@@ -185,8 +180,8 @@ class OpenAIService:
     def _refreshed(self, name: str, done: asyncio.Future) -> None:
         if self._refreshing.get(name) is done:
             del self._refreshing[name]
-        if not done.cancelled() and done.exception() is not None:  # a waiting request got it too
-            logger.warning("stats of %s: %s (routing on the figures known)", name, done.exception())
+        if not done.cancelled() and done.exception() is not None:  # the waiting requests got it too
+            logger.warning("stats of %s: %s", name, done.exception())
 
     def _candidate(self, model: ServedModel, stats: dict[str, Any], mode: str, block: int | None) -> Candidate:
         """The model as the router sees it: per-replica load, and the options this request may take
@@ -355,10 +350,9 @@ class OpenAIService:
                 f"{model.spec.num_pages * model.spec.page_size}",
                 code="context_length_exceeded",
             )
-        name, limit = model.spec.name, model.spec.max_waiting
-        if (await self._stats_of(name)).get("waiting", 0) >= limit:  # refused on figures STATS_TTL_S old at most
-            if (await self._stats_of(name, fresh=True)).get("waiting", 0) >= limit:
-                raise overloaded(name)
+        stats = await self._stats_of(model.spec.name)
+        if stats.get("waiting", 0) >= model.spec.max_waiting:
+            raise overloaded(model.spec.name)
         timeout = min(req.timeout or math.inf, self.config.request_timeout_s)
         prep = Prepared(model, prompt, params, req.tier, req.stop_list, decision, images, time.monotonic() + timeout)
         self.in_flight[model.spec.name] += 1  # until the request is done with (its Prepared is freed)
