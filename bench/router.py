@@ -82,9 +82,10 @@ def measure(url: str, model: str, options: list[str], c: int, args, key: str | N
         for option in options[turn:] + options[:turn]:  # interleaved: every option once per round
             bodies = [body(model, option, i, args.max_tokens) for i in range(count)]
             results, took = asyncio.run(load(url, bodies, c, key))
-            tokens[option] += sum(r["tokens"] for r in results)
+            made = sum(r["tokens"] for r in results)
+            tokens[option] += made
             seconds[option] += took
-            per_round[option].append(sum(r["tokens"] for r in results) / took)
+            per_round[option].append(made / took)
             ttfts[option] += [r["ttft"] for r in results]
             texts[option] += [(r["option"], r["text"]) for r in results]
     rate = {option: tokens[option] / seconds[option] for option in options}

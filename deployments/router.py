@@ -165,8 +165,7 @@ def explore(
     request in a 32-token quadratic cycle (eight times AR's predicted cost there) slowed every
     request batched with it. A crowded-out option would measure nothing of its own (its request
     takes AR steps, and a crowd's TPF is not the option's), only cost the batch its cycles where the
-    crowd thins: over HTTP at 16 clients (bench/router.py, one run each), auto ran 6% below the
-    fixed options' mean with such explorations and 1% below once they were left out."""
+    crowd thins."""
     if fraction <= 0 or rng.random() >= fraction:
         return chosen
     others = [
