@@ -7,6 +7,8 @@ library modules (names starting with t-z), and also prints the AR loss in bits p
 those modules and the distinct-4-gram ratio of each mode's output (a repetitive model makes TPF
 look good while meaning nothing). The speculative modes also report their mean accepted length
 (tokens emitted per verified draft, the bonus token included); ``--branches`` sets quadratic's.
+``--int8-drafts`` adds a row per speculative mode whose drafts multiply in int8 (``TriModeModel.int8_drafts``;
+the model must take them here).
 With ``--rounds R`` every option runs once per round, interleaved; tok/s and its ratio to AR in the
 same round ("x AR") are medians over the rounds, and every round must decode the same tokens.
 """
@@ -28,7 +30,10 @@ import sysconfig
 import time
 from dataclasses import dataclass
 
+import torch
+
 import models
+from models.native_forward import drafts_in_int8
 
 FIXTURE = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "tiny-trimode-code"
 CONFIGS = [
@@ -98,9 +103,16 @@ def main() -> None:
     parser.add_argument("--bpb-bytes", type=int, default=200_000, help="held-out bytes scored for bits/byte")
     parser.add_argument("--modes", nargs="+", default=None, help="only these modes (ar always runs: the reference)")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds (tok/s and x AR: medians)")
+    parser.add_argument("--int8-drafts", action="store_true", help="also each speculative mode with int8 drafts")
     args = parser.parse_args()
 
     model = models.load_model(args.model)
+    if args.int8_drafts:
+        model.int8_drafts = True
+        with torch.inference_mode():
+            if not drafts_in_int8(model):
+                raise SystemExit("--int8-drafts: this model's drafts cannot take the int8 products on this machine")
+        model.int8_drafts = False
     if args.heldout:
         prompts = heldout_prompts(model.tokenizer, args.prompts, args.prompt_length)
         if args.bpb_bytes:
@@ -109,6 +121,8 @@ def main() -> None:
         prompts = fixture_prompts()
     print(f"model {args.model}: {len(prompts)} prompts, max_new_tokens {args.max_new_tokens}, {args.rounds} round(s)")
     configs = [(m, e) for m, e in CONFIGS if args.modes is None or m == "ar" or m in args.modes]
+    if args.int8_drafts:
+        configs += [(m, {**e, "int8_drafts": True}) for m, e in configs if m.endswith("_spec")]
     runs: dict[int, list[Run]] = {i: [] for i in range(len(configs))}
     for _ in range(args.rounds):  # every option once per round, so that the machine's drift hits all alike
         for i, (mode, extra) in enumerate(configs):
@@ -129,7 +143,8 @@ def main() -> None:
         speed = statistics.median(r.tokens / r.seconds for r in runs[i])
         ratio = statistics.median((r.tokens / r.seconds) / (a.tokens / a.seconds) for r, a in zip(runs[i], ar_runs))
         d4 = statistics.mean(distinct4(out) for out in first.outputs)
-        name = mode + (f" t={extra['threshold']}" if extra else "")
+        name = mode + (f" t={extra['threshold']}" if "threshold" in extra else "")
+        name += " int8" if extra.get("int8_drafts") else ""
         mean_accepted = f"{statistics.mean(first.accepted):.2f}" if first.accepted else "-"
         print(
             f"{name:<24}{first.tokens / first.nfe:>7.2f}{speed:>9.1f}{ratio:>7.2f}{agree / compared:>13.1%}"
@@ -150,6 +165,10 @@ class Run:
 
 def run_option(model, prompts: list[list[int]], mode: str, knobs: dict, args: argparse.Namespace) -> Run:
     run = Run([], 0, 0, 0.0, [])
+    knobs = dict(knobs)
+    model.int8_drafts = knobs.pop("int8_drafts", False)
+    # a first forward builds what the setting needs (the int8 weights), outside the timing
+    models.generate(model, prompts[0], mode=mode, max_new_tokens=1, block_length=args.block_length, **knobs)
     for prompt in prompts:
         start = time.perf_counter()
         out = models.generate(

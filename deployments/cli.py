@@ -23,7 +23,7 @@ def _loaded(args: argparse.Namespace) -> Iterator:
         with local_group(args.model, args.tensor_parallel_size, dtype=args.dtype) as model:
             yield model
     else:
-        yield models.load_model(args.model, dtype=args.dtype)
+        yield models.load_model(args.model, dtype=args.dtype, int8_drafts=args.int8_drafts)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -132,13 +132,15 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     import models
     from models.calibration import calibrate, device_key, save_calibration
+    from models.native_forward import drafts_in_int8
 
     torch.set_num_threads(args.threads)
-    model = models.load_model(args.model, dtype=args.dtype, device=args.device)
+    model = models.load_model(args.model, dtype=args.dtype, device=args.device, int8_drafts=args.int8_drafts)
     if model.tokenizer is None:
         print(f"error: {args.model} has no tokenizer files", file=sys.stderr)
         return 2
-    key = device_key(model.device, args.threads, model.dtype)
+    with torch.inference_mode():
+        key = device_key(model.device, args.threads, model.dtype, drafts_in_int8(model))
     blocks = tuple(int(b) for b in args.blocks.split(","))
     print(f"calibrating {args.model} on {key}")
     print(f"{'option':<20} {'TPF':>6} {'step ms':>8} {'+ms/request':>12} {'lone tok/s':>11}")
@@ -170,13 +172,16 @@ def _add_calibrate_parser(sub) -> None:
     cal = sub.add_parser(
         "calibrate",
         help="measure each mode's step cost and tokens per forward on this device for the router",
-        description="Writes MODEL/triserve_calibration.json (one entry per device, threads and dtype); "
-        "replicas running the model with the same device, threads and dtype load it as the router's priors.",
+        description="Writes MODEL/triserve_calibration.json (one entry per device, threads, dtype and draft "
+        "precision); replicas running the model with the same four load it as the router's priors.",
     )
     cal.add_argument("--model", required=True, help="checkpoint folder (official Hugging Face layout)")
     cal.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
     cal.add_argument("--threads", type=int, default=1, help="CPU threads, as the replica uses (default: 1)")
     cal.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16, as the replica uses")
+    cal.add_argument(
+        "--int8-drafts", action="store_true", help="speculative drafts multiply in int8 (CPUs with AVX512-VNNI)"
+    )
     cal.add_argument("--blocks", default=",".join(map(str, DEFAULT_BLOCKS)), help="block lengths to measure")
     cal.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"built-in prompts to use (1-{len(PROMPTS)})")
     cal.add_argument("--max-new-tokens", type=int, default=64)
@@ -280,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="split the model over N ranks: a local Ray group, gloo on CPU (heads must divide by N)",
+    )
+    gen.add_argument(
+        "--int8-drafts", action="store_true", help="speculative drafts multiply in int8 (CPUs with AVX512-VNNI)"
     )
     gen.add_argument("--quiet-stats", action="store_true", help="print the statistics line to stderr")
     gen.set_defaults(func=_generate)

@@ -43,6 +43,8 @@ class ModelSpec:
     speculation_max_batch: int | str | None = "auto"
     # GPU replicas: steps of AR decodes replay CUDA graphs captured at load (models/engine/decode_graphs.py)
     cuda_graphs: bool = False
+    # CPU replicas: speculative drafts multiply in int8 where the CPU has VNNI (TriModeModel.int8_drafts)
+    int8_drafts: bool = False
     num_cpus: float = 0.5
     threads: int | None = None  # torch CPU threads per replica / rank (default: its whole CPUs, at least 1)
     num_gpus: float = 0.0
@@ -66,7 +68,7 @@ class ModelSpec:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 10:
                 raise ValueError(f"model {self.name}: {name} must be seconds from 0 to 10, got {value!r}")
-        for flag in ("prefix_caching", "engine_process", "cuda_graphs"):
+        for flag in ("prefix_caching", "engine_process", "cuda_graphs", "int8_drafts"):
             if not isinstance(getattr(self, flag), bool):  # a quoted "false" would read as on
                 raise ValueError(f"model {self.name}: {flag} must be true or false, got {getattr(self, flag)!r}")
         if self.cuda_graphs and self.tensor_parallel_size > 1:

@@ -52,6 +52,7 @@ class ModelServer:
             dtype=self.spec.dtype,
             device=self.spec.device,
             threads=self.spec.cpu_threads,
+            int8_drafts=self.spec.int8_drafts,
             engine={
                 "num_pages": self.spec.num_pages,
                 "page_size": self.spec.page_size,

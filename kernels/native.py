@@ -58,6 +58,13 @@ SIGNATURES = {
     "dpbf16_ready": (_int, []),
     "dpbf16_pack": (None, [_ptr, _i64, _i64, _ptr]),
     "dpbf16_gemm": (None, [_ptr, _i64, _ptr, _i64, _i64, _ptr, _i64]),
+    "int8_ready": (_int, []),
+    "int8_packed_bytes": (_i64, [_i64, _i64]),
+    "int8_work_bytes": (_i64, [_i64, _i64]),
+    # fp32 weight, n, k, packed
+    "int8_pack": (None, [_ptr, _i64, _i64, _ptr]),
+    # in, dtype, rows, packed, n, k, out, threads, work
+    "int8_gemm": (None, [_ptr, _int, _i64, _ptr, _i64, _i64, _ptr, _i64, _ptr]),
     # fp32 sums, count, out, dtype
     "store_rows": (None, [_ptr, _i64, _ptr, _int]),
     # x, rows, width, row stride, dtype, out
@@ -171,3 +178,17 @@ def dpbf16_fits(n: int, k: int) -> bool:
     """Whether the AVX512-BF16 kernel takes a [n, k] weight: it passes over 64 output columns and pairs
     of inputs at a time."""
     return n % 64 == 0 and k % 2 == 0 and dpbf16_ready()
+
+
+@functools.cache
+def int8_ready() -> bool:
+    """Whether csrc/int8_gemm.c can run here: the library built, the CPU has AVX512-VNNI and the OS
+    saves its registers."""
+    lib = library()
+    return lib is not None and lib.int8_ready() == 1
+
+
+def int8_fits(n: int, k: int) -> bool:
+    """Whether the int8 kernel takes a [n, k] weight: it passes over 32 output columns and quantizes
+    rows 16 values at a time."""
+    return n % 32 == 0 and k % 16 == 0 and int8_ready()

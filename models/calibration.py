@@ -46,12 +46,13 @@ PROMPTS = (
 )
 
 
-def device_key(device: str | torch.device, threads: int, dtype: torch.dtype) -> str:
-    """What the figures hold for: the GPU's name, or the CPU's model and the threads used; and the
-    compute dtype (bf16 and fp32 cost differently)."""
+def device_key(device: str | torch.device, threads: int, dtype: torch.dtype, int8_drafts: bool = False) -> str:
+    """What the figures hold for: the GPU's name, or the CPU's model and the threads used; the compute
+    dtype (bf16 and fp32 cost differently); and whether drafts multiply in int8
+    (``models.native_forward.drafts_in_int8``: drafts cost less)."""
     device = torch.device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{_cpu_name()}:{threads}t"
-    return f"{device.type}:{name}:{str(dtype).removeprefix('torch.')}"
+    return f"{device.type}:{name}:{str(dtype).removeprefix('torch.')}" + (":int8-drafts" if int8_drafts else "")
 
 
 def _cpu_name() -> str:

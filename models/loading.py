@@ -99,6 +99,7 @@ def load_model(
     tokenizer: bool = True,
     build: Callable[[ModelConfig], TriModeModel] | None = None,
     warm_up: bool = True,
+    int8_drafts: bool = False,
 ) -> TriModeModel:
     """Load a checkpoint folder into a ready-to-run model (eval mode, on ``device``).
 
@@ -108,7 +109,8 @@ def load_model(
     backends for this thread count, the RoPE table, a draft adapter's merged weights) is not paid by
     the first request (about 0.4 s of a first 128-token decode of the bundled model, otherwise); its
     seconds are logged. Training turns it off, and so do tensor-parallel ranks, which can only run a
-    forward together.
+    forward together. ``int8_drafts``: speculative drafts multiply in int8 where the CPU allows
+    (``TriModeModel.int8_drafts``).
     """
     folder = _check_folder(path)
     config = ModelConfig.from_file(folder)
@@ -122,6 +124,7 @@ def load_model(
     if tokenizer and any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         model.tokenizer = load_tokenizer(folder)
     model.source = str(folder)
+    model.int8_drafts = int8_drafts
     model.eval()
     if warm_up:
         warm_up_loaded(model)

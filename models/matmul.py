@@ -158,6 +158,35 @@ class Dpbf16(PackedBf16):
     kernel = "dpbf16"
 
 
+class Int8:
+    """``x @ weight.T`` approximated with int8 weights (one scale per output) and int8 rows (one scale
+    per row) on AVX512-VNNI (``kernels/csrc/int8_gemm.c``), fp32 sums. Not a backend of ``linear``: its
+    results are not the model's. The native forward multiplies speculative drafts' rows with it where
+    ``int8_drafts`` is on (models/native_forward.py): a draft only proposes tokens that the verify pass,
+    in the model's own dtype, accepts or rejects."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.n, self.k = weight.shape
+        if not native.int8_fits(self.n, self.k):
+            raise ValueError(f"the int8 kernel takes no weight of shape {tuple(weight.shape)} here")
+        lib = native.library()
+        self.packed = torch.empty(lib.int8_packed_bytes(self.n, self.k), dtype=torch.int8)
+        values = weight.detach().float().contiguous()  # held: a temporary would be freed before the call
+        lib.int8_pack(values.data_ptr(), self.n, self.k, self.packed.data_ptr())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The fp32 sums of ``x`` [rows, k] (fp32 or bf16) against the weight."""
+        if x.dtype not in native.DTYPES or x.shape[-1] != self.k:
+            got = f"{x.dtype} rows of {x.shape[-1]}"
+            raise TypeError(f"the int8 product takes fp32 or bf16 rows of {self.k}, not {got}")
+        x, lib = x.contiguous(), native.library()
+        out = torch.empty((x.shape[0], self.n), dtype=torch.float32)
+        work = torch.empty(lib.int8_work_bytes(x.shape[0], self.k), dtype=torch.uint8)
+        lib.int8_gemm(x.data_ptr(), native.DTYPES[x.dtype], x.shape[0], self.packed.data_ptr(), self.n, self.k,
+                      out.data_ptr(), torch.get_num_threads(), work.data_ptr())  # fmt: skip
+        return out
+
+
 def packed_kernel(n: int, k: int) -> str | None:
     """The first of triserve's own bf16 kernels (``PackedBf16``; AMX before AVX512-BF16) that takes a
     [n, k] weight on this CPU, or None."""
@@ -221,7 +250,7 @@ class Prepared:
     def __init__(self, weights: tuple[torch.Tensor, ...], backends: tuple[str, ...] | None = None) -> None:
         self.fingerprint = fingerprint(weights)
         self.threads = torch.get_num_threads()  # the probes hold for this many threads
-        fused = weights[0] if len(weights) == 1 else torch.cat([w.detach() for w in weights])
+        fused = fuse(weights)
         self.weight = fused.detach()
         self.backend: str | None = None
         self.product: Product | None = None
@@ -245,6 +274,11 @@ class Prepared:
         if x.shape[0] <= self.max_rows:
             return self._call(x)
         return torch.cat([self._call(piece) for piece in x.split(self.max_rows)])
+
+
+def fuse(weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Weights that read the same input as one [sum of outputs, inputs] weight (one alone: itself)."""
+    return weights[0] if len(weights) == 1 else torch.cat([w.detach() for w in weights])
 
 
 def fingerprint(weights: tuple[torch.Tensor, ...]) -> tuple[int, ...]:

@@ -98,6 +98,9 @@ class TriModeModel(nn.Module):
         self.embed = self._embed_tokens  # vocab parallelism replaces this
         self.head = self._head_logits
         self.deferred: torch.Tensor | None = None  # final hidden states of the last forward's deferred rows
+        # speculative drafts' products in int8 where the native CPU forward and the CPU's VNNI instructions
+        # serve them (models/native_forward.py): cheaper drafts, the same emitted tokens
+        self.int8_drafts = False
 
     # ----- pieces shared by both paths ---------------------------------------------------------
     def _embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:

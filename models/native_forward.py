@@ -18,6 +18,15 @@ the attention and their outputs would be dropped (a draft reads the rows its ver
 prefill chunk its last row). The final norm runs in the same call on those rows; embedding and the
 head stay in Python.
 
+Drafts in int8: with ``TriModeModel.int8_drafts`` on, the rows of speculative drafts (the adapter
+rows) take every product of theirs, q/k/v included, in int8 (``matmul.Int8``, AVX512-VNNI; of the
+adapter-merged weight where adapted), where the CPU has the instructions and the kernel takes the
+model's shapes (``drafts_in_int8``). A draft only proposes tokens; the verify rows, AR steps,
+prefills and diffusion passes keep the model's products, so what a request emits does not change
+(temperature 0: the AR tokens; above: the AR distribution, rejection sampling taking the drafts'
+own probabilities), only how many drafted tokens are accepted. On a Zen 4 EPYC (bf16 products at
+VDPBF16PS's peak) an int8 product is 1.7-2x cheaper (bench/RESULTS.md).
+
 Which forwards: all of a model's serving forwards or none of them, decided from the model alone
 (never the batch), so a row is computed the same way in every forward, which is what keeps
 self-speculation exact. It serves when the fast path is on and the model is on the CPU, in fp32, or
@@ -49,7 +58,8 @@ class _Product(ctypes.Structure):
 
 class _Layer(ctypes.Structure):
     _fields_ = [("input_norm", _ptr), ("post_norm", _ptr)] + [
-        (name, _Product) for name in ("qkv", "o", "gate_up", "down", "o_draft", "gate_up_draft", "down_draft")
+        (name, _Product)
+        for name in ("qkv", "o", "gate_up", "down", "qkv_draft", "o_draft", "gate_up_draft", "down_draft")
     ]
 
 
@@ -76,6 +86,7 @@ class _Step(ctypes.Structure):
 # function C calls for the dtype where triserve's own kernels do not serve
 BACKENDS = {torch.float32: ("blas",), torch.bfloat16: ("amx", "dpbf16", "mkl_bf16")}
 KERNELS = {"amx": 1, "dpbf16": 2}  # csrc/forward.c's codes of the packed bf16 kernels (0: BLAS)
+INT8_KERNEL = 3  # csrc/forward.c's code of the int8 draft product
 GEMM = {torch.float32: "sgemm_", torch.bfloat16: "cblas_gemm_bf16bf16f32"}
 
 
@@ -96,6 +107,8 @@ class NativeDecoder:
 
     def __init__(self, model) -> None:
         config, layers = model.config, model.encoder.layers
+        self.int8: list[matmul.Int8] = []  # the int8 draft products' packed weights, kept alive
+        self.int8_drafts = model.int8_drafts and _int8_fits(model)
         self.dtype = model.dtype
         attn = layers[0].self_attn
         self.prepared: list[matmul.Prepared | None] = []
@@ -105,18 +118,25 @@ class NativeDecoder:
             gate_up = (mlp.gate_proj.weight, mlp.up_proj.weight)
             gate_up_loras = (mlp.lora.get("gate_proj"), mlp.lora.get("up_proj"))
             down_lora = mlp.lora.get("down_proj")
-            drafts = [
+            qkv = (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)
+            base = [qkv, (a.o_proj.weight,), gate_up, (mlp.down_proj.weight,)]
+            merged = [
+                None,
                 None if a.lora is None else (a.lora.merged(a.o_proj.weight),),
                 None if not any(gate_up_loras) else tuple(w if lo is None else lo.merged(w)
                                                           for w, lo in zip(gate_up, gate_up_loras)),
                 None if down_lora is None else (down_lora.merged(mlp.down_proj.weight),),
             ]  # fmt: skip
-            weights = [(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight), (a.o_proj.weight,), gate_up,
-                       (mlp.down_proj.weight,), *drafts]  # fmt: skip
-            prepared = [None if w is None else self._prepare(w) for w in weights]
+            prepared = [self._prepare(w) for w in base]
             self.prepared += prepared
+            if self.int8_drafts:  # every product of a draft row in int8, of the adapter-merged weight where adapted
+                drafts = [self._int8(m if m is not None else b) for m, b in zip(merged, base)]
+            else:
+                adapted = [None if w is None else self._prepare(w) for w in merged]
+                self.prepared += adapted
+                drafts = [_product(p) for p in adapted]
             norms = (layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr())
-            structs.append(_Layer(*norms, *(_product(p) for p in prepared)))
+            structs.append(_Layer(*norms, *(_product(p) for p in prepared), *drafts))
         self.layers = (_Layer * len(structs))(*structs)
         self.model = _Model(
             len(layers), config.hidden_size, attn.num_heads, attn.num_kv_heads, attn.head_dim, config.intermediate_size,
@@ -133,6 +153,11 @@ class NativeDecoder:
         if self.dtype == torch.float32 or matmul.packed_kernel(*fused):
             return matmul.prepared(weights)
         return matmul.prepared(weights, ("mkl_bf16",))
+
+    def _int8(self, weights: tuple[torch.Tensor, ...]) -> _Product:
+        product = matmul.Int8(matmul.fuse(weights))
+        self.int8.append(product)
+        return _Product(product.packed.data_ptr(), product.n, product.k, 1, matmul.PROBE_ROWS, INT8_KERNEL)
 
     @property
     def products_serve(self) -> bool:
@@ -200,22 +225,44 @@ def _supported(model) -> bool:
     )
 
 
+def _int8_fits(model) -> bool:
+    """Whether the int8 kernel runs here and takes every product of the model's layers."""
+    config = model.config
+    attn = model.encoder.layers[0].self_attn
+    qkv = (attn.num_heads + 2 * attn.num_kv_heads) * attn.head_dim
+    shapes = [
+        (qkv, config.hidden_size),
+        (config.hidden_size, attn.num_heads * attn.head_dim),
+        (2 * config.intermediate_size, config.hidden_size),
+        (config.hidden_size, config.intermediate_size),
+    ]
+    return all(native.int8_fits(n, k) for n, k in shapes)
+
+
+def drafts_in_int8(model) -> bool:
+    """Whether the model's speculative drafts take the int8 products now: ``model.int8_drafts`` is on, the
+    native forward serves the model and the int8 kernel runs here and takes its shapes."""
+    decoder = decoder_for(model)
+    return decoder is not None and decoder.int8_drafts
+
+
 def decoder_for(model) -> NativeDecoder | None:
     """The model's NativeDecoder where the native forward serves it (None: the Python forward serves),
     kept on the model and rebuilt when a weight or adapter factor changed (as models.matmul keeps its
-    prepared weights), an adapter was attached or removed, or the thread count changed. Checking
-    that costs about 20 us a forward, so models off the CPU, which it never serves, skip it."""
+    prepared weights), an adapter was attached or removed, the thread count changed or
+    ``model.int8_drafts`` was switched. Checking that costs about 20 us a forward, so models off the
+    CPU, which it never serves, skip it."""
     if model.device.type != "cpu":
         return None
     kept = model.__dict__.get("_native_decoder")  # (weights, key, decoder); not a module attribute
     if kept is not None:
         weights, key, decoder = kept
-        if key == (matmul.fingerprint(weights), torch.get_num_threads(), _adapters(model)):
+        if key == (matmul.fingerprint(weights), torch.get_num_threads(), _adapters(model), model.int8_drafts):
             return decoder
     weights = _weights(model)
     decoder = NativeDecoder(model) if _supported(model) else None
     if decoder is not None and not decoder.products_serve:
         decoder = None
-    model.__dict__["_native_decoder"] = (weights, (matmul.fingerprint(weights), torch.get_num_threads(),
-                                                   _adapters(model)), decoder)  # fmt: skip
+    key = (matmul.fingerprint(weights), torch.get_num_threads(), _adapters(model), model.int8_drafts)
+    model.__dict__["_native_decoder"] = (weights, key, decoder)
     return decoder

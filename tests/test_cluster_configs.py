@@ -110,6 +110,8 @@ def test_model_spec_rejects_bad_tensor_parallel_settings():
         parse_config({"models": [{"name": "m", "path": "x", "tp": 2}]})
     with pytest.raises(ValueError, match="prefix_caching must be true or false, got 'false'"):
         parse_config({"models": [{"name": "m", "path": "x", "prefix_caching": "false"}]})
+    with pytest.raises(ValueError, match="int8_drafts must be true or false, got 'yes'"):
+        parse_config({"models": [{"name": "m", "path": "x", "int8_drafts": "yes"}]})
     with pytest.raises(ValueError, match="cuda_graphs needs tensor_parallel_size 1"):
         parse_config({"models": [{"name": "m", "path": "x", "tensor_parallel_size": 2, "cuda_graphs": True}]})
 

@@ -50,8 +50,12 @@ def small_vocab_model():
 
 @pytest.fixture(scope="module")
 def exact(small_vocab_model):
-    """P(t1), P(t2) and P(t3), each over requests whose earlier tokens are not EOS (EOS ends a request)."""
-    model = small_vocab_model
+    return exact_distributions(small_vocab_model)
+
+
+def exact_distributions(model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """P(t1), P(t2) and P(t3) after PROMPT, each over requests whose earlier tokens are not EOS (EOS ends
+    a request)."""
     eos, vocab = model.config.eos_token_id, model.config.vocab_size
     first = _next_token_probs(model, PROMPT)
     second = torch.zeros_like(first)

@@ -126,8 +126,9 @@ AMX_TARGET static void two_blocks(const uint16_t *a, const uint16_t *packed, int
 }
 
 /* every row over the passes of 64 columns g0..g1-1, on this thread's tiles */
-AMX_TARGET static void columns(const uint16_t *in, int64_t rows, const uint16_t *packed, int64_t n, int64_t k,
-                               float *out, int64_t g0, int64_t g1) {
+AMX_TARGET static void columns(const void *input, int64_t rows, const void *weight, int64_t n, int64_t k, float *out,
+                               int64_t g0, int64_t g1) {
+    const uint16_t *in = input, *packed = weight;
     int64_t r = 0;
     for (; rows - r > 16; r += 32) {
         const int second = rows - r - 16 < 16 ? (int)(rows - r - 16) : 16;

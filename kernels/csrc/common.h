@@ -174,18 +174,25 @@ int amx_ready(void);
 void amx_pack(const uint16_t *weight, int64_t n, int64_t k, uint16_t *packed);
 void amx_gemm(const uint16_t *in, int64_t rows, const uint16_t *packed, int64_t n, int64_t k, float *out,
               int64_t threads);
-/* The column passes of a packed bf16 product (amx_gemm.c, dpbf16_gemm.c): every row against the passes
- * g0..g1-1 of the packed weight's columns */
-typedef void (*column_passes)(const uint16_t *in, int64_t rows, const uint16_t *packed, int64_t n, int64_t k,
-                              float *out, int64_t g0, int64_t g1);
+/* The column passes of a packed product (amx_gemm.c, dpbf16_gemm.c: bf16 rows; int8_gemm.c: quantized rows):
+ * every row against the passes g0..g1-1 of the packed weight's columns */
+typedef void (*column_passes)(const void *in, int64_t rows, const void *packed, int64_t n, int64_t k, float *out,
+                              int64_t g0, int64_t g1);
 /* forward.c: `passes` shared out among up to `threads` threads, four at least each */
-void run_passes(column_passes columns, const uint16_t *in, int64_t rows, const uint16_t *packed, int64_t n, int64_t k,
+void run_passes(column_passes columns, const void *in, int64_t rows, const void *packed, int64_t n, int64_t k,
                 float *out, int64_t passes, int64_t threads);
 /* dpbf16_gemm.c: the same contract on AVX512-BF16 dot products, for CPUs without AMX */
 int dpbf16_ready(void);
 void dpbf16_pack(const uint16_t *weight, int64_t n, int64_t k, uint16_t *packed);
 void dpbf16_gemm(const uint16_t *in, int64_t rows, const uint16_t *packed, int64_t n, int64_t k, float *out,
                  int64_t threads);
+/* int8_gemm.c: approximate int8 products for speculative drafts, on AVX512-VNNI */
+int int8_ready(void);
+int64_t int8_packed_bytes(int64_t n, int64_t k);
+int64_t int8_work_bytes(int64_t rows, int64_t k);
+void int8_pack(const float *weight, int64_t n, int64_t k, int8_t *packed);
+void int8_gemm(const void *in, int dtype, int64_t rows, const int8_t *packed, int64_t n, int64_t k, float *out,
+               int64_t threads, uint8_t *work);
 int segment_attention(const void *q, int64_t q_stride, const void *k, int64_t k_stride, const void *v,
                       int64_t v_stride, const void *k_cache, const void *v_cache, void *out, int64_t hq, int64_t hkv,
                       int64_t d, int64_t n_segments, const int64_t *segments, const int64_t *slots,

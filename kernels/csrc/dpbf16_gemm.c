@@ -74,8 +74,9 @@ DP_TARGET static inline __attribute__((always_inline)) void block(const uint16_t
 
 /* every row over the passes of 64 columns g0..g1-1: a pass's weights (k * 128 bytes) stay in cache while
  * every block of rows takes them */
-DP_TARGET static void columns(const uint16_t *in, int64_t rows, const uint16_t *packed, int64_t n, int64_t k,
-                              float *out, int64_t g0, int64_t g1) {
+DP_TARGET static void columns(const void *input, int64_t rows, const void *weight, int64_t n, int64_t k, float *out,
+                              int64_t g0, int64_t g1) {
+    const uint16_t *in = input, *packed = weight;
     const int64_t stride = k * 16; /* elements of one vector's packed weight */
     for (int64_t g = g0; g < g1; g++) {
         const uint16_t *b = packed + g * COLUMNS * stride;

@@ -6,9 +6,11 @@
  * the down product and residual. The norms, RoPE and attention are the kernels of the other files;
  * products call BLAS through function pointers from Python (fp32: the sgemm torch.mm calls, on the
  * Python fast path's transposed weights; bf16: the AMX kernel of amx_gemm.c or the AVX512-BF16 one
- * of dpbf16_gemm.c on weights packed once, or MKL's bf16 GEMM where neither can serve), padded and split into pieces as models.matmul's probes
- * decided, so a row's product depends on the row alone. Every other step
- * works row by row. A row's result therefore never depends on what shares the forward.
+ * of dpbf16_gemm.c on weights packed once, or MKL's bf16 GEMM where neither can serve), padded and split
+ * into pieces as models.matmul's probes decided, so a row's product depends on the row alone. Draft rows
+ * may take products of their own (adapter-merged weights, or int8 ones: int8_gemm.c), gathered apart from
+ * the others. Every other step works row by row. A row's result therefore never depends on what shares
+ * the forward.
  */
 #include <omp.h>
 #include <stdlib.h>
@@ -19,7 +21,7 @@
  * (below that, starting a thread costs about what it saves), through OpenMP (the runtime torch's CPU
  * build loads too); each output is computed by the same operations whichever thread runs it, so the
  * thread count changes no bit */
-void run_passes(column_passes columns, const uint16_t *in, int64_t rows, const uint16_t *packed, int64_t n, int64_t k,
+void run_passes(column_passes columns, const void *in, int64_t rows, const void *packed, int64_t n, int64_t k,
                 float *out, int64_t passes, int64_t threads) {
     if (threads > passes / 4) threads = passes / 4;
     if (threads <= 1 || rows == 0) {
@@ -40,11 +42,12 @@ typedef void (*gemm_bf16_fn)(int layout, int transa, int transb, int m, int n, i
                              int lda, const uint16_t *b, int ldb, float beta, float *c, int ldc);
 
 /* which kernel multiplies a bf16 product's weight */
-enum { KERNEL_MKL = 0, KERNEL_AMX = 1, KERNEL_DPBF16 = 2 };
+enum { KERNEL_MKL = 0, KERNEL_AMX = 1, KERNEL_DPBF16 = 2, KERNEL_INT8 = 3 };
 
 /* out [rows][n] = in [rows][k] times weight^T: fp32 through sgemm on the weight held transposed
  * ([k][n]); bf16 with fp32 sums rounded once to bf16, through amx_gemm or dpbf16_gemm on the weight
- * packed for it or MKL's bf16 GEMM on the weight as it is ([n][k]); calls of fewer than min_rows rows
+ * packed for it or MKL's bf16 GEMM on the weight as it is ([n][k]); approximated by int8_gemm on its
+ * packed block (drafts only), its fp32 sums stored as the dtype; calls of fewer than min_rows rows
  * are padded with zero rows to min_rows, calls of more than max_rows split into pieces */
 struct product {
     const void *weight; /* NULL: no such product (a projection without a draft adapter) */
@@ -54,7 +57,7 @@ struct product {
 struct layer {
     const void *input_norm, *post_norm;                /* [hidden] */
     struct product qkv, o, gate_up, down;              /* base weights */
-    struct product o_draft, gate_up_draft, down_draft; /* draft rows' merged weights, where adapted */
+    struct product qkv_draft, o_draft, gate_up_draft, down_draft; /* draft rows' own products, where they have them */
 };
 
 struct model {
@@ -87,10 +90,12 @@ struct step {
     void *read_out, *kept_out; /* [reads][hidden], [kept][hidden]: those rows through the final norm */
 };
 
-/* scratch of one forward's products: pad_in, pad_out for a padded call, wide for bf16's fp32 sums */
+/* scratch of one forward's products: pad_in, pad_out for a padded call, wide for bf16's fp32 sums, quantized
+ * for an int8 call's quantized rows */
 struct product_scratch {
     char *pad_in;
     float *pad_out, *wide;
+    uint8_t *quantized;
 };
 
 static size_t element(int dtype) { return dtype == DTYPE_F32 ? sizeof(float) : sizeof(uint16_t); }
@@ -108,9 +113,12 @@ void store_rows(const float *sums, int64_t count, void *out, int dtype) {
 }
 
 /* the BLAS call on exactly `rows` rows, its fp32 sums into out */
-static void gemm(const struct model *m, const struct product *p, const void *in, int64_t rows, float *out) {
+static void gemm(const struct model *m, const struct product *p, const void *in, int64_t rows, float *out,
+                 const struct product_scratch *scratch) {
     const int n = (int)p->n, k = (int)p->k, r = (int)rows;
-    if (m->dtype == DTYPE_F32) {
+    if (p->kernel == KERNEL_INT8) {
+        int8_gemm(in, m->dtype, rows, p->weight, p->n, p->k, out, m->threads, scratch->quantized);
+    } else if (m->dtype == DTYPE_F32) {
         const float one = 1.0f, zero = 0.0f;
         m->sgemm("N", "N", &n, &r, &k, &one, p->weight, &n, in, &k, &zero, out, &n);
     } else if (p->kernel == KERNEL_AMX) {
@@ -132,19 +140,19 @@ static void product(const struct model *m, const struct product *p, const void *
         char *dst = (char *)out + (size_t)(start * p->n) * es;
         if (piece >= p->min_rows) {
             float *sums = m->dtype == DTYPE_F32 ? (float *)dst : scratch->wide;
-            gemm(m, p, src, piece, sums);
+            gemm(m, p, src, piece, sums, scratch);
             if (sums != (float *)dst) store_rows(sums, piece * p->n, dst, m->dtype);
             continue;
         }
         memcpy(scratch->pad_in, src, (size_t)(piece * p->k) * es);
         memset(scratch->pad_in + (size_t)(piece * p->k) * es, 0, (size_t)((p->min_rows - piece) * p->k) * es);
-        gemm(m, p, scratch->pad_in, p->min_rows, scratch->pad_out);
+        gemm(m, p, scratch->pad_in, p->min_rows, scratch->pad_out, scratch);
         store_rows(scratch->pad_out, piece * p->n, dst, m->dtype);
     }
 }
 
-/* the base product on every row, then the draft rows' merged product over theirs (as
- * models.layers.adapted_linear merges drafts); gather: scratch for the draft rows' input and output */
+/* the base product on every row, then the draft rows' own product over theirs (adapter-merged, as
+ * models.layers.adapted_linear merges drafts, or int8); gather: scratch for the draft rows' input and output */
 static void adapted(const struct model *m, const struct step *s, const struct product *base,
                     const struct product *draft, const void *in, void *out, const struct product_scratch *scratch,
                     char *gather) {
@@ -245,25 +253,31 @@ int decoder_forward(const struct model *m, const struct step *s) {
     const int64_t hidden = m->hidden, inter = m->intermediate, d = m->d, kv_width = m->hkv * d;
     const int64_t heads = m->hq + m->hkv, qkv_width = (m->hq + 2 * m->hkv) * d, q_width = m->hq * d;
     const size_t es = element(m->dtype);
-    int64_t t = s->rows, pad_in = 0, pad_out = 0, wide = 0;
+    int64_t t = s->rows, pad_in = 0, pad_out = 0, wide = 0, quantized = 0;
     for (int64_t i = 0; i < m->layers; i++) {
         const struct layer *l = &m->layer[i];
-        const struct product *all[] = {&l->qkv, &l->o, &l->gate_up, &l->down, &l->o_draft, &l->gate_up_draft,
-                                       &l->down_draft};
+        const struct product *all[] = {&l->qkv, &l->o, &l->gate_up, &l->down, &l->qkv_draft, &l->o_draft,
+                                       &l->gate_up_draft, &l->down_draft};
         for (size_t j = 0; j < sizeof all / sizeof *all; j++) {
             const struct product *p = all[j];
             if (!p->weight) continue;
             pad_in = larger(pad_in, p->min_rows * p->k);
             pad_out = larger(pad_out, p->min_rows * p->n);
-            if (m->dtype != DTYPE_F32) wide = larger(wide, (t < p->max_rows ? t : p->max_rows) * p->n);
+            const int64_t call = t < p->max_rows ? t : p->max_rows; /* rows of the largest call */
+            if (m->dtype != DTYPE_F32) wide = larger(wide, call * p->n);
+            if (p->kernel == KERNEL_INT8) quantized = larger(quantized, int8_work_bytes(call, p->k));
         }
     }
-    const int64_t gather = s->drafts ? s->drafts * (hidden + 2 * inter + larger(hidden, inter)) : 0;
+    /* a draft row's widest input and widest output */
+    const int64_t widest = larger(hidden, inter) + larger(larger(qkv_width, 2 * inter), hidden);
+    const int64_t gather = s->drafts ? s->drafts * widest : 0;
     const int64_t activations = t * (hidden + qkv_width + heads * d + q_width + hidden + 2 * inter + inter);
-    /* elements of the dtype first, then fp32 scratch; 64-byte aligned pieces */
+    /* elements of the dtype first, then fp32 scratch, int64 row numbers and int8 quantized rows; 64-byte
+     * aligned pieces */
     const size_t typed = ((size_t)(activations + gather + pad_in) * es + 63) / 64 * 64;
     const size_t wide_bytes = ((size_t)(pad_out + wide) * sizeof(float) + 63) / 64 * 64;
-    char *scratch = aligned_alloc(64, typed + wide_bytes + (size_t)(t + s->drafts + s->reads + s->kept) * 8);
+    const size_t number_bytes = ((size_t)(t + s->drafts + s->reads + s->kept) * 8 + 63) / 64 * 64;
+    char *scratch = aligned_alloc(64, typed + wide_bytes + number_bytes + ((size_t)quantized + 63) / 64 * 64);
     if (!scratch) return -1;
     int64_t *numbers = (int64_t *)(scratch + typed + wide_bytes);
     struct step last;
@@ -272,13 +286,14 @@ int decoder_forward(const struct model *m, const struct step *s) {
     NEXT(h, t * hidden); NEXT(qkv, t * qkv_width); NEXT(roped, t * heads * d); NEXT(attn, t * q_width);
     NEXT(proj, t * hidden); NEXT(gate_up, t * 2 * inter); NEXT(act, t * inter); NEXT(gathered, gather);
 #undef NEXT
-    const struct product_scratch pads = {cursor, (float *)(scratch + typed), (float *)(scratch + typed) + pad_out};
+    const struct product_scratch pads = {cursor, (float *)(scratch + typed), (float *)(scratch + typed) + pad_out,
+                                         (uint8_t *)scratch + typed + wide_bytes + number_bytes};
     char *x = s->x;
     int status = 0;
     for (int64_t i = 0; i < m->layers && !status; i++) {
         const struct layer *l = &m->layer[i];
         if ((status = rms_norm(x, hidden, l->input_norm, h, t, hidden, m->eps, m->dtype))) break;
-        product(m, &l->qkv, h, t, qkv, &pads);
+        adapted(m, s, &l->qkv, &l->qkv_draft, h, qkv, &pads, gathered);
         rope(qkv, qkv_width, qkv + q_width * es, qkv_width, s->cos, s->sin, s->qscale, roped, t, m->hq, m->hkv, d,
              m->dtype);
         const char *keys = roped + q_width * es, *values = qkv + (q_width + kv_width) * es;

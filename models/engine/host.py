@@ -33,6 +33,7 @@ class EngineSettings:
     dtype: str | None = None
     device: str = "cpu"
     threads: int = 1
+    int8_drafts: bool = False  # TriModeModel.int8_drafts
     engine: dict[str, Any] = field(default_factory=dict)  # Engine keyword arguments (pages, limits, ...)
 
 
@@ -42,11 +43,15 @@ def build_engine(model, settings: EngineSettings, warm: bool = True) -> tuple[En
     the seconds their capture took)."""
     from models.calibration import device_key, load_priors
     from models.generate import warm_up
+    from models.native_forward import drafts_in_int8
 
     info: dict[str, Any] = {"dtype": str(model.dtype).removeprefix("torch.")}
     if warm:
         info["warm_up_s"] = warm_up(model)
-    device = device_key(settings.device, settings.threads, model.dtype)
+    with torch.inference_mode():
+        int8_drafts = drafts_in_int8(model)
+    info["int8_drafts"] = int8_drafts
+    device = device_key(settings.device, settings.threads, model.dtype, int8_drafts)
     priors = load_priors(settings.path, device)
     info["device"], info["calibrated"] = device, bool(priors)
     start = time.perf_counter()
@@ -67,9 +72,15 @@ def load_host(settings: EngineSettings) -> EngineHost:
     if read_config(settings.path)[1] is not None:
         vlm = load_vlm(settings.path, dtype=settings.dtype, device=settings.device, tokenizer=False, warm_up=False)
         model = vlm.language_model
+        model.int8_drafts = settings.int8_drafts
     else:
         model = load_model(
-            settings.path, dtype=settings.dtype, device=settings.device, tokenizer=False, warm_up=False
+            settings.path,
+            dtype=settings.dtype,
+            device=settings.device,
+            tokenizer=False,
+            warm_up=False,
+            int8_drafts=settings.int8_drafts,
         )  # build_engine warms it up
     engine, info = build_engine(model, settings)
     info["vlm"] = vlm is not None
