@@ -15,6 +15,8 @@ from kernels import native
 from models import matmul, native_forward
 from models.calibration import device_key
 from models.engine.host import EngineSettings, load_host
+from models.modes.base import draft_segment
+from models.segments import causal_segment
 from tests.conftest import REPO, random_model
 from tests.test_distribution import SAMPLES, chi_square_p_value, exact_distributions, sample_counts
 from tests.test_lossless import _assert_spec_equals_ar_on_heldout
@@ -142,3 +144,24 @@ def test_the_generate_command_takes_it():
     drafted = run("--mode", "linear_spec", "--block-length", "8", "--int8-drafts")
     assert drafted[:-1] == run("--mode", "ar")[:-1]
     assert drafted[-1].startswith("[linear_spec] tokens=32 ")
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_drafts_apart_from_each_other_compute_as_alone(int8):
+    """Two requests' drafts with an AR step between them (the rows of each product gathered, not
+    consecutive): every request's logits are those of its forward alone, bit for bit."""
+    model = _loaded(torch.float32)
+    model.int8_drafts = int8
+    mask = model.config.mask_token_id
+    gen = torch.Generator().manual_seed(4)
+    prompts = [[1] + torch.randint(4, model.config.vocab_size, (n,), generator=gen).tolist() for n in (23, 41, 30)]
+    steps = Steps(model, prompts)
+    items = [
+        (0, draft_segment(7, steps.lengths[0], 8, mask)),
+        (1, causal_segment([9], steps.lengths[1], write=True)),
+        (2, draft_segment(5, steps.lengths[2], 4, mask)),
+    ]
+    together = steps.run(items)
+    apart = Steps(model, prompts)
+    for got, item in zip(together, items):
+        assert torch.equal(got, apart.run([item])[0])

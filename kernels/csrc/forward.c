@@ -151,11 +151,32 @@ static void product(const struct model *m, const struct product *p, const void *
     }
 }
 
-/* the base product on every row, then the draft rows' own product over theirs (adapter-merged, as
- * models.layers.adapted_linear merges drafts, or int8); gather: scratch for the draft rows' input and output */
+/* scratch of adapted(): rows gathered (inputs, then outputs) and the numbers of a step's base rows */
+struct row_scratch {
+    char *gather;
+    int64_t *base_rows;
+};
+
+/* `count` of the step's rows (`rows`, ascending) through p: in place where they are consecutive, else
+ * gathered and scattered back */
+static void product_of_rows(const struct model *m, const struct product *p, const int64_t *rows, int64_t count,
+                            const void *in, void *out, const struct product_scratch *scratch, char *gather) {
+    const size_t es = element(m->dtype), in_row = (size_t)p->k * es, out_row = (size_t)p->n * es;
+    if (rows[count - 1] - rows[0] + 1 == count) {
+        product(m, p, (const char *)in + rows[0] * in_row, count, (char *)out + rows[0] * out_row, scratch);
+        return;
+    }
+    char *g_out = gather + (size_t)count * in_row;
+    for (int64_t i = 0; i < count; i++) memcpy(gather + i * in_row, (const char *)in + rows[i] * in_row, in_row);
+    product(m, p, gather, count, g_out, scratch);
+    for (int64_t i = 0; i < count; i++) memcpy((char *)out + rows[i] * out_row, g_out + i * out_row, out_row);
+}
+
+/* the draft rows through their own product (adapter-merged, as models.layers.adapted_linear merges
+ * drafts, or int8), the other rows through the base product: each row computed once, by its product */
 static void adapted(const struct model *m, const struct step *s, const struct product *base,
                     const struct product *draft, const void *in, void *out, const struct product_scratch *scratch,
-                    char *gather) {
+                    const struct row_scratch *rows) {
     if (!draft->weight || !s->drafts) {
         product(m, base, in, s->rows, out, scratch);
         return;
@@ -164,14 +185,15 @@ static void adapted(const struct model *m, const struct step *s, const struct pr
         product(m, draft, in, s->rows, out, scratch);
         return;
     }
-    product(m, base, in, s->rows, out, scratch);
-    const size_t es = element(m->dtype), in_row = (size_t)draft->k * es, out_row = (size_t)draft->n * es;
-    char *g_out = gather + (size_t)s->drafts * in_row;
-    for (int64_t i = 0; i < s->drafts; i++)
-        memcpy(gather + (size_t)i * in_row, (const char *)in + (size_t)s->draft_rows[i] * in_row, in_row);
-    product(m, draft, gather, s->drafts, g_out, scratch);
-    for (int64_t i = 0; i < s->drafts; i++)
-        memcpy((char *)out + (size_t)s->draft_rows[i] * out_row, g_out + (size_t)i * out_row, out_row);
+    int64_t count = 0;
+    for (int64_t r = 0, d = 0; r < s->rows; r++) {
+        if (d < s->drafts && s->draft_rows[d] == r)
+            d++;
+        else
+            rows->base_rows[count++] = r;
+    }
+    product_of_rows(m, base, rows->base_rows, count, in, out, scratch, rows->gather);
+    product_of_rows(m, draft, s->draft_rows, s->drafts, in, out, scratch, rows->gather);
 }
 
 /* x += y, rounded to the dtype as a tensor addition rounds */
@@ -270,13 +292,13 @@ int decoder_forward(const struct model *m, const struct step *s) {
     }
     /* a draft row's widest input and widest output */
     const int64_t widest = larger(hidden, inter) + larger(larger(qkv_width, 2 * inter), hidden);
-    const int64_t gather = s->drafts ? s->drafts * widest : 0;
+    const int64_t gather = s->drafts ? t * widest : 0; /* the base rows or the draft rows, gathered */
     const int64_t activations = t * (hidden + qkv_width + heads * d + q_width + hidden + 2 * inter + inter);
     /* elements of the dtype first, then fp32 scratch, int64 row numbers and int8 quantized rows; 64-byte
      * aligned pieces */
     const size_t typed = ((size_t)(activations + gather + pad_in) * es + 63) / 64 * 64;
     const size_t wide_bytes = ((size_t)(pad_out + wide) * sizeof(float) + 63) / 64 * 64;
-    const size_t number_bytes = ((size_t)(t + s->drafts + s->reads + s->kept) * 8 + 63) / 64 * 64;
+    const size_t number_bytes = ((size_t)(2 * t + s->drafts + s->reads + s->kept) * 8 + 63) / 64 * 64;
     char *scratch = aligned_alloc(64, typed + wide_bytes + number_bytes + ((size_t)quantized + 63) / 64 * 64);
     if (!scratch) return -1;
     int64_t *numbers = (int64_t *)(scratch + typed + wide_bytes);
@@ -288,12 +310,13 @@ int decoder_forward(const struct model *m, const struct step *s) {
 #undef NEXT
     const struct product_scratch pads = {cursor, (float *)(scratch + typed), (float *)(scratch + typed) + pad_out,
                                          (uint8_t *)scratch + typed + wide_bytes + number_bytes};
+    const struct row_scratch rows = {gathered, numbers + t + s->drafts + s->reads + s->kept};
     char *x = s->x;
     int status = 0;
     for (int64_t i = 0; i < m->layers && !status; i++) {
         const struct layer *l = &m->layer[i];
         if ((status = rms_norm(x, hidden, l->input_norm, h, t, hidden, m->eps, m->dtype))) break;
-        adapted(m, s, &l->qkv, &l->qkv_draft, h, qkv, &pads, gathered);
+        adapted(m, s, &l->qkv, &l->qkv_draft, h, qkv, &pads, &rows);
         rope(qkv, qkv_width, qkv + q_width * es, qkv_width, s->cos, s->sin, s->qscale, roped, t, m->hq, m->hkv, d,
              m->dtype);
         const char *keys = roped + q_width * es, *values = qkv + (q_width + kv_width) * es;
@@ -312,12 +335,12 @@ int decoder_forward(const struct model *m, const struct step *s) {
             t = keep_read_rows(s, x, (size_t)hidden * es, attn, (size_t)q_width * es, &last, numbers);
             s = &last;
         }
-        adapted(m, s, &l->o, &l->o_draft, attn, proj, &pads, gathered);
+        adapted(m, s, &l->o, &l->o_draft, attn, proj, &pads, &rows);
         residual(x, proj, t * hidden, m->dtype);
         if ((status = rms_norm(x, hidden, l->post_norm, h, t, hidden, m->eps, m->dtype))) break;
-        adapted(m, s, &l->gate_up, &l->gate_up_draft, h, gate_up, &pads, gathered);
+        adapted(m, s, &l->gate_up, &l->gate_up_draft, h, gate_up, &pads, &rows);
         silu_times_up(gate_up, act, t, inter, m->dtype);
-        adapted(m, s, &l->down, &l->down_draft, act, proj, &pads, gathered);
+        adapted(m, s, &l->down, &l->down_draft, act, proj, &pads, &rows);
         residual(x, proj, t * hidden, m->dtype);
     }
     /* the final norm of the rows the step reads, each on its own as the layers' norms run */
