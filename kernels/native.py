@@ -153,12 +153,17 @@ def row_stride(x: torch.Tensor) -> int:
     return strides[0]
 
 
+def _ready(kernel: str) -> bool:
+    """Whether the library built and its ``<kernel>_ready()`` says this CPU runs the kernel."""
+    lib = library()
+    return lib is not None and getattr(lib, f"{kernel}_ready")() == 1
+
+
 @functools.cache
 def amx_ready() -> bool:
     """Whether csrc/amx_gemm.c can run here: the library built, the CPU has AMX-BF16 and Linux granted
     this process the tile registers."""
-    lib = library()
-    return lib is not None and lib.amx_ready() == 1
+    return _ready("amx")
 
 
 def amx_fits(n: int, k: int) -> bool:
@@ -170,8 +175,7 @@ def amx_fits(n: int, k: int) -> bool:
 def dpbf16_ready() -> bool:
     """Whether csrc/dpbf16_gemm.c can run here: the library built, the CPU has AVX512-BF16 and the OS
     saves its registers."""
-    lib = library()
-    return lib is not None and lib.dpbf16_ready() == 1
+    return _ready("dpbf16")
 
 
 def dpbf16_fits(n: int, k: int) -> bool:
@@ -184,8 +188,7 @@ def dpbf16_fits(n: int, k: int) -> bool:
 def int8_ready() -> bool:
     """Whether csrc/int8_gemm.c can run here: the library built, the CPU has AVX512-VNNI and the OS
     saves its registers."""
-    lib = library()
-    return lib is not None and lib.int8_ready() == 1
+    return _ready("int8")
 
 
 def int8_fits(n: int, k: int) -> bool:

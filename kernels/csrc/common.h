@@ -164,6 +164,21 @@ static inline vf exp_nonpositive(vf x) {
     return select_lanes(underflow, zero, p);
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+/* 1 when the CPU has AVX512-F and the OS saves the zmm state (OSXSAVE; SSE, AVX, opmask and ZMM state in
+ * XCR0): what the AVX-512 kernels check before their own instructions */
+static inline int avx512_usable(void) {
+    unsigned eax, ebx, ecx, edx;
+    __asm__("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(1), "c"(0));
+    if (!(ecx & (1u << 27))) return 0;
+    unsigned xcr0_low, xcr0_high;
+    __asm__("xgetbv" : "=a"(xcr0_low), "=d"(xcr0_high) : "c"(0));
+    if ((xcr0_low & 0xe6u) != 0xe6u) return 0;
+    __asm__("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(0));
+    return (ebx >> 16) & 1u;
+}
+#endif
+
 /* The kernels one call chains (forward.c): see each file. */
 int rms_norm(const void *x, int64_t x_stride, const void *weight, void *out, int64_t rows, int64_t width, float eps,
              int dtype);

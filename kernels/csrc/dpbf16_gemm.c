@@ -37,14 +37,10 @@ void dpbf16_pack(const uint16_t *weight, int64_t n, int64_t k, uint16_t *packed)
 
 /* 1 when the kernel may run: the CPU has AVX512-F and AVX512-BF16 and the OS saves the zmm state */
 int dpbf16_ready(void) {
+    if (!avx512_usable()) return 0;
     unsigned eax, ebx, ecx, edx;
-    __asm__("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(1), "c"(0));
-    if (!(ecx & (1u << 27))) return 0; /* OSXSAVE */
-    unsigned xcr0_low, xcr0_high;
-    __asm__("xgetbv" : "=a"(xcr0_low), "=d"(xcr0_high) : "c"(0));
-    if ((xcr0_low & 0xe6u) != 0xe6u) return 0; /* SSE, AVX, opmask, ZMM state */
     __asm__("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(0));
-    if (!(ebx & (1u << 16)) || eax < 1) return 0; /* AVX512-F; sub-leaf 1 exists */
+    if (eax < 1) return 0; /* sub-leaf 1 exists */
     __asm__("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(1));
     return (eax >> 5) & 1u; /* AVX512-BF16 */
 }
