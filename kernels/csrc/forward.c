@@ -17,13 +17,16 @@
 
 #include "common.h"
 
-/* threads > 1: the passes are shared out among up to that many threads, four passes at least each
- * (below that, starting a thread costs about what it saves), through OpenMP (the runtime torch's CPU
- * build loads too); each output is computed by the same operations whichever thread runs it, so the
- * thread count changes no bit */
+/* threads > 1: the passes are shared out among up to that many threads through OpenMP (the runtime
+ * torch's CPU build loads too), four passes at least each for fewer than four rows (a lone row's pass
+ * is too little work: starting a thread costs about what it saves), one at least from four rows (on a
+ * Zen 4, two threads then take 20-40% off a product of 256 outputs at 8 rows, which four passes a
+ * thread kept on one); each output is computed by the same operations whichever thread runs it, so
+ * the thread count changes no bit */
 void run_passes(column_passes columns, const void *in, int64_t rows, const void *packed, int64_t n, int64_t k,
                 float *out, int64_t passes, int64_t threads) {
-    if (threads > passes / 4) threads = passes / 4;
+    const int64_t least = rows >= 4 ? 1 : 4; /* passes a thread takes at least */
+    if (threads > passes / least) threads = passes / least;
     if (threads <= 1 || rows == 0) {
         columns(in, rows, packed, n, k, out, 0, passes);
         return;
