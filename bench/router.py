@@ -63,10 +63,11 @@ def body(model: str, option: str, i: int, max_tokens: int) -> dict:
 
 
 def calibrate(folder: Path, spec: dict, blocks: str) -> None:
-    """``triserve calibrate`` on the copy, with the threads and dtype the replica will use."""
+    """``triserve calibrate`` on the copy, with the threads, dtype and draft precision the replica will use."""
     threads = ModelSpec(**{**spec, "path": str(folder)}).cpu_threads
     command = [sys.executable, "-m", "deployments.cli", "calibrate", "--model", str(folder), "--blocks", blocks]
     command += ["--threads", str(threads)] + (["--dtype", spec["dtype"]] if spec.get("dtype") else [])
+    command += ["--int8-drafts"] if spec.get("int8_drafts") else []
     subprocess.run(command, cwd=REPO, check=True)
 
 

@@ -88,8 +88,8 @@ class ModelServer:
         priors = "router priors" if info["calibrated"] else "not calibrated"
         logger.info("%s: %s for %s", self.spec.name, priors, info["device"])
         if self.spec.int8_drafts and not info["int8_drafts"]:
-            logger.warning("%s: int8_drafts is on, but drafts keep the model's products here (no AVX512-VNNI, "
-                           "or a model the native CPU forward does not serve)", self.spec.name)  # fmt: skip
+            logger.info("%s: int8_drafts is on, but drafts keep the model's products here (no AVX512-VNNI, "
+                        "or a model the native CPU forward does not serve)", self.spec.name)  # fmt: skip
         self.metrics = metrics.ModelMetrics(self.spec.name)
         self._gauges_at = 0.0
         self._board = None
