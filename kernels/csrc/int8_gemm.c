@@ -3,14 +3,14 @@
  * Why: a draft only proposes tokens, which the verify pass (in the model's own dtype) accepts or
  * rejects, so its arithmetic may be cheaper without changing what a request emits. On a Zen 4 EPYC the
  * bf16 products run at VDPBF16PS's peak (32 multiply-adds a cycle); VPDPBUSD does 64. See
- * models/matmul.py's Int8Drafts.
+ * models/matmul.py's Int8 and models/native_forward.py.
  *
  * Weights: each output column quantized once, symmetrically, to int8 with its own scale (max |w| / 127).
  * Rows: each quantized when multiplied, to unsigned 8 bits with its own scale (max |x| / 127) and an
- * offset of 128 (VPDPBUSD multiplies unsigned by signed bytes): q = round(x / s) + 128. The int32 sums
- * are exact (no saturation: four products of at most 255 x 127 a step, k up to 2^14), so a row's result
- * depends on the row alone, whatever the call's row or thread count. Per column c:
- * out = (sum(q w_c) - 128 sum(w_c)) * scale_c * s.
+ * offset of 128 (VPDPBUSD multiplies unsigned by signed bytes): q = x * (1 / s) rounded to the nearest
+ * integer (ties to even), + 128. The int32 sums are exact (no saturation: four products of at most
+ * 255 x 127 a step, k up to 2^14), so a row's result depends on the row alone, whatever the call's row
+ * or thread count. Per column c: out = (sum(q w_c) - 128 sum(w_c)) * scale_c * s.
  *
  * Packed block of a [n][k] weight (n a multiple of 32, k of 16): int8 [n / 16][k / 4][16][4] (per
  * vector of 16 columns and quad of k values, each column's four values side by side), then float
@@ -48,7 +48,8 @@ void int8_pack(const float *weight, int64_t n, int64_t k, int8_t *packed) {
 
 #define Q_TARGET __attribute__((target("avx512f,avx512vnni")))
 #define ROWS 8    /* rows per block: ROWS x COLUMNS sums, COLUMNS weight vectors and one input in registers */
-#define COLUMNS 2 /* vectors of 16 columns per pass (8 x 2 measured fastest on a Zen 4: 1.7-2x dpbf16's products) */
+#define COLUMNS 2 /* vectors of 16 columns per pass (8 x 2 measured fastest on a Zen 4: 1.6-1.8x
+                     dpbf16's products at 8-32 rows; 4 x 4 gained 10-30%) */
 
 /* 1 when the kernel may run: the CPU has AVX512-F and AVX512-VNNI and the OS saves the zmm state */
 int int8_ready(void) {
