@@ -25,7 +25,7 @@ model's shapes (``drafts_in_int8``). A draft only proposes tokens; the verify ro
 prefills and diffusion passes keep the model's products, so what a request emits does not change
 (temperature 0: the AR tokens; above: the AR distribution, rejection sampling taking the drafts'
 own probabilities), only how many drafted tokens are accepted. On a Zen 4 EPYC (bf16 products at
-VDPBF16PS's peak) an int8 product is 1.7-2x cheaper (bench/RESULTS.md).
+VDPBF16PS's peak) an int8 product is 1.6-1.8x cheaper at 8-32 rows (bench/RESULTS.md).
 
 Which forwards: all of a model's serving forwards or none of them, decided from the model alone
 (never the batch), so a row is computed the same way in every forward, which is what keeps
