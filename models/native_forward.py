@@ -115,11 +115,10 @@ class NativeDecoder:
         structs = []
         for layer in layers:
             mlp, a = layer.mlp, layer.self_attn
-            gate_up = (mlp.gate_proj.weight, mlp.up_proj.weight)
+            base = _base_weights(layer)
+            gate_up = base[2]
             gate_up_loras = (mlp.lora.get("gate_proj"), mlp.lora.get("up_proj"))
             down_lora = mlp.lora.get("down_proj")
-            qkv = (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)
-            base = [qkv, (a.o_proj.weight,), gate_up, (mlp.down_proj.weight,)]
             merged = [
                 None,
                 None if a.lora is None else (a.lora.merged(a.o_proj.weight),),
@@ -149,8 +148,7 @@ class NativeDecoder:
         # the Python fast path's own entry where its first choice has a C entry point (fp32: BLAS; bf16:
         # a packed kernel, where one takes the fused shape), so both share one prepared copy; else MKL's
         # bf16 GEMM
-        fused = (sum(w.shape[0] for w in weights), weights[0].shape[1])
-        if self.dtype == torch.float32 or matmul.packed_kernel(*fused):
+        if self.dtype == torch.float32 or matmul.packed_kernel(*_fused_shape(weights)):
             return matmul.prepared(weights)
         return matmul.prepared(weights, ("mkl_bf16",))
 
@@ -225,18 +223,23 @@ def _supported(model) -> bool:
     )
 
 
+def _base_weights(layer) -> list[tuple[torch.Tensor, ...]]:
+    """A layer's products as the native forward runs them, each the weights it fuses: q/k/v, o, gate/up,
+    down."""
+    a, mlp = layer.self_attn, layer.mlp
+    qkv = (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)
+    return [qkv, (a.o_proj.weight,), (mlp.gate_proj.weight, mlp.up_proj.weight), (mlp.down_proj.weight,)]
+
+
 def _int8_fits(model) -> bool:
-    """Whether the int8 kernel runs here and takes every product of the model's layers."""
-    config = model.config
-    attn = model.encoder.layers[0].self_attn
-    qkv = (attn.num_heads + 2 * attn.num_kv_heads) * attn.head_dim
-    shapes = [
-        (qkv, config.hidden_size),
-        (config.hidden_size, attn.num_heads * attn.head_dim),
-        (2 * config.intermediate_size, config.hidden_size),
-        (config.hidden_size, config.intermediate_size),
-    ]
-    return all(native.int8_fits(n, k) for n, k in shapes)
+    """Whether the int8 kernel runs here and takes every product of the model's layers (all layers have
+    the first one's shapes)."""
+    return all(native.int8_fits(*_fused_shape(ws)) for ws in _base_weights(model.encoder.layers[0]))
+
+
+def _fused_shape(weights: tuple[torch.Tensor, ...]) -> tuple[int, int]:
+    """[outputs, inputs] of weights that read the same input, fused."""
+    return sum(w.shape[0] for w in weights), weights[0].shape[1]
 
 
 def drafts_in_int8(model) -> bool:

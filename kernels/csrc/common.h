@@ -193,7 +193,8 @@ void amx_gemm(const uint16_t *in, int64_t rows, const uint16_t *packed, int64_t 
  * every row against the passes g0..g1-1 of the packed weight's columns */
 typedef void (*column_passes)(const void *in, int64_t rows, const void *packed, int64_t n, int64_t k, float *out,
                               int64_t g0, int64_t g1);
-/* forward.c: `passes` shared out among up to `threads` threads, four at least each */
+/* forward.c: `passes` shared out among up to `threads` threads (four passes at least each for fewer than
+ * four rows, one from four rows) */
 void run_passes(column_passes columns, const void *in, int64_t rows, const void *packed, int64_t n, int64_t k,
                 float *out, int64_t passes, int64_t threads);
 /* dpbf16_gemm.c: the same contract on AVX512-BF16 dot products, for CPUs without AMX */

@@ -293,7 +293,7 @@ int decoder_forward(const struct model *m, const struct step *s) {
             if (p->kernel == KERNEL_INT8) quantized = larger(quantized, int8_work_bytes(call, p->k));
         }
     }
-    /* a draft row's widest input and widest output */
+    /* a gathered row's widest input and widest output (adapted() gathers base or draft rows) */
     const int64_t widest = larger(hidden, inter) + larger(larger(qkv_width, 2 * inter), hidden);
     const int64_t gather = s->drafts ? t * widest : 0; /* the base rows or the draft rows, gathered */
     const int64_t activations = t * (hidden + qkv_width + heads * d + q_width + hidden + 2 * inter + inter);
