@@ -91,3 +91,17 @@ def test_a_served_engine_captures_its_graphs_at_load(gpu_model, fixture_path):
     settings = EngineSettings(str(fixture_path), device="cuda", engine={"num_pages": 64, "cuda_graphs": True})
     engine, info = build_engine(gpu_model, settings)
     assert engine.runner.graphs is not None and info["cuda_graphs_s"] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_matmul_rows_do_not_depend_on_the_row_count_on_gpu(dtype):
+    """Here rather than in test_kernels_matmul.py, which turns on Triton's interpreter at import."""
+    from kernels.matmul import matmul_triton
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 512, generator=gen).to(dtype).cuda()
+    w = (torch.randn(1024, 512, generator=gen) / 512**0.5).to(dtype).cuda()
+    full = matmul_triton(x, w)
+    for rows in list(range(1, 40)) + [63, 64, 65, 128, 299]:
+        for start in (0, 7):
+            assert torch.equal(matmul_triton(x[start : start + rows], w), full[start : start + rows])

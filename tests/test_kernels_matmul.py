@@ -61,14 +61,3 @@ def test_reference_rows_do_not_depend_on_the_row_count(threads):
                 assert torch.equal(matmul_reference(x[start : start + rows], w), full[start : start + rows])
     finally:
         torch.set_num_threads(before)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel's invariance is a GPU property")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_triton_rows_do_not_depend_on_the_row_count_on_gpu(dtype):
-    os.environ.pop("TRITON_INTERPRET", None)
-    x, w = (t.cuda() for t in _inputs(300, 1024, 512, dtype))
-    full = matmul_triton(x, w)
-    for rows in list(range(1, 40)) + [63, 64, 65, 128, 299]:
-        for start in (0, 7):
-            assert torch.equal(matmul_triton(x[start : start + rows], w), full[start : start + rows])
