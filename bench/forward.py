@@ -89,6 +89,7 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=34, help="GPU: layers of the 8B-shaped model")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads")
     parser.add_argument("--reps", type=int, default=20, help="CPU: timed runs per case")
+    parser.add_argument("--profile", action="store_true", help="CUDA: the kernels of the AR token and longest verify")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="CPU: force a dtype (default: the loader's)")
     args = parser.parse_args()
 
@@ -167,7 +168,26 @@ def main() -> int:
         ms = timer(partial(model, batch, cache))
         ar_ms = ar_ms or ms
         print(f"| {name} | {batch.num_tokens} | {ms:.2f} | {ms / ar_ms:.2f} |")
+    if args.profile and args.device == "cuda":
+        longest_verify = f"verify block ({max(args.blocks)})"
+        for name, segments in cases:
+            if name in ("AR token", longest_verify):
+                print(f"\n{name}: the kernels of three forwards, by device time")
+                print(kernel_table(partial(model, pack([(0, s) for s in segments], kv, device="cuda"), cache)))
     return 0
+
+
+def kernel_table(fn, rows: int = 12) -> str:
+    """torch.profiler's table of the device kernels that three calls of ``fn`` launch, costliest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=60)
 
 
 if __name__ == "__main__":

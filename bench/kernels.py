@@ -52,6 +52,7 @@ def main() -> int:
 
     from kernels import AttentionMetadata, MaskKind
     from kernels.kv_write import kv_write_triton
+    from kernels.matmul import matmul_triton
     from kernels.rmsnorm import rmsnorm_triton
     from kernels.rope import rope_triton
     from kernels.row_stats import row_stats_triton
@@ -95,6 +96,22 @@ def main() -> int:
             bandwidth,
             peak,
         )
+        # the batch-invariant product at the 8B's projection shapes, beside cuBLAS (torch's own)
+        for rows in sorted({batch, tokens}):
+            for out_features, label in ((6144, "qkv"), (28672, "gate_up"), (VOCAB, "head")):
+                x_rows = torch.randn(rows, HIDDEN, **bf16)
+                weight = torch.randn(out_features, HIDDEN, **bf16)
+                nbytes, flops = weight.nbytes + x_rows.nbytes, 2 * rows * HIDDEN * out_features
+                for impl, fn in (("matmul", matmul_triton), ("cublas", torch.nn.functional.linear)):
+                    row(
+                        f"{impl} {label} {rows} x {HIDDEN} x {out_features}",
+                        bench(partial(fn, x_rows, weight)),
+                        nbytes,
+                        flops,
+                        bandwidth,
+                        peak,
+                    )
+                del weight
         logits = torch.randn(tokens, VOCAB, dtype=torch.float32, device="cuda")
         row(
             f"row_stats B={batch} x {BLOCK} x {VOCAB}",
@@ -120,7 +137,7 @@ def main() -> int:
             v_cache = torch.randn_like(k_cache)
             segments = AttentionMetadata.from_slots(
                 [
-                    (i * BLOCK, BLOCK, torch.arange(i * context, (i + 1) * context, device="cuda"), MaskKind.CAUSAL, 0)
+                    (i * BLOCK, BLOCK, torch.arange(i * context, (i + 1) * context, device="cuda"), MaskKind.CAUSAL)
                     for i in range(batch)
                 ]
             )
