@@ -1,18 +1,23 @@
 """Triton attention of packed segments over the paged KV cache (the reference is in kernels.segment_attention).
 
 One program handles a tile of query rows of one segment for one KV head, with every query head
-that shares the KV head packed in (row m of the tile is query token m // G, head m % G). For
-every mask kind, what a query row sees is a *prefix* of the tile's virtual key list: the cached
-prefix (read through the segment's row of ``AttentionMetadata.prefix_slots``), then segment
-rows in order. So the mask is one number per row, the count of keys it sees. Keys are
-visited in fixed blocks of ``KEY_BLOCK`` from key 0 and merged with a running log-sum-exp; a
-block a row cannot see rescales by exactly 1 and adds exact zeros, so a row's result does not
-depend on the tile, the segment length or the batch. The reference normalises by the row's
-global maximum instead of a running one: the two agree to rounding (fp32 ~1e-6), not bitwise.
+that shares the KV head packed in (row m of the tile is query token m // G, head m % G), over one
+slice of ``SPLIT_KEYS`` keys. For every mask kind, what a query row sees is a *prefix* of the
+tile's virtual key list: the cached prefix (read through the segment's row of
+``AttentionMetadata.prefix_slots``), then segment rows in order. So the mask is one number per row,
+the count of keys it sees. Within its slice a program visits keys in fixed blocks of ``KEY_BLOCK``
+with a running log-sum-exp; a second kernel merges each row's slices in order, slice 0 first. The
+slices and blocks start at fixed key indices, and a block or slice a row cannot see rescales by
+exactly 1 and adds exact zeros, so a row's result does not depend on the tile, the segment length,
+the number of slices or the batch. Slices are what make a decode step parallel: one row over 4096
+keys is 8 slices per KV head rather than one program walking all of them. The reference normalises
+by the row's global maximum instead of a running one: the two agree to rounding (fp32 ~1e-6), not
+bitwise.
 
-Arithmetic is fp32 (inputs upcast on load, ``tl.dot`` in IEEE fp32); bf16 outputs are rounded to
-nearest even by hand, since the interpreter truncates. Not tuned for GPUs yet: bf16 operands could
-go to the tensor cores for Q.K (exact products, fp32 sums), and BLOCK_M is fixed.
+Arithmetic is fp32 (inputs upcast on load); on a GPU the products go to the tensor cores as
+``tf32x3`` (three TF32 products: about fp32's precision, and exact for bf16 inputs' Q.K, which a
+full-precision fp32 ``tl.dot`` would instead form on the FMA units, spilling its operands). bf16
+outputs are rounded to nearest even by hand, since the interpreter truncates.
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ from kernels.masks import MaskKind
 from kernels.segment_attention import KEY_BLOCK, AttentionMetadata
 
 BLOCK_M = 32  # (query token, head) rows per tile
+SPLIT_KEYS = 8 * KEY_BLOCK  # keys per slice; fixed, since a row's rounding follows the slices
 _KIND_CODE = {MaskKind.CAUSAL: 0, MaskKind.BIDIRECTIONAL: 1}
 
 
-def _tiles(meta: AttentionMetadata, group: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per-tile metadata [tiles, META] and the flat prefix slots, built once per step (host work, one copy).
+def _tiles(meta: AttentionMetadata, group: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """Per-tile metadata [tiles, META], the flat prefix slots and the most keys a tile visits, built
+    once per step (host work, one copy).
 
     A tile's row: segment's first packed row, tile's first segment row, rows, prefix length, offset of
     the segment's slots, mask kind, segment length, keys to visit.
@@ -47,38 +54,42 @@ def _tiles(meta: AttentionMetadata, group: int) -> tuple[torch.Tensor, torch.Ten
     if not rows:
         return None
     device = meta.prefix_slots.device
-    return torch.tensor(rows, dtype=torch.int32, device=device), meta.prefix_slots.reshape(-1).contiguous()
+    tile_meta = torch.tensor(rows, dtype=torch.int32, device=device)
+    return tile_meta, meta.prefix_slots.reshape(-1).contiguous(), max(r[-1] for r in rows)
 
 
 def decode_metadata(positions: torch.Tensor, prefix_slots: torch.Tensor, group: int) -> AttentionMetadata:
     """The metadata of a step of one-row causal segments (AR decodes), built on the device from tensors
     alone, so that a CUDA graph can capture it: segment i is packed row i at ``positions[i]`` with that
     many cached keys, whose slots are ``prefix_slots[i]`` (entries past them are never read). Its tiles
-    are what ``_tiles`` builds from the same segments; it has no host-side segments, so only this
-    backend can run it."""
+    are what ``_tiles`` builds from the same segments, and every step launches the slices of the
+    longest prefix the table holds (a row's unused slices are empty); it has no host-side segments,
+    so only this backend can run it."""
     count, width = prefix_slots.shape
     index = torch.arange(count, device=positions.device)
     zero, one = torch.zeros_like(index), torch.ones_like(index)
     # the columns of _tiles' rows: q_start, row0, rows, prefix, slot offset, kind (causal), q_len, keys
     tiles = torch.stack([index, zero, one, positions, index * width, zero, one, positions + 1], dim=1)
     meta = AttentionMetadata([], prefix_slots)
-    meta.derived(("triton", group), lambda: (tiles.to(torch.int32), prefix_slots.reshape(-1)))
+    meta.derived(("triton", group), lambda: (tiles.to(torch.int32), prefix_slots.reshape(-1), width + 1))
     return meta
 
 
 @functools.cache
-def _kernel():
+def _kernels():
+    """(slice kernel, merge kernel), built on first use (after a test may have set TRITON_INTERPRET)."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def attention_kernel(
+    def slice_kernel(
         q_ptr,
         k_ptr,
         v_ptr,
         k_cache_ptr,
         v_cache_ptr,
-        out_ptr,
+        part_ptr,
+        stats_ptr,
         meta_ptr,
         slots_ptr,
         stride_qt,
@@ -91,99 +102,165 @@ def _kernel():
         stride_kch,
         stride_vcs,
         stride_vch,
-        stride_ot,
-        stride_oh,
+        num_heads,
+        num_slices,
         head_dim,
         scale,
         GROUP: tl.constexpr,
         META: tl.constexpr,
         BLOCK_M: tl.constexpr,
         KEY_BLOCK: tl.constexpr,
+        SPLIT_KEYS: tl.constexpr,
         BLOCK_D: tl.constexpr,
-        OUT_BF16: tl.constexpr,
         USE_DOT: tl.constexpr,
     ):
+        """One tile's rows over one slice of keys: unnormalised sums and (max, sum of exps) per row."""
+        tile = tl.program_id(0).to(tl.int64)
+        kv_head = tl.program_id(1)
+        piece = tl.program_id(2)
+        meta = meta_ptr + tile * META
+        n_keys = tl.load(meta + 7)
+        first = piece * SPLIT_KEYS
+        if first < n_keys:
+            seg_start = tl.load(meta + 0)
+            row0 = tl.load(meta + 1)
+            n_rows = tl.load(meta + 2)
+            prefix = tl.load(meta + 3)
+            slot0 = tl.load(meta + 4)
+            kind = tl.load(meta + 5)
+            q_len = tl.load(meta + 6)
+
+            m = tl.arange(0, BLOCK_M)
+            dims = tl.arange(0, BLOCK_D)
+            dim_ok = dims < head_dim
+            t = row0 + m // GROUP  # query row within the segment
+            head = kv_head * GROUP + m % GROUP
+            row_ok = m < n_rows * GROUP
+            # visible keys per row, a prefix of the virtual key list (kind codes: see _KIND_CODE)
+            limit = tl.where(kind == 0, prefix + t + 1, prefix + q_len)
+            limit = tl.where(row_ok, limit, n_keys)  # padding rows see every key (finite sums); never stored
+
+            q_rows = (seg_start + t).to(tl.int64)
+            q = tl.load(
+                q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
+                mask=row_ok[:, None] & dim_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
+
+            m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+            l_i = tl.zeros((BLOCK_M,), tl.float32)
+            acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+            keys = tl.arange(0, KEY_BLOCK)
+            for start in range(first, tl.minimum(first + SPLIT_KEYS, n_keys), KEY_BLOCK):
+                kk = start + keys
+                in_prefix = kk < prefix
+                in_seg = (kk >= prefix) & (kk < n_keys)
+                slot = tl.load(slots_ptr + slot0 + kk, mask=in_prefix, other=0).to(tl.int64)
+                seg_row = (seg_start + kk - prefix).to(tl.int64)
+                cache_mask = in_prefix[:, None] & dim_ok[None, :]
+                seg_mask = in_seg[:, None] & dim_ok[None, :]
+                k_blk = tl.load(
+                    k_cache_ptr + slot[:, None] * stride_kcs + kv_head * stride_kch + dims[None, :],
+                    mask=cache_mask,
+                    other=0.0,
+                ).to(tl.float32) + tl.load(
+                    k_ptr + seg_row[:, None] * stride_kt + kv_head * stride_kh + dims[None, :],
+                    mask=seg_mask,
+                    other=0.0,
+                ).to(tl.float32)
+                v_blk = tl.load(
+                    v_cache_ptr + slot[:, None] * stride_vcs + kv_head * stride_vch + dims[None, :],
+                    mask=cache_mask,
+                    other=0.0,
+                ).to(tl.float32) + tl.load(
+                    v_ptr + seg_row[:, None] * stride_vt + kv_head * stride_vh + dims[None, :],
+                    mask=seg_mask,
+                    other=0.0,
+                ).to(tl.float32)
+                if USE_DOT:
+                    s = tl.dot(q, tl.trans(k_blk), input_precision="tf32x3") * scale
+                else:
+                    s = tl.sum(q[:, None, :] * k_blk[None, :, :], axis=2) * scale
+                s = tl.where(kk[None, :] < limit[:, None], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                # a row that has seen no key yet keeps -inf: exponents taken from 0 give exact zeros
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp(m_i - m_ref)
+                p = tl.exp(s - m_ref[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                if USE_DOT:
+                    acc = acc * alpha[:, None] + tl.dot(p, v_blk, input_precision="tf32x3")
+                else:
+                    acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v_blk[None, :, :], axis=1)
+                m_i = m_new
+
+            # part [T, H, slices, D] and stats [T, H, slices, 2] (max, sum of exps) of real rows
+            entry = (q_rows * num_heads + head) * num_slices + piece
+            tl.store(part_ptr + entry[:, None] * head_dim + dims[None, :], acc, mask=row_ok[:, None] & dim_ok[None, :])
+            tl.store(stats_ptr + entry * 2, m_i, mask=row_ok)
+            tl.store(stats_ptr + entry * 2 + 1, l_i, mask=row_ok)
+
+    @triton.jit
+    def merge_kernel(
+        part_ptr,
+        stats_ptr,
+        out_ptr,
+        meta_ptr,
+        stride_ot,
+        stride_oh,
+        num_heads,
+        num_slices,
+        head_dim,
+        GROUP: tl.constexpr,
+        META: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        SPLIT_KEYS: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        OUT_BF16: tl.constexpr,
+    ):
+        """One tile's rows: their slices merged in order, normalised, stored in the output's dtype."""
         tile = tl.program_id(0).to(tl.int64)
         kv_head = tl.program_id(1)
         meta = meta_ptr + tile * META
         seg_start = tl.load(meta + 0)
         row0 = tl.load(meta + 1)
         n_rows = tl.load(meta + 2)
-        prefix = tl.load(meta + 3)
-        slot0 = tl.load(meta + 4)
-        kind = tl.load(meta + 5)
-        q_len = tl.load(meta + 6)
         n_keys = tl.load(meta + 7)
-
         m = tl.arange(0, BLOCK_M)
         dims = tl.arange(0, BLOCK_D)
         dim_ok = dims < head_dim
-        t = row0 + m // GROUP  # query row within the segment
         head = kv_head * GROUP + m % GROUP
         row_ok = m < n_rows * GROUP
-        # visible keys per row, a prefix of the virtual key list (kind codes: see _KIND_CODE)
-        limit = tl.where(kind == 0, prefix + t + 1, prefix + q_len)
-        limit = tl.where(row_ok, limit, n_keys)  # padding rows see every key (finite sums); never stored
-
-        q_rows = (seg_start + t).to(tl.int64)
-        q = tl.load(
-            q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
-            mask=row_ok[:, None] & dim_ok[None, :],
-            other=0.0,
-        ).to(tl.float32)
+        q_rows = (seg_start + row0 + m // GROUP).to(tl.int64)
+        mask = row_ok[:, None] & dim_ok[None, :]
+        entry0 = (q_rows * num_heads + head) * num_slices
 
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-        keys = tl.arange(0, KEY_BLOCK)
-        for start in range(0, n_keys, KEY_BLOCK):
-            kk = start + keys
-            in_prefix = kk < prefix
-            in_seg = (kk >= prefix) & (kk < n_keys)
-            slot = tl.load(slots_ptr + slot0 + kk, mask=in_prefix, other=0).to(tl.int64)
-            seg_row = (seg_start + kk - prefix).to(tl.int64)
-            cache_mask = in_prefix[:, None] & dim_ok[None, :]
-            seg_mask = in_seg[:, None] & dim_ok[None, :]
-            k_blk = tl.load(
-                k_cache_ptr + slot[:, None] * stride_kcs + kv_head * stride_kch + dims[None, :],
-                mask=cache_mask,
-                other=0.0,
-            ).to(tl.float32) + tl.load(
-                k_ptr + seg_row[:, None] * stride_kt + kv_head * stride_kh + dims[None, :], mask=seg_mask, other=0.0
-            ).to(tl.float32)
-            v_blk = tl.load(
-                v_cache_ptr + slot[:, None] * stride_vcs + kv_head * stride_vch + dims[None, :],
-                mask=cache_mask,
-                other=0.0,
-            ).to(tl.float32) + tl.load(
-                v_ptr + seg_row[:, None] * stride_vt + kv_head * stride_vh + dims[None, :], mask=seg_mask, other=0.0
-            ).to(tl.float32)
-            if USE_DOT:
-                s = tl.dot(q, tl.trans(k_blk), input_precision="ieee") * scale
-            else:
-                s = tl.sum(q[:, None, :] * k_blk[None, :, :], axis=2) * scale
-            s = tl.where(kk[None, :] < limit[:, None], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if USE_DOT:
-                acc = acc * alpha[:, None] + tl.dot(p, v_blk, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v_blk[None, :, :], axis=1)
+        for piece in range(0, tl.cdiv(n_keys, SPLIT_KEYS)):
+            entry = entry0 + piece
+            m_j = tl.load(stats_ptr + entry * 2, mask=row_ok, other=float("-inf"))
+            l_j = tl.load(stats_ptr + entry * 2 + 1, mask=row_ok, other=0.0)
+            acc_j = tl.load(part_ptr + entry[:, None] * head_dim + dims[None, :], mask=mask, other=0.0)
+            m_new = tl.maximum(m_i, m_j)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_ref)
+            beta = tl.exp(m_j - m_ref)
+            l_i = l_i * alpha + l_j * beta
+            acc = acc * alpha[:, None] + acc_j * beta[:, None]
             m_i = m_new
         out = acc / l_i[:, None]
 
         dst = out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
-        store_mask = row_ok[:, None] & dim_ok[None, :]
         if OUT_BF16:  # out_ptr is the int16 view of a bf16 tensor
             bits = out.to(tl.uint32, bitcast=True)
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-            tl.store(dst, bits.to(tl.uint16).to(tl.int16, bitcast=True), mask=store_mask)
+            tl.store(dst, bits.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
         else:
-            tl.store(dst, out.to(dst.dtype.element_ty), mask=store_mask)
+            tl.store(dst, out.to(dst.dtype.element_ty), mask=mask)
 
-    return attention_kernel
+    return slice_kernel, merge_kernel
 
 
 def segment_attention_triton(
@@ -198,7 +275,8 @@ def segment_attention_triton(
     use_dot: bool = True,
 ) -> torch.Tensor:
     """Same contract as ``segment_attention_reference``: q [T, Hq, D]; k, v [T, Hkv, D]; caches
-    [slots, Hkv, D] -> [T, Hq, D] in q's dtype. One launch; rows no segment covers are left unset.
+    [slots, Hkv, D] -> [T, Hq, D] in q's dtype. Two launches (slices, merge); rows no segment covers
+    are left unset.
 
     ``use_dot=False`` forms the products by broadcast and sum instead of ``tl.dot``: much slower, but
     under the interpreter, where ``tl.dot`` goes to BLAS and a row's rounding depends on its place in
@@ -217,15 +295,20 @@ def segment_attention_triton(
     tiles = meta.derived(("triton", hq // hkv), lambda: _tiles(meta, hq // hkv))
     if tiles is None:
         return out
-    tile_meta, flat_slots = tiles
-    bf16 = q.dtype == torch.bfloat16
-    _kernel()[(tile_meta.shape[0], hkv)](
+    tile_meta, flat_slots, most_keys = tiles
+    group, num_slices = hq // hkv, -(-most_keys // SPLIT_KEYS)
+    block_m, block_d = max(BLOCK_M, triton.next_power_of_2(group)), max(triton.next_power_of_2(d), 16)
+    part = torch.empty((t_total, hq, num_slices, d), dtype=torch.float32, device=q.device)
+    stats = torch.empty((t_total, hq, num_slices, 2), dtype=torch.float32, device=q.device)
+    slice_kernel, merge_kernel = _kernels()
+    slice_kernel[(tile_meta.shape[0], hkv, num_slices)](
         q,
         k,
         v,
         k_cache,
         v_cache,
-        out.view(torch.int16) if bf16 else out,
+        part,
+        stats,
         tile_meta,
         flat_slots if flat_slots.numel() else tile_meta,
         q.stride(0),
@@ -238,16 +321,33 @@ def segment_attention_triton(
         k_cache.stride(1),
         v_cache.stride(0),
         v_cache.stride(1),
-        out.stride(0),
-        out.stride(1),
+        hq,
+        num_slices,
         d,
         scale,
-        GROUP=hq // hkv,
+        GROUP=group,
         META=tile_meta.shape[1],
-        BLOCK_M=max(BLOCK_M, triton.next_power_of_2(hq // hkv)),
+        BLOCK_M=block_m,
         KEY_BLOCK=KEY_BLOCK,
-        BLOCK_D=max(triton.next_power_of_2(d), 16),
-        OUT_BF16=bf16,
+        SPLIT_KEYS=SPLIT_KEYS,
+        BLOCK_D=block_d,
         USE_DOT=use_dot,
+    )
+    merge_kernel[(tile_meta.shape[0], hkv)](
+        part,
+        stats,
+        out.view(torch.int16) if q.dtype == torch.bfloat16 else out,
+        tile_meta,
+        out.stride(0),
+        out.stride(1),
+        hq,
+        num_slices,
+        d,
+        GROUP=group,
+        META=tile_meta.shape[1],
+        BLOCK_M=block_m,
+        SPLIT_KEYS=SPLIT_KEYS,
+        BLOCK_D=block_d,
+        OUT_BF16=q.dtype == torch.bfloat16,
     )
     return out

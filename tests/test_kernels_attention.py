@@ -1,7 +1,8 @@
 """Triton segment attention vs ``segment_attention_reference``, on CPU through the Triton interpreter.
 
-The kernel merges fixed key blocks with a running log-sum-exp, the reference normalises by each row's
-global maximum: fp32 agrees to ~1e-6, bf16 outputs to one rounding step.
+The kernel merges fixed key blocks with a running log-sum-exp, slice by slice, the reference normalises
+by each row's global maximum: fp32 agrees to ~1e-6, bf16 outputs to one rounding step. The cases here
+hold fewer keys than a slice, so the tests marked ``sliced`` run again with one key block a slice.
 """
 
 import os
@@ -13,8 +14,9 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
+import kernels.triton_segment_attention as triton_attention  # noqa: E402
 from kernels.masks import MaskKind  # noqa: E402
-from kernels.segment_attention import AttentionMetadata, segment_attention_reference  # noqa: E402
+from kernels.segment_attention import KEY_BLOCK, AttentionMetadata, segment_attention_reference  # noqa: E402
 from kernels.triton_segment_attention import segment_attention_triton  # noqa: E402
 from tests.attention_cases import attention_case  # noqa: E402
 
@@ -36,8 +38,14 @@ def _case(hq: int, hkv: int, d: int, dtype: torch.dtype, seed: int = 0):
     return attention_case(LAYOUT, SLOTS, hq, hkv, d, dtype, seed)
 
 
+@pytest.fixture(params=["one slice", "one key block a slice"])
+def sliced(request, monkeypatch):
+    if request.param != "one slice":
+        monkeypatch.setattr(triton_attention, "SPLIT_KEYS", KEY_BLOCK)
+
+
 @pytest.mark.parametrize(("hq", "hkv", "d"), [(6, 2, 16), (4, 4, 24), (8, 1, 16)])
-def test_fp32_matches_reference(hq: int, hkv: int, d: int) -> None:
+def test_fp32_matches_reference(hq: int, hkv: int, d: int, sliced) -> None:
     args = _case(hq, hkv, d, torch.float32)
     torch.testing.assert_close(
         segment_attention_triton(*args), segment_attention_reference(*args), rtol=1e-5, atol=1e-5
@@ -60,14 +68,14 @@ def test_prefill_without_cache() -> None:
     )
 
 
-def test_bf16_matches_reference() -> None:
+def test_bf16_matches_reference(sliced) -> None:
     args = _case(4, 2, 16, torch.bfloat16, seed=1)
     got = segment_attention_triton(*args)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got, segment_attention_reference(*args), rtol=1e-2, atol=1e-2)
 
 
-def test_verify_rows_equal_ar_steps() -> None:
+def test_verify_rows_equal_ar_steps(sliced) -> None:
     """Self-speculation is lossless only if verify token d_j computes what the AR step at j computes:
     here the AR steps see the same keys, d_0..d_{j-1} now read from the cache. Bitwise, so the products
     avoid ``tl.dot`` (BLAS under the interpreter rounds a row by its place in the tile)."""
