@@ -41,8 +41,9 @@ class ModelSpec:
     # above this many requests speculative ones take AR steps ("auto": where the calibration says
     # speculation stops paying; null: never; models/engine/engine.py)
     speculation_max_batch: int | str | None = "auto"
-    # GPU replicas: steps of AR decodes replay CUDA graphs captured at load (models/engine/decode_graphs.py)
-    cuda_graphs: bool = False
+    # GPU replicas: steps of AR decodes replay CUDA graphs captured at load (models/engine/decode_graphs.py);
+    # null (default): on where the replica is one rank (a CPU replica ignores it)
+    cuda_graphs: bool | None = None
     # CPU replicas: speculative drafts multiply in int8 where the CPU has VNNI (TriModeModel.int8_drafts)
     int8_drafts: bool = False
     num_cpus: float = 0.5
@@ -68,6 +69,8 @@ class ModelSpec:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 10:
                 raise ValueError(f"model {self.name}: {name} must be seconds from 0 to 10, got {value!r}")
+        if self.cuda_graphs is None:
+            self.cuda_graphs = self.tensor_parallel_size == 1
         for flag in ("prefix_caching", "engine_process", "cuda_graphs", "int8_drafts"):
             if not isinstance(getattr(self, flag), bool):  # a quoted "false" would read as on
                 raise ValueError(f"model {self.name}: {flag} must be true or false, got {getattr(self, flag)!r}")

@@ -12,9 +12,11 @@ shapes and split-K by the problem's shape.
   than 32 or 64 rows take yet other kernels. So inference calls are split into pieces of at most 64
   rows, and the multiple (4, 8, 16, 32 or 64) they are padded to is probed once per dtype, shape
   and thread count (``row_multiple``); ``tests/test_kernels_matmul.py`` checks the result.
-- Triton (CUDA): one fixed tiling for every shape (``BLOCK_M`` x ``BLOCK_N`` output tiles, the
-  reduction in ``BLOCK_K`` steps from k = 0 upward, accumulated in fp32, no split-K), so each output
-  element is the same sequence of operations whatever the row count or the row's place in a tile.
+- Triton (CUDA): one tiling per weight, whatever the row count (``BLOCK_M`` x ``block_n(N)``
+  output tiles, the reduction in ``BLOCK_K`` steps from k = 0 upward, accumulated in fp32, no
+  split-K), so each output element is the same sequence of operations whatever the row count or the
+  row's place in a tile. Narrower column tiles for narrower weights keep a GPU's multiprocessors
+  busy at decode row counts (an H200's 132 had 64 programs for a 4096-wide projection).
 """
 
 from __future__ import annotations
@@ -26,7 +28,13 @@ import torch
 import torch.nn.functional as F
 
 ROW_MULTIPLE = 4
-BLOCK_M, BLOCK_N, BLOCK_K = 32, 64, 64
+BLOCK_M, BLOCK_K = 32, 64
+NARROW = 8192  # weights of at most this many output columns take 32-wide column tiles, wider ones 64
+
+
+def block_n(n: int) -> int:
+    """Output columns per tile for a weight of ``n`` rows: a function of the weight alone."""
+    return 32 if n <= NARROW else 64
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -142,7 +150,7 @@ def matmul_triton(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     n = weight.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m and n:
-        grid = (-(-m // BLOCK_M), -(-n // BLOCK_N))
+        grid = (-(-m // BLOCK_M), -(-n // block_n(n)))
         bf16 = x.dtype == torch.bfloat16
         interpreted = os.environ.get("TRITON_INTERPRET") == "1"
         _kernel()[grid](
@@ -156,7 +164,7 @@ def matmul_triton(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             weight.stride(0),
             out.stride(0),
             BLOCK_M,
-            BLOCK_N,
+            block_n(n),
             BLOCK_K,
             bf16,
             x.dtype == torch.float32 or interpreted,

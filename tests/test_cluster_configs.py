@@ -114,6 +114,11 @@ def test_model_spec_rejects_bad_tensor_parallel_settings():
         parse_config({"models": [{"name": "m", "path": "x", "int8_drafts": "yes"}]})
     with pytest.raises(ValueError, match="cuda_graphs needs tensor_parallel_size 1"):
         parse_config({"models": [{"name": "m", "path": "x", "tensor_parallel_size": 2, "cuda_graphs": True}]})
+    # unset: on for a one-rank replica, off for a tensor-parallel group
+    one, group = parse_config(
+        {"models": [{"name": "a", "path": "x"}, {"name": "b", "path": "x", "tensor_parallel_size": 2}]}
+    ).models
+    assert one.cuda_graphs is True and group.cuda_graphs is False
 
 
 def test_model_spec_rejects_bad_stream_intervals():
