@@ -35,9 +35,10 @@ run() {  # name, seconds, command...
     [ "$rc" -eq 0 ] || status=1
 }
 # test_gpu.py alone: the kernel test files turn on Triton's interpreter at import, for CPU CI
-run gpu_tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
-run kernels 100 $PY bench/kernels.py
-run forward_8b 100 $PY bench/forward.py --device cuda --context 4096 --blocks 4 8 16 32 --layers 34 --profile
-run forward_tiny 50 $PY bench/forward.py --device cuda --model models/bundled/tiny-code --context 96
-run decode_graphs 80 $PY bench/decode_graphs.py --rounds 1
+run gpu_tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
+run kernels 80 $PY bench/kernels.py
+run matmul_tilings 90 $PY bench/kernels.py --tilings
+run forward_8b 80 $PY bench/forward.py --device cuda --context 4096 --blocks 4 8 16 32 --layers 34 --profile
+run forward_tiny 40 $PY bench/forward.py --device cuda --model models/bundled/tiny-code --context 96
+run decode_graphs 60 $PY bench/decode_graphs.py --rounds 1
 exit $status

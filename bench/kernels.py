@@ -40,10 +40,68 @@ def row(name: str, ms: float, nbytes: float, flops: float, bandwidth: float, pea
     print(f"{name:<44}{ms:>9.3f}{nbytes / 1e6:>11.1f}{flops / 1e9:>11.1f}{floor_ms:>10.3f}{floor_ms / ms:>10.1%}")
 
 
+# candidates for kernels.matmul.tiling: (block_m, block_n, block_k, num_warps, num_stages)
+CANDIDATE_TILINGS = [
+    (32, 32, 64, 4, 3),
+    (32, 64, 64, 4, 3),
+    (64, 32, 64, 4, 3),
+    (64, 64, 64, 4, 3),
+    (64, 128, 64, 4, 3),
+    (64, 128, 64, 8, 3),
+    (128, 64, 64, 4, 3),
+    (128, 128, 64, 8, 3),
+    (64, 64, 128, 4, 3),
+    (64, 32, 128, 4, 4),
+]
+
+
+def compare_tilings() -> int:
+    """The batch-invariant product's time under each candidate tiling at the 8B's projection shapes and
+    1, 32 and 1024 rows, and whether a row's bits stay the same at every row count under it (what a
+    tiling must keep to be chosen): a table to pick ``kernels.matmul.tiling`` from on this device."""
+    import triton.testing
+
+    from kernels.matmul import Tiling, matmul_triton, tiling
+
+    bf16 = dict(dtype=torch.bfloat16, device="cuda")
+    shapes = [("qkv", 6144), ("o", HIDDEN), ("gate_up", 28672), ("head", VOCAB)]
+    counts = (1, 32, 1024)
+    x = torch.randn(max(counts), HIDDEN, **bf16)
+    weights = {label: torch.randn(n, HIDDEN, **bf16) / HIDDEN**0.5 for label, n in shapes}
+    cublas = {
+        (label, r): triton.testing.do_bench(partial(torch.nn.functional.linear, x[:r], w), warmup=5, rep=20)
+        for label, w in weights.items()
+        for r in counts
+    }
+    current = {tiling(n) for _, n in shapes}
+    columns = [f"{label} {r}" for label, _ in shapes for r in counts]
+    print("ms per product (cuBLAS, then each tiling); * marks a tiling kernels.matmul uses now")
+    print("| tiling (m, n, k, warps, stages) | " + " | ".join(columns) + " | rows invariant |")
+    print("|---|" + "---|" * len(columns) + "---|")
+    print("| cuBLAS | " + " | ".join(f"{cublas[label, r]:.3f}" for label, _ in shapes for r in counts) + " | |")
+    for candidate in CANDIDATE_TILINGS:
+        launch = Tiling(*candidate)
+        times, same = [], True
+        for w in weights.values():
+            full = matmul_triton(x, w, launch)
+            same &= all(
+                torch.equal(matmul_triton(x[s : s + r], w, launch), full[s : s + r])
+                for r in (1, 7, 33, 64, 65, 300)
+                for s in (0, 5)
+            )
+            times += [
+                triton.testing.do_bench(partial(matmul_triton, x[:r], w, launch), warmup=5, rep=20) for r in counts
+            ]
+        mark = "*" if launch in current else ""
+        print(f"| {candidate}{mark} | " + " | ".join(f"{t:.3f}" for t in times) + f" | {'yes' if same else 'NO'} |")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--tilings", action="store_true", help="only: the matmul under candidate tilings")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU (none found); nothing to measure.")
@@ -53,6 +111,9 @@ def main() -> int:
     from kernels import AttentionMetadata, MaskKind
     from kernels.kv_write import kv_write_triton
     from kernels.matmul import matmul_triton
+
+    if args.tilings:
+        return compare_tilings()
     from kernels.rmsnorm import rmsnorm_triton
     from kernels.rope import rope_triton
     from kernels.row_stats import row_stats_triton

@@ -12,8 +12,8 @@ shapes and split-K by the problem's shape.
   than 32 or 64 rows take yet other kernels. So inference calls are split into pieces of at most 64
   rows, and the multiple (4, 8, 16, 32 or 64) they are padded to is probed once per dtype, shape
   and thread count (``row_multiple``); ``tests/test_kernels_matmul.py`` checks the result.
-- Triton (CUDA): one tiling per weight, whatever the row count (``BLOCK_M`` x ``block_n(N)``
-  output tiles, the reduction in ``BLOCK_K`` steps from k = 0 upward, accumulated in fp32, no
+- Triton (CUDA): one tiling per weight, whatever the row count (``tiling(N)``: output tiles of
+  ``block_m`` x ``block_n``, the reduction in ``block_k`` steps from k = 0 upward, accumulated in fp32, no
   split-K), so each output element is the same sequence of operations whatever the row count or the
   row's place in a tile. Narrower column tiles for narrower weights keep a GPU's multiprocessors
   busy at decode row counts (an H200's 132 had 64 programs for a 4096-wide projection).
@@ -23,18 +23,32 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 ROW_MULTIPLE = 4
-BLOCK_M, BLOCK_K = 32, 64
 NARROW = 8192  # weights of at most this many output columns take 32-wide column tiles, wider ones 64
 
 
-def block_n(n: int) -> int:
-    """Output columns per tile for a weight of ``n`` rows: a function of the weight alone."""
-    return 32 if n <= NARROW else 64
+@dataclass(frozen=True)
+class Tiling:
+    """A launch of the Triton product: output tiles, reduction step, warps and pipeline stages."""
+
+    block_m: int = 32
+    block_n: int = 64
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def tiling(n: int) -> Tiling:
+    """The tiling of a weight of ``n`` output columns: a function of the weight alone, never of the
+    row count, which is what keeps a row's result independent of its batch."""
+    return Tiling(block_n=32 if n <= NARROW else 64)
+
+
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -138,8 +152,10 @@ def _kernel():
     return matmul_kernel
 
 
-def matmul_triton(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Same contract as :func:`matmul_reference`, with the fixed tiling described above."""
+def matmul_triton(x: torch.Tensor, weight: torch.Tensor, launch: Tiling | None = None) -> torch.Tensor:
+    """Same contract as :func:`matmul_reference`, with the weight's :func:`tiling`. ``launch`` replaces
+    it (bench/kernels.py compares tilings); invariance holds only while every call with one weight
+    uses one tiling."""
     if x.dtype not in _SUPPORTED or weight.dtype != x.dtype:
         raise TypeError(f"matmul_triton needs x and weight of one dtype in {_SUPPORTED}, got {x.dtype}, {weight.dtype}")
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
@@ -150,10 +166,10 @@ def matmul_triton(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     n = weight.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m and n:
-        grid = (-(-m // BLOCK_M), -(-n // block_n(n)))
+        t = launch or tiling(n)
         bf16 = x.dtype == torch.bfloat16
         interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-        _kernel()[grid](
+        _kernel()[(-(-m // t.block_m), -(-n // t.block_n))](
             x,
             weight,
             out.view(torch.int16) if bf16 else out,
@@ -163,11 +179,13 @@ def matmul_triton(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             x.stride(0),
             weight.stride(0),
             out.stride(0),
-            BLOCK_M,
-            block_n(n),
-            BLOCK_K,
+            t.block_m,
+            t.block_n,
+            t.block_k,
             bf16,
             x.dtype == torch.float32 or interpreted,
             interpreted,
+            num_warps=t.num_warps,
+            num_stages=t.num_stages,
         )
     return out
