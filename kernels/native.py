@@ -32,7 +32,8 @@ SOURCES = sorted((Path(__file__).with_name("csrc")).glob("*.[ch]"))
 # -ffp-contract=fast: products and sums fused where the compiler sees them, the same way in every
 # call (rope.c and rmsnorm.c turn it off for themselves: they reproduce torch's separately rounded
 # operations)
-# -fopenmp: amx_gemm.c's and dpbf16_gemm.c's threads, on the OpenMP runtime torch's CPU build already loaded
+# -fopenmp: the packed products' threads (amx, dpbf16, fma32, int8), on the OpenMP runtime torch's
+# CPU build already loaded
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 LANES = 16  # csrc/common.h's vector width
 MAX_HEAD = 1024  # csrc/rope.c: the widest head it rotates
@@ -58,6 +59,9 @@ SIGNATURES = {
     "dpbf16_ready": (_int, []),
     "dpbf16_pack": (None, [_ptr, _i64, _i64, _ptr]),
     "dpbf16_gemm": (None, [_ptr, _i64, _ptr, _i64, _i64, _ptr, _i64]),
+    "fma32_ready": (_int, []),
+    "fma32_pack": (None, [_ptr, _i64, _i64, _ptr]),
+    "fma32_gemm": (None, [_ptr, _i64, _ptr, _i64, _i64, _ptr, _i64]),
     "int8_ready": (_int, []),
     "int8_packed_bytes": (_i64, [_i64, _i64]),
     "int8_work_bytes": (_i64, [_i64, _i64]),
@@ -182,6 +186,18 @@ def dpbf16_fits(n: int, k: int) -> bool:
     """Whether the AVX512-BF16 kernel takes a [n, k] weight: it passes over 64 output columns and pairs
     of inputs at a time."""
     return n % 64 == 0 and k % 2 == 0 and dpbf16_ready()
+
+
+@functools.cache
+def fma32_ready() -> bool:
+    """Whether csrc/fma32_gemm.c can run here: the library built, the CPU has AVX-512 and the OS saves
+    its registers."""
+    return _ready("fma32")
+
+
+def fma32_fits(n: int, k: int) -> bool:
+    """Whether the fp32 kernel takes a [n, k] weight: it passes over 64 output columns at a time."""
+    return n % 64 == 0 and k > 0 and fma32_ready()
 
 
 @functools.cache

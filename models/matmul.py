@@ -109,30 +109,32 @@ class MklBf16:
         return self.sums(x).to(torch.bfloat16)
 
 
-class PackedBf16:
-    """``x @ weight.T`` of bf16 operands through one of triserve's own kernels on a weight packed once
-    into the kernel's layout (fp32 sums rounded once to bf16). MKL's bf16 GEMM repacks the weight on
-    every call; oneDNN's packed product spends about 15 us on any call. Each row's sums are added in one
-    fixed order whatever the row count (the probes confirm it: no padding, pieces of 64 rows). The
-    native forward calls the same kernel on the same packed copy. ``kernel`` names the C functions
-    (``<kernel>_pack``, ``<kernel>_gemm``) and kernels.native's ``<kernel>_fits``."""
+class Packed:
+    """``x @ weight.T`` through one of triserve's own kernels on a weight packed once into the kernel's
+    layout (fp32 sums, rounded once to bf16 for bf16 operands). MKL's GEMMs repack the weight on every
+    call (and run generic code on AMD CPUs); oneDNN's packed product spends about 15 us on any call.
+    Each row's sums are added in one fixed order whatever the row count (the probes confirm it: no
+    padding, pieces of 64 rows). The native forward calls the same kernel on the same packed copy.
+    ``kernel`` names the C functions (``<kernel>_pack``, ``<kernel>_gemm``) and kernels.native's
+    ``<kernel>_fits``; ``dtype`` is the operands' dtype."""
 
     kernel: str
+    dtype: torch.dtype
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.n, self.k = weight.shape
-        if weight.dtype != torch.bfloat16 or not getattr(native, f"{self.kernel}_fits")(self.n, self.k):
+        if weight.dtype != self.dtype or not getattr(native, f"{self.kernel}_fits")(self.n, self.k):
             shape = tuple(weight.shape)
             raise ValueError(f"the {self.kernel} kernel takes no {weight.dtype} weight of shape {shape} here")
-        self.packed = torch.empty(self.n * self.k, dtype=torch.bfloat16)
+        self.packed = torch.empty(self.n * self.k, dtype=self.dtype)
         getattr(native.library(), f"{self.kernel}_pack")(weight.contiguous().data_ptr(), self.n, self.k,
                                                          self.packed.data_ptr())  # fmt: skip
 
     def sums(self, x: torch.Tensor) -> torch.Tensor:
         """The fp32 sums before rounding (what the probes compare)."""
-        if x.dtype != torch.bfloat16 or x.shape[-1] != self.k:
+        if x.dtype != self.dtype or x.shape[-1] != self.k:
             got = f"{x.dtype} rows of {x.shape[-1]}"
-            raise TypeError(f"the {self.kernel} product takes bf16 rows of {self.k}, not {got}")
+            raise TypeError(f"the {self.kernel} product takes {self.dtype} rows of {self.k}, not {got}")
         x = x.contiguous()
         out = torch.empty((x.shape[0], self.n), dtype=torch.float32)
         getattr(native.library(), f"{self.kernel}_gemm")(
@@ -141,21 +143,28 @@ class PackedBf16:
         return out
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.sums(x).to(torch.bfloat16)
+        return self.sums(x).to(self.dtype)
 
 
-class Amx(PackedBf16):
+class Amx(Packed):
     """On AMX tiles (``kernels/csrc/amx_gemm.c``). On an AMX Xeon (one thread, the bundled model's
     shapes) it takes 2.5-7 us a call at 1-8 rows against MKL's 14-60, and 4-14 against 15-69 at 32 rows."""
 
-    kernel = "amx"
+    kernel, dtype = "amx", torch.bfloat16
 
 
-class Dpbf16(PackedBf16):
+class Dpbf16(Packed):
     """On AVX512-BF16 dot products (``kernels/csrc/dpbf16_gemm.c``), for CPUs that compute bf16 in
     hardware without AMX."""
 
-    kernel = "dpbf16"
+    kernel, dtype = "dpbf16", torch.bfloat16
+
+
+class Fma32(Packed):
+    """fp32 on AVX-512 FMA (``kernels/csrc/fma32_gemm.c``): on a Zen 4 EPYC, where MKL's sgemm runs its
+    generic path and copies the weight on every call."""
+
+    kernel, dtype = "fma32", torch.float32
 
 
 class Int8:
@@ -188,7 +197,7 @@ class Int8:
 
 
 def packed_kernel(n: int, k: int) -> str | None:
-    """The first of triserve's own bf16 kernels (``PackedBf16``; AMX before AVX512-BF16) that takes a
+    """The first of triserve's own bf16 kernels (``Packed``; AMX before AVX512-BF16) that takes a
     [n, k] weight on this CPU, or None."""
     return next((name for name in ("amx", "dpbf16") if getattr(native, f"{name}_fits")(n, k)), None)
 
@@ -199,7 +208,7 @@ def _packed(weight: torch.Tensor) -> Product:
 
 
 BACKENDS: dict[str, Callable[[torch.Tensor], Product]] = {
-    "blas": Blas, "packed": _packed, "mkl_bf16": MklBf16, "amx": Amx, "dpbf16": Dpbf16
+    "blas": Blas, "packed": _packed, "mkl_bf16": MklBf16, "amx": Amx, "dpbf16": Dpbf16, "fma32": Fma32
 }  # fmt: skip
 
 
@@ -208,7 +217,7 @@ def backends_for(weight: torch.Tensor) -> list[str]:
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return []
     if weight.dtype == torch.float32:
-        return ["blas", "packed"]
+        return ["fma32", "blas", "packed"] if native.fma32_fits(*weight.shape) else ["blas", "packed"]
     if weight.dtype != torch.bfloat16 or not cpu_has_fast_half():
         return []
     own = packed_kernel(*weight.shape)

@@ -6,8 +6,9 @@ products were about 1.1 ms: the rest was two dozen tensor operations a layer, ea
 microseconds of Python and ATen dispatch. The native forward runs every layer in C with the same
 RMSNorm, RoPE and attention kernels. Its products are models.matmul's BLAS backends called from C,
 padded and split as that module's probes decided for them, so a row's product depends on the row
-alone: fp32 through ``sgemm`` (what ``torch.mm`` runs) on the Python fast path's own transposed
-weights, bit for bit its products; bf16 through triserve's own kernels on the Python fast path's
+alone: fp32 through triserve's own AVX-512 kernel (``fma32``) on the Python fast path's own packed
+weights where the CPU has AVX-512, else through ``sgemm`` (what ``torch.mm`` runs) on its transposed
+weights, bit for bit its products either way; bf16 through triserve's own kernels on the Python fast path's
 own packed weights, AMX tiles (``amx``) where the CPU has them, AVX512-BF16 dot products
 (``dpbf16``) where it has those, else through MKL's bf16 GEMM (``mkl_bf16``), not the oneDNN product
 the Python layers then use (it has no C entry point), so that such a bf16 model's logits differ from
@@ -84,15 +85,15 @@ class _Step(ctypes.Structure):
 
 # the products each dtype's layers take (models.matmul's backends, preferred first), and the BLAS
 # function C calls for the dtype where triserve's own kernels do not serve
-BACKENDS = {torch.float32: ("blas",), torch.bfloat16: ("amx", "dpbf16", "mkl_bf16")}
-KERNELS = {"amx": 1, "dpbf16": 2}  # csrc/forward.c's codes of the packed bf16 kernels (0: BLAS)
+BACKENDS = {torch.float32: ("fma32", "blas"), torch.bfloat16: ("amx", "dpbf16", "mkl_bf16")}
+KERNELS = {"amx": 1, "dpbf16": 2, "fma32": 4}  # csrc/forward.c's codes of the packed kernels (0: BLAS)
 INT8_KERNEL = 3  # csrc/forward.c's code of the int8 draft product
 GEMM = {torch.float32: "sgemm_", torch.bfloat16: "cblas_gemm_bf16bf16f32"}
 
 
 def _product(prepared: matmul.Prepared | None) -> _Product:
-    """What C reads of a prepared product: fp32's transposed copy [k, n], a packed bf16 kernel's
-    packed weight, or MKL's bf16 weight [n, k]."""
+    """What C reads of a prepared product: BLAS's transposed fp32 copy [k, n], a packed kernel's packed
+    weight, or MKL's bf16 weight [n, k]."""
     if prepared is None:
         return _Product()
     kernel = KERNELS.get(prepared.backend, 0)
@@ -145,9 +146,9 @@ class NativeDecoder:
         )  # fmt: skip
 
     def _prepare(self, weights: tuple[torch.Tensor, ...]) -> matmul.Prepared:
-        # the Python fast path's own entry where its first choice has a C entry point (fp32: BLAS; bf16:
-        # a packed kernel, where one takes the fused shape), so both share one prepared copy; else MKL's
-        # bf16 GEMM
+        # the Python fast path's own entry where its first choice has a C entry point (fp32: the fma32
+        # kernel or BLAS; bf16: a packed kernel, where one takes the fused shape), so both share one
+        # prepared copy; else MKL's bf16 GEMM
         if self.dtype == torch.float32 or matmul.packed_kernel(*_fused_shape(weights)):
             return matmul.prepared(weights)
         return matmul.prepared(weights, ("mkl_bf16",))

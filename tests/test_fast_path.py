@@ -46,26 +46,27 @@ def test_a_row_is_the_same_alone_and_in_any_batch(shapes, dtype):
     torch.testing.assert_close(full.float(), reference, rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.parametrize("kernel", [matmul.Amx, matmul.Dpbf16])
-def test_packed_bf16_products_sum_a_row_alike_in_calls_of_any_row_count(kernel):
-    """triserve's own bf16 kernels (kernels/csrc/amx_gemm.c, dpbf16_gemm.c) on their unrounded sums: a
-    row alone, in blocks whose last is partial, and past them, always sums alike, with one thread or
-    two; the first that runs here serves the fast path's bf16 weights whose shape it takes, unpadded,
-    and leaves the others to oneDNN."""
+@pytest.mark.parametrize("kernel", [matmul.Amx, matmul.Dpbf16, matmul.Fma32])
+def test_packed_products_sum_a_row_alike_in_calls_of_any_row_count(kernel):
+    """triserve's own kernels (kernels/csrc/amx_gemm.c, dpbf16_gemm.c: bf16; fma32_gemm.c: fp32) on
+    their unrounded sums: a row alone, in blocks whose last is partial, and past them, always sums alike,
+    with one thread or two; the first that runs here serves the fast path's weights of its dtype whose
+    shape it takes, unpadded, and leaves the others to oneDNN (bf16) or BLAS (fp32)."""
     if not getattr(native, f"{kernel.kernel}_ready")():
         pytest.skip(f"the {kernel.kernel} kernel cannot run on this CPU")
+    dtype, other = kernel.dtype, torch.float32 if kernel.dtype == torch.bfloat16 else torch.bfloat16
     gen = torch.Generator().manual_seed(3)
     for n, k in ((384, 256), (256, 768), (128, 64), (1024, 256)):
-        weight = (torch.randn(n, k, generator=gen) / k**0.5).bfloat16()
+        weight = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype)
         product = kernel(weight)
-        x = torch.randn(80, k, generator=gen).bfloat16()
+        x = torch.randn(80, k, generator=gen).to(dtype)
         whole = product.sums(x)
         for rows in [*range(1, 41), 47, 48, 63, 64, 65, 75]:
             for start in (0, 5):
                 assert torch.equal(product.sums(x[start : start + rows]), whole[start : start + rows]), (n, k, rows)
-        torch.testing.assert_close(whole, x.float() @ weight.float().T, rtol=1e-5, atol=1e-5)
-        with pytest.raises(TypeError):  # never reads other rows' bytes as bf16
-            product.sums(x.float())
+        torch.testing.assert_close(whole, x.double() @ weight.double().T, rtol=1e-5, atol=1e-5, check_dtype=False)
+        with pytest.raises(TypeError):  # never reads other rows' bytes as its own dtype
+            product.sums(x.to(other))
         threads = torch.get_num_threads()
         try:  # columns shared out among threads: the same sums
             torch.set_num_threads(2)
@@ -73,14 +74,14 @@ def test_packed_bf16_products_sum_a_row_alike_in_calls_of_any_row_count(kernel):
         finally:
             torch.set_num_threads(threads)
     with pytest.raises(ValueError):  # a shape it does not take
-        kernel(torch.zeros(96, 40, dtype=torch.bfloat16))
-    first = "amx" if native.amx_ready() else "dpbf16"
+        kernel(torch.zeros(96, 40, dtype=dtype))
+    first = kernel.kernel if dtype == torch.float32 else "amx" if native.amx_ready() else "dpbf16"
     with torch.inference_mode():
-        fits, odd = (torch.nn.Parameter(w.detach().bfloat16()) for w in _weights((384, 256), (96, 40)))
+        fits, odd = (torch.nn.Parameter(w.detach().to(dtype)) for w in _weights((384, 256), (96, 40)))
         prepared = matmul.prepared((fits,))
         assert (prepared.backend, prepared.min_rows, prepared.max_rows) == (first, 1, 64)
-        assert matmul.backends_for(odd) == ["packed"]
-        assert matmul.probe_rows(kernel.kernel, 96, 40, torch.bfloat16, 1) == (0, 0)
+        assert matmul.backends_for(odd) == (["packed"] if dtype == torch.bfloat16 else ["blas", "packed"])
+        assert matmul.probe_rows(kernel.kernel, 96, 40, dtype, 1) == (0, 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -189,7 +189,8 @@ int amx_ready(void);
 void amx_pack(const uint16_t *weight, int64_t n, int64_t k, uint16_t *packed);
 void amx_gemm(const uint16_t *in, int64_t rows, const uint16_t *packed, int64_t n, int64_t k, float *out,
               int64_t threads);
-/* The column passes of a packed product (amx_gemm.c, dpbf16_gemm.c: bf16 rows; int8_gemm.c: quantized rows):
+/* The column passes of a packed product (amx_gemm.c, dpbf16_gemm.c: bf16 rows; fma32_gemm.c: fp32 rows;
+ * int8_gemm.c: quantized rows):
  * every row against the passes g0..g1-1 of the packed weight's columns */
 typedef void (*column_passes)(const void *in, int64_t rows, const void *packed, int64_t n, int64_t k, float *out,
                               int64_t g0, int64_t g1);
@@ -202,6 +203,11 @@ int dpbf16_ready(void);
 void dpbf16_pack(const uint16_t *weight, int64_t n, int64_t k, uint16_t *packed);
 void dpbf16_gemm(const uint16_t *in, int64_t rows, const uint16_t *packed, int64_t n, int64_t k, float *out,
                  int64_t threads);
+/* fma32_gemm.c: the same contract for fp32 rows and weights, on AVX-512 FMA */
+int fma32_ready(void);
+void fma32_pack(const float *weight, int64_t n, int64_t k, float *packed);
+void fma32_gemm(const float *in, int64_t rows, const float *packed, int64_t n, int64_t k, float *out,
+                int64_t threads);
 /* int8_gemm.c: approximate int8 products for speculative drafts, on AVX512-VNNI */
 int int8_ready(void);
 int64_t int8_packed_bytes(int64_t n, int64_t k);

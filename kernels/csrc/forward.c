@@ -4,8 +4,9 @@
  * a few microseconds of dispatch: RMSNorm, the fused q/k/v product, RoPE, the KV cache write, the
  * attention, the output product and residual, RMSNorm, the fused gate/up product, SiLU times up,
  * the down product and residual. The norms, RoPE and attention are the kernels of the other files;
- * products call BLAS through function pointers from Python (fp32: the sgemm torch.mm calls, on the
- * Python fast path's transposed weights; bf16: the AMX kernel of amx_gemm.c or the AVX512-BF16 one
+ * products call triserve's packed kernels or BLAS through function pointers from Python (fp32: the
+ * AVX-512 kernel of fma32_gemm.c on weights packed once, or the sgemm torch.mm calls on the Python
+ * fast path's transposed weights; bf16: the AMX kernel of amx_gemm.c or the AVX512-BF16 one
  * of dpbf16_gemm.c on weights packed once, or MKL's bf16 GEMM where neither can serve), padded and split
  * into pieces as models.matmul's probes decided, so a row's product depends on the row alone. Draft rows
  * may take products of their own (adapter-merged weights, or int8 ones: int8_gemm.c), gathered apart from
@@ -45,7 +46,7 @@ typedef void (*gemm_bf16_fn)(int layout, int transa, int transb, int m, int n, i
                              int lda, const uint16_t *b, int ldb, float beta, float *c, int ldc);
 
 /* which kernel multiplies a bf16 product's weight */
-enum { KERNEL_MKL = 0, KERNEL_AMX = 1, KERNEL_DPBF16 = 2, KERNEL_INT8 = 3 };
+enum { KERNEL_MKL = 0, KERNEL_AMX = 1, KERNEL_DPBF16 = 2, KERNEL_INT8 = 3, KERNEL_FMA32 = 4 };
 
 /* out [rows][n] = in [rows][k] times weight^T: fp32 through sgemm on the weight held transposed
  * ([k][n]); bf16 with fp32 sums rounded once to bf16, through amx_gemm or dpbf16_gemm on the weight
@@ -121,6 +122,8 @@ static void gemm(const struct model *m, const struct product *p, const void *in,
     const int n = (int)p->n, k = (int)p->k, r = (int)rows;
     if (p->kernel == KERNEL_INT8) {
         int8_gemm(in, m->dtype, rows, p->weight, p->n, p->k, out, m->threads, scratch->quantized);
+    } else if (p->kernel == KERNEL_FMA32) {
+        fma32_gemm(in, rows, p->weight, p->n, p->k, out, m->threads);
     } else if (m->dtype == DTYPE_F32) {
         const float one = 1.0f, zero = 0.0f;
         m->sgemm("N", "N", &n, &r, &k, &one, p->weight, &n, in, &k, &zero, out, &n);
