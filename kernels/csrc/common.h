@@ -198,6 +198,31 @@ typedef void (*column_passes)(const void *in, int64_t rows, const void *packed, 
  * four rows, one from four rows) */
 void run_passes(column_passes columns, const void *in, int64_t rows, const void *packed, int64_t n, int64_t k,
                 float *out, int64_t passes, int64_t threads);
+/* Defines `name`, the column_passes of a packed kernel (dpbf16_gemm.c, fma32_gemm.c) whose inlined
+ * block(a, k, b, stride, out, n, rows) multiplies 1..ROWS rows of elem_t (ROWS 4) against the COLUMNS
+ * vectors of 16 columns of one pass (b: the first vector's packed weight, stride = k * 16 elements
+ * between vectors): every row over the passes g0..g1-1, whole blocks of rows and then the rest, each
+ * block called with a constant row count so that its sums stay in registers. A pass's weights stay
+ * in cache while every block of rows takes them. */
+#define FOUR_ROW_PASSES(name, target, elem_t)                                                                \
+    _Static_assert(ROWS == 4, "the row blocks below are written for four rows");                            \
+    target static void name(const void *input, int64_t rows, const void *weight, int64_t n, int64_t k,      \
+                            float *out, int64_t g0, int64_t g1) {                                           \
+        const elem_t *in = input, *packed = weight;                                                         \
+        const int64_t stride = k * 16;                                                                      \
+        for (int64_t g = g0; g < g1; g++) {                                                                 \
+            const elem_t *b = packed + g * COLUMNS * stride;                                                \
+            float *c = out + g * COLUMNS * 16;                                                              \
+            int64_t r = 0;                                                                                  \
+            for (; r + ROWS <= rows; r += ROWS) block(in + r * k, k, b, stride, c + r * n, n, ROWS);        \
+            switch (rows - r) {                                                                             \
+            case 3: block(in + r * k, k, b, stride, c + r * n, n, 3); break;                                \
+            case 2: block(in + r * k, k, b, stride, c + r * n, n, 2); break;                                \
+            case 1: block(in + r * k, k, b, stride, c + r * n, n, 1); break;                                \
+            default: break;                                                                                 \
+            }                                                                                               \
+        }                                                                                                   \
+    }
 /* dpbf16_gemm.c: the same contract on AVX512-BF16 dot products, for CPUs without AMX */
 int dpbf16_ready(void);
 void dpbf16_pack(const uint16_t *weight, int64_t n, int64_t k, uint16_t *packed);

@@ -68,25 +68,7 @@ DP_TARGET static inline __attribute__((always_inline)) void block(const uint16_t
         for (int c = 0; c < COLUMNS; c++) _mm512_storeu_ps(out + r * n + c * 16, sums[r][c]);
 }
 
-/* every row over the passes of 64 columns g0..g1-1: a pass's weights (k * 128 bytes) stay in cache while
- * every block of rows takes them */
-DP_TARGET static void columns(const void *input, int64_t rows, const void *weight, int64_t n, int64_t k, float *out,
-                              int64_t g0, int64_t g1) {
-    const uint16_t *in = input, *packed = weight;
-    const int64_t stride = k * 16; /* elements of one vector's packed weight */
-    for (int64_t g = g0; g < g1; g++) {
-        const uint16_t *b = packed + g * COLUMNS * stride;
-        float *c = out + g * COLUMNS * 16;
-        int64_t r = 0;
-        for (; r + ROWS <= rows; r += ROWS) block(in + r * k, k, b, stride, c + r * n, n, ROWS);
-        switch (rows - r) {
-        case 3: block(in + r * k, k, b, stride, c + r * n, n, 3); break;
-        case 2: block(in + r * k, k, b, stride, c + r * n, n, 2); break;
-        case 1: block(in + r * k, k, b, stride, c + r * n, n, 1); break;
-        default: break;
-        }
-    }
-}
+FOUR_ROW_PASSES(columns, DP_TARGET, uint16_t)
 
 /* every row through the passes, shared out among threads as run_passes does */
 void dpbf16_gemm(const uint16_t *in, int64_t rows, const uint16_t *packed, int64_t n, int64_t k, float *out,

@@ -50,25 +50,7 @@ FMA_TARGET static inline __attribute__((always_inline)) void block(const float *
         for (int c = 0; c < COLUMNS; c++) _mm512_storeu_ps(out + r * n + c * 16, sums[r][c]);
 }
 
-/* every row over the passes of 64 columns g0..g1-1: a pass's weights (k * 256 bytes) stay in cache while
- * every block of rows takes them */
-FMA_TARGET static void columns(const void *input, int64_t rows, const void *weight, int64_t n, int64_t k, float *out,
-                               int64_t g0, int64_t g1) {
-    const float *in = input, *packed = weight;
-    const int64_t stride = k * 16; /* floats of one vector's packed weight */
-    for (int64_t g = g0; g < g1; g++) {
-        const float *b = packed + g * COLUMNS * stride;
-        float *c = out + g * COLUMNS * 16;
-        int64_t r = 0;
-        for (; r + ROWS <= rows; r += ROWS) block(in + r * k, k, b, stride, c + r * n, n, ROWS);
-        switch (rows - r) {
-        case 3: block(in + r * k, k, b, stride, c + r * n, n, 3); break;
-        case 2: block(in + r * k, k, b, stride, c + r * n, n, 2); break;
-        case 1: block(in + r * k, k, b, stride, c + r * n, n, 1); break;
-        default: break;
-        }
-    }
-}
+FOUR_ROW_PASSES(columns, FMA_TARGET, float)
 
 /* every row through the passes, shared out among threads as run_passes does */
 void fma32_gemm(const float *in, int64_t rows, const float *packed, int64_t n, int64_t k, float *out,
