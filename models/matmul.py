@@ -127,8 +127,9 @@ class Packed:
             shape = tuple(weight.shape)
             raise ValueError(f"the {self.kernel} kernel takes no {weight.dtype} weight of shape {shape} here")
         self.packed = torch.empty(self.n * self.k, dtype=self.dtype)
-        getattr(native.library(), f"{self.kernel}_pack")(weight.contiguous().data_ptr(), self.n, self.k,
-                                                         self.packed.data_ptr())  # fmt: skip
+        # held: a temporary copy (a tensor-parallel shard is a strided view) would be freed before the call
+        values = weight.detach().contiguous()
+        getattr(native.library(), f"{self.kernel}_pack")(values.data_ptr(), self.n, self.k, self.packed.data_ptr())
 
     def sums(self, x: torch.Tensor) -> torch.Tensor:
         """The fp32 sums before rounding (what the probes compare)."""

@@ -73,6 +73,12 @@ def test_packed_products_sum_a_row_alike_in_calls_of_any_row_count(kernel):
             assert torch.equal(product.sums(x), whole) and torch.equal(product.sums(x[:3]), whole[:3])
         finally:
             torch.set_num_threads(threads)
+    # a strided view (a tensor-parallel shard) is packed from a copy that lives through the call
+    wide = torch.randn(128, 96, generator=gen).to(dtype)
+    view = wide[:, 16:80]
+    x = torch.randn(5, 64, generator=gen).to(dtype)
+    torch.testing.assert_close(kernel(view).sums(x), x.double() @ view.double().T, rtol=1e-5, atol=1e-5,
+                               check_dtype=False)  # fmt: skip
     with pytest.raises(ValueError):  # a shape it does not take
         kernel(torch.zeros(96, 40, dtype=dtype))
     first = kernel.kernel if dtype == torch.float32 else "amx" if native.amx_ready() else "dpbf16"
