@@ -9,7 +9,7 @@ block table on the device, so no per-request slot list is rebuilt or copied.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,6 +36,10 @@ class StepBatch:
     position_limit: int  # one past the largest position (sizes the RoPE table without a device sync)
     deferred_rows: torch.Tensor | None = None  # rows whose logits may be asked for after the forward
     deferred_counts: list[int] | None = None  # deferred rows per segment
+    # which logit rows (positions in ``logit_rows``) and deferred rows take the draft adapter: a draft's
+    # head may be a product of its own (TriModeModel.int8_drafts); empty where none do
+    logit_drafts: list[int] = field(default_factory=list)
+    deferred_drafts: list[int] = field(default_factory=list)
     embed_rows: torch.Tensor | None = None  # rows whose embeddings are replaced (images) ...
     embed_values: torch.Tensor | None = None  # ... by these vectors
 
@@ -80,6 +84,8 @@ def pack(items: list[tuple[int, Segment]], kv: KVCacheManager, device: torch.dev
     logit_counts: list[int] = []
     deferred_rows: list[int] = []
     deferred_counts: list[int] = []
+    logit_drafts: list[int] = []
+    deferred_drafts: list[int] = []
     segment_rows: list[int] = []
     segments: list[AttentionSegment] = []
     embed_rows: list[int] = []
@@ -95,6 +101,9 @@ def pack(items: list[tuple[int, Segment]], kv: KVCacheManager, device: torch.dev
         write_offsets += [seg.positions[i] % page_size for i in written]
         adapter_rows += [start + i for i, a in enumerate(seg.adapter) if a]
         rows = range(n) if seg.logit_rows is None else seg.logit_rows
+        if any(seg.adapter):
+            logit_drafts += [len(logit_rows) + i for i, r in enumerate(rows) if seg.adapter[r]]
+            deferred_drafts += [len(deferred_rows) + i for i, r in enumerate(seg.deferred_rows or ()) if seg.adapter[r]]
         logit_rows += [start + r for r in rows]
         logit_counts.append(len(rows))
         deferred_rows += [start + r for r in seg.deferred_rows or ()]
@@ -128,6 +137,8 @@ def pack(items: list[tuple[int, Segment]], kv: KVCacheManager, device: torch.dev
         position_limit=max(positions, default=0) + 1,
         deferred_rows=deferred if deferred_rows else None,
         deferred_counts=deferred_counts if deferred_rows else None,
+        logit_drafts=logit_drafts,
+        deferred_drafts=deferred_drafts,
         embed_rows=embed if embed_rows else None,
         embed_values=torch.cat(embed_values).to(device) if embed_values else None,
     )

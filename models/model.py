@@ -17,6 +17,7 @@ from models.batch import StepBatch
 from models.config import ModelConfig
 from models.kv_cache import PagedKVCache
 from models.layers import LoraWeights, RMSNorm, Rotary, SwiGLU, adapted_linear, identity, linear
+from models.matmul import Product
 
 # Projections a draft adapter may target (PEFT's short names) and where they sit in a decoder layer.
 # The official drafter targets o_proj only; triserve's own may add the MLP's three.
@@ -98,6 +99,8 @@ class TriModeModel(nn.Module):
         self.embed = self._embed_tokens  # vocab parallelism replaces this
         self.head = self._head_logits
         self.deferred: torch.Tensor | None = None  # final hidden states of the last forward's deferred rows
+        # the last forward's draft head (None: the model's) and which of its deferred rows are drafts
+        self.deferred_drafts: tuple[Product | None, frozenset[int]] = (None, frozenset())
         # speculative drafts' products in int8 where the native CPU forward and the CPU's VNNI instructions
         # serve them (models/native_forward.py): cheaper drafts, the same emitted tokens
         self.int8_drafts = False
@@ -149,12 +152,29 @@ class TriModeModel(nn.Module):
         decoder = native_forward.decoder_for(self) if native else None
         if decoder is not None:  # the final norm too, on the rows read
             hidden, self.deferred = decoder(x.contiguous(), cos, sin, qscale, batch, cache)
-            return self.head(hidden)
+            self.deferred_drafts = (decoder.draft_head, frozenset(batch.deferred_drafts))
+            return self._logits(hidden, batch.logit_drafts, decoder.draft_head)
         x = self._layers(x, cos, sin, qscale, batch, cache, native)
         deferred = batch.deferred_rows
         self.deferred = None if deferred is None else self.encoder.norm(x.index_select(0, deferred))
+        self.deferred_drafts = (None, frozenset())
         hidden = self.encoder.norm(x.index_select(0, batch.logit_rows))
         return self.head(hidden)
+
+    def _logits(self, hidden: torch.Tensor, drafts: list[int], draft_head: Product | None) -> torch.Tensor:
+        """The head on final hidden states, the rows at positions ``drafts`` through ``draft_head`` where
+        there is one. Both products give a row the same logits in any call, so a row's logits depend on
+        whether it is a draft's, never on what shares the forward."""
+        if draft_head is None or not drafts:
+            return self.head(hidden)
+        if len(drafts) == hidden.shape[0]:
+            return draft_head(hidden)
+        is_draft = torch.zeros(hidden.shape[0], dtype=torch.bool)
+        is_draft[drafts] = True
+        logits = torch.empty((hidden.shape[0], self.config.vocab_size), dtype=torch.float32)
+        logits[~is_draft] = self.head(hidden[~is_draft])
+        logits[is_draft] = draft_head(hidden[is_draft])
+        return logits
 
     def _layers(
         self,
@@ -182,7 +202,10 @@ class TriModeModel(nn.Module):
     def deferred_logits(self, index: torch.Tensor) -> torch.Tensor:
         """Logits [len(index), vocab] of the last forward's deferred rows picked by ``index`` (positions
         in ``batch.deferred_rows``): the head runs only on rows a step turned out to read."""
-        return self.head(self.deferred.index_select(0, index))
+        draft_head, drafts = self.deferred_drafts
+        picked = index.tolist() if draft_head is not None else []
+        return self._logits(self.deferred.index_select(0, index), [i for i, p in enumerate(picked) if p in drafts],
+                            draft_head)  # fmt: skip
 
     # ----- dense path (training) ---------------------------------------------------------------
     def forward_dense(

@@ -110,6 +110,9 @@ class NativeDecoder:
         config, layers = model.config, model.encoder.layers
         self.int8: list[matmul.Int8] = []  # the int8 draft products' packed weights, kept alive
         self.int8_drafts = model.int8_drafts and _int8_fits(model)
+        head = model.diffusion_head.weight
+        # with int8 drafts, a draft row's logits too (models/model.py's _logits)
+        self.draft_head = matmul.Int8(head) if self.int8_drafts and native.int8_fits(*head.shape) else None
         self.dtype = model.dtype
         attn = layers[0].self_attn
         self.prepared: list[matmul.Prepared | None] = []

@@ -96,6 +96,34 @@ def test_only_draft_rows_take_it(dtype):
         assert torch.equal(together, alone)
 
 
+def test_draft_rows_take_the_int8_head_alone_or_beside_others():
+    """The head of a draft's rows is an int8 product too, whatever shares the step: in a step with a verify
+    block and an AR step it multiplies the draft's rows only, and those rows' logits are the draft's alone."""
+    model = _loaded(torch.bfloat16 if matmul.cpu_has_fast_half() else torch.float32)
+    model.int8_drafts = True
+    with torch.inference_mode():
+        decoder = native_forward.decoder_for(model)
+    assert decoder is not None and decoder.draft_head is not None
+    calls: list[int] = []
+    head = decoder.draft_head
+
+    def counted(hidden: torch.Tensor) -> torch.Tensor:
+        calls.append(hidden.shape[0])
+        return head(hidden)
+
+    decoder.draft_head = counted
+    gen = torch.Generator().manual_seed(4)
+    prompts = [[1] + torch.randint(4, model.config.vocab_size, (n,), generator=gen).tolist() for n in (30, 25, 40)]
+    steps = Steps(model, prompts)
+    items = steps.segments([5, 9, 11, 13])
+    calls.clear()
+    together = steps.run(items)
+    assert calls == [together[1].shape[0]]  # the draft's rows, not the verify block's or the AR step's
+    calls.clear()
+    alone = steps.run([items[1]])[0]
+    assert calls == [alone.shape[0]] and torch.equal(alone, together[1])
+
+
 @pytest.mark.parametrize("block_length", (8, 32))
 def test_speculation_with_int8_drafts_equals_ar(block_length):
     model = _loaded(torch.bfloat16 if matmul.cpu_has_fast_half() else torch.float32)
