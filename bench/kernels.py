@@ -1,10 +1,12 @@
 """Triton kernels at 8B shapes on a CUDA device, against the device's measured peaks.
 
     python bench/kernels.py [--contexts 1024 4096 16384] [--batches 1 32]
+    python bench/kernels.py --tilings
 
 For every kernel it prints the time (triton.testing.do_bench), the kernel's byte and FLOP floor,
 and achieved = max(bytes / bandwidth, FLOPs / peak) / time, with bandwidth and peak measured on
-the device (a large device copy, a large bf16 matmul). Without a GPU it says so and exits 0.
+the device (a large device copy, a large bf16 matmul). ``--tilings`` instead times the batch-invariant
+matmul beside cuBLAS under candidate tilings (``compare_tilings``). Without a GPU it says so and exits 0.
 """
 
 from __future__ import annotations
@@ -106,14 +108,12 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU (none found); nothing to measure.")
         return 0
+    if args.tilings:  # the batch-invariant product beside cuBLAS, under each candidate tiling
+        return compare_tilings()
     import triton.testing
 
     from kernels import AttentionMetadata, MaskKind
     from kernels.kv_write import kv_write_triton
-    from kernels.matmul import matmul_triton
-
-    if args.tilings:
-        return compare_tilings()
     from kernels.rmsnorm import rmsnorm_triton
     from kernels.rope import rope_triton
     from kernels.row_stats import row_stats_triton
@@ -157,22 +157,6 @@ def main() -> int:
             bandwidth,
             peak,
         )
-        # the batch-invariant product at the 8B's projection shapes, beside cuBLAS (torch's own)
-        for rows in sorted({batch, tokens}):
-            for out_features, label in ((6144, "qkv"), (28672, "gate_up"), (VOCAB, "head")):
-                x_rows = torch.randn(rows, HIDDEN, **bf16)
-                weight = torch.randn(out_features, HIDDEN, **bf16)
-                nbytes, flops = weight.nbytes + x_rows.nbytes, 2 * rows * HIDDEN * out_features
-                for impl, fn in (("matmul", matmul_triton), ("cublas", torch.nn.functional.linear)):
-                    row(
-                        f"{impl} {label} {rows} x {HIDDEN} x {out_features}",
-                        bench(partial(fn, x_rows, weight)),
-                        nbytes,
-                        flops,
-                        bandwidth,
-                        peak,
-                    )
-                del weight
         logits = torch.randn(tokens, VOCAB, dtype=torch.float32, device="cuda")
         row(
             f"row_stats B={batch} x {BLOCK} x {VOCAB}",

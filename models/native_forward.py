@@ -20,7 +20,7 @@ prefill chunk its last row). The final norm runs in the same call on those rows;
 head stay in Python.
 
 Drafts in int8: with ``TriModeModel.int8_drafts`` on, the rows of speculative drafts (the adapter
-rows) take every product of theirs, q/k/v included, in int8 (``matmul.Int8``, AVX512-VNNI; of the
+rows) take every product of theirs, q/k/v and the head included, in int8 (``matmul.Int8``, AVX512-VNNI; of the
 adapter-merged weight where adapted), where the CPU has the instructions and the kernel takes the
 model's shapes (``drafts_in_int8``). A draft only proposes tokens; the verify rows, AR steps,
 prefills and diffusion passes keep the model's products, so what a request emits does not change
@@ -194,8 +194,9 @@ class NativeDecoder:
 
 
 def _weights(model) -> tuple[torch.Tensor, ...]:
-    """What a NativeDecoder is built from: every layer parameter, draft-adapter factor and the final norm."""
-    out: list[torch.Tensor] = [model.encoder.norm.weight]
+    """What a NativeDecoder is built from: every layer parameter, draft-adapter factor, the final norm and
+    the head (its int8 copy serves drafts' logits)."""
+    out: list[torch.Tensor] = [model.encoder.norm.weight, model.diffusion_head.weight]
     for layer in model.encoder.layers:
         out += layer.parameters()
         loras = [layer.self_attn.lora, *layer.mlp.lora.values()]

@@ -45,11 +45,11 @@ typedef void (*sgemm_fn)(const char *transa, const char *transb, const int *m, c
 typedef void (*gemm_bf16_fn)(int layout, int transa, int transb, int m, int n, int k, float alpha, const uint16_t *a,
                              int lda, const uint16_t *b, int ldb, float beta, float *c, int ldc);
 
-/* which kernel multiplies a bf16 product's weight */
+/* which kernel multiplies a product's weight (KERNEL_MKL: the dtype's BLAS function) */
 enum { KERNEL_MKL = 0, KERNEL_AMX = 1, KERNEL_DPBF16 = 2, KERNEL_INT8 = 3, KERNEL_FMA32 = 4 };
 
-/* out [rows][n] = in [rows][k] times weight^T: fp32 through sgemm on the weight held transposed
- * ([k][n]); bf16 with fp32 sums rounded once to bf16, through amx_gemm or dpbf16_gemm on the weight
+/* out [rows][n] = in [rows][k] times weight^T: fp32 through fma32_gemm on the weight packed for it or
+ * sgemm on the weight held transposed ([k][n]); bf16 with fp32 sums rounded once to bf16, through amx_gemm or dpbf16_gemm on the weight
  * packed for it or MKL's bf16 GEMM on the weight as it is ([n][k]); approximated by int8_gemm on its
  * packed block (drafts only), its fp32 sums stored as the dtype; calls of fewer than min_rows rows
  * are padded with zero rows to min_rows, calls of more than max_rows split into pieces */
@@ -116,7 +116,7 @@ void store_rows(const float *sums, int64_t count, void *out, int dtype) {
     for (; i < count; i++) store_one(out, i, sums[i], dtype);
 }
 
-/* the BLAS call on exactly `rows` rows, its fp32 sums into out */
+/* the product's kernel on exactly `rows` rows, its fp32 sums into out */
 static void gemm(const struct model *m, const struct product *p, const void *in, int64_t rows, float *out,
                  const struct product_scratch *scratch) {
     const int n = (int)p->n, k = (int)p->k, r = (int)rows;
