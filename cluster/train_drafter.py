@@ -188,8 +188,9 @@ def run(settings: DrafterSettings) -> Path:
     from cluster.local import ensure_ray
 
     ensure_ray()
-    settings.output = str(Path(settings.output).resolve())
-    settings.model = str(Path(settings.model).resolve())
+    for name in ("output", "model", "init_adapter", "corpus"):  # the workers do not run in this directory
+        if getattr(settings, name):
+            setattr(settings, name, str(Path(getattr(settings, name)).resolve()))
     run_dir = settings.run_dir.resolve()
     settings.workdir = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -189,7 +189,7 @@ def test_initialise_from_an_ar_checkpoint(tmp_path):
 
 
 @pytest.mark.ray
-def test_train_drafter_writes_an_adapter_that_keeps_ar_and_resumes(tmp_path, ray_local, fixture_path):
+def test_train_drafter_writes_an_adapter_that_keeps_ar_and_resumes(tmp_path, monkeypatch, ray_local, fixture_path):
     from cluster.train_drafter import DrafterSettings, run
 
     model_dir = tmp_path / "model"
@@ -236,3 +236,10 @@ def test_train_drafter_writes_an_adapter_that_keeps_ar_and_resumes(tmp_path, ray
     run(DrafterSettings(**{**settings, "steps": 3, "resume": True}))
     history = [json.loads(line) for line in (tmp_path / "work" / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [1, 2, 3]  # continued at step 3
+
+    # a new stage from the saved drafter, its folders named relative to here (the workers run elsewhere)
+    monkeypatch.chdir(tmp_path)
+    stage = {**settings, "workdir": "stage2", "output": "stage2_lora", "init_adapter": "model/linear_spec_lora"}
+    assert run(DrafterSettings(**{**stage, "steps": 1, "lr": 0.0})).resolve() == (tmp_path / "stage2_lora").resolve()
+    before, after = (tmp_path / d / "adapter_model.safetensors" for d in ("model/linear_spec_lora", "stage2_lora"))
+    assert before.read_bytes() == after.read_bytes()  # it started from the saved drafter (and a rate of 0 kept it)
