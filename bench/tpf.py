@@ -8,7 +8,7 @@ those modules and the distinct-4-gram ratio of each mode's output (a repetitive 
 look good while meaning nothing). The speculative modes also report their mean accepted length
 (tokens emitted per verified draft, the bonus token included); ``--branches`` sets quadratic's.
 ``--int8-drafts`` adds a row per speculative mode whose drafts multiply in int8 (``TriModeModel.int8_drafts``;
-the model must take them here).
+the model must take them here). ``--device cuda`` runs the model on a GPU (bench/gpu_check.sh).
 With ``--rounds R`` every option runs once per round, interleaved; tok/s and its ratio to AR in the
 same round ("x AR") are medians over the rounds, and every round must decode the same tokens.
 """
@@ -104,9 +104,10 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=None, help="only these modes (ar always runs: the reference)")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds (tok/s and x AR: medians)")
     parser.add_argument("--int8-drafts", action="store_true", help="also each speculative mode with int8 drafts")
+    parser.add_argument("--device", default="cpu", help="where the model runs (cuda: a GPU's forwards)")
     args = parser.parse_args()
 
-    model = models.load_model(args.model)
+    model = models.load_model(args.model, device=args.device)
     if args.int8_drafts:
         model.int8_drafts = True
         with torch.inference_mode():
