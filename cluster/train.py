@@ -350,6 +350,13 @@ def export(model: TriModeModel, s: TrainSettings) -> Path:
 
 
 # ----- driver ---------------------------------------------------------------------------------
+def resolve_paths(settings, *names: str) -> None:
+    """Make the named path settings absolute: Ray Train's workers do not run in the caller's directory."""
+    for name in names:
+        if getattr(settings, name):
+            setattr(settings, name, str(Path(getattr(settings, name)).resolve()))
+
+
 def settings_of_run(settings, folder: Path):
     """The settings a run in ``folder`` goes on with: on ``resume`` the saved ones (only the step
     count taken from ``settings``), else ``settings``; either way saved there for the next resume."""
@@ -383,11 +390,8 @@ def run(settings: TrainSettings) -> Path:
     from cluster.local import ensure_ray
 
     ensure_ray()
-    out = Path(settings.output).resolve()
-    settings.output = str(out)
-    for name in ("init_from", "corpus"):  # the workers do not run in this directory
-        if getattr(settings, name):
-            setattr(settings, name, str(Path(getattr(settings, name)).resolve()))
+    resolve_paths(settings, "output", "init_from", "corpus")
+    out = Path(settings.output)
     out.mkdir(parents=True, exist_ok=True)
     settings = settings_of_run(settings, out)
     fit(train_loop, settings, prepare_data(settings), out, settings.num_workers, settings.use_gpu)

@@ -23,7 +23,15 @@ import torch
 from torch import nn
 
 from cluster.self_distill import continue_greedily, cut_prefixes
-from cluster.train import batches_from, fit, learning_rate, resume_state, save_checkpoint, settings_of_run
+from cluster.train import (
+    batches_from,
+    fit,
+    learning_rate,
+    resolve_paths,
+    resume_state,
+    save_checkpoint,
+    settings_of_run,
+)
 from models.draft_training import DraftAdapter, draft_loss
 from models.loading import load_adapter
 from models.model import TriModeModel
@@ -188,9 +196,7 @@ def run(settings: DrafterSettings) -> Path:
     from cluster.local import ensure_ray
 
     ensure_ray()
-    for name in ("output", "model", "init_adapter", "corpus"):  # the workers do not run in this directory
-        if getattr(settings, name):
-            setattr(settings, name, str(Path(getattr(settings, name)).resolve()))
+    resolve_paths(settings, "output", "model", "init_adapter", "corpus")
     run_dir = settings.run_dir.resolve()
     settings.workdir = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
