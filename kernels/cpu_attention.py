@@ -62,7 +62,7 @@ def segment_attention_native(
     status = native.library().segment_attention(
         q.data_ptr(), rows(q), k.data_ptr(), rows(k), v.data_ptr(), rows(v), k_cache.data_ptr(),
         v_cache.data_ptr(), out.data_ptr(), hq, k.shape[1], d, len(meta.segments), segments.data_ptr(),
-        table.data_ptr(), table.shape[1], scale, native.DTYPES[q.dtype],
+        table.data_ptr(), table.shape[1], scale, native.DTYPES[q.dtype], torch.get_num_threads(),
     )  # fmt: skip
     if status != 0:  # -1: no memory for the scratch keys; -2: a shape ``supports`` turns away
         raise RuntimeError(f"native attention failed with status {status}")

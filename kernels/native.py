@@ -42,9 +42,9 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # csrc/common.h's dtype codes
 _i64, _ptr, _f32, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
 SIGNATURES = {
     # q, q_stride, k, k_stride, v, v_stride, k_cache, v_cache, out, hq, hkv, d, segments, segment table,
-    # prefix slots, slot stride, scale, dtype
+    # prefix slots, slot stride, scale, dtype, threads
     "segment_attention": (_int, [_ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr,
-                                 _ptr, _i64, _f32, _int]),
+                                 _ptr, _i64, _f32, _int, _i64]),
     # x, x_stride, weight, out, rows, width, eps, dtype
     "rms_norm": (_int, [_ptr, _i64, _ptr, _ptr, _i64, _i64, _f32, _int]),
     # q, q_stride, k, k_stride, cos, sin, scale, out, rows, hq, hkv, d, dtype

@@ -87,6 +87,25 @@ def test_a_row_is_the_same_alone_and_in_any_call() -> None:
         assert torch.equal(alone, together[rows])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_threads_change_no_bit(dtype: torch.dtype) -> None:
+    """The (segment, KV head) pairs shared out among threads give every row the bits one thread gives it,
+    with more threads than pairs too (one segment, one KV head)."""
+    args = _case(8, 2, 32, dtype, seed=5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = cpu_attention.segment_attention_native(*args)
+        single_args = attention_case([(MaskKind.CAUSAL, 40, 9)], SLOTS, 8, 1, 32, dtype, seed=6)
+        one_pair = cpu_attention.segment_attention_native(*single_args)
+        for count in (2, 3):
+            torch.set_num_threads(count)
+            assert torch.equal(cpu_attention.segment_attention_native(*args), alone), count
+            assert torch.equal(cpu_attention.segment_attention_native(*single_args), one_pair), count
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_calls_it_does_not_support_take_the_reference() -> None:
     args = _case(4, 2, 24, torch.float32)
     assert cpu_attention.segment_attention_native(*args) is None  # heads 24 wide: not a multiple of its vectors

@@ -243,6 +243,6 @@ void int8_gemm(const void *in, int dtype, int64_t rows, const int8_t *packed, in
 int segment_attention(const void *q, int64_t q_stride, const void *k, int64_t k_stride, const void *v,
                       int64_t v_stride, const void *k_cache, const void *v_cache, void *out, int64_t hq, int64_t hkv,
                       int64_t d, int64_t n_segments, const int64_t *segments, const int64_t *slots,
-                      int64_t slot_stride, float scale, int dtype);
+                      int64_t slot_stride, float scale, int dtype, int64_t threads);
 
 #endif

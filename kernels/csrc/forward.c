@@ -70,7 +70,7 @@ struct model {
     int dtype;
     sgemm_fn sgemm;
     gemm_bf16_fn gemm_bf16;
-    int64_t threads; /* the AMX kernel's (the BLAS functions follow their own settings) */
+    int64_t threads; /* the packed products' and the attention's (the BLAS functions follow their own settings) */
     const struct layer *layer;
     const void *final_norm; /* [hidden] */
 };
@@ -335,7 +335,7 @@ int decoder_forward(const struct model *m, const struct step *s) {
         }
         status = segment_attention(roped, heads * d, keys, heads * d, values, qkv_width, k_cache, v_cache, attn,
                                    m->hq, m->hkv, d, s->segments, s->segment_table, s->prefix_slots, s->slot_stride,
-                                   m->scale, m->dtype);
+                                   m->scale, m->dtype, m->threads);
         if (status) break;
         if (i == m->layers - 1 && s->reads + s->kept < t) {
             t = keep_read_rows(s, x, (size_t)hidden * es, attn, (size_t)q_width * es, &last, numbers);

@@ -10,6 +10,7 @@
  * properties of the model and the row, never of the call.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 
 #include "common.h"
@@ -139,42 +140,48 @@ static void attend_row(const float *restrict q, int64_t group, const float *rest
 }
 
 /* segments: per segment q_start, q_len, prefix_len, causal (1) or bidirectional (0).
- * slots: [segments, slot_stride] cache slots of each segment's prefix. Returns 0; -1 when out of memory,
- * -2 for more than 64 query heads per KV head or a head width LANES does not divide. */
+ * slots: [segments, slot_stride] cache slots of each segment's prefix. The (segment, KV head) pairs are
+ * shared out among up to `threads` threads (OpenMP, each with its own scratch): a pair's rows are
+ * computed by the same instructions whichever thread takes it, so the thread count changes no bit.
+ * Returns 0; -1 when out of memory, -2 for more than 64 query heads per KV head or a head width LANES
+ * does not divide. */
 int segment_attention(const void *q, int64_t q_stride, const void *k, int64_t k_stride, const void *v,
                       int64_t v_stride, const void *k_cache, const void *v_cache, void *out, int64_t hq, int64_t hkv,
                       int64_t d, int64_t n_segments, const int64_t *segments, const int64_t *slots,
-                      int64_t slot_stride, float scale, int dtype) {
-    const int64_t group = hq / hkv;
+                      int64_t slot_stride, float scale, int dtype, int64_t threads) {
+    const int64_t group = hq / hkv, pairs = n_segments * hkv;
     if (group > 64 || d % LANES) return -2;
     int64_t widest = 0;
     for (int64_t s = 0; s < n_segments; s++) {
         int64_t keys = segments[4 * s + 1] + segments[4 * s + 2];
         if (keys > widest) widest = keys;
     }
+    if (threads > pairs) threads = pairs;
+    if (threads < 1) threads = 1;
     const int64_t padded_max = (widest + LANES - 1) / LANES * LANES;
     const size_t floats = (size_t)(2 * padded_max * d + group * padded_max + 2 * group * d);
-    float *scratch = aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
+    const size_t share = (floats * sizeof(float) + 63) / 64 * 64; /* one thread's scratch, in bytes */
+    char *scratch = aligned_alloc(64, share * (size_t)threads);
     if (!scratch) return -1;
-    float *kt = scratch;
-    float *vals = kt + padded_max * d;
-    float *probs = vals + padded_max * d;
-    float *qrows = probs + group * padded_max;
-    float *results = qrows + group * d;
-    for (int64_t s = 0; s < n_segments; s++) {
+#pragma omp parallel for num_threads((int)threads) schedule(dynamic) if (threads > 1)
+    for (int64_t pair = 0; pair < pairs; pair++) {
+        float *kt = (float *)(scratch + share * (size_t)omp_get_thread_num());
+        float *vals = kt + padded_max * d;
+        float *probs = vals + padded_max * d;
+        float *qrows = probs + group * padded_max;
+        float *results = qrows + group * d;
+        const int64_t s = pair / hkv, h = pair % hkv;
         const int64_t q_start = segments[4 * s], q_len = segments[4 * s + 1];
         const int64_t prefix = segments[4 * s + 2], causal = segments[4 * s + 3];
         const int64_t keys = prefix + q_len, padded = (keys + LANES - 1) / LANES * LANES;
-        for (int64_t h = 0; h < hkv; h++) {
-            gather_keys(k, k_stride, v, v_stride, k_cache, v_cache, slots + s * slot_stride, q_start, prefix, keys,
-                        padded, h, hkv, d, dtype, kt, vals);
-            for (int64_t i = 0; i < q_len; i++) {
-                const int64_t limit = causal ? prefix + i + 1 : keys;
-                const int64_t row = (q_start + i) * q_stride + h * group * d, dst = ((q_start + i) * hq + h * group) * d;
-                for (int64_t e = 0; e < group * d; e++) qrows[e] = load_one(q, row + e, dtype);
-                attend_row(qrows, group, kt, vals, limit, padded, d, scale, probs, results);
-                for (int64_t e = 0; e < group * d; e++) store_one(out, dst + e, results[e], dtype);
-            }
+        gather_keys(k, k_stride, v, v_stride, k_cache, v_cache, slots + s * slot_stride, q_start, prefix, keys,
+                    padded, h, hkv, d, dtype, kt, vals);
+        for (int64_t i = 0; i < q_len; i++) {
+            const int64_t limit = causal ? prefix + i + 1 : keys;
+            const int64_t row = (q_start + i) * q_stride + h * group * d, dst = ((q_start + i) * hq + h * group) * d;
+            for (int64_t e = 0; e < group * d; e++) qrows[e] = load_one(q, row + e, dtype);
+            attend_row(qrows, group, kt, vals, limit, padded, d, scale, probs, results);
+            for (int64_t e = 0; e < group * d; e++) store_one(out, dst + e, results[e], dtype);
         }
     }
     free(scratch);
