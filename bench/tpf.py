@@ -9,8 +9,10 @@ look good while meaning nothing). The speculative modes also report their mean a
 (tokens emitted per verified draft, the bonus token included); ``--branches`` sets quadratic's.
 ``--int8-drafts`` adds a row per speculative mode whose drafts multiply in int8 (``TriModeModel.int8_drafts``;
 the model must take them here). ``--device cuda`` runs the model on a GPU (bench/gpu_check.sh).
-With ``--rounds R`` every option runs once per round, interleaved; tok/s and its ratio to AR in the
-same round ("x AR") are medians over the rounds, and every round must decode the same tokens.
+Options are interleaved prompt by prompt (each prompt is decoded by every option in turn, so that a
+drift of the machine's speed hits all of them alike); with ``--rounds R`` that is repeated R times,
+tok/s and its ratio to AR in the same round ("x AR") are medians over the rounds, and every round
+must decode the same tokens.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 import models
+from models.generate import Generation
 from models.native_forward import drafts_in_int8
 
 FIXTURE = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "tiny-trimode-code"
@@ -124,11 +127,17 @@ def main() -> None:
     configs = [(m, e) for m, e in CONFIGS if args.modes is None or m == "ar" or m in args.modes]
     if args.int8_drafts:
         configs += [(m, {**e, "int8_drafts": True}) for m, e in configs if m.endswith("_spec")]
+    options = [(mode, {**extra, **({"branches": args.branches} if mode == "quadratic_spec" else {})})
+               for mode, extra in configs]  # fmt: skip
+    for mode, knobs in options:  # a first forward of each builds what it needs (compiled kernels), untimed
+        decode(model, prompts[0], mode, knobs, args, max_new_tokens=1)
     runs: dict[int, list[Run]] = {i: [] for i in range(len(configs))}
-    for _ in range(args.rounds):  # every option once per round, so that the machine's drift hits all alike
-        for i, (mode, extra) in enumerate(configs):
-            knobs = {**extra, **({"branches": args.branches} if mode == "quadratic_spec" else {})}
-            runs[i].append(run_option(model, prompts, mode, knobs, args))
+    for _ in range(args.rounds):
+        for i in runs:
+            runs[i].append(Run([], 0, 0, 0.0, []))
+        for prompt in prompts:  # every option in turn, so that the machine's drift hits all alike
+            for i, (mode, knobs) in enumerate(options):
+                runs[i][-1].add(decode(model, prompt, mode, knobs, args))
     header = f"{'mode':<24}{'TPF':>7}{'tok/s':>9}{'x AR':>7}{'agree w/ AR':>13}{'distinct-4':>12}{'accepted':>10}"
     print(header)
     print("-" * len(header))
@@ -163,24 +172,29 @@ class Run:
     seconds: float
     accepted: list[int]
 
+    def add(self, timed: tuple[Generation, float]) -> None:
+        out, seconds = timed
+        self.outputs.append(out.tokens)
+        self.tokens += len(out.tokens)
+        self.nfe += out.nfe
+        self.seconds += seconds
+        self.accepted += out.accepted_lengths
 
-def run_option(model, prompts: list[list[int]], mode: str, knobs: dict, args: argparse.Namespace) -> Run:
-    run = Run([], 0, 0, 0.0, [])
+
+def decode(model, prompt: list[int], mode: str, knobs: dict, args: argparse.Namespace,
+           max_new_tokens: int | None = None) -> tuple[Generation, float]:  # fmt: skip
+    """One prompt in one option, and the seconds it took. Switching ``int8_drafts`` rebuilds the native
+    forward's products (about 20 ms on a CPU): that happens before the clock starts."""
     knobs = dict(knobs)
     model.int8_drafts = knobs.pop("int8_drafts", False)
-    # a first forward builds what the setting needs (the int8 weights), outside the timing
-    models.generate(model, prompts[0], mode=mode, max_new_tokens=1, block_length=args.block_length, **knobs)
-    for prompt in prompts:
-        start = time.perf_counter()
-        out = models.generate(
-            model, prompt, mode=mode, max_new_tokens=args.max_new_tokens, block_length=args.block_length, **knobs
-        )
-        run.seconds += time.perf_counter() - start
-        run.outputs.append(out.tokens)
-        run.tokens += len(out.tokens)
-        run.nfe += out.nfe
-        run.accepted += out.accepted_lengths
-    return run
+    with torch.inference_mode():
+        drafts_in_int8(model)
+    start = time.perf_counter()
+    out = models.generate(
+        model, prompt, mode=mode, max_new_tokens=max_new_tokens or args.max_new_tokens,
+        block_length=args.block_length, **knobs,
+    )  # fmt: skip
+    return out, time.perf_counter() - start
 
 
 if __name__ == "__main__":
