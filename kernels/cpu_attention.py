@@ -4,9 +4,9 @@ The PyTorch reference (kernels/segment_attention.py) keeps a row's result indepe
 shape with some 25 tensor operations a layer, so one AR row's attention cost about 100-170 us a layer,
 far more than its arithmetic. The C kernel computes row by row and gets the invariance by
 construction (the comment atop the C file says how), its (segment, KV head) pairs shared out among
-torch's thread count. It agrees with the reference to float
-rounding, not bit for bit; the fast path takes it for every CPU forward, the reference serves with
-the fast path off, so the two never mix within one process's serving.
+torch's thread count. It agrees with the reference to float rounding, not bit for bit; the fast path
+takes it for every CPU forward, the reference serves with the fast path off, so the two never mix
+within one process's serving.
 """
 
 from __future__ import annotations
