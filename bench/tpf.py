@@ -11,8 +11,8 @@ look good while meaning nothing). The speculative modes also report their mean a
 the model must take them here). ``--device cuda`` runs the model on a GPU (bench/gpu_check.sh).
 Options are interleaved prompt by prompt (each prompt is decoded by every option in turn, so that a
 drift of the machine's speed hits all of them alike); with ``--rounds R`` that is repeated R times,
-tok/s and its ratio to AR in the same round ("x AR") are medians over the rounds, and every round
-must decode the same tokens.
+tok/s and its ratio to AR in the same round ("x AR") are medians over the rounds ("rounds": the
+lowest and highest ratio), and every round must decode the same tokens.
 """
 
 from __future__ import annotations
@@ -138,7 +138,8 @@ def main() -> None:
         for prompt in prompts:  # every option in turn, so that the machine's drift hits all alike
             for i, (mode, knobs) in enumerate(options):
                 runs[i][-1].add(decode(model, prompt, mode, knobs, args))
-    header = f"{'mode':<24}{'TPF':>7}{'tok/s':>9}{'x AR':>7}{'agree w/ AR':>13}{'distinct-4':>12}{'accepted':>10}"
+    header = f"{'mode':<24}{'TPF':>7}{'tok/s':>9}{'x AR':>7}{'rounds':>12}"
+    header += f"{'agree w/ AR':>13}{'distinct-4':>12}{'accepted':>10}"
     print(header)
     print("-" * len(header))
     ar_runs = runs[0]
@@ -151,13 +152,14 @@ def main() -> None:
             agree += sum(a == b for a, b in zip(ref, out))
             compared += max(len(ref), len(out))
         speed = statistics.median(r.tokens / r.seconds for r in runs[i])
-        ratio = statistics.median((r.tokens / r.seconds) / (a.tokens / a.seconds) for r, a in zip(runs[i], ar_runs))
+        ratios = [(r.tokens / r.seconds) / (a.tokens / a.seconds) for r, a in zip(runs[i], ar_runs)]
+        ratio, spread = statistics.median(ratios), f"{min(ratios):.2f}-{max(ratios):.2f}"
         d4 = statistics.mean(distinct4(out) for out in first.outputs)
         name = mode + (f" t={extra['threshold']}" if "threshold" in extra else "")
         name += " int8" if extra.get("int8_drafts") else ""
         mean_accepted = f"{statistics.mean(first.accepted):.2f}" if first.accepted else "-"
         print(
-            f"{name:<24}{first.tokens / first.nfe:>7.2f}{speed:>9.1f}{ratio:>7.2f}{agree / compared:>13.1%}"
+            f"{name:<24}{first.tokens / first.nfe:>7.2f}{speed:>9.1f}{ratio:>7.2f}{spread:>12}{agree / compared:>13.1%}"
             f"{d4:>12.2f}{mean_accepted:>10}"
         )
 
