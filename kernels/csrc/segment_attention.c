@@ -8,6 +8,11 @@
  * are summed key after key up to the row's last visible key. Which register tile a sum runs in
  * depends on the query heads per KV head, the head width and the row's visible keys, all
  * properties of the model and the row, never of the call.
+ *
+ * bf16 operands, on a CPU with AVX512-BF16, take their scores from VDPBF16PS: the head dimension's
+ * pairs in order, two multiply-adds an instruction (a bf16 product is exact in fp32; the pair's sum
+ * rounds as the CPU's instruction rounds it, so scores agree with the fp32 path's to float rounding,
+ * not bit for bit). Softmax and the weighted values stay in fp32 for every dtype.
  */
 #include <math.h>
 #include <omp.h>
@@ -15,9 +20,21 @@
 
 #include "common.h"
 
-/* One segment and one KV head: its keys transposed (kt [d][padded], zero past `keys`) and its values
- * (vals [keys][d]), widened to fp32. */
-#define GATHER(T, LOAD)                                                                                        \
+#ifdef __AVX512BF16__
+#define HAVE_BF16_DOTS 1 /* bf16 scores may take VDPBF16PS */
+#include <immintrin.h>
+#else
+#define HAVE_BF16_DOTS 0
+#endif
+
+/* One segment and one KV head: its values widened to fp32 (vals [keys][d]) and its keys transposed, zero
+ * past `keys`: widened to fp32 (KEYS_WIDENED: kt [d][padded] floats) or, bf16 only, as pairs of head
+ * dimensions for VDPBF16PS (KEYS_PAIRED: kt [d / 2][padded], one 32-bit pair a key). */
+#define KEYS_WIDENED(T, LOAD)                                                                                  \
+    for (int64_t e = 0; e < d; e++) ((float *)kt)[e * padded + j] = LOAD(kr[e]);
+#define KEYS_PAIRED(T, LOAD)                                                                                   \
+    for (int64_t p = 0; p < d / 2; p++) memcpy((uint32_t *)kt + p * padded + j, kr + 2 * p, sizeof(uint32_t));
+#define GATHER(T, LOAD, KEYS)                                                                                  \
     for (int64_t j = 0; j < keys; j++) {                                                                       \
         const T *kr, *vr;                                                                                      \
         if (j < prefix) {                                                                                      \
@@ -27,25 +44,28 @@
             kr = (const T *)k + (q_start + j - prefix) * k_stride + head * d;                                  \
             vr = (const T *)v + (q_start + j - prefix) * v_stride + head * d;                                  \
         }                                                                                                      \
-        for (int64_t e = 0; e < d; e++) {                                                                      \
-            kt[e * padded + j] = LOAD(kr[e]);                                                                  \
-            vals[j * d + e] = LOAD(vr[e]);                                                                     \
-        }                                                                                                      \
+        KEYS(T, LOAD)                                                                                          \
+        for (int64_t e = 0; e < d; e++) vals[j * d + e] = LOAD(vr[e]);                                         \
     }
 
 #define AS_FLOAT(x) (x)
 
 static void gather_keys(const void *k, int64_t k_stride, const void *v, int64_t v_stride, const void *k_cache,
                         const void *v_cache, const int64_t *slots, int64_t q_start, int64_t prefix, int64_t keys,
-                        int64_t padded, int64_t head, int64_t hkv, int64_t d, int dtype, float *restrict kt,
-                        float *restrict vals) {
+                        int64_t padded, int64_t head, int64_t hkv, int64_t d, int dtype, int bf16_dots,
+                        void *restrict kt, float *restrict vals) {
     if (dtype == DTYPE_F32) {
-        GATHER(float, AS_FLOAT)
+        GATHER(float, AS_FLOAT, KEYS_WIDENED)
+    } else if (bf16_dots) {
+        GATHER(uint16_t, widen_bf16, KEYS_PAIRED)
+        for (int64_t p = 0; p < d / 2; p++)
+            for (int64_t j = keys; j < padded; j++) ((uint32_t *)kt)[p * padded + j] = 0;
+        return;
     } else {
-        GATHER(uint16_t, widen_bf16)
+        GATHER(uint16_t, widen_bf16, KEYS_WIDENED)
     }
     for (int64_t e = 0; e < d; e++)
-        for (int64_t j = keys; j < padded; j++) kt[e * padded + j] = 0.0f;
+        for (int64_t j = keys; j < padded; j++) ((float *)kt)[e * padded + j] = 0.0f;
 }
 
 /* Register tiles: up to TILE_HEADS query heads by TILE_COLUMNS vectors (of keys for the scores, of
@@ -82,10 +102,40 @@ static void tile(const float *restrict a, int64_t a_stride, const float *restric
         tile_sums(a, a_stride, b, b_stride, depth, heads, columns, acc);
 }
 
-/* The `group` query heads (q [group][d]) of one row that share a KV head, over its first `limit`
- * keys: out [group][d]. probs holds [group][padded] floats; d is a multiple of LANES. */
-static void attend_row(const float *restrict q, int64_t group, const float *restrict kt, const float *restrict vals,
-                       int64_t limit, int64_t padded, int64_t d, float scale, float *restrict probs,
+#if HAVE_BF16_DOTS
+/* tile_sums on pairs: acc[g][c] = sum over p < pairs of the 32-bit bf16 pair a[g * a_stride + p] dotted
+ * with each of the 16 pairs at b + p * b_stride + c * LANES (VDPBF16PS), p in order */
+static inline __attribute__((always_inline)) void pair_tile_sums(const uint32_t *restrict a, int64_t a_stride,
+                                                                 const uint32_t *restrict b, int64_t b_stride,
+                                                                 int64_t pairs, int heads, int columns,
+                                                                 vf acc[TILE_HEADS][TILE_COLUMNS]) {
+    const vf zero = {0};
+    for (int g = 0; g < heads; g++)
+        for (int c = 0; c < columns; c++) acc[g][c] = zero;
+    for (int64_t p = 0; p < pairs; p++) {
+        __m512bh column[TILE_COLUMNS];
+        for (int c = 0; c < columns; c++) column[c] = (__m512bh)_mm512_loadu_si512(b + p * b_stride + c * LANES);
+        for (int g = 0; g < heads; g++) {
+            const __m512bh ag = (__m512bh)_mm512_set1_epi32((int)a[g * a_stride + p]);
+            for (int c = 0; c < columns; c++) acc[g][c] = (vf)_mm512_dpbf16_ps((__m512)acc[g][c], ag, column[c]);
+        }
+    }
+}
+
+static void pair_tile(const uint32_t *restrict a, int64_t a_stride, const uint32_t *restrict b, int64_t b_stride,
+                      int64_t pairs, int heads, int columns, vf acc[TILE_HEADS][TILE_COLUMNS]) {
+    if (heads == TILE_HEADS && columns == TILE_COLUMNS)
+        pair_tile_sums(a, a_stride, b, b_stride, pairs, TILE_HEADS, TILE_COLUMNS, acc);
+    else
+        pair_tile_sums(a, a_stride, b, b_stride, pairs, heads, columns, acc);
+}
+#endif
+
+/* The `group` query heads of one row that share a KV head, over its first `limit` keys: out [group][d].
+ * q [group][d] and kt as gather_keys lays them out: fp32, or with `bf16_dots` bf16 pairs. probs holds
+ * [group][padded] floats; d is a multiple of LANES. */
+static void attend_row(const void *restrict q, int64_t group, const void *restrict kt, const float *restrict vals,
+                       int64_t limit, int64_t padded, int64_t d, float scale, int bf16_dots, float *restrict probs,
                        float *restrict out) {
     const int64_t chunks = (limit + LANES - 1) / LANES;
     const vf zero = {0};
@@ -97,12 +147,19 @@ static void attend_row(const float *restrict q, int64_t group, const float *rest
         const int heads = group - g0 < TILE_HEADS ? (int)(group - g0) : TILE_HEADS;
         for (int64_t c0 = 0; c0 < chunks; c0 += TILE_COLUMNS) {
             const int columns = chunks - c0 < TILE_COLUMNS ? (int)(chunks - c0) : TILE_COLUMNS;
-            tile(q + g0 * d, d, kt + c0 * LANES, padded, d, heads, columns, acc);
+#if HAVE_BF16_DOTS
+            if (bf16_dots)
+                pair_tile((const uint32_t *)q + g0 * d / 2, d / 2, (const uint32_t *)kt + c0 * LANES, padded, d / 2,
+                          heads, columns, acc);
+            else
+#endif
+                tile((const float *)q + g0 * d, d, (const float *)kt + c0 * LANES, padded, d, heads, columns, acc);
             for (int g = 0; g < heads; g++)
                 for (int c = 0; c < columns; c++)
                     *(vf *)(probs + (g0 + g) * padded + (c0 + c) * LANES) = acc[g][c] * scale;
         }
     }
+    (void)bf16_dots; /* without HAVE_BF16_DOTS, always 0 */
     float totals[64]; /* group <= 64, checked by the caller */
     for (int64_t g = 0; g < group; g++) {
         vf *row = (vf *)(probs + g * padded);
@@ -159,6 +216,7 @@ int segment_attention(const void *q, int64_t q_stride, const void *k, int64_t k_
     if (threads > pairs) threads = pairs;
     if (threads < 1) threads = 1;
     const int64_t padded_max = (widest + LANES - 1) / LANES * LANES;
+    const int bf16_dots = HAVE_BF16_DOTS && dtype == DTYPE_BF16;
     const size_t floats = (size_t)(2 * padded_max * d + group * padded_max + 2 * group * d);
     const size_t share = (floats * sizeof(float) + 63) / 64 * 64; /* one thread's scratch, in bytes */
     char *scratch = aligned_alloc(64, share * (size_t)threads);
@@ -175,12 +233,15 @@ int segment_attention(const void *q, int64_t q_stride, const void *k, int64_t k_
         const int64_t prefix = segments[4 * s + 2], causal = segments[4 * s + 3];
         const int64_t keys = prefix + q_len, padded = (keys + LANES - 1) / LANES * LANES;
         gather_keys(k, k_stride, v, v_stride, k_cache, v_cache, slots + s * slot_stride, q_start, prefix, keys,
-                    padded, h, hkv, d, dtype, kt, vals);
+                    padded, h, hkv, d, dtype, bf16_dots, kt, vals);
         for (int64_t i = 0; i < q_len; i++) {
             const int64_t limit = causal ? prefix + i + 1 : keys;
             const int64_t row = (q_start + i) * q_stride + h * group * d, dst = ((q_start + i) * hq + h * group) * d;
-            for (int64_t e = 0; e < group * d; e++) qrows[e] = load_one(q, row + e, dtype);
-            attend_row(qrows, group, kt, vals, limit, padded, d, scale, probs, results);
+            if (bf16_dots) /* the bf16 values as they are */
+                memcpy(qrows, (const uint16_t *)q + row, (size_t)(group * d) * sizeof(uint16_t));
+            else
+                for (int64_t e = 0; e < group * d; e++) qrows[e] = load_one(q, row + e, dtype);
+            attend_row(qrows, group, kt, vals, limit, padded, d, scale, bf16_dots, probs, results);
             for (int64_t e = 0; e < group * d; e++) store_one(out, dst + e, results[e], dtype);
         }
     }
