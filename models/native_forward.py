@@ -257,20 +257,24 @@ def drafts_in_int8(model) -> bool:
 def decoder_for(model) -> NativeDecoder | None:
     """The model's NativeDecoder where the native forward serves it (None: the Python forward serves),
     kept on the model and rebuilt when a weight or adapter factor changed (as models.matmul keeps its
-    prepared weights), an adapter was attached or removed, the thread count changed or
-    ``model.int8_drafts`` was switched. Checking that costs about 20 us a forward, so models off the
-    CPU, which it never serves, skip it."""
+    prepared weights), an adapter was attached or removed or the thread count changed. One is kept per
+    setting of ``model.int8_drafts``, so that switching it back and forth (bench/tpf.py compares both in
+    one process) does not pack the int8 copies again each time. Checking that costs about 20 us a
+    forward, so models off the CPU, which it never serves, skip it."""
     if model.device.type != "cpu":
         return None
-    kept = model.__dict__.get("_native_decoder")  # (weights, key, decoder); not a module attribute
-    if kept is not None:
-        weights, key, decoder = kept
-        if key == (matmul.fingerprint(weights), torch.get_num_threads(), _adapters(model), model.int8_drafts):
+    kept = model.__dict__.setdefault("_native_decoders", {})  # int8_drafts -> (weights, key, decoder)
+    entry = kept.get(model.int8_drafts)
+    if entry is not None:
+        weights, key, decoder = entry
+        if key == (matmul.fingerprint(weights), torch.get_num_threads(), _adapters(model)):
             return decoder
     weights = _weights(model)
     decoder = NativeDecoder(model) if _supported(model) else None
     if decoder is not None and not decoder.products_serve:
         decoder = None
-    key = (matmul.fingerprint(weights), torch.get_num_threads(), _adapters(model), model.int8_drafts)
-    model.__dict__["_native_decoder"] = (weights, key, decoder)
+    key = (matmul.fingerprint(weights), torch.get_num_threads(), _adapters(model))
+    for setting in [setting for setting, (_, other, _) in kept.items() if other != key]:
+        del kept[setting]  # built before a weight, adapter or thread count changed: not kept alive
+    kept[model.int8_drafts] = (weights, key, decoder)
     return decoder

@@ -251,6 +251,30 @@ def test_a_changed_weight_or_adapter_is_seen():
     assert fourth.model.final_norm == model.encoder.norm.weight.data_ptr()
 
 
+def test_each_int8_drafts_setting_keeps_its_decoder_until_a_weight_changes():
+    """Switching ``int8_drafts`` back and forth reuses each setting's decoder (bench/tpf.py switches it per
+    prompt); a changed weight rebuilds the one in use and drops the other's."""
+    model = random_model(head_dim=16)
+    kept = lambda: model.__dict__["_native_decoders"]  # noqa: E731
+    with torch.inference_mode():
+        model.int8_drafts = False
+        plain = native_forward.decoder_for(model)
+        model.int8_drafts = True
+        int8 = native_forward.decoder_for(model)
+        assert plain is not None and int8 is not None and int8 is not plain
+        model.int8_drafts = False
+        assert native_forward.decoder_for(model) is plain
+        model.int8_drafts = True
+        assert native_forward.decoder_for(model) is int8 and len(kept()) == 2
+    with torch.no_grad():
+        model.encoder.layers[1].self_attn.o_proj.weight.mul_(2)
+    with torch.inference_mode():
+        rebuilt = native_forward.decoder_for(model)
+        assert rebuilt is not int8 and list(kept()) == [True]  # the plain decoder, now stale, let go
+        model.int8_drafts = False
+        assert native_forward.decoder_for(model) not in (plain, None)
+
+
 @pytest.mark.parametrize("shape", [(384, 256), (256, 768)])
 def test_a_lone_bf16_row_is_padded_where_mkl_sums_it_otherwise(shape):
     """MKL's lone-row call is a GEMV that sums in another order than calls of two or more rows; rounded
