@@ -185,8 +185,9 @@ class Run:
 
 def decode(model, prompt: list[int], mode: str, knobs: dict, args: argparse.Namespace,
            max_new_tokens: int | None = None) -> tuple[Generation, float]:  # fmt: skip
-    """One prompt in one option, and the seconds it took. Switching ``int8_drafts`` rebuilds the native
-    forward's products (about 20 ms on a CPU): that happens before the clock starts."""
+    """One prompt in one option, and the seconds it took. The native forward's products for the option's
+    ``int8_drafts`` setting are made ready before the clock starts (built once per setting, about 20 ms on
+    a CPU; models.native_forward.decoder_for keeps them)."""
     knobs = dict(knobs)
     model.int8_drafts = knobs.pop("int8_drafts", False)
     with torch.inference_mode():
