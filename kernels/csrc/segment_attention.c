@@ -93,14 +93,18 @@ static inline __attribute__((always_inline)) void tile_sums(const float *restric
     }
 }
 
-/* tile_sums with the full tile's constant shape where it fits (the compiler keeps it in registers) */
-static void tile(const float *restrict a, int64_t a_stride, const float *restrict b, int64_t b_stride,
-                 int64_t depth, int heads, int columns, vf acc[TILE_HEADS][TILE_COLUMNS]) {
-    if (heads == TILE_HEADS && columns == TILE_COLUMNS)
-        tile_sums(a, a_stride, b, b_stride, depth, TILE_HEADS, TILE_COLUMNS, acc);
-    else
-        tile_sums(a, a_stride, b, b_stride, depth, heads, columns, acc);
-}
+/* Defines `name`: `sums` (a tile's sums over elem_t operands) with the full tile's constant shape where
+ * it fits, so that the compiler keeps the tile in registers */
+#define CONSTANT_SHAPE_TILE(name, sums, elem_t)                                                              \
+    static void name(const elem_t *restrict a, int64_t a_stride, const elem_t *restrict b, int64_t b_stride, \
+                     int64_t depth, int heads, int columns, vf acc[TILE_HEADS][TILE_COLUMNS]) {               \
+        if (heads == TILE_HEADS && columns == TILE_COLUMNS)                                                  \
+            sums(a, a_stride, b, b_stride, depth, TILE_HEADS, TILE_COLUMNS, acc);                            \
+        else                                                                                                 \
+            sums(a, a_stride, b, b_stride, depth, heads, columns, acc);                                      \
+    }
+
+CONSTANT_SHAPE_TILE(tile, tile_sums, float)
 
 #if HAVE_BF16_DOTS
 /* tile_sums on pairs: acc[g][c] = sum over p < pairs of the 32-bit bf16 pair a[g * a_stride + p] dotted
@@ -122,13 +126,7 @@ static inline __attribute__((always_inline)) void pair_tile_sums(const uint32_t 
     }
 }
 
-static void pair_tile(const uint32_t *restrict a, int64_t a_stride, const uint32_t *restrict b, int64_t b_stride,
-                      int64_t pairs, int heads, int columns, vf acc[TILE_HEADS][TILE_COLUMNS]) {
-    if (heads == TILE_HEADS && columns == TILE_COLUMNS)
-        pair_tile_sums(a, a_stride, b, b_stride, pairs, TILE_HEADS, TILE_COLUMNS, acc);
-    else
-        pair_tile_sums(a, a_stride, b, b_stride, pairs, heads, columns, acc);
-}
+CONSTANT_SHAPE_TILE(pair_tile, pair_tile_sums, uint32_t)
 #endif
 
 /* The `group` query heads of one row that share a KV head, over its first `limit` keys: out [group][d].
