@@ -199,7 +199,10 @@ def launch(raw: dict, folder: Path) -> tuple[str, subprocess.Popen]:
             pass
         time.sleep(0.5)
     server.kill()
-    raise SystemExit(f"the app did not come up; see {folder / 'serve.log'}")
+    server.wait()
+    # the log's end goes into the message: a caller's temporary folder may be gone by the time one reads it
+    tail = "\n".join((folder / "serve.log").read_text(errors="replace").splitlines()[-40:])
+    raise SystemExit(f"the app did not come up (exit status {server.returncode}); the end of its log:\n{tail}")
 
 
 def stop(server: subprocess.Popen) -> None:
