@@ -254,6 +254,11 @@ def drafts_in_int8(model) -> bool:
     return decoder is not None and decoder.int8_drafts
 
 
+def _key(model, weights: tuple[torch.Tensor, ...]) -> tuple:
+    """What a kept NativeDecoder holds for: its weights unchanged, the thread count and the adapters."""
+    return matmul.fingerprint(weights), torch.get_num_threads(), _adapters(model)
+
+
 def decoder_for(model) -> NativeDecoder | None:
     """The model's NativeDecoder where the native forward serves it (None: the Python forward serves),
     kept on the model and rebuilt when a weight or adapter factor changed (as models.matmul keeps its
@@ -267,13 +272,13 @@ def decoder_for(model) -> NativeDecoder | None:
     entry = kept.get(model.int8_drafts)
     if entry is not None:
         weights, key, decoder = entry
-        if key == (matmul.fingerprint(weights), torch.get_num_threads(), _adapters(model)):
+        if key == _key(model, weights):
             return decoder
     weights = _weights(model)
     decoder = NativeDecoder(model) if _supported(model) else None
     if decoder is not None and not decoder.products_serve:
         decoder = None
-    key = (matmul.fingerprint(weights), torch.get_num_threads(), _adapters(model))
+    key = _key(model, weights)
     for setting in [setting for setting, (_, other, _) in kept.items() if other != key]:
         del kept[setting]  # built before a weight, adapter or thread count changed: not kept alive
     kept[model.int8_drafts] = (weights, key, decoder)

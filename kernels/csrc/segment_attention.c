@@ -58,14 +58,12 @@ static void gather_keys(const void *k, int64_t k_stride, const void *v, int64_t 
         GATHER(float, AS_FLOAT, KEYS_WIDENED)
     } else if (bf16_dots) {
         GATHER(uint16_t, widen_bf16, KEYS_PAIRED)
-        for (int64_t p = 0; p < d / 2; p++)
-            for (int64_t j = keys; j < padded; j++) ((uint32_t *)kt)[p * padded + j] = 0;
-        return;
     } else {
         GATHER(uint16_t, widen_bf16, KEYS_WIDENED)
     }
-    for (int64_t e = 0; e < d; e++)
-        for (int64_t j = keys; j < padded; j++) ((float *)kt)[e * padded + j] = 0.0f;
+    /* past `keys`: zero bits, 0.0f in either layout (a float or a pair, four bytes each) */
+    for (int64_t e = 0; e < (bf16_dots ? d / 2 : d); e++)
+        memset((uint32_t *)kt + e * padded + keys, 0, (size_t)(padded - keys) * sizeof(uint32_t));
 }
 
 /* Register tiles: up to TILE_HEADS query heads by TILE_COLUMNS vectors (of keys for the scores, of
