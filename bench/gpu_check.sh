@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks in one command, under 8 minutes on one GPU (the parts' limits add up to 480 s): the
-# CUDA-only tests, then the kernel and forward benchmarks, AR decoding with and without CUDA graphs,
-# and the speculative modes at block 32 on the bundled model (issue 12: sparse quadratic against
-# linear_spec where a forward's rows cost little). Tables and logs go to $OUT (the device tool's
+# CUDA-only tests, then the kernel and forward benchmarks, decoding in each mode with and without CUDA
+# graphs, and the speculative modes at block 32 on the bundled model (issue 12: sparse quadratic
+# against linear_spec where a forward's rows cost little; tok/s with graphs, TPF from bench/tpf.py). Tables and logs go to $OUT (the device tool's
 # folder) or bench/gpu_out.
 #
 #   bash bench/gpu_check.sh            # on a machine whose python3 has torch with CUDA and triton
@@ -38,11 +38,13 @@ run() {  # name, seconds, command...
 }
 # test_gpu.py alone: the kernel test files turn on Triton's interpreter at import, for CPU CI
 run gpu_tests 100 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
-run kernels 60 $PY bench/kernels.py
+run kernels 50 $PY bench/kernels.py
 run matmul_tilings 80 $PY bench/kernels.py --tilings
-run forward_8b 80 $PY bench/forward.py --device cuda --context 4096 --blocks 4 8 16 32 --layers 34 --profile
-run forward_tiny 40 $PY bench/forward.py --device cuda --model models/bundled/tiny-code --context 96
-run decode_graphs 60 $PY bench/decode_graphs.py --rounds 1
-run tpf_block32 60 $PY bench/tpf.py --device cuda --model models/bundled/tiny-code --heldout --prompt-length 96 \
+run forward_8b 70 $PY bench/forward.py --device cuda --context 4096 --blocks 4 8 16 32 --layers 34 --profile
+run forward_tiny 30 $PY bench/forward.py --device cuda --model models/bundled/tiny-code --context 96
+run step_graphs 70 $PY bench/step_graphs.py --rounds 1
+run step_graphs_block32 40 $PY bench/step_graphs.py --rounds 1 --models models/bundled/tiny-code \
+    --modes ar linear_spec quadratic_spec --concurrency 1 --block-length 32 --max-tokens 128
+run tpf_block32 40 $PY bench/tpf.py --device cuda --model models/bundled/tiny-code --heldout --prompt-length 96 \
     --max-new-tokens 128 --prompts 8 --modes linear_spec quadratic_spec --block-length 32 --rounds 2 --bpb-bytes 0
 exit $status

@@ -41,8 +41,9 @@ class ModelSpec:
     # above this many requests speculative ones take AR steps ("auto": where the calibration says
     # speculation stops paying; null: never; models/engine/engine.py)
     speculation_max_batch: int | str | None = "auto"
-    # GPU replicas: steps of AR decodes replay CUDA graphs captured at load (models/engine/decode_graphs.py);
-    # null (default): on where the replica is one rank (a CPU replica ignores it)
+    # GPU replicas: steps of one shape (AR tokens, drafts, verifies, quadratic cycles, denoise passes)
+    # replay CUDA graphs (models/engine/step_graphs.py), those of AR decodes captured at load; null
+    # (default): on where the replica is one rank (a CPU replica ignores it)
     cuda_graphs: bool | None = None
     # CPU replicas: speculative drafts multiply in int8 where the CPU has VNNI (TriModeModel.int8_drafts)
     int8_drafts: bool = False

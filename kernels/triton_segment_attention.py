@@ -58,20 +58,54 @@ def _tiles(meta: AttentionMetadata, group: int) -> tuple[torch.Tensor, torch.Ten
     return tile_meta, meta.prefix_slots.reshape(-1).contiguous(), max(r[-1] for r in rows)
 
 
-def decode_metadata(positions: torch.Tensor, prefix_slots: torch.Tensor, group: int) -> AttentionMetadata:
-    """The metadata of a step of one-row causal segments (AR decodes), built on the device from tensors
-    alone, so that a CUDA graph can capture it: segment i is packed row i at ``positions[i]`` with that
-    many cached keys, whose slots are ``prefix_slots[i]`` (entries past them are never read). Its tiles
-    are what ``_tiles`` builds from the same segments, and every step launches the slices of the
-    longest prefix the table holds (a row's unused slices are empty); it has no host-side segments,
+def tile_layout(
+    segments: list[tuple[int, MaskKind]], count: int, width: int, group: int, device: torch.device
+) -> tuple[torch.Tensor, int]:
+    """What ``_tiles`` builds for a step of ``count`` requests that each pack ``segments`` ((rows, mask
+    kind), in order) and whose prefix slots are ``width`` columns a segment, less what depends on where
+    the segments start: [tiles, 8] on ``device``: the segment's index among all (request-major), then
+    _tiles' columns with the prefix length 0 and, in the last, the keys a tile visits past its prefix;
+    and the most keys past a prefix that any tile visits. Made once per step shape (``graph_metadata``)."""
+    per_tile = max(BLOCK_M // group, 1)
+    per_request = sum(rows for rows, _ in segments)
+    layout: list[list[int]] = []
+    for request in range(count):
+        q_start = request * per_request
+        for s, (rows, kind) in enumerate(segments):
+            index = request * len(segments) + s
+            for row0 in range(0, rows, per_tile):
+                n = min(per_tile, rows - row0)
+                beyond = row0 + n if kind is MaskKind.CAUSAL else rows  # as in _tiles
+                layout.append([index, q_start, row0, n, index * width, _KIND_CODE[kind], rows, beyond])
+            q_start += rows
+    return torch.tensor(layout, dtype=torch.long, device=device), max(row[-1] for row in layout)
+
+
+def graph_metadata(
+    layout: tuple[torch.Tensor, int], starts: torch.Tensor, prefix_slots: torch.Tensor, group: int
+) -> AttentionMetadata:
+    """The metadata of a step laid out by ``tile_layout``, completed on the device from tensors alone so
+    that a CUDA graph can capture it: segment i (request-major) starts at position ``starts[i]`` right
+    after that many cached keys, whose slots are ``prefix_slots[i]`` (entries past them are never read).
+    Its tiles are what ``_tiles`` builds from the same segments, and every step launches the slices of
+    the longest prefix the table holds (a row's unused slices are empty); it has no host-side segments,
     so only this backend can run it."""
-    count, width = prefix_slots.shape
-    index = torch.arange(count, device=positions.device)
-    zero, one = torch.zeros_like(index), torch.ones_like(index)
-    # the columns of _tiles' rows: q_start, row0, rows, prefix, slot offset, kind (causal), q_len, keys
-    tiles = torch.stack([index, zero, one, positions, index * width, zero, one, positions + 1], dim=1)
+    table, most_beyond = layout
+    prefix = starts.index_select(0, table[:, 0])
+    columns = [
+        table[:, 1],
+        table[:, 2],
+        table[:, 3],
+        prefix,
+        table[:, 4],
+        table[:, 5],
+        table[:, 6],
+        prefix + table[:, 7],
+    ]
+    tiles = torch.stack(columns, dim=1).to(torch.int32)
     meta = AttentionMetadata([], prefix_slots)
-    meta.derived(("triton", group), lambda: (tiles.to(torch.int32), prefix_slots.reshape(-1), width + 1))
+    most_keys = prefix_slots.shape[1] + most_beyond
+    meta.derived(("triton", group), lambda: (tiles, prefix_slots.reshape(-1), most_keys))
     return meta
 
 

@@ -58,15 +58,14 @@ def test_batched_equals_alone_on_gpu(gpu_model):
     assert [s.tokens for s in states] == alone
 
 
-def test_cuda_graphs_decode_as_eager_steps(gpu_model):
-    prompts = _heldout_prompts(gpu_model.tokenizer, 5, random.Random(1))
-    modes = ["ar", "ar", "ar", "linear_spec", "ar"]
+def _graphed_and_eager(model, requests: list[tuple[list[int], DecodeParams]]) -> tuple[list, list, int, Engine]:
+    """Every request's tokens decoded together without and with CUDA graphs, the replays counted."""
     outputs, replays = [], 0
     for graphs in (False, True):
-        engine = Engine(gpu_model, num_pages=256, max_running=8, cuda_graphs=graphs)
+        engine = Engine(model, num_pages=256, max_running=8, cuda_graphs=graphs)
         if graphs:
             captured = engine.runner.graphs
-            assert all(bucket.graph is not None for bucket in captured.buckets.values())
+            assert captured.graphs and all(entry.graph is not None for entry in captured.graphs.values())
 
             def counted(scheduled, run=captured.run):
                 nonlocal replays
@@ -75,17 +74,36 @@ def test_cuda_graphs_decode_as_eager_steps(gpu_model):
                 return logits
 
             captured.run = counted
-        # the speculative request ends early: a step replays a graph only once every row in it is an AR decode
-        states = [
-            engine.add_request(
-                str(i), p, DecodeParams(mode=m, max_new_tokens=8 if m != "ar" else 32, block_length=8)
-            ).state
-            for i, (p, m) in enumerate(zip(prompts, modes))
-        ]
+        states = [engine.add_request(str(i), p, params).state for i, (p, params) in enumerate(requests)]
         while engine.has_work:
             engine.step()
         outputs.append([s.tokens for s in states])
-    assert outputs[0] == outputs[1] and replays > 10
+    return outputs[0], outputs[1], replays, engine
+
+
+def test_cuda_graphs_decode_as_eager_steps(gpu_model):
+    prompts = _heldout_prompts(gpu_model.tokenizer, 5, random.Random(1))
+    modes = ["ar", "ar", "ar", "linear_spec", "ar"]
+    # the speculative request ends early: after it, every step is one of AR decodes
+    requests = [
+        (p, DecodeParams(mode=m, max_new_tokens=8 if m != "ar" else 32, block_length=8)) for p, m in zip(prompts, modes)
+    ]
+    eager, graphed, replays, _ = _graphed_and_eager(gpu_model, requests)
+    assert eager == graphed and replays > 10
+
+
+@pytest.mark.parametrize("mode", ["linear_spec", "quadratic_spec", "diffusion"])
+def test_cuda_graphs_of_drafts_verifies_and_denoise_passes(gpu_model, mode):
+    """A lone request's steps other than AR tokens are graphed too (quadratic cycles with their deferred
+    branch rows), captured the first time their shape comes up; the tokens are the eager steps' (and so,
+    for the speculative modes, AR's)."""
+    prompt = _heldout_prompts(gpu_model.tokenizer, 1, random.Random(2))[0]
+    eager, graphed, replays, engine = _graphed_and_eager(
+        gpu_model, [(prompt, DecodeParams(mode=mode, max_new_tokens=48, block_length=8))]
+    )
+    shapes = {shape for shape, _ in engine.runner.graphs.graphs}
+    assert eager == graphed and replays > 5
+    assert any(seg.rows == 8 and seg.kind.name == "BIDIRECTIONAL" for shape in shapes for seg in shape), shapes
 
 
 def test_a_served_engine_captures_its_graphs_at_load(gpu_model, fixture_path):

@@ -16,7 +16,12 @@ pytest.importorskip("triton")
 
 import kernels.triton_segment_attention as triton_attention  # noqa: E402
 from kernels.masks import MaskKind  # noqa: E402
-from kernels.segment_attention import KEY_BLOCK, AttentionMetadata, segment_attention_reference  # noqa: E402
+from kernels.segment_attention import (  # noqa: E402
+    KEY_BLOCK,
+    AttentionMetadata,
+    AttentionSegment,
+    segment_attention_reference,
+)
 from kernels.triton_segment_attention import segment_attention_triton  # noqa: E402
 from tests.attention_cases import attention_case  # noqa: E402
 
@@ -93,3 +98,26 @@ def test_verify_rows_equal_ar_steps(sliced) -> None:
         one = slice(row, row + 1)
         ar = segment_attention_triton(q[one], k[one], v[one], k_cache, v_cache, step, scale, use_dot=False)
         assert torch.equal(ar[0], out[row])
+
+
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_graph_metadata_tiles_are_the_packed_steps(group: int) -> None:
+    """What a CUDA graph builds on the device from its inputs (tile_layout + graph_metadata) is what
+    _tiles builds on the host from the same segments: requests that each pack a verify of 37 rows (over
+    several tiles), a draft and an AR step, at their own positions."""
+    segments = [(37, MaskKind.CAUSAL), (5, MaskKind.BIDIRECTIONAL), (1, MaskKind.CAUSAL)]
+    starts = torch.tensor([[12, 50, 49], [3, 40, 41]])
+    width = 64
+    prefix_slots = torch.arange(starts.numel() * width).reshape(-1, width)
+    entries, q_start = [], 0
+    for request_starts in starts.tolist():
+        for (rows, kind), start in zip(segments, request_starts):
+            entries.append((q_start, rows, start, kind))
+            q_start += rows
+    packed = AttentionMetadata([AttentionSegment(q, n, start, kind) for q, n, start, kind in entries], prefix_slots)
+    expected, _, _ = triton_attention._tiles(packed, group)
+    layout = triton_attention.tile_layout(segments, len(starts), width, group, torch.device("cpu"))
+    meta = triton_attention.graph_metadata(layout, starts.reshape(-1), prefix_slots, group)
+    tiles, slots, most_keys = meta.derived(("triton", group), lambda: None)
+    assert torch.equal(tiles, expected) and torch.equal(slots, prefix_slots.reshape(-1))
+    assert most_keys == width + 37

@@ -25,10 +25,10 @@ from models.engine.costs import (
     record_pays,
     request_option,
 )
-from models.engine.decode_graphs import DecodeGraphs
 from models.engine.kv_manager import KVCacheManager
 from models.engine.runner import ModelRunner
 from models.engine.scheduler import TIER_PRIORITY, Request, RequestStats, Scheduler
+from models.engine.step_graphs import StepGraphs
 from models.modes import DecodeParams, kv_tokens_needed, make_state
 from models.modes.base import Score
 from models.segments import PromptEmbeds
@@ -156,8 +156,9 @@ class Engine:
         wherever the option's figures (``priors``, refreshed live) predict speculation to emit fewer
         tokens per second than AR for that many requests, and also, for one request, while its own
         recent cycles predict less than 0.9x AR's (``SpeculationRecord``); None: never.
-        ``cuda_graphs``: on a CUDA model, steps of AR decodes replay graphs captured here
-        (``models.engine.decode_graphs``); ignored elsewhere."""
+        ``cuda_graphs``: on a CUDA model, steps whose requests all plan segments of one shape (AR
+        tokens, drafts, verifies, quadratic cycles, denoise passes) replay CUDA graphs, those of AR
+        decodes captured here (``models.engine.step_graphs``); ignored elsewhere."""
         check_speculation_max_batch(speculation_max_batch)
         self.model = model
         self.cache = model.new_cache(num_pages, page_size)
@@ -181,7 +182,7 @@ class Engine:
         )
         graphs = None
         if cuda_graphs and model.device.type == "cuda":
-            graphs = DecodeGraphs(model, self.cache, self.kv, max_running)
+            graphs = StepGraphs(model, self.cache, self.kv, max_running)
         self.runner = ModelRunner(model, self.cache, self.kv, graphs)
         self._seq_ids = itertools.count()
         self._ids: set[str] = set()

@@ -3,26 +3,26 @@
 It packs the segments of all scheduled requests (``models.batch.pack``: slot mappings from the
 KV manager's device block table, attention metadata built once for all layers), runs the
 forward, and hands the logits to the sampler, which returns each request's integers after a
-single device-to-host copy. A step of AR decodes only may replay a CUDA graph of the forward instead
-(``models.engine.decode_graphs``).
+single device-to-host copy. A step whose requests all plan segments of one shape may replay a CUDA graph of
+the forward instead (``models.engine.step_graphs``).
 """
 
 from __future__ import annotations
 
 from models.batch import pack
-from models.engine.decode_graphs import DecodeGraphs
 from models.engine.kv_manager import KVCacheManager
 from models.engine.sampler import Item, Sampler
+from models.engine.step_graphs import StepGraphs
 from models.kv_cache import PagedKVCache
 from models.modes import DecodeState, Plan
 
 
 class ModelRunner:
-    def __init__(self, model, cache: PagedKVCache, kv: KVCacheManager, graphs: DecodeGraphs | None = None) -> None:
+    def __init__(self, model, cache: PagedKVCache, kv: KVCacheManager, graphs: StepGraphs | None = None) -> None:
         self.model = model
         self.cache = cache
         self.kv = kv
-        self.graphs = graphs  # steps of AR decodes replay these (None: every step runs eagerly)
+        self.graphs = graphs  # steps of one shape replay these (None: every step runs eagerly)
         self.sampler = Sampler(model, model.config.mask_token_id)
 
     def execute(self, scheduled: list[tuple[int, Plan, DecodeState]]) -> list[list[int]]:
