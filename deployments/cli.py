@@ -160,6 +160,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         batch=args.batch,
         rounds=args.rounds,
         progress=show,
+        cuda_graphs=not args.eager,
     )
     meta = {"prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "batch": args.batch, "rounds": args.rounds}
     print(f"written to {save_calibration(args.model, key, options, **meta)}")
@@ -187,6 +188,9 @@ def _add_calibrate_parser(sub) -> None:
     cal.add_argument("--max-new-tokens", type=int, default=64)
     cal.add_argument("--batch", type=int, default=8, help="requests decoded at once for the per-request cost")
     cal.add_argument("--rounds", type=int, default=2, help="rounds the options take turns in (a drifting machine)")
+    cal.add_argument(
+        "--eager", action="store_true", help="on a GPU, measure without CUDA graphs (replicas with cuda_graphs: false)"
+    )
     cal.set_defaults(func=_calibrate)
 
 

@@ -83,6 +83,22 @@ def _decode(engine, prompts: list[list[int]], params) -> tuple[list[tuple[int, f
     return steps, states
 
 
+def _capture_graphs(engine, keys: list[str], prompt: list[int], crowd: list[list[int]]) -> None:
+    """Where the engine replays CUDA graphs, decode every option briefly, alone and crowded, before
+    anything is timed: a step shape's graph is captured the first time it comes up, and a capture
+    timed as a step would count against its option."""
+    from models.modes import DecodeParams
+
+    if engine.runner.graphs is None:
+        return
+    for key in keys:
+        mode, block = split_option(key)
+        params = DecodeParams(mode=mode, max_new_tokens=4 * (block or 1), block_length=block)
+        for prompts in ([prompt], crowd):
+            if prompts:
+                _decode(engine, prompts, params)
+
+
 def _slope(samples: list[tuple[int, float]]) -> float:
     """Seconds each further request adds to a step: least squares over per-count medians."""
     by_count: dict[int, list[float]] = {}
@@ -108,9 +124,11 @@ def calibrate(
     batch: int = 8,
     rounds: int = 2,
     progress: Callable[[str, OptionStats], None] | None = None,
+    cuda_graphs: bool = True,
 ) -> dict[str, OptionStats]:
     """Measure every option, the options interleaved over ``rounds`` (at most one per prompt);
-    ``progress`` hears about each at the end."""
+    ``progress`` hears about each at the end. ``cuda_graphs``: on a CUDA model, steps replay CUDA
+    graphs as a served replica's do (``Engine``'s ``cuda_graphs``, on by default there)."""
     if not 1 <= prompts <= len(PROMPTS):
         raise ValueError(f"prompts must be between 1 and {len(PROMPTS)}")
     if rounds < 1:
@@ -132,8 +150,10 @@ def calibrate(
         max_step_tokens=1 << 16,
         prefix_caching=False,
         speculation_max_batch=None,  # every option is measured as it is, crowded too
+        cuda_graphs=cuda_graphs,
     )
     keys = options_for(blocks)
+    _capture_graphs(engine, keys, ids[0], crowd)
     lone: dict[str, list[tuple[int, float]]] = {key: [] for key in keys}
     crowded: dict[str, list[tuple[int, float]]] = {key: [] for key in keys}
     tpfs: dict[str, list[float]] = {key: [] for key in keys}
@@ -162,7 +182,10 @@ def calibrate(
     # steps while they do not pay. Its option's TPF is what the router predicts speed from, so the lone
     # runs of speculative options are decoded again as served, judged by the figures just measured,
     # each AR step they held counted at its cost, as the engine counts a finished request's TPF.
-    judged = Engine(model, num_pages=pages, max_step_tokens=1 << 16, prefix_caching=False, priors=results)
+    judged = Engine(
+        model, num_pages=pages, max_step_tokens=1 << 16, prefix_caching=False, priors=results, cuda_graphs=cuda_graphs
+    )
+    _capture_graphs(judged, keys, ids[0], [])
     for key in keys:
         mode, block = split_option(key)
         if mode not in SPECULATIVE_MODES:

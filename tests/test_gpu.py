@@ -106,6 +106,14 @@ def test_cuda_graphs_of_drafts_verifies_and_denoise_passes(gpu_model, mode):
     assert any(seg.rows == 8 and seg.kind.name == "BIDIRECTIONAL" for shape in shapes for seg in shape), shapes
 
 
+def test_calibration_replays_graphs_as_replicas_do(gpu_model):
+    from models.calibration import calibrate
+
+    options = calibrate(gpu_model, blocks=(8,), prompts=2, max_new_tokens=16, batch=2, rounds=1)
+    assert set(options) == {"ar", "diffusion@8", "linear_spec@8", "quadratic_spec@8"}
+    assert all(stats.tpf > 0 and stats.step_s > 0 for stats in options.values()), options
+
+
 def test_a_served_engine_captures_its_graphs_at_load(gpu_model, fixture_path):
     from models.engine.host import EngineSettings, build_engine
 
