@@ -30,6 +30,7 @@ tests) the same static step runs eagerly: what a GPU adds is only the capture an
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,8 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MAX_CONTEXT = 8192  # keys a graphed row may see: every replay computes this many slots per segment
 MAX_ROWS = 256  # query rows of a graphed step (requests x rows each): bounds the logits buffer
 MAX_GRAPHS = 128  # graphs an engine keeps; a step of a shape found after that runs eagerly
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -203,7 +206,11 @@ class StepGraphs:
         if host is not None:
             entry.inputs.copy_(host)
         if self.capture:
-            self._record(shape, entry)
+            try:
+                self._record(shape, entry)
+            except RuntimeError as error:  # its steps still run, through the same static forward, eagerly
+                logger.warning("no CUDA graph of %d-request steps of shape %s: %s", size, shape, error)
+                entry.graph = None
         self.graphs[key] = entry
         return entry
 
