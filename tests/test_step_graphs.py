@@ -17,7 +17,7 @@ import torch  # noqa: E402
 import kernels  # noqa: E402
 from kernels.masks import MaskKind  # noqa: E402
 from models.batch import pack  # noqa: E402
-from models.engine import Engine  # noqa: E402
+from models.engine import Engine, step_graphs  # noqa: E402
 from models.engine.step_graphs import AR_DECODE, MAX_ROWS, SegmentShape, StepGraphs, StepShape, step_shape  # noqa: E402
 from models.layers import LoraWeights  # noqa: E402
 from models.modes import DecodeParams  # noqa: E402
@@ -135,7 +135,7 @@ def test_steps_a_graph_cannot_take_run_eagerly():
         assert step_shape(plan) is None
 
 
-def test_buckets_cover_the_engine_limit_and_large_steps_stay_eager(triton_kernels):
+def test_buckets_cover_the_engine_limit_and_large_or_late_steps_stay_eager(triton_kernels, monkeypatch):
     model = random_model(seed=5)
     engine = Engine(model, num_pages=16, page_size=8, max_running=12)
     graphs = StepGraphs(model, engine.cache, engine.kv, 12, capture=False)
@@ -143,6 +143,10 @@ def test_buckets_cover_the_engine_limit_and_large_steps_stay_eager(triton_kernel
     assert sorted(size for shape, size in graphs.graphs if shape == AR_DECODE) == [1, 2, 4, 8, 12]
     assert graphs.run([]) is None
     assert graphs._graph((SegmentShape(MAX_ROWS // 8 + 1, MaskKind.CAUSAL, True, False),), 8, None) is None
+    verify = (SegmentShape(4, MaskKind.CAUSAL, True, False),)
+    monkeypatch.setattr(step_graphs, "MAX_GRAPHS", len(graphs.graphs) + 1)
+    assert graphs._graph(verify, 1, None) is not None  # the last one allowed
+    assert graphs._graph(verify, 2, None) is None and graphs._graph(verify, 1, None) is not None
 
 
 def test_an_engine_on_a_cpu_ignores_cuda_graphs():
