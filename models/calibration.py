@@ -83,17 +83,18 @@ def _decode(engine, prompts: list[list[int]], params) -> tuple[list[tuple[int, f
     return steps, states
 
 
-def _capture_graphs(engine, keys: list[str], prompt: list[int], crowd: list[list[int]]) -> None:
-    """Where the engine replays CUDA graphs, decode every option briefly, alone and crowded, before
-    anything is timed: a step shape's graph is captured the first time it comes up, and a capture
-    timed as a step would count against its option."""
+def _capture_graphs(engine, keys: list[str], prompt: list[int], crowd: list[list[int]], tokens: int) -> None:
+    """Where the engine replays CUDA graphs, decode every option once, alone and crowded, before anything
+    is timed: a step shape's graph is captured the first time it comes up, and a capture timed as a step
+    would count against its option. (A verify window that first comes up later is captured then; the
+    medians the figures take keep such a step from moving them.)"""
     from models.modes import DecodeParams
 
     if engine.runner.graphs is None:
         return
     for key in keys:
         mode, block = split_option(key)
-        params = DecodeParams(mode=mode, max_new_tokens=4 * (block or 1), block_length=block)
+        params = DecodeParams(mode=mode, max_new_tokens=tokens, block_length=block)
         for prompts in ([prompt], crowd):
             if prompts:
                 _decode(engine, prompts, params)
@@ -153,7 +154,7 @@ def calibrate(
         cuda_graphs=cuda_graphs,
     )
     keys = options_for(blocks)
-    _capture_graphs(engine, keys, ids[0], crowd)
+    _capture_graphs(engine, keys, ids[0], crowd, max_new_tokens)
     lone: dict[str, list[tuple[int, float]]] = {key: [] for key in keys}
     crowded: dict[str, list[tuple[int, float]]] = {key: [] for key in keys}
     tpfs: dict[str, list[float]] = {key: [] for key in keys}
@@ -185,7 +186,7 @@ def calibrate(
     judged = Engine(
         model, num_pages=pages, max_step_tokens=1 << 16, prefix_caching=False, priors=results, cuda_graphs=cuda_graphs
     )
-    _capture_graphs(judged, keys, ids[0], [])
+    _capture_graphs(judged, keys, ids[0], [], max_new_tokens)
     for key in keys:
         mode, block = split_option(key)
         if mode not in SPECULATIVE_MODES:
