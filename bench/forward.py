@@ -16,7 +16,9 @@ bf16 in hardware, fp32 elsewhere) unless ``--dtype`` forces one, ``--threads`` t
 adapter where it has one, as served; the draft block's logits are those of its rows after the
 first, as a linear-spec draft reads them. GPU: an 8B-shaped model with
 random weights (``--layers``) in bf16, timed with ``triton.testing.do_bench``, plus the bandwidth
-floor (weight bytes read once divided by the measured copy bandwidth).
+floor (weight bytes read once divided by the measured copy bandwidth), and each case again as an
+engine step replaying its CUDA graph (``models.engine.step_graphs``; the step's host work included;
+"eager" where a step that large is not graphed).
 """
 
 from __future__ import annotations
@@ -96,7 +98,8 @@ def main() -> int:
     import models
     from models.batch import pack
     from models.engine import KVCacheManager
-    from models.modes.base import draft_segment
+    from models.engine.step_graphs import StepGraphs
+    from models.modes.base import Plan, draft_segment
     from models.modes.quadratic_spec import DEFAULT_BRANCHES, cycle_segments
     from models.segments import causal_segment
 
@@ -160,14 +163,25 @@ def main() -> int:
         header += f", {args.threads} thread(s), {str(model.dtype).removeprefix('torch.')}"
         header += ", draft adapter" if model.has_adapter else ""
     print(header)
-    print("| case | query rows | ms per forward | x AR token |")
-    print("|---|---|---|---|")
-    ar_ms = None
+    # on a GPU, each case also as an engine step replaying its CUDA graph (host work of the step included)
+    graphs = StepGraphs(model, cache, kv, 1) if args.device == "cuda" else None
+    graphed = " graphed ms | x AR token |" if graphs else ""
+    print(f"| case | query rows | ms per forward | x AR token |{graphed}")
+    print("|---|---|---|---|" + "---|---|" * bool(graphs))
+    ar_ms = ar_graphed = None
     for name, segments in cases:
         batch = pack([(0, segment) for segment in segments], kv, device=args.device)
         ms = timer(partial(model, batch, cache))
         ar_ms = ar_ms or ms
-        print(f"| {name} | {batch.num_tokens} | {ms:.2f} | {ms / ar_ms:.2f} |")
+        line = f"| {name} | {batch.num_tokens} | {ms:.2f} | {ms / ar_ms:.2f} |"
+        step = [(0, Plan(segments, None), None)]
+        if graphs is not None and graphs.run(step) is not None:  # the first run captures it
+            graphed_ms = timer(partial(graphs.run, step))
+            ar_graphed = ar_graphed or graphed_ms
+            line += f" {graphed_ms:.3f} | {graphed_ms / ar_graphed:.2f} |"
+        elif graphs is not None:
+            line += " eager | |"
+        print(line)
     if args.profile and args.device == "cuda":
         longest_verify = f"verify block ({max(args.blocks)})"
         for name, segments in cases:
