@@ -75,12 +75,22 @@ class DecoderLayer(nn.Module):
             self.mlp.lora[module] = weights
 
 
+def embedding(rows: int, hidden: int) -> nn.Embedding:
+    """``nn.Embedding(rows, hidden)`` with its own N(0, 1) start, except on the meta device (a model about
+    to be loaded), where there is nothing to fill and ``normal_`` would import torch._dynamo (about 1 s
+    of a process's first load)."""
+    weight = torch.empty(rows, hidden)
+    if not weight.is_meta:
+        nn.init.normal_(weight)
+    return nn.Embedding(rows, hidden, _weight=weight)
+
+
 class Encoder(nn.Module):
     """Named like the checkpoint (``encoder.*``) so state-dict keys map one to one."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

@@ -43,7 +43,7 @@ from models.config import ModelConfig
 from models.kv_cache import PagedKVCache
 from models.layers import linear
 from models.loading import Selector, load_model
-from models.model import TriModeModel
+from models.model import TriModeModel, embedding
 from models.vlm import VisionLanguageModel, load_vlm, read_config
 
 _COLUMN_PARALLEL = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight")
@@ -154,7 +154,7 @@ def build_sharded(config: ModelConfig, rank: int, world: int) -> TriModeModel:
     model = TriModeModel(config)
     hidden, head_dim = config.hidden_size, config.head_dim
     vocab_start, vocab_stop = shard_range(config.vocab_size, world, rank)
-    model.encoder.embed_tokens = nn.Embedding(vocab_stop - vocab_start, hidden)
+    model.encoder.embed_tokens = embedding(vocab_stop - vocab_start, hidden)
     model.diffusion_head = nn.Linear(hidden, vocab_stop - vocab_start, bias=False)
     for layer in model.encoder.layers:
         attn = layer.self_attn
