@@ -11,7 +11,7 @@ import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import safe_open
@@ -38,6 +38,7 @@ _DTYPES = {
 
 # (name, safe_open slice) -> tensor; default reads the whole tensor
 Selector = Callable[[str, object], torch.Tensor]
+M = TypeVar("M", bound=torch.nn.Module)
 
 
 class CheckpointError(ValueError):
@@ -115,9 +116,7 @@ def load_model(
     folder = _check_folder(path)
     config = ModelConfig.from_file(folder)
     torch_dtype = resolve_dtype(dtype, config, device)
-    with torch.device("meta"):
-        model = (build or TriModeModel)(config)
-    model.to_empty(device=device)
+    model = build_empty(lambda: (build or TriModeModel)(config), device)
     load_weights(model, folder, dtype=torch_dtype, select=select)
     if adapter and (folder / ADAPTER_DIR).is_dir():
         load_adapter(model, folder / ADAPTER_DIR, select=select)
@@ -128,6 +127,16 @@ def load_model(
     model.eval()
     if warm_up:
         warm_up_loaded(model)
+    return model
+
+
+def build_empty(build: Callable[[], M], device: torch.device | str) -> M:
+    """``build()`` on the meta device, then given uninitialised storage on ``device`` for the weights to
+    be loaded into. (Not ``Module.to_empty``: its ``empty_like`` of a meta tensor takes a Python path
+    that imports sympy, about 0.3 s of a process's first load.)"""
+    with torch.device("meta"):
+        model = build()
+    model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
     return model
 
 

@@ -28,6 +28,7 @@ from models.loading import (
     CheckpointError,
     Selector,
     _check_folder,
+    build_empty,
     load_tokenizer,
     load_weights,
     resolve_dtype,
@@ -257,11 +258,14 @@ def load_vlm(
     if config is None:
         raise CheckpointError(f"{folder} is not a {VLM_MODEL_TYPE} checkpoint")
     torch_dtype = resolve_dtype(dtype, config.text, device)
-    with torch.device("meta"):
+
+    def build() -> VisionLanguageModel:
         model = VisionLanguageModel(config)
         if build_text is not None:
             model.language_model = build_text(config.text)
-    model.to_empty(device=device)
+        return model
+
+    model = build_empty(build, device)
     rename = checkpoint_renamer(set(weight_files(folder)))
     load_weights(model, folder, dtype=torch_dtype, select=select, rename=rename)
     if tokenizer and (folder / "tokenizer.json").is_file():
