@@ -32,10 +32,8 @@ class StepBatch:
     write_slots: torch.Tensor  # [W] ... in these cache slots
     adapter_rows: torch.Tensor  # [A] rows that get the draft adapter
     logit_rows: torch.Tensor  # [R] rows whose logits the forward returns, segment after segment
-    logit_counts: list[int]  # rows of logits per segment
     position_limit: int  # one past the largest position (sizes the RoPE table without a device sync)
     deferred_rows: torch.Tensor | None = None  # rows whose logits may be asked for after the forward
-    deferred_counts: list[int] | None = None  # deferred rows per segment
     # which logit rows (positions in ``logit_rows``) and deferred rows take the draft adapter: a draft's
     # head may be a product of its own (TriModeModel.int8_drafts); empty where none do
     logit_drafts: list[int] = field(default_factory=list)
@@ -81,9 +79,7 @@ def pack(items: list[tuple[int, Segment]], kv: KVCacheManager, device: torch.dev
     write_offsets: list[int] = []  # ... and its offset there
     adapter_rows: list[int] = []
     logit_rows: list[int] = []
-    logit_counts: list[int] = []
     deferred_rows: list[int] = []
-    deferred_counts: list[int] = []
     logit_drafts: list[int] = []
     deferred_drafts: list[int] = []
     segment_rows: list[int] = []
@@ -105,9 +101,7 @@ def pack(items: list[tuple[int, Segment]], kv: KVCacheManager, device: torch.dev
             logit_drafts += [len(logit_rows) + i for i, r in enumerate(rows) if seg.adapter[r]]
             deferred_drafts += [len(deferred_rows) + i for i, r in enumerate(seg.deferred_rows or ()) if seg.adapter[r]]
         logit_rows += [start + r for r in rows]
-        logit_counts.append(len(rows))
         deferred_rows += [start + r for r in seg.deferred_rows or ()]
-        deferred_counts.append(len(seg.deferred_rows or ()))
         segment_rows.append(row)
         segments.append(AttentionSegment(start, n, seg.prefix_len, seg.kind))
         if seg.input_embeds is not None:
@@ -133,10 +127,8 @@ def pack(items: list[tuple[int, Segment]], kv: KVCacheManager, device: torch.dev
         write_slots=write_slots,
         adapter_rows=adapter,
         logit_rows=logit,
-        logit_counts=logit_counts,
         position_limit=max(positions, default=0) + 1,
         deferred_rows=deferred if deferred_rows else None,
-        deferred_counts=deferred_counts if deferred_rows else None,
         logit_drafts=logit_drafts,
         deferred_drafts=deferred_drafts,
         embed_rows=embed if embed_rows else None,

@@ -49,6 +49,11 @@ class Segment:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    @property
+    def logit_count(self) -> int:
+        """Rows of logits a forward returns for this segment."""
+        return len(self) if self.logit_rows is None else len(self.logit_rows)
+
 
 @dataclass
 class PromptEmbeds:

@@ -28,9 +28,8 @@ def _step(model, cache, kv, items):
         kv.reserve(seq_id, max(plan.write_extent, kv.length(seq_id)))
     batch = pack([(seq_id, seg) for seq_id, _, plan in items for seg in plan.segments], kv)
     logits = model(batch, cache)
-    logit_counts, deferred_counts = iter(batch.logit_counts), iter(batch.deferred_counts or [])
     per_plan = [
-        (sum(next(logit_counts) for _ in plan.segments), sum(next(deferred_counts, 0) for _ in plan.segments))
+        (sum(seg.logit_count for seg in plan.segments), sum(len(seg.deferred_rows or ()) for seg in plan.segments))
         for _, _, plan in items
     ]
     pieces = torch.split(logits, [rows for rows, _ in per_plan])

@@ -170,10 +170,8 @@ class StepGraphs:
             ),
             adapter_rows=entry.adapter_rows,
             logit_rows=entry.logit_rows,
-            logit_counts=[seg.rows if seg.reads else 0 for seg in shape] * count,
             position_limit=self.width + total,
             deferred_rows=entry.deferred_rows,
-            deferred_counts=None if entry.deferred_rows is None else [len(seg.deferred) for seg in shape] * count,
             # positions among the logit rows, and among the deferred rows, of those that take the adapter
             logit_drafts=_rows_where(tuple(s for s in shape if s.reads), count, lambda seg, r: seg.adapter),
             deferred_drafts=_rows_where(tuple(_deferred_only(s) for s in shape), count, lambda seg, r: seg.adapter),
