@@ -123,6 +123,35 @@ def test_a_served_engine_captures_its_graphs_at_load(gpu_model, fixture_path):
     assert engine.runner.graphs is not None and info["cuda_graphs_s"] > 0
 
 
+def test_images_on_gpu_speculation_equals_ar():
+    """The bundled VLM on the GPU (vision encoder, projector and image rows through the Triton path): an
+    image changes the output, and both speculative modes emit AR's tokens with it, graphed or not."""
+    import numpy as np
+    from PIL import Image
+
+    from models.vlm import load_vlm
+    from vision.preprocess import placeholder_ids, preprocess
+
+    vlm = load_vlm("models/bundled/tiny-vlm", device="cuda", dtype=torch.float32)
+    text, config = vlm.language_model, vlm.config
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (56, 84, 3), dtype=np.uint8))
+    pixels, layout = preprocess(picture, config.vision, config.spatial_merge_size)
+    prompt = [config.bos_token_id or 1, *placeholder_ids(layout, config.image_tokens(text.tokenizer)), 5]
+    embeds = vlm.prompt_embeds(prompt, [pixels])
+    ar = models.generate(text, prompt, mode="ar", max_new_tokens=12, embeds=embeds)
+    assert ar.tokens != models.generate(text, prompt, mode="ar", max_new_tokens=12).tokens
+    for mode in ("linear_spec", "quadratic_spec"):
+        spec = models.generate(text, prompt, mode=mode, max_new_tokens=12, block_length=4, embeds=embeds)
+        assert spec.tokens == ar.tokens, mode
+    engine = Engine(text, num_pages=64, max_running=2, cuda_graphs=True)
+    state = engine.add_request(
+        "r", prompt, DecodeParams(mode="linear_spec", max_new_tokens=12, block_length=4), embeds
+    ).state
+    while engine.has_work:
+        engine.step()
+    assert state.tokens == ar.tokens
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_triton_matmul_rows_do_not_depend_on_the_row_count_on_gpu(dtype):
     """Here rather than in test_kernels_matmul.py, which turns on Triton's interpreter at import."""
