@@ -4,6 +4,7 @@ and computes a request the same alone as in a batch. ``bench/gpu_check.sh`` runs
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,7 +133,7 @@ def test_images_on_gpu_speculation_equals_ar():
     from models.vlm import load_vlm
     from vision.preprocess import placeholder_ids, preprocess
 
-    vlm = load_vlm("models/bundled/tiny-vlm", device="cuda", dtype=torch.float32)
+    vlm = load_vlm(Path(__file__).parent.parent / "models" / "bundled" / "tiny-vlm", device="cuda", dtype=torch.float32)
     text, config = vlm.language_model, vlm.config
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (56, 84, 3), dtype=np.uint8))
     pixels, layout = preprocess(picture, config.vision, config.spatial_merge_size)
