@@ -37,7 +37,7 @@ run() {  # name, seconds, command...
     [ "$rc" -eq 0 ] || status=1
 }
 # test_gpu.py alone: the kernel test files turn on Triton's interpreter at import, for CPU CI
-run gpu_tests 100 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
+run gpu_tests 100 $PY -m pytest -q --tb=short -p no:cacheprovider tests/test_gpu.py
 run kernels 50 $PY bench/kernels.py
 run matmul_tilings 80 $PY bench/kernels.py --tilings
 run forward_8b 70 $PY bench/forward.py --device cuda --context 4096 --blocks 4 8 16 32 --layers 34 --profile
