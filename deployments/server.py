@@ -84,7 +84,13 @@ class ModelServer:
         if "warm_up_s" in info:
             logger.info("%s: warmed up in %.2f s (%s)", self.spec.name, info["warm_up_s"], info["dtype"])
         if "cuda_graphs_s" in info:
-            logger.info("%s: captured CUDA graphs of AR decode steps in %.2f s", self.spec.name, info["cuda_graphs_s"])
+            logger.info(
+                "%s: captured %d CUDA graphs (AR steps; a lone request's other steps at blocks %s) in %.2f s",
+                self.spec.name,
+                info["cuda_graphs"],
+                info["cuda_graph_blocks"],
+                info["cuda_graphs_s"],
+            )
         priors = "router priors" if info["calibrated"] else "not calibrated"
         logger.info("%s: %s for %s", self.spec.name, priors, info["device"])
         if self.spec.int8_drafts and not info["int8_drafts"]:

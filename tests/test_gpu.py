@@ -122,6 +122,7 @@ def test_a_served_engine_captures_its_graphs_at_load(gpu_model, fixture_path):
     settings = EngineSettings(str(fixture_path), device="cuda", engine={"num_pages": 64, "cuda_graphs": True})
     engine, info = build_engine(gpu_model, settings)
     assert engine.runner.graphs is not None and info["cuda_graphs_s"] > 0
+    assert info["cuda_graphs"] == len(engine.runner.graphs.graphs) > len(engine.runner.graphs.buckets)
 
 
 def test_images_on_gpu_speculation_equals_ar():

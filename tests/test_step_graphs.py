@@ -110,6 +110,22 @@ def test_graphed_steps_equal_eager_ones(triton_kernels):
     assert mixed and {s for s, _ in mixed} == {AR_DECODE}, mixed  # AR alone again once f finished
 
 
+def test_precaptured_shapes_are_all_a_lone_request_comes_to(triton_kernels):
+    """After ``precapture`` of a block length (what a serving engine does before taking requests), a lone
+    request in any mode at that block length needs no further graph: block_shapes names every shape the
+    modes plan."""
+    model = _with_adapter(random_model(seed=5))
+    engine = Engine(model, num_pages=64, page_size=8, max_running=1)
+    graphs = engine.runner.graphs = StepGraphs(model, engine.cache, engine.kv, 1, capture=False)
+    count = graphs.precapture([4])
+    assert count == 1 + len(step_graphs.block_shapes(4)) == 1 + 2 + 2 * 3
+    prompts = {"ar": [1, 4, 9], "linear_spec": [1, 11, 12], "quadratic_spec": [1, 9, 8, 7], "diffusion": [1, 5, 6]}
+    for mode, prompt in prompts.items():
+        engine.add_request(mode, prompt, DecodeParams(mode=mode, max_new_tokens=14, block_length=4))
+        _drain(engine)
+    assert len(graphs.graphs) == count, sorted(set(graphs.graphs) - set(list(graphs.graphs)[:count]), key=str)
+
+
 def test_steps_a_graph_cannot_take_run_eagerly():
     assert step_shape(Plan([causal_segment([5], 7, write=True)], None)) == AR_DECODE
     assert step_shape(Plan([bidirectional_segment([5, 3, 3], 7, logit_rows=[1, 2])], None)) == (

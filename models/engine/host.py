@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from models.engine.costs import split_option
 from models.engine.engine import Engine
 
 
@@ -39,9 +40,10 @@ class EngineSettings:
 
 def build_engine(model, settings: EngineSettings, warm: bool = True) -> tuple[Engine, dict[str, Any]]:
     """The engine of a loaded model with the router's priors for this device (``triserve calibrate``),
-    after a warm-up decode (``warm``); and what was found, for the replica's log (with CUDA graphs,
-    the seconds their capture took)."""
-    from models.calibration import device_key, load_priors
+    after a warm-up decode (``warm``); and what was found, for the replica's log (with CUDA graphs, how
+    many were captured and in how many seconds: AR steps, and what a lone request comes to at each block
+    length the router may choose: the calibrated ones, else the calibration's and the model's own)."""
+    from models.calibration import DEFAULT_BLOCKS, device_key, load_priors
     from models.generate import warm_up
     from models.native_forward import drafts_in_int8
 
@@ -56,7 +58,10 @@ def build_engine(model, settings: EngineSettings, warm: bool = True) -> tuple[En
     info["device"], info["calibrated"] = device, bool(priors)
     start = time.perf_counter()
     engine = Engine(model, **settings.engine, priors=priors)
-    if engine.runner.graphs is not None:  # captured while the engine was built
+    if engine.runner.graphs is not None:  # AR steps' captured while the engine was built
+        blocks = {block for key in priors or () if (block := split_option(key)[1])}
+        blocks = sorted(blocks or {*DEFAULT_BLOCKS, model.config.block_size})
+        info["cuda_graphs"], info["cuda_graph_blocks"] = engine.runner.graphs.precapture(blocks), blocks
         info["cuda_graphs_s"] = time.perf_counter() - start
     return engine, info
 

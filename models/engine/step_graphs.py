@@ -15,11 +15,12 @@ writes the same keys and values to the same slots, and its logits are dropped. A
 logits of every row of a segment that reads any, and the step keeps the rows its plans read; deferred
 rows' hidden states are left where ``TriModeModel.deferred_logits`` reads them, as after an eager step.
 
-AR decodes are captured when the engine is built (their first step is then as fast as the rest); any
-other shape the first time a step has it, from that step's inputs (the warm-up runs before the capture
-write the same keys and values the replay then writes). ``MAX_GRAPHS`` and ``MAX_ROWS`` bound how many
-are kept and how large one is; prefill chunks, images, mixed steps and requests past ``MAX_CONTEXT``
-run eagerly.
+AR decodes are captured when the engine is built (their first step is then as fast as the rest), and
+a serving engine captures the shapes a lone request comes to at the block lengths its router may choose
+(``precapture``, ``block_shapes``) before it takes requests; any other shape is captured the first time
+a step has it, from that step's inputs (the warm-up runs before the capture write the same keys and
+values the replay then writes). ``MAX_GRAPHS`` and ``MAX_ROWS`` bound how many are kept and how large
+one is; prefill chunks, images, mixed steps and requests past ``MAX_CONTEXT`` run eagerly.
 
 Lossless by construction: a replay runs the same kernels as the eager step (the Triton backend, whose
 results for a row do not depend on the other rows of the call, nor on which other rows' logits are
@@ -46,7 +47,7 @@ from models.segments import MaskKind, Segment
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MAX_CONTEXT = 8192  # keys a graphed row may see: every replay computes this many slots per segment
 MAX_ROWS = 256  # query rows of a graphed step (requests x rows each): bounds the logits buffer
-MAX_GRAPHS = 128  # graphs an engine keeps; a step of a shape found after that runs eagerly
+MAX_GRAPHS = 256  # graphs an engine keeps; a step of a shape found after that runs eagerly
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,23 @@ class SegmentShape:
 StepShape = tuple[SegmentShape, ...]  # one request's segments, in order
 
 AR_DECODE: StepShape = (SegmentShape(1, MaskKind.CAUSAL, write=True, adapter=False),)
+
+
+def block_shapes(length: int) -> list[StepShape]:
+    """The step shapes a lone request decoding with blocks of ``length`` comes to after its prefill, in
+    every mode (models/modes): a draft (linear_spec, quadratic_spec's plain draft), a denoise pass
+    (diffusion, infilling windows), a verify of each window (linear_spec; a whole block's is also
+    diffusion's block commit) and quadratic_spec's cycle at each window with one branch (the default);
+    a verify of one row is an AR token."""
+    draft = SegmentShape(length, MaskKind.BIDIRECTIONAL, write=False, adapter=True)
+    shapes: list[StepShape] = [(draft,), (SegmentShape(length, MaskKind.BIDIRECTIONAL, write=False, adapter=False),)]
+    for window in range(1, length):
+        verify = SegmentShape(window + 1, MaskKind.CAUSAL, write=True, adapter=False)
+        branch = SegmentShape(
+            length, MaskKind.BIDIRECTIONAL, False, True, reads=False, deferred=tuple(range(1, window + 1))
+        )
+        shapes += [(verify,), (verify, branch)]
+    return shapes
 
 
 def segment_shape(seg: Segment) -> SegmentShape | None:
@@ -143,6 +161,14 @@ class StepGraphs:
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         for size in reversed(self.buckets):  # largest first: the smaller ones reuse its memory
             self._graph(AR_DECODE, size, None)
+
+    def precapture(self, blocks: list[int]) -> int:
+        """Capture ``block_shapes`` of each block length for one request now (from zero inputs, as the AR
+        buckets); returns how many graphs the engine holds."""
+        for length in blocks:
+            for shape in block_shapes(length):
+                self._graph(shape, 1, None)
+        return len(self.graphs)
 
     def _forward(self, shape: StepShape, entry: _Graph) -> torch.Tensor:
         """The forward of a step from its static inputs only (what a graph records): the logits of every
