@@ -34,6 +34,21 @@ SPLIT_KEYS = 8 * KEY_BLOCK  # keys per slice; fixed, since a row's rounding foll
 _KIND_CODE = {MaskKind.CAUSAL: 0, MaskKind.BIDIRECTIONAL: 1}
 
 
+def _tile_rows(segments: list[tuple[int, int, MaskKind]], group: int) -> list[tuple[int, ...]]:
+    """The tiles of packed segments ((first packed row, rows, mask kind) each, in order): per tile, the
+    segment's index, its first packed row, the tile's first segment row, the tile's rows, the kind's code,
+    the segment's rows and the keys past the segment's prefix that the tile visits."""
+    per_tile = max(BLOCK_M // group, 1)
+    tiles = []
+    for s, (q_start, q_len, kind) in enumerate(segments):
+        for row0 in range(0, q_len, per_tile):
+            n = min(per_tile, q_len - row0)
+            # causal: keys after the tile's last row are invisible to all of its rows
+            beyond = row0 + n if kind is MaskKind.CAUSAL else q_len
+            tiles.append((s, q_start, row0, n, _KIND_CODE[kind], q_len, beyond))
+    return tiles
+
+
 def _tiles(meta: AttentionMetadata, group: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
     """Per-tile metadata [tiles, META], the flat prefix slots and the most keys a tile visits, built
     once per step (host work, one copy).
@@ -41,16 +56,13 @@ def _tiles(meta: AttentionMetadata, group: int) -> tuple[torch.Tensor, torch.Ten
     A tile's row: segment's first packed row, tile's first segment row, rows, prefix length, offset of
     the segment's slots, mask kind, segment length, keys to visit.
     """
-    per_tile = max(BLOCK_M // group, 1)
     width = meta.prefix_slots.shape[1]
-    rows: list[list[int]] = []
-    for s, seg in enumerate(meta.segments):
-        prefix, kind = seg.prefix_len, _KIND_CODE[seg.kind]
-        for row0 in range(0, seg.q_len, per_tile):
-            n = min(per_tile, seg.q_len - row0)
-            # causal: keys after the tile's last row are invisible to all of its rows
-            tile_keys = prefix + row0 + n if seg.kind is MaskKind.CAUSAL else prefix + seg.q_len
-            rows.append([seg.q_start, row0, n, prefix, s * width, kind, seg.q_len, tile_keys])
+    prefix = [seg.prefix_len for seg in meta.segments]
+    tiles = _tile_rows([(seg.q_start, seg.q_len, seg.kind) for seg in meta.segments], group)
+    rows = [
+        [q_start, row0, n, prefix[s], s * width, kind, q_len, prefix[s] + beyond]
+        for s, q_start, row0, n, kind, q_len, beyond in tiles
+    ]
     if not rows:
         return None
     device = meta.prefix_slots.device
@@ -66,18 +78,15 @@ def tile_layout(
     the segments start: [tiles, 8] on ``device``: the segment's index among all (request-major), then
     _tiles' columns with the prefix length 0 and, in the last, the keys a tile visits past its prefix;
     and the most keys past a prefix that any tile visits. Made once per step shape (``graph_metadata``)."""
-    per_tile = max(BLOCK_M // group, 1)
-    per_request = sum(rows for rows, _ in segments)
-    layout: list[list[int]] = []
-    for request in range(count):
-        q_start = request * per_request
-        for s, (rows, kind) in enumerate(segments):
-            index = request * len(segments) + s
-            for row0 in range(0, rows, per_tile):
-                n = min(per_tile, rows - row0)
-                beyond = row0 + n if kind is MaskKind.CAUSAL else rows  # as in _tiles
-                layout.append([index, q_start, row0, n, index * width, _KIND_CODE[kind], rows, beyond])
+    packed, q_start = [], 0
+    for _ in range(count):
+        for rows, kind in segments:
+            packed.append((q_start, rows, kind))
             q_start += rows
+    layout = [
+        [s, q, row0, n, s * width, kind, q_len, beyond]
+        for s, q, row0, n, kind, q_len, beyond in _tile_rows(packed, group)
+    ]
     return torch.tensor(layout, dtype=torch.long, device=device), max(row[-1] for row in layout)
 
 
