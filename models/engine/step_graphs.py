@@ -114,29 +114,17 @@ class _Graph:
 
     inputs: torch.Tensor  # [requests, rows + segments + 1]: tokens, each segment's first position, table row
     layout: tuple[torch.Tensor, int]  # the attention tiles' static part (kernels.triton_segment_attention)
+    segment: torch.Tensor  # of each packed row: its segment's index among all (request-major) ...
+    offset: torch.Tensor  # ... and its row in that segment
     write_rows: torch.Tensor
     adapter_rows: torch.Tensor
     logit_rows: torch.Tensor  # every row of the segments that read logits
     deferred_rows: torch.Tensor | None
+    logit_drafts: list[int]  # positions among logit_rows, and among deferred_rows, of the rows that take
+    deferred_drafts: list[int]  # the adapter (StepBatch's fields of those names)
     graph: torch.cuda.CUDAGraph | None = None
     rope: tuple | None = None  # the RoPE table the graph reads (held, so a larger one made later cannot free it)
     deferred: tuple | None = None  # the model's deferred state as a replay leaves it
-
-
-def _rows_where(shape: StepShape, count: int, flag) -> list[int]:
-    """Packed rows of ``count`` requests of ``shape`` that ``flag(segment shape, row)`` picks."""
-    rows, per_request = [], sum(seg.rows for seg in shape)
-    for request in range(count):
-        start = request * per_request
-        for seg in shape:
-            rows += [start + r for r in range(seg.rows) if flag(seg, r)]
-            start += seg.rows
-    return rows
-
-
-def _deferred_only(seg: SegmentShape) -> SegmentShape:
-    """``seg`` cut to its deferred rows, so that ``_rows_where`` counts positions among those."""
-    return SegmentShape(len(seg.deferred), seg.kind, seg.write, seg.adapter)
 
 
 class StepGraphs:
@@ -173,15 +161,12 @@ class StepGraphs:
     def _forward(self, shape: StepShape, entry: _Graph) -> torch.Tensor:
         """The forward of a step from its static inputs only (what a graph records): the logits of every
         row of the segments that read any."""
-        inputs, device, page = entry.inputs, entry.inputs.device, self.kv.page_size
-        count, total = inputs.shape[0], sum(seg.rows for seg in shape)
+        inputs, page = entry.inputs, self.kv.page_size
+        total = sum(seg.rows for seg in shape)
         starts = inputs[:, total : total + len(shape)].reshape(-1)  # request-major, as the layout
         table_rows = inputs[:, -1].repeat_interleave(len(shape))
-        offsets = torch.cat([torch.arange(seg.rows, device=device) for seg in shape])
-        segment = torch.cat([torch.full((seg.rows,), s, device=device) for s, seg in enumerate(shape)])
-        segment = segment + len(shape) * torch.arange(count, device=device)[:, None]  # [count, total]
-        positions = (starts.index_select(0, segment.reshape(-1)) + offsets.repeat(count)).reshape(-1)
-        rows_table = table_rows.index_select(0, segment.reshape(-1))
+        positions = starts.index_select(0, entry.segment) + entry.offset
+        rows_table = table_rows.index_select(0, entry.segment)
         prefix_slots = table_slots(self.table, table_rows[:, None], self.cols[None, :], page)
         batch = StepBatch(
             tokens=inputs[:, :total].reshape(-1),
@@ -198,9 +183,8 @@ class StepGraphs:
             logit_rows=entry.logit_rows,
             position_limit=self.width + total,
             deferred_rows=entry.deferred_rows,
-            # positions among the logit rows, and among the deferred rows, of those that take the adapter
-            logit_drafts=_rows_where(tuple(s for s in shape if s.reads), count, lambda seg, r: seg.adapter),
-            deferred_drafts=_rows_where(tuple(_deferred_only(s) for s in shape), count, lambda seg, r: seg.adapter),
+            logit_drafts=entry.logit_drafts,
+            deferred_drafts=entry.deferred_drafts,
         )
         return self.model(batch, self.cache)
 
@@ -214,18 +198,32 @@ class StepGraphs:
         if len(self.graphs) >= MAX_GRAPHS or size * total > MAX_ROWS:
             return None
         device = self.model.device
+        # every packed row: (its segment's index among all, the segment's shape, its row in the segment)
+        packed = [
+            (request * len(shape) + s, seg, r)
+            for request in range(size)
+            for s, seg in enumerate(shape)
+            for r in range(seg.rows)
+        ]
+        adapter = [i for i, (_, seg, _) in enumerate(packed) if seg.adapter]
+        logit = [i for i, (_, seg, _) in enumerate(packed) if seg.reads]
+        deferred = [i for i, (_, seg, r) in enumerate(packed) if r in seg.deferred]
+        drafts = set(adapter)
 
-        def rows(flag) -> torch.Tensor:
-            return torch.tensor(_rows_where(shape, size, flag), dtype=torch.long, device=device)
+        def tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
 
-        deferred = rows(lambda seg, r: r in seg.deferred)
         entry = _Graph(
             inputs=torch.zeros((size, total + len(shape) + 1), dtype=torch.long, device=device),
             layout=tile_layout([(seg.rows, seg.kind) for seg in shape], size, self.width, self.group, device),
-            write_rows=rows(lambda seg, r: seg.write),
-            adapter_rows=rows(lambda seg, r: seg.adapter),
-            logit_rows=rows(lambda seg, r: seg.reads),
-            deferred_rows=deferred if deferred.numel() else None,
+            segment=tensor([s for s, _, _ in packed]),
+            offset=tensor([r for _, _, r in packed]),
+            write_rows=tensor([i for i, (_, seg, _) in enumerate(packed) if seg.write]),
+            adapter_rows=tensor(adapter),
+            logit_rows=tensor(logit),
+            deferred_rows=tensor(deferred) if deferred else None,
+            logit_drafts=[k for k, i in enumerate(logit) if i in drafts],
+            deferred_drafts=[k for k, i in enumerate(deferred) if i in drafts],
         )
         if host is not None:
             entry.inputs.copy_(host)
