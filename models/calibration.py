@@ -83,21 +83,20 @@ def _decode(engine, prompts: list[list[int]], params) -> tuple[list[tuple[int, f
     return steps, states
 
 
-def _capture_graphs(engine, keys: list[str], prompt: list[int], crowd: list[list[int]], tokens: int) -> None:
-    """Where the engine replays CUDA graphs, decode every option once, alone and crowded, before anything
-    is timed: a step shape's graph is captured the first time it comes up, and a capture timed as a step
-    would count against its option. (A verify window that first comes up later is captured then; the
-    medians the figures take keep such a step from moving them.)"""
+def _capture_graphs(engine, blocks: tuple[int, ...], keys: list[str], crowd: list[list[int]], tokens: int) -> None:
+    """Where the engine replays CUDA graphs, capture them before anything is timed (a capture timed as a
+    step would count against its option): every shape a lone request comes to at these block lengths
+    (``StepGraphs.precapture``), and what a crowd of requests comes to by decoding every option once
+    with it. (A crowded shape that first comes up later is captured then; the medians the figures take
+    keep such a step from moving them.)"""
     from models.modes import DecodeParams
 
     if engine.runner.graphs is None:
         return
-    for key in keys:
+    engine.runner.graphs.precapture(list(blocks))
+    for key in keys if crowd else ():
         mode, block = split_option(key)
-        params = DecodeParams(mode=mode, max_new_tokens=tokens, block_length=block)
-        for prompts in ([prompt], crowd):
-            if prompts:
-                _decode(engine, prompts, params)
+        _decode(engine, crowd, DecodeParams(mode=mode, max_new_tokens=tokens, block_length=block))
 
 
 def _slope(samples: list[tuple[int, float]]) -> float:
@@ -154,7 +153,7 @@ def calibrate(
         cuda_graphs=cuda_graphs,
     )
     keys = options_for(blocks)
-    _capture_graphs(engine, keys, ids[0], crowd, max_new_tokens)
+    _capture_graphs(engine, blocks, keys, crowd, max_new_tokens)
     lone: dict[str, list[tuple[int, float]]] = {key: [] for key in keys}
     crowded: dict[str, list[tuple[int, float]]] = {key: [] for key in keys}
     tpfs: dict[str, list[float]] = {key: [] for key in keys}
@@ -186,7 +185,7 @@ def calibrate(
     judged = Engine(
         model, num_pages=pages, max_step_tokens=1 << 16, prefix_caching=False, priors=results, cuda_graphs=cuda_graphs
     )
-    _capture_graphs(judged, keys, ids[0], [], max_new_tokens)
+    _capture_graphs(judged, blocks, keys, [], max_new_tokens)
     for key in keys:
         mode, block = split_option(key)
         if mode not in SPECULATIVE_MODES:
