@@ -96,7 +96,7 @@ def pack(items: list[tuple[int, Segment]], kv: KVCacheManager, device: torch.dev
         write_pages += [seg.positions[i] // page_size for i in written]
         write_offsets += [seg.positions[i] % page_size for i in written]
         adapter_rows += [start + i for i, a in enumerate(seg.adapter) if a]
-        rows = range(n) if seg.logit_rows is None else seg.logit_rows
+        rows = seg.read_rows
         if any(seg.adapter):
             logit_drafts += [len(logit_rows) + i for i, r in enumerate(rows) if seg.adapter[r]]
             deferred_drafts += [len(deferred_rows) + i for i, r in enumerate(seg.deferred_rows or ()) if seg.adapter[r]]

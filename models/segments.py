@@ -50,9 +50,9 @@ class Segment:
         return len(self.tokens)
 
     @property
-    def logit_count(self) -> int:
-        """Rows of logits a forward returns for this segment."""
-        return len(self) if self.logit_rows is None else len(self.logit_rows)
+    def read_rows(self) -> range | list[int]:
+        """The rows whose logits a forward returns for this segment, in order."""
+        return range(len(self)) if self.logit_rows is None else self.logit_rows
 
 
 @dataclass

@@ -74,7 +74,7 @@ class Steps:
     def run(self, items) -> list[torch.Tensor]:
         """Logits of each segment of one forward over ``items``."""
         batch = pack(items, self.kv)
-        return list(self.model(batch, self.cache).split([seg.logit_count for _, seg in items]))
+        return list(self.model(batch, self.cache).split([len(seg.read_rows) for _, seg in items]))
 
     def segments(self, tokens: list[int]) -> list:
         """A verify block for sequence 0, a draft (adapter rows) for 1, an AR step for 2."""

@@ -29,7 +29,7 @@ def _step(model, cache, kv, items):
     batch = pack([(seq_id, seg) for seq_id, _, plan in items for seg in plan.segments], kv)
     logits = model(batch, cache)
     per_plan = [
-        (sum(seg.logit_count for seg in plan.segments), sum(len(seg.deferred_rows or ()) for seg in plan.segments))
+        (sum(len(seg.read_rows) for seg in plan.segments), sum(len(seg.deferred_rows or ()) for seg in plan.segments))
         for _, _, plan in items
     ]
     pieces = torch.split(logits, [rows for rows, _ in per_plan])

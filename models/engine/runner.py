@@ -38,7 +38,7 @@ class ModelRunner:
             if plan.work is not None:
                 work.append(Item(state, plan.work, row, deferred))
             for seg in plan.segments:
-                row += seg.logit_count
+                row += len(seg.read_rows)
                 deferred += len(seg.deferred_rows or ())
         results = iter(self.sampler.run(logits, work))
         return [next(results) if plan.work is not None else [] for _, plan, _ in scheduled]

@@ -294,7 +294,7 @@ class StepGraphs:
         for plan in plans:
             for seg, seg_shape in zip(plan.segments, shape):
                 if seg_shape.reads:
-                    read += [start + r for r in (range(seg_shape.rows) if seg.logit_rows is None else seg.logit_rows)]
+                    read += [start + r for r in seg.read_rows]
                     start += seg_shape.rows
         if read == list(range(len(read))):
             return logits[: len(read)]
