@@ -12,7 +12,8 @@ import pytest
 import models
 from deployments.config import ModelSpec
 from models.engine import AsyncEngine, Engine
-from models.engine.engine_process import ProcessEngine
+from models.engine.engine import StepOutput
+from models.engine.engine_process import STATS_INTERVAL_S, ProcessEngine, stats_due
 from models.engine.host import EngineSettings, score_top
 from models.generate import score_with_top
 from models.loading import save_model
@@ -192,3 +193,15 @@ def test_a_dead_engine_process_fails_its_requests_and_the_health_check(tmp_path)
 def test_engine_process_that_cannot_load_raises_its_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         ProcessEngine(EngineSettings(str(tmp_path / "missing")))
+
+
+def test_stats_go_with_a_step_only_when_due():
+    def out(finished):
+        return StepOutput("r", [5], finished, "length" if finished else None, 1, 1, None, [])
+
+    quiet = ([out(False)], (1, 0), (1, 0), STATS_INTERVAL_S / 2)
+    assert not stats_due(*quiet)  # same counts, nothing finished, sent recently: the front keeps its copy
+    assert stats_due([out(False), out(True)], *quiet[1:])  # a request finished
+    assert stats_due(quiet[0], (2, 0), (1, 0), quiet[3])  # one more request running
+    assert stats_due(quiet[0], (1, 1), (1, 0), quiet[3])  # one waiting
+    assert stats_due(*quiet[:3], STATS_INTERVAL_S)  # their interval passed

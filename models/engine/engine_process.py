@@ -11,10 +11,11 @@ Protocol (tuples pickled by value over a socket pair: ``Connection.send`` would 
 through file descriptors, which two unrelated processes cannot do): the front sends
 ``("add", id, prompt, params, embeds, tier)``, ``("cancel", id)`` and ``("call", n, fn, args)``;
 the engine process answers ``("ready", info, stats)`` once loaded, then ``("outputs", [StepOutput],
-stats)`` after every step, ``("error", id, exc)`` for a request it refused, ``("result", n, ok,
-value)`` for a call, ``("stats", stats)`` after commands that changed no step, and
-``("failed", exc)`` when loading or a step failed (the step's requests fail, the process goes on).
-The process exits when the front's end of the socket closes (the replica stopped or died).
+stats or None)`` after every step (``stats_due`` says when the stats go along), ``("error", id,
+exc)`` for a request it refused, ``("result", n, ok, value)`` for a call, ``("stats", stats)`` after
+commands that changed no step, and ``("failed", exc)`` when loading or a step failed (the step's
+requests fail, the process goes on). The process exits when the front's end of the socket closes
+(the replica stopped or died).
 """
 
 from __future__ import annotations
@@ -34,12 +35,17 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from models.engine.async_engine import StreamFront
-from models.engine.engine import EngineStats
+from models.engine.engine import EngineStats, StepOutput
 from models.engine.host import EngineHost, EngineSettings, load_host
 from models.modes import DecodeParams
 from models.segments import PromptEmbeds
 
 READY_TIMEOUT_S = 600.0
+# Most time between two copies of the engine's stats sent to the front while it steps. Pickling them
+# (the router's cost windows included) took about 8% of the engine process's time when they went with
+# every step of a lone AR request over HTTP; the router and the metrics need them fresh to tens of
+# milliseconds, and a change in the request counts or a finished request sends them at once.
+STATS_INTERVAL_S = 0.05
 
 
 class ProcessEngine(StreamFront):
@@ -129,7 +135,8 @@ class ProcessEngine(StreamFront):
             self.last_progress = time.monotonic()
             kind = message[0]
             if kind == "outputs":
-                self._stats = message[2]
+                if message[2] is not None:
+                    self._stats = message[2]
                 self._deliver(message[1])
             elif kind == "stats":
                 self._stats = message[1]
@@ -194,8 +201,15 @@ def serve(conn: Connection) -> None:
         return
 
 
+def stats_due(outputs: list[StepOutput], counts: tuple[int, int], sent: tuple[int, int], since_s: float) -> bool:
+    """Whether a step's stats go to the front: a request finished, the (running, waiting) counts
+    changed since the stats last went, or ``STATS_INTERVAL_S`` passed."""
+    return counts != sent or since_s >= STATS_INTERVAL_S or any(out.finished for out in outputs)
+
+
 def _step_and_answer(conn: Connection, host: EngineHost) -> None:
     engine = host.engine
+    sent_counts, sent_at = (-1, -1), 0.0
     while True:
         if not engine.has_work:
             conn.poll(None)  # idle: wait for a command (or the front's end closing)
@@ -213,7 +227,13 @@ def _step_and_answer(conn: Connection, host: EngineHost) -> None:
             engine.cancel_all()
             send(conn, ("failed", exc))
             continue
-        send(conn, ("outputs", outputs, engine.stats))
+        stats, now = engine.stats, time.monotonic()
+        counts = (stats.running, stats.waiting)
+        if stats_due(outputs, counts, sent_counts, now - sent_at):
+            sent_counts, sent_at = counts, now
+        else:
+            stats = None
+        send(conn, ("outputs", outputs, stats))
 
 
 def _handle(conn: Connection, host: EngineHost, message: tuple) -> None:
